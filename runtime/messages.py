@@ -1,0 +1,298 @@
+"""Every message that crosses a process boundary, as msgspec Structs.
+
+Messages are grouped into tagged unions, one per mailbox (Rust-enum style): a receiver decodes
+with the union's typed decoder and dispatches with `match msg:`. Encoding is msgpack. Nothing
+here is pickled, and a malformed frame decodes to a `msgspec.DecodeError`, never to code.
+
+Flow:   ingress --IngressToScheduler--> scheduler --SchedulerToWorker (broadcast)--> workers
+        worker rank 0 --WorkerToScheduler--> scheduler --SchedulerToDetokenizer--> detokenizer
+        detokenizer --DetokenizerToIngress--> ingress;  scheduler --SchedulerToIngress--> ingress
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+from msgspec import Struct
+
+
+# --------------------------------------------------------------------------------------------
+# Request-level data shared by several mailboxes
+# --------------------------------------------------------------------------------------------
+
+
+class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
+    """Validated sampling parameters (the ingress validates; everyone downstream trusts them)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0  # < 1e-6 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: whole vocabulary
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: int | None = None
+    logit_bias: dict[int, float] = {}
+
+
+class LogprobOptions(Struct, frozen=True):
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: no prompt logprobs, only generated tokens
+    top_logprobs_num: int = 0
+
+
+class FinishReason(Struct, frozen=True):
+    """SGLang's finish_reason: type is "stop" | "length" | "abort"; matched is a token id or a
+    stop string (for type "stop"), length the limit reached (for type "length")."""
+
+    type: str
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+
+class TokenLogprobs(Struct):
+    """Logprobs for a run of tokens, computed from raw logits (before penalties/temperature)."""
+
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    top_ids: list[list[int]] = []  # per position, top_logprobs_num alternatives
+    top_logprobs: list[list[float]] = []
+
+
+# --------------------------------------------------------------------------------------------
+# ingress -> scheduler
+# --------------------------------------------------------------------------------------------
+
+
+class GenerateRequest(Struct, tag="generate"):
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    logprobs: LogprobOptions = LogprobOptions()
+    stream: bool = False
+    arrival_time: float = 0.0  # time.time() at the ingress, for latency metrics
+
+
+class AbortRequest(Struct, tag="abort"):
+    rid: str
+
+
+class FlushCacheRequest(Struct, tag="flush_cache"):
+    token: int  # echoed in FlushCacheReply
+
+
+class ServerInfoRequest(Struct, tag="server_info"):
+    token: int  # echoed in ServerInfoReply
+
+
+class Shutdown(Struct, tag="shutdown"):
+    """Stop accepting work; finish running requests for up to `grace_s`, then exit."""
+
+    grace_s: float = 0.0
+
+
+IngressToScheduler = Union[GenerateRequest, AbortRequest, FlushCacheRequest, ServerInfoRequest, Shutdown]
+
+
+# --------------------------------------------------------------------------------------------
+# scheduler -> workers (broadcast ring: every rank receives every message; only rank 0 answers)
+# --------------------------------------------------------------------------------------------
+
+
+class NewRow(Struct):
+    """A request that occupies a request-table row for the first time (or again, after retraction).
+
+    The worker resets the row's sampling state and writes `prefix_slots` (KV slots of the cached
+    prefix, from the radix cache) into req_to_token[row, :len(prefix_slots)]."""
+
+    row: int
+    prefix_slots: list[int]
+    sampling: SamplingParams
+    logprobs: LogprobOptions = LogprobOptions()
+    # Output tokens generated before a retraction: they seed the penalty counters and seed-based
+    # sampling step counter, so a retracted request samples exactly as if it had never left.
+    prior_output_ids: list[int] = []
+
+
+class BatchPlan(Struct, tag="plan"):
+    """One forward step, columnar over the rows of the batch (decode rows and extend rows mixed).
+
+    For row i: the request sits in request-table row `rows[i]`; `prefix_lens[i]` tokens of it are
+    already in the KV cache; `extend_lens[i]` new tokens are computed now (1 for decode). Their ids
+    are input_ids[offset_i : offset_i + extend_lens[i]] and their KV slots
+    out_slots[offset_i : offset_i + extend_lens[i]], offsets being the running sum of extend_lens.
+
+    Overlap: an input id < 0 is a placeholder for a token the worker sampled in an earlier batch
+    and the scheduler has not seen yet; it reads future_tokens[-id - 1] on the device. When
+    `sample[i]` is true the worker samples a token for row i and stores it in
+    future_tokens[future_slots[i]] (future_slots[i] is -1 when sample[i] is false, for example
+    for a prefill chunk that is not the last one).
+    """
+
+    batch_id: int
+    rows: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    input_ids: list[int]
+    out_slots: list[int]
+    sample: list[bool]
+    future_slots: list[int]
+    new_rows: list[NewRow] = []
+    # Rows whose requests ended: the worker drops their sampling state (after this batch).
+    freed_rows: list[int] = []
+
+
+SchedulerToWorker = Union[BatchPlan, Shutdown]
+
+
+# --------------------------------------------------------------------------------------------
+# worker rank 0 -> scheduler
+# --------------------------------------------------------------------------------------------
+
+
+class BatchResult(Struct, tag="result"):
+    """Sampled tokens of one BatchPlan, one entry per row with sample[i] true, in row order."""
+
+    batch_id: int
+    next_token_ids: list[int]
+    # Present only for rows that asked for logprobs, keyed by position in next_token_ids.
+    logprobs: dict[int, TokenLogprobs] = {}
+    # Prompt logprobs for extend rows that asked (logprob_start_len >= 0), keyed by batch row index.
+    prompt_logprobs: dict[int, TokenLogprobs] = {}
+    forward_ms: float = 0.0  # device time of the step, for logs and the overlap benchmark
+
+
+class WorkerError(Struct, tag="worker_error"):
+    """A step failed (e.g. CUDA OOM). The scheduler aborts the batch's requests with this message."""
+
+    batch_id: int
+    message: str
+
+
+WorkerToScheduler = Union[BatchResult, WorkerError]
+
+
+# --------------------------------------------------------------------------------------------
+# scheduler -> detokenizer
+# --------------------------------------------------------------------------------------------
+
+
+class RequestMeta(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class TokenUpdate(Struct):
+    rid: str
+    new_token_ids: list[int]
+    meta: RequestMeta
+    finish: FinishReason | None = None  # set on the request's last update
+    logprobs: TokenLogprobs | None = None  # for new_token_ids
+    prompt_logprobs: TokenLogprobs | None = None  # once, with the first update
+    # Needed by the detokenizer for a request it has not seen yet (first update of the request).
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+
+class TokenUpdates(Struct, tag="tokens"):
+    updates: list[TokenUpdate]
+
+
+SchedulerToDetokenizer = Union[TokenUpdates, Shutdown]
+
+
+# --------------------------------------------------------------------------------------------
+# detokenizer -> ingress, scheduler -> ingress
+# --------------------------------------------------------------------------------------------
+
+
+class TextUpdate(Struct):
+    rid: str
+    text_delta: str  # new text since the previous update (stop string already trimmed)
+    new_token_ids: list[int]
+    meta: RequestMeta
+    finish: FinishReason | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+
+
+class TextUpdates(Struct, tag="text"):
+    updates: list[TextUpdate]
+
+
+DetokenizerToIngress = Union[TextUpdates]
+
+
+class FlushCacheReply(Struct, tag="flush_reply"):
+    token: int
+    ok: bool
+    message: str = ""
+
+
+class ServerInfoReply(Struct, tag="info_reply"):
+    token: int
+    info: dict[str, msgspec.Raw]  # scheduler state: pool sizes, running, queued, cache stats
+
+
+class RequestRejected(Struct, tag="rejected"):
+    """The scheduler refused a request it cannot ever serve (e.g. longer than the KV pool)."""
+
+    rid: str
+    status: int  # HTTP status to answer with (400 or 503)
+    message: str
+
+
+SchedulerToIngress = Union[FlushCacheReply, ServerInfoReply, RequestRejected]
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up facts reported with a worker's Ready message
+# --------------------------------------------------------------------------------------------
+
+
+class ModelInfo(Struct):
+    """What rank 0 reports once the model is loaded and the KV pool allocated. The launcher hands
+    it to the scheduler (pool sizes) and the ingress (context length, vocab for validation)."""
+
+    architecture: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: list[int]
+    max_total_tokens: int  # KV slots in the pool (slot 0 is reserved as padding, not counted)
+    max_running_requests: int  # rows of the request table
+    dtype: str
+    device: str
+
+
+# --------------------------------------------------------------------------------------------
+# Codec helpers
+# --------------------------------------------------------------------------------------------
+
+
+class Codec:
+    """An encoder and a typed decoder for one mailbox union."""
+
+    def __init__(self, union_type):
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(union_type)
+
+    def encode(self, msg) -> bytes:
+        return self.encoder.encode(msg)
+
+    def decode(self, data):
+        return self.decoder.decode(data)
+
+
