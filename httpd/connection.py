@@ -1,0 +1,386 @@
+"""One HTTP/1.1 connection: an asyncio Protocol driving httptools' parser.
+
+Requests are parsed as bytes arrive and queued; they are answered strictly one at a time, in
+order (pipelining). A plain-function handler is answered inline, without a task; a coroutine
+handler or a streaming body runs in one task per request, which is cancelled when the client
+goes away (that is how a disconnect aborts a generation at once).
+
+Limits: header bytes (431), body bytes (413, from Content-Length before reading, or counted for
+chunked bodies), a read deadline per request (408 when a request was partly read), an idle
+keep-alive deadline (silent close), a cap on queued pipelined requests (reading pauses).
+Deadlines are plain floats checked by the server's ticker, so requests cost no timer handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from httpd.request import Request
+from httpd.response import Response, StreamingResponse, error_response, status_line
+
+if TYPE_CHECKING:
+    from httpd.server import HttpServer
+
+logger = logging.getLogger(__name__)
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing and answer with an error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Fatal:
+    """Queued after the last good request of a connection that must answer an error (status 0:
+    nothing) and close."""
+
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        self.message = message
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.config = server.config
+        self.loop = server.loop
+        self.dispatch = server.dispatcher
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.queue: deque[Request | _Fatal] = deque()
+        self.busy = False  # a response is being produced
+        self.task: asyncio.Task | None = None
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future | None = None
+        self.deadline: float | None = None
+        self.deadline_status = 0  # 408 when the deadline ends a partly read request; 0: close silently
+        # The request being parsed.
+        self.in_message = False
+        self.in_headers = False
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.header_size = 0
+        self.carried_header_bytes = 0
+        self.content_length: int | None = None
+        self.expect_continue = False
+        self.continue_owed = False
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        if len(self.server.connections) >= self.config.max_connections:
+            self.closed = True
+            body = error_response(503, "too many connections; retry later").body
+            transport.write(self._head(None, 503, b"application/json", len(body), (), close=True) + body)
+            transport.close()
+            return
+        self.server.connections.add(self)
+        self._set_deadline(self.config.keepalive_timeout, 0)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        self.parser = None
+        if self.task is not None:
+            self.task.cancel()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    def data_received(self, data: bytes):
+        parser = self.parser
+        if parser is None:
+            return
+        carried = self.in_headers  # headers of one request spread over several reads
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._stop_reading(_Fatal(0, ""))  # we do not switch protocols: answer what came, then close
+        except httptools.HttpParserCallbackError as err:
+            reject = err.__context__
+            if isinstance(reject, _Reject):
+                self._stop_reading(_Fatal(reject.status, reject.message))
+            else:
+                logger.exception("HTTP parser callback failed")
+                self._stop_reading(_Fatal(500, "internal error while reading the request"))
+        except httptools.HttpParserError as err:
+            self._stop_reading(_Fatal(400, f"malformed HTTP request: {err}"))
+        else:
+            if carried and self.in_headers:
+                self.carried_header_bytes += len(data)
+                if self.carried_header_bytes > self.config.max_header_bytes:
+                    self._stop_reading(_Fatal(431, self._header_limit_message()))
+        if not self.busy:
+            self._process_queue()
+
+    # ---------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self):
+        self.in_message = True
+        self.in_headers = True
+        self.url = b""
+        self.headers = []
+        self.body = []
+        self.body_size = 0
+        self.header_size = 0
+        self.carried_header_bytes = 0
+        self.content_length = None
+        self.expect_continue = False
+        if not self.busy:
+            self._set_deadline(self.config.read_timeout, 408)
+
+    def on_url(self, url: bytes):
+        self.url += url
+        self.header_size += len(url)
+        if self.header_size > self.config.max_header_bytes:
+            raise _Reject(431, self._header_limit_message())
+
+    def on_header(self, name: bytes, value: bytes):
+        self.header_size += len(name) + len(value) + 4
+        if self.header_size > self.config.max_header_bytes:
+            raise _Reject(431, self._header_limit_message())
+        name = name.lower()
+        if name == b"content-length":
+            self.content_length = int(value)  # llhttp has checked it is a number
+        elif name == b"expect":
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        self.headers.append((name, value))
+
+    def on_headers_complete(self):
+        self.in_headers = False
+        if self.content_length is not None and self.content_length > self.config.max_body_bytes:
+            raise _Reject(413, self._body_limit_message())
+        if self.expect_continue and self.content_length != 0:
+            if self.busy or self.queue:
+                self.continue_owed = True  # sent once the responses before this request are out
+            else:
+                self.transport.write(_CONTINUE)
+        if not self.busy:
+            self._set_deadline(self.config.read_timeout, 408)
+
+    def on_body(self, body: bytes):
+        self.body_size += len(body)
+        if self.body_size > self.config.max_body_bytes:
+            raise _Reject(413, self._body_limit_message())
+        self.body.append(body)
+        if not self.busy:
+            self._set_deadline(self.config.read_timeout, 408)
+
+    def on_message_complete(self):
+        self.in_message = False
+        self.continue_owed = False
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            url = httptools.parse_url(url).path or b"/"  # absolute form, as sent to proxies
+        path, _, query = url.partition(b"?")
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.queue.append(Request(self.parser.get_method().decode(), path.decode("latin-1"), query.decode("latin-1"),
+                                  self.headers, body, self.parser.get_http_version(), self.parser.should_keep_alive()))
+        self.deadline = None
+        if len(self.queue) >= self.config.max_pipelined and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    # ---------------------------------------------------------------- answering
+
+    def _process_queue(self):
+        while self.queue and not self.busy and not self.closed:
+            item = self.queue.popleft()
+            if self.reading_paused and self.parser is not None and len(self.queue) < self.config.max_pipelined // 2:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            if isinstance(item, _Fatal):
+                if item.status:
+                    self._write_response(None, error_response(item.status, item.message), close=True)
+                self._close()
+                return
+            self._answer(item)
+        if not self.busy and not self.closed:
+            self._after_response()
+
+    def _answer(self, request: Request):
+        """Answer one request: inline for a plain handler, else in a task (busy until it ends)."""
+        self.busy = True
+        result = self.dispatch(request)
+        if isinstance(result, Response):
+            self._write_response(request, result, close=not request.keep_alive)
+            self.busy = False
+            if not request.keep_alive:
+                self._close()
+        elif isinstance(result, StreamingResponse):
+            self.task = self.loop.create_task(self._stream(request, result))
+        else:
+            self.task = self.loop.create_task(self._run(request, result))
+
+    async def _run(self, request: Request, coroutine):
+        try:
+            result = await coroutine
+        except asyncio.CancelledError:
+            return  # the client went away
+        if isinstance(result, StreamingResponse):
+            await self._stream(request, result)
+            return
+        if self.closed:
+            return
+        self._write_response(request, result, close=not request.keep_alive)
+        self._finish(request)
+
+    async def _stream(self, request: Request, response: StreamingResponse):
+        body = response.body
+        chunked = request.http_version != "1.0"  # HTTP/1.0 has no chunks: the end is the close
+        keep_alive = request.keep_alive and chunked
+        try:
+            if self.closed:
+                return
+            self.transport.write(self._head(request, response.status, response.content_type, None, response.headers,
+                                            close=not keep_alive, chunked=chunked))
+            if request.method != "HEAD":
+                async for piece in body:
+                    if self.closed:
+                        break
+                    if piece:
+                        self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                        if self.write_paused:
+                            await self._drain()
+                else:
+                    if chunked and not self.closed:
+                        self.transport.write(_LAST_CHUNK)
+        except asyncio.CancelledError:
+            keep_alive = False  # the client went away
+        except Exception:
+            # Headers are out: the only honest signal left is an unterminated body.
+            logger.exception("streaming body of %s %s failed", request.method, request.path)
+            keep_alive = False
+        finally:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if not keep_alive:
+            self._close()
+        self._finish(request)
+
+    def _finish(self, request: Request):
+        """After an asynchronous response: move on to the next queued request."""
+        self.task = None
+        self.busy = False
+        if not request.keep_alive:
+            self._close()
+        if not self.closed:
+            self._process_queue()
+
+    def _after_response(self):
+        """Idle again: owe a 100 Continue to the request being read, or start the idle clock."""
+        if self.in_message:
+            if self.continue_owed and not self.in_headers:
+                self.continue_owed = False
+                self.transport.write(_CONTINUE)
+            self._set_deadline(self.config.read_timeout, 408)
+        else:
+            self._set_deadline(self.config.keepalive_timeout, 0)
+
+    async def _drain(self):
+        self.drain_waiter = self.loop.create_future()
+        await self.drain_waiter
+        self.drain_waiter = None
+
+    def _write_response(self, request: Request | None, response: Response, close: bool):
+        body = response.body
+        no_body = response.status in _NO_BODY_STATUSES
+        head = self._head(request, response.status, None if no_body else response.content_type,
+                          None if no_body else len(body), response.headers, close)
+        if no_body or (request is not None and request.method == "HEAD"):
+            self.transport.write(head)
+        elif len(body) < 65536:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
+
+    def _head(self, request: Request | None, status: int, content_type: bytes | None, length: int | None,
+              headers, close: bool, chunked: bool = False) -> bytes:
+        parts = [status_line(status), self.server.date_header]
+        if content_type is not None:
+            parts += (b"Content-Type: ", content_type, b"\r\n")
+        if length is not None:
+            parts += (b"Content-Length: ", b"%d" % length, b"\r\n")
+        elif chunked:
+            parts.append(_CHUNKED)
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if request is not None and request.header(b"origin") is not None:
+            parts.append(b"Access-Control-Allow-Origin: *\r\n")
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif request is not None and request.http_version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # ---------------------------------------------------------------- limits and closing
+
+    def _set_deadline(self, seconds: float, status: int):
+        self.deadline = self.loop.time() + seconds
+        self.deadline_status = status
+
+    def check_deadline(self, now: float):
+        """Called by the server's ticker."""
+        if self.deadline is None or now < self.deadline or self.busy or self.closed:
+            return
+        if self.deadline_status and self.in_message:
+            message = f"request not received within {self.config.read_timeout:g} s"
+            self._write_response(None, error_response(self.deadline_status, message), close=True)
+        self._close()
+
+    def _stop_reading(self, fatal: _Fatal):
+        """The byte stream is unusable from here: answer the queued requests, then `fatal`, then close."""
+        self.parser = None
+        self.in_message = False
+        self.queue.append(fatal)
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _close(self):
+        if not self.closed:
+            self.closed = True
+            self.deadline = None
+            self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        """For shutdown: close now unless a response is in progress."""
+        if self.busy or self.closed:
+            return False
+        self._close()
+        return True
+
+    def _header_limit_message(self) -> str:
+        return f"request headers exceed {self.config.max_header_bytes} bytes"
+
+    def _body_limit_message(self) -> str:
+        return f"request body exceeds {self.config.max_body_bytes} bytes"

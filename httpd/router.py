@@ -1,0 +1,55 @@
+"""Method + exact path -> handler. HEAD falls back to the GET handler; OPTIONS is answered by the
+dispatcher (CORS preflight) from the methods a path allows."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Union
+
+from httpd.request import Request
+from httpd.response import Response, StreamingResponse
+
+Result = Union[Response, StreamingResponse]
+Handler = Callable[[Request], Union[Result, Awaitable[Result]]]
+
+
+@dataclass(slots=True, frozen=True)
+class Endpoint:
+    handler: Handler
+    is_async: bool  # a coroutine function: run as a task; a plain function: answered inline
+
+
+class Router:
+    def __init__(self) -> None:
+        self._routes: dict[str, dict[str, Endpoint]] = {}
+
+    def add(self, methods: str | Iterable[str], path: str, handler: Handler) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"route path must start with '/': {path!r}")
+        endpoints = self._routes.setdefault(path, {})
+        for method in [methods] if isinstance(methods, str) else methods:
+            method = method.upper()
+            if method in endpoints:
+                raise ValueError(f"route {method} {path} is registered twice")
+            endpoints[method] = Endpoint(handler, inspect.iscoroutinefunction(handler))
+
+    def endpoints(self, path: str) -> dict[str, Endpoint] | None:
+        return self._routes.get(path)
+
+    def resolve(self, method: str, endpoints: dict[str, Endpoint]) -> Endpoint | None:
+        endpoint = endpoints.get(method)
+        if endpoint is None and method == "HEAD":
+            endpoint = endpoints.get("GET")
+        return endpoint
+
+    @staticmethod
+    def allowed_methods(endpoints: dict[str, Endpoint]) -> list[str]:
+        methods = set(endpoints)
+        if "GET" in methods:
+            methods.add("HEAD")
+        methods.add("OPTIONS")
+        return sorted(methods)
+
+    def paths(self) -> list[str]:
+        return sorted(self._routes)

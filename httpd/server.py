@@ -1,0 +1,99 @@
+"""The listening server: limits (ServerConfig), the live connections, and one ticker that checks
+every connection's deadline and refreshes the cached Date header."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from httpd.connection import HttpConnection
+from httpd.dispatch import Dispatcher
+from httpd.router import Router
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_header_bytes: int = 64 * 1024  # request line + headers; beyond: 431
+    max_body_bytes: int = 64 * 1024 * 1024  # beyond: 413
+    max_connections: int = 4096  # beyond: 503 and close
+    read_timeout: float = 30.0  # headers must arrive within it; the body may pause at most this long: else 408
+    keepalive_timeout: float = 75.0  # an idle connection is closed after this long
+    max_pipelined: int = 32  # queued requests per connection before reading pauses
+    api_key: str | None = None  # when set, "Authorization: Bearer <key>" is required ...
+    public_paths: frozenset[str] = frozenset({"/health"})  # ... except on these paths
+    backlog: int = 2048
+
+    @classmethod
+    def from_args(cls, args, **overrides) -> ServerConfig:
+        """From runtime.server_args.ServerArgs (--api-key, --max-body-bytes, --max-connections)."""
+        values = dict(api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections)
+        values.update(overrides)
+        return cls(**values)
+
+
+class HttpServer:
+    def __init__(self, router: Router, config: ServerConfig = ServerConfig()):
+        self.config = config
+        self.dispatcher = Dispatcher(router, config.api_key, config.public_paths)
+        self.connections: set[HttpConnection] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.date_header = b""
+        self._date_second = -1
+        self._server: asyncio.base_events.Server | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        # Deadlines are checked this often: a fraction of the shortest timeout, within [20 ms, 1 s].
+        self._tick_s = min(1.0, max(0.02, min(config.read_timeout, config.keepalive_timeout) / 4))
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen on host:port (port 0: any free port; see .port), or on an already bound socket."""
+        self.loop = asyncio.get_running_loop()
+        self._refresh_date()
+        factory = lambda: HttpConnection(self)  # noqa: E731
+        if sock is not None:
+            self._server = await self.loop.create_server(factory, sock=sock, backlog=self.config.backlog)
+        else:
+            self._server = await self.loop.create_server(factory, host, port, backlog=self.config.backlog,
+                                                         reuse_address=True)
+        self._ticker = self.loop.call_later(self._tick_s, self._tick)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop accepting; close idle connections; give responses in progress up to grace_s."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        deadline = self.loop.time() + grace_s
+        while True:
+            for connection in list(self.connections):
+                connection.close_if_idle()
+            if not self.connections or self.loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            if connection.task is not None:
+                connection.task.cancel()
+            if connection.transport is not None:
+                connection.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        self._refresh_date()
+        for connection in list(self.connections):
+            connection.check_deadline(now)
+        self._ticker = self.loop.call_later(self._tick_s, self._tick)
+
+    def _refresh_date(self) -> None:
+        second = int(time.time())
+        if second != self._date_second:
+            self._date_second = second
+            self.date_header = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
