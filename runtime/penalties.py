@@ -14,8 +14,6 @@ A row with r = 1, f = 0, p = 0 is left bit-for-bit unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
@@ -34,16 +32,17 @@ class PenaltyCounts:
     def allocated(self) -> bool:
         return self.counts is not None
 
-    def reset_row(self, row: int, prior_output_ids: Sequence[int], allocate: bool) -> None:
-        """Start `row` over, counting `prior_output_ids` (tokens generated before a retraction)."""
+    def reset_row(self, row: int, prior_output_ids: torch.Tensor | None, allocate: bool) -> None:
+        """Start `row` over, counting `prior_output_ids` (int64 token ids on the device, generated
+        before a retraction)."""
         if self.counts is None:
             if not allocate:
                 return
             self.counts = torch.zeros(self.max_rows, self.vocab_size, dtype=torch.float32, device=self.device)
         self.counts[row].zero_()
-        if len(prior_output_ids) > 0:
-            ids = torch.tensor(list(prior_output_ids), dtype=torch.int64, device=self.device)
-            self.counts[row].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float32, device=self.device))
+        if prior_output_ids is not None and prior_output_ids.numel() > 0:
+            ones = torch.ones(prior_output_ids.numel(), dtype=torch.float32, device=self.device)
+            self.counts[row].index_add_(0, prior_output_ids, ones)
 
     def record(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Count one new token per row (rows are distinct, so a plain indexed add is exact)."""

@@ -178,8 +178,10 @@ class Sampler:
         columns[_FREQUENCY] = params.frequency_penalty
         columns[_PRESENCE] = params.presence_penalty
         columns[_GREEDY] = 1.0 if greedy else 0.0
-        self.params[row] = torch.tensor(columns, dtype=torch.float32, device=self.device)
-        self.penalty_counts.reset_row(row, prior_output_ids, allocate=uses_penalties)
+        self.params[row] = self._upload(columns, torch.float32)
+        if uses_penalties or self.penalty_counts.allocated:
+            prior = self._upload(list(prior_output_ids), torch.int64) if len(prior_output_ids) else None
+            self.penalty_counts.reset_row(row, prior, allocate=uses_penalties)
         self._rows[row] = _Row(
             greedy=greedy,
             filtered=filtered,
