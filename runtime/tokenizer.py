@@ -20,6 +20,7 @@ from runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the default model is served as
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
