@@ -41,6 +41,7 @@ MAGIC = int.from_bytes(b"RTRING01", "little")
 VERSION = 1
 MAX_READERS = 64
 MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 32  # record lengths are u32 and records are at most half the ring
 
 OFF_NREADERS = 8
 OFF_CAPACITY = 16
@@ -72,9 +73,17 @@ def _layout(n_readers: int) -> tuple[int, int]:
     return bell_off, data_off
 
 
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    return time.monotonic() + max(timeout, 0.0)
+
+
 def _round_capacity(capacity_bytes: int) -> int:
-    if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
-        raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
+    if not isinstance(capacity_bytes, int) or not 0 < capacity_bytes <= MAX_CAPACITY:
+        raise ValueError(f"capacity_bytes must be an int in [1, {MAX_CAPACITY}], got {capacity_bytes!r}")
     return max(MIN_CAPACITY, 1 << (capacity_bytes - 1).bit_length())
 
 
@@ -82,7 +91,10 @@ def _as_byte_view(data):
     """bytes pass through; any other buffer becomes a flat unsigned-byte memoryview (no copy)."""
     if type(data) is bytes:
         return data
-    view = memoryview(data)
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"ring frames must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
     if view.format != "B" or view.ndim != 1:
         if not view.c_contiguous:
             raise ValueError("ring frames must be C-contiguous buffers")
@@ -93,8 +105,7 @@ def _as_byte_view(data):
 class _BellTarget:
     """A writer's mapping of the page that holds the park word a Waiter sleeps on."""
 
-    def __init__(self, generation: int, mm: mmap.mmap, reader_index: int):
-        self.generation = generation
+    def __init__(self, mm: mmap.mmap, reader_index: int):
         self._mm = mm
         self._view = memoryview(mm)
         self.words = self._view.cast("I")
@@ -136,19 +147,20 @@ class _RingSegment:
         self._data = q[OFF_DATA // 8]
         self._data_end = self._data + self.capacity
         self._mask = self.capacity - 1
-        self._max_record = self.capacity // 2
         self._bell_off, _ = _layout(self.n_readers)
         if not 0 <= reader_index < self.n_readers:
             raise ValueError(f"reader_index must be in [0, {self.n_readers}), got {reader_index}")
 
         # writer state
         self._wpos = q[OFF_WCUR // 8]
-        self._rmin = self._min_read_cursor()
-        self._abort_pending = self._i[OFF_STREAM_OPEN // 4] != 0  # a previous writer died mid-stream
-        self._rpark_lo = OFF_RPARK // 4
-        self._rpark_hi = self._rpark_lo + self.n_readers
+        self._space_limit = 0  # slowest read cursor + capacity, as last seen
+        self._refresh_space()
+        # Largest record sent whole; 0 while a half-sent stream (our timeout, or a previous writer
+        # that died) must first be cancelled with an ABORT record.
+        self._whole_limit = 0 if self._i[OFF_STREAM_OPEN // 4] else self.capacity // 2
+        self._broadcast = self.n_readers > 1
         self._no_parked_readers = bytes(4 * self.n_readers)
-        self._bell_targets: dict[int, _BellTarget] = {}
+        self._bell_targets: dict[int, tuple[int, _BellTarget | None]] = {}  # reader -> (generation, target)
 
         # reader state
         self._rcur_q = (OFF_RCUR + READER_LINE * reader_index) // 8
@@ -189,8 +201,9 @@ class _RingSegment:
         if self._mm.closed:
             return
         self._stream_view = None
-        for target in self._bell_targets.values():
-            target.close()
+        for _, target in self._bell_targets.values():
+            if target is not None:
+                target.close()
         self._bell_targets.clear()
         self._home = None
         self._q.release()
@@ -219,34 +232,70 @@ class _RingSegment:
         if type(data) is not bytes:
             data = _as_byte_view(data)
         n = len(data)
-        record = 8 + ((n + 7) & ~7)
-        if self._abort_pending or record > self._max_record:
+        w = self._wpos
+        record = 8 + ((n + 7) & -8)
+        # _whole_limit is 0 while an aborted stream awaits its ABORT record: everything goes slow.
+        if record > self._whole_limit or w + record > self._space_limit:
             self._send_slow(data, n, timeout)
             return
-        w = self._wpos
-        if w + record - self._rmin > self.capacity:
-            self._wait_space(record, None if timeout is None else time.monotonic() + timeout)
         off = self._data + (w & self._mask)
-        self._q[off >> 3] = n
-        start = off + 8
-        end = start + n
+        q = self._q
+        q[off >> 3] = n
+        off += 8
+        end = off + n
         if end <= self._data_end:
-            self._mm[start:end] = data
+            self._mm[off:end] = data
         else:
-            self._copy_in_wrapped(start, data, n)
-        self._publish(w + record)
+            self._copy_in_wrapped(off, data, n)
+        w += record
+        self._wpos = w
+        q[8] = w  # OFF_WCUR // 8: the single 8-byte store that publishes the frame
+        self._fence_acquire(False)
+        self._fence_release()
+        if self._i[48] or self._broadcast:  # 48 = OFF_RPARK // 4: reader 0's park word
+            self._wake_parked_readers()
+
+    def send_many(self, frames, timeout: float | None = None) -> None:
+        """send() each frame, publishing the write cursor once per ring-full (fewer cache-line
+        transfers and fences than one send() per frame)."""
+        pending = False
+        for data in frames:
+            if type(data) is not bytes:
+                data = _as_byte_view(data)
+            n = len(data)
+            w = self._wpos
+            record = 8 + ((n + 7) & -8)
+            if record > self._whole_limit or w + record > self._space_limit:
+                if pending:
+                    self._publish(w)
+                    pending = False
+                self._send_slow(data, n, timeout)
+                continue
+            off = self._data + (w & self._mask)
+            self._q[off >> 3] = n
+            off += 8
+            end = off + n
+            if end <= self._data_end:
+                self._mm[off:end] = data
+            else:
+                self._copy_in_wrapped(off, data, n)
+            self._wpos = w + record
+            pending = True
+        if pending:
+            self._publish(self._wpos)
 
     def _publish(self, w: int) -> None:
         self._wpos = w
-        self._q[8] = w  # OFF_WCUR // 8
+        self._q[8] = w
         self._fence_acquire(False)
         self._fence_release()
-        if self.n_readers == 1:
-            if self._i[self._rpark_lo]:
-                self._wake_reader(0)
-        elif self._mm[OFF_RPARK:OFF_RPARK + 4 * self.n_readers] != self._no_parked_readers:
+        if self._i[48] or self._broadcast:
+            self._wake_parked_readers()
+
+    def _wake_parked_readers(self) -> None:
+        if self._mm[OFF_RPARK:OFF_RPARK + 4 * self.n_readers] != self._no_parked_readers:
             for index in range(self.n_readers):
-                if self._i[self._rpark_lo + index]:
+                if self._i[OFF_RPARK // 4 + index]:
                     self._wake_reader(index)
 
     def _copy_in_wrapped(self, start: int, data, n: int) -> None:
@@ -257,22 +306,24 @@ class _RingSegment:
             first = 0
         self._mm[self._data:self._data + n - first] = data[first:]
 
-    def _min_read_cursor(self) -> int:
+    def _refresh_space(self) -> int:
+        """Re-read the slowest reader's cursor; returns the free bytes."""
         q = self._q
         if self.n_readers == 1:
-            return q[OFF_RCUR // 8]
-        return min(q[(OFF_RCUR + READER_LINE * i) // 8] for i in range(self.n_readers))
-
-    def _space_free(self, record: int) -> bool:
-        self._rmin = self._min_read_cursor()
-        return self._wpos + record - self._rmin <= self.capacity
+            rmin = q[OFF_RCUR // 8]
+        else:
+            rmin = min(q[(OFF_RCUR + READER_LINE * i) // 8] for i in range(self.n_readers))
+        self._space_limit = rmin + self.capacity
+        return self._space_limit - self._wpos
 
     def _wait_space(self, record: int, deadline: float | None) -> None:
         """Wait until `record` bytes are free: spin, then park on the writer park word."""
+        if self._refresh_space() >= record:
+            return
         spin_end = time.monotonic() + self.spin_s
         while True:
             for _ in range(64):
-                if self._space_free(record):
+                if self._refresh_space() >= record:
                     return
             now = time.monotonic()
             if now >= spin_end or (deadline is not None and now >= deadline):
@@ -280,9 +331,8 @@ class _RingSegment:
         park = OFF_WPARK // 4
         while True:
             self._i[park] = 1
-            self._fence_acquire(False)
-            self._fence_release()
-            if self._space_free(record):
+            self._futex.fence()
+            if self._refresh_space() >= record:
                 self._i[park] = 0
                 return
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -290,99 +340,101 @@ class _RingSegment:
                 self._i[park] = 0
                 raise RingTimeout(
                     f"ring {self.name!r}: no room for a {record}-byte record "
-                    f"(capacity {self.capacity}) after waiting for the reader(s)"
+                    f"(capacity {self.capacity}) within the send timeout"
                 )
             self._futex.wait(self._base + OFF_WPARK, 1, remaining)
 
     def _send_slow(self, data, n: int, timeout: float | None) -> None:
-        """Frames bigger than half the ring, or the first send after an aborted stream."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._abort_pending:
-            self._write_record_header(KIND_ABORT, 0, deadline)
+        """A full ring, a frame bigger than half the ring, or the first send after an aborted stream."""
+        deadline = _deadline(timeout)
+        if self._whole_limit == 0:
+            self._wait_space(8, deadline)
+            self._q[(self._data + (self._wpos & self._mask)) >> 3] = KIND_ABORT << 32
+            self._publish(self._wpos + 8)
             self._i[OFF_STREAM_OPEN // 4] = 0
-            self._abort_pending = False
-        if 8 + ((n + 7) & ~7) <= self._max_record:
-            record = 8 + ((n + 7) & ~7)
-            self._wait_space(record, deadline)
-            off = self._data + (self._wpos & self._mask)
-            self._q[off >> 3] = n
-            if off + 8 + n <= self._data_end:
-                self._mm[off + 8:off + 8 + n] = data
-            else:
-                self._copy_in_wrapped(off + 8, data, n)
-            self._publish(self._wpos + record)
+            self._whole_limit = self.capacity // 2
+        record = 8 + ((n + 7) & -8)
+        if record > self._whole_limit:
+            self._send_stream(data, n, deadline)
             return
-        self._send_stream(data, n, deadline)
-
-    def _write_record_header(self, kind: int, length: int, deadline: float | None) -> None:
-        self._wait_space(8, deadline)
+        self._wait_space(record, deadline)
         off = self._data + (self._wpos & self._mask)
-        self._q[off >> 3] = (kind << 32) | length
-        self._publish(self._wpos + 8)
+        self._q[off >> 3] = n
+        if off + 8 + n <= self._data_end:
+            self._mm[off + 8:off + 8 + n] = data
+        else:
+            self._copy_in_wrapped(off + 8, data, n)
+        self._publish(self._wpos + record)
 
     def _send_stream(self, data, n: int, deadline: float | None) -> None:
+        """Stream a frame bigger than half the ring as a START record (carrying the total length)
+        and CONT records, each as large as the free space allows."""
         if type(data) is bytes:
             data = memoryview(data)
-        max_chunk = self._max_record - 16
-        min_record = min(self.capacity // 8, 16 + n)
+        max_chunk = self.capacity // 2 - 16
         sent = 0
         while sent < n:
+            prefix = 8 if sent == 0 else 0
+            # Wait for a useful amount of space, not for a few bytes at a time.
+            want = min(self.capacity // 8, 8 + prefix + n - sent)
             try:
-                self._wait_space(min(min_record, 16 + n - sent), deadline)
+                self._wait_space(want, deadline)
             except RingTimeout:
                 if sent:
-                    self._abort_pending = True  # the reader holds part of it: cancel on next send
+                    self._whole_limit = 0  # the readers hold part of it: cancel it on the next send
                 raise
-            first = sent == 0
-            prefix = 8 if first else 0
-            free = self.capacity - (self._wpos - self._rmin)
-            chunk = min(n - sent, max_chunk, (free - 8 - prefix) & ~7)
-            off = self._data + (self._wpos & self._mask)
-            if first:
+            free = self._space_limit - self._wpos
+            chunk = min(n - sent, max_chunk, (free - 8 - prefix) & -8)
+            w = self._wpos
+            off = self._data + (w & self._mask)
+            if prefix:
                 self._i[OFF_STREAM_OPEN // 4] = 1
                 self._q[off >> 3] = (KIND_START << 32) | (chunk + 8)
-                self._q[(self._data + ((self._wpos + 8) & self._mask)) >> 3] = n
+                self._q[(self._data + ((w + 8) & self._mask)) >> 3] = n
             else:
                 self._q[off >> 3] = (KIND_CONT << 32) | chunk
-            start = self._data + ((self._wpos + 8 + prefix) & self._mask)
+            start = self._data + ((w + 8 + prefix) & self._mask)
             piece = data[sent:sent + chunk]
             if start + chunk <= self._data_end:
                 self._mm[start:start + chunk] = piece
             else:
                 self._copy_in_wrapped(start, piece, chunk)
             sent += chunk
-            self._publish(self._wpos + 8 + prefix + ((chunk + 7) & ~7))
+            self._publish(w + 8 + prefix + ((chunk + 7) & -8))
         self._i[OFF_STREAM_OPEN // 4] = 0
 
     def _wake_reader(self, index: int) -> None:
-        self._i[self._rpark_lo + index] = 0
-        bell = self._i[(self._bell_off + BELL_SLOT * index) // 4]
-        if bell == 0:
+        self._i[OFF_RPARK // 4 + index] = 0
+        generation = self._i[(self._bell_off + BELL_SLOT * index) // 4]
+        target = None
+        if generation:
+            cached = self._bell_targets.get(index)
+            if cached is None or cached[0] != generation:
+                cached = (generation, self._map_bell(index))
+                self._bell_targets[index] = cached
+            target = cached[1]
+        if target is None:
             self._futex.wake(self._base + OFF_RPARK + 4 * index)
-            return
-        target = self._bell_targets.get(index)
-        if target is None or target.generation != bell:
-            target = self._map_bell(index, bell)
-            if target is None:
-                return
-        target.words[target.park_index] = 0
-        self._futex.wake(target.park_address)
+        else:
+            target.words[target.park_index] = 0
+            self._futex.wake(target.park_address)
 
-    def _map_bell(self, index: int, generation: int):
-        """Map the page holding reader `index`'s doorbell (set by a Waiter); None if it is gone."""
+    def _map_bell(self, index: int) -> "_BellTarget | None":
+        """Map the page holding the park word a Waiter sleeps on for reader `index`; None when the
+        reader has no doorbell (any more) or its home ring is gone."""
+        old = self._bell_targets.pop(index, None)
+        if old is not None and old[1] is not None:
+            old[1].close()
         slot = self._bell_off + BELL_SLOT * index
         target_reader = self._i[slot // 4 + 1]
         name_len = self._i[slot // 4 + 2]
-        name = bytes(self._mm[slot + 12:slot + 12 + name_len]).decode()
-        old = self._bell_targets.pop(index, None)
-        if old is not None:
-            old.close()
+        if name_len == 0:
+            return None
+        name = self._mm[slot + 12:slot + 12 + name_len].decode()
         try:
-            target = _BellTarget(generation, attach_segment(name, 4096), target_reader)
+            return _BellTarget(attach_segment(name, 4096), target_reader)
         except SegmentError:
             return None
-        self._bell_targets[index] = target
-        return target
 
     # ---------------------------------------------------------------- reader
     def try_recv(self) -> bytes | None:
@@ -480,7 +532,7 @@ class _RingSegment:
         frame = self.try_recv()
         if frame is not None:
             return frame
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
             if not self._wait_readable(deadline):
                 return None
@@ -527,8 +579,7 @@ class _RingSegment:
                 break
         while True:
             self._arm()
-            self._fence_acquire(False)
-            self._fence_release()
+            self._futex.fence()
             if self._check_after_fence():
                 self._disarm()
                 return True
@@ -542,21 +593,21 @@ class _RingSegment:
     # ---------------------------------------------------------------- doorbell (Waiter support)
     def _set_doorbell(self, home: "_RingSegment | None") -> None:
         """Make writers of this reader ring the park word of `home` (another ring's reader in this
-        process) so one futex wait covers several rings; None restores the ring's own word."""
+        process) so one futex wait covers several rings; None restores the ring's own word.
+        Writers notice the change by the slot's generation, which is written last."""
         slot = self._bell_off + BELL_SLOT * self.reader_index
-        generation = self._i[slot // 4] + 1
         if home is None:
             self._home = None
-            self._i[slot // 4] = 0
-            return
-        name = home.name.encode()
-        if len(name) > BELL_NAME_MAX:
-            raise SegmentError(f"ring name {home.name!r} is too long for a doorbell ({BELL_NAME_MAX} bytes max)")
-        self._mm[slot + 12:slot + 12 + len(name)] = name
-        self._i[slot // 4 + 1] = home.reader_index
-        self._i[slot // 4 + 2] = len(name)
-        self._i[slot // 4] = generation  # last: writers read the name only after a new generation
-        self._home = (home._i, home._rpark_i, home._base + OFF_RPARK + 4 * home.reader_index)
+            self._i[slot // 4 + 2] = 0
+        else:
+            name = home.name.encode()
+            if len(name) > BELL_NAME_MAX:
+                raise SegmentError(f"ring name {home.name!r} is too long for a doorbell ({BELL_NAME_MAX} bytes max)")
+            self._mm[slot + 12:slot + 12 + len(name)] = name
+            self._i[slot // 4 + 1] = home.reader_index
+            self._i[slot // 4 + 2] = len(name)
+            self._home = (home._i, home._rpark_i, home._base + OFF_RPARK + 4 * home.reader_index)
+        self._i[slot // 4] = (self._i[slot // 4] + 1) & 0xFFFFFFFF or 1
 
 
 class Ring(_RingSegment):

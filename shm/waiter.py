@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from shm.ring import _RingSegment
+from shm.ring import _deadline, _RingSegment
 
 
 class Waiter:
@@ -22,6 +22,7 @@ class Waiter:
         self.spin_s = max(r.spin_s for r in rings) if spin_s is None else spin_s
         self._home = self.rings[0]
         self._next = 0  # rotating start for fairness
+        self._interrupted = False
         for ring in self.rings[1:]:
             ring._set_doorbell(self._home)
 
@@ -30,6 +31,13 @@ class Waiter:
         for ring in self.rings[1:]:
             if not ring._mm.closed:
                 ring._set_doorbell(None)
+
+    def interrupt(self) -> None:
+        """Make a wait() in progress (or the next one) return [] now; callable from any thread."""
+        self._interrupted = True
+        home = self._home
+        home._i[home._rpark_i] = 0
+        home._futex.wake(home._park_address())
 
     def ready(self) -> list[_RingSegment]:
         """Rings with unread data, starting one further each call so no ring starves."""
@@ -42,15 +50,17 @@ class Waiter:
         """Block until at least one ring has data (empty list on timeout). Data may be part of a
         chunked frame, so a ready ring's try_recv() can still return None."""
         ready = self.ready()
-        if ready:
+        if ready or self._consume_interrupt():
             return ready
         now = time.monotonic()
-        deadline = None if timeout is None else now + timeout
+        deadline = _deadline(timeout)
         spin_end = now + self.spin_s
         while True:
             for _ in range(16):
                 if any(ring.readable() for ring in self.rings):
                     return self.ready()
+            if self._consume_interrupt():
+                return []
             now = time.monotonic()
             if now >= spin_end or (deadline is not None and now >= deadline):
                 break
@@ -67,11 +77,17 @@ class Waiter:
                 self._disarm()
                 return self.ready()
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if self._consume_interrupt() or (remaining is not None and remaining <= 0):
                 self._disarm()
                 return []
             futex.wait(home._park_address(), 1, remaining)
             self._disarm()
+
+    def _consume_interrupt(self) -> bool:
+        if self._interrupted:
+            self._interrupted = False
+            return True
+        return False
 
     def _disarm(self) -> None:
         for ring in self.rings:
