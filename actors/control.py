@@ -1,0 +1,32 @@
+"""Messages between the supervisor and its children on their private control rings.
+
+Up (child -> supervisor): `Ready` once the actor is built, or `Failed` if building it raised.
+Down (supervisor -> child): `runtime.messages.Shutdown`, delivered through the actor's mailbox like
+any other message, so actors handle it in the same `match msg:` as their work.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from runtime.messages import Shutdown
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    name: str
+    info: bytes = b""  # actor-defined, e.g. a msgspec-encoded ModelInfo from worker rank 0
+
+
+class Failed(msgspec.Struct, tag="failed"):
+    name: str
+    error: str  # "ExceptionType: message"
+    traceback: str = ""
+
+
+ControlUp = Union[Ready, Failed]
+ControlDown = Union[Shutdown]
+
+CONTROL_DOWN_TYPE = "actors.control:ControlDown"
+CONTROL_RING_BYTES = 64 * 1024
