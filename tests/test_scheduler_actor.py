@@ -100,7 +100,8 @@ class Harness:
     def close(self):
         self.to_scheduler.put(Shutdown(grace_s=0.0))
         self.actor_thread.join(10)
-        self.worker_got_shutdown.wait(2)
+        if self.error is None:
+            self.worker_got_shutdown.wait(2)
         self.stop_worker.set()
         self.worker_thread.join(10)
         for ch in (self.to_scheduler, self.detok, self.ingress, self.plans, self.results):
