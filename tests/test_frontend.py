@@ -113,7 +113,8 @@ def run_with_frontend(rings, body, tokenizer=None, args=ServerArgs()):
 
     async def main():
         frontend = Frontend(args, MODEL_INFO, tokenizer, Channel("to_scheduler", to_sched, IngressToScheduler))
-        mailbox = Mailbox([Channel("s2i", sched_out, SchedulerToIngress), Channel("d2i", detok_out, DetokenizerToIngress)])
+        mailbox = Mailbox([Channel("s2i", sched_out, SchedulerToIngress),
+                           Channel("d2i", detok_out, DetokenizerToIngress)])
         reader = AsyncMailbox(mailbox, frontend.on_message).start()
         try:
             return await asyncio.wait_for(body(frontend, peer), 20)
@@ -300,8 +301,8 @@ def test_tokenizer_calls(rings, tokenizer):
     async def body(frontend, peer):
         messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
         ids = frontend.apply_chat_template(messages, None, add_generation_prompt=True, continue_final_message=False)
-        cont = frontend.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Wel"}],
-                                            None, add_generation_prompt=False, continue_final_message=True)
+        started = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Wel"}]
+        cont = frontend.apply_chat_template(started, None, add_generation_prompt=False, continue_final_message=True)
         errors = []
         for bad in ([], [{"content": "x"}], [{"role": "user", "content": [{"type": "image_url"}]}],
                     [{"role": "user", "content": 5}]):
