@@ -1,0 +1,190 @@
+"""Running the sequences of one HTTP request through the Frontend.
+
+One HTTP request may need several sequences (a batch of prompts, n > 1): each is one
+Frontend.generate call with its own rid. `run_sequences` drives them and yields
+(index, update) as updates arrive, after folding each update into its `Sequence`. Leaving the
+iterator early (client gone, an error) closes every generate iterator, which aborts the
+requests in the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterable
+
+from httpd import HttpError, StreamingResponse
+from httpd.response import error_type
+from httpd.sse import DONE, sse_event
+from runtime.api.metrics import Metrics
+from runtime.frontend_errors import RequestError
+from runtime.messages import FinishReason, LogprobOptions, RequestMeta, SamplingParams, TextUpdate, TokenLogprobs
+
+
+logger = logging.getLogger(__name__)
+
+Update = tuple[int, TextUpdate]
+
+
+@dataclass(slots=True)
+class Job:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    logprobs: LogprobOptions
+
+
+@dataclass(slots=True)
+class Sequence:
+    """Everything received so far for one job."""
+
+    job: Job
+    arrival: float  # time.perf_counter() when the HTTP request arrived
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta: RequestMeta | None = None
+    finish: FinishReason | None = None
+    logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)
+    prompt_logprobs: TokenLogprobs | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    def add(self, update: TextUpdate, now: float) -> None:
+        self.text += update.text_delta
+        if update.new_token_ids:
+            self.output_ids += update.new_token_ids
+            if self.first_token_time is None:
+                self.first_token_time = now
+        self.meta = update.meta
+        if update.logprobs is not None:
+            self.logprobs.token_ids += update.logprobs.token_ids
+            self.logprobs.logprobs += update.logprobs.logprobs
+            self.logprobs.top_ids += update.logprobs.top_ids
+            self.logprobs.top_logprobs += update.logprobs.top_logprobs
+        if update.prompt_logprobs is not None:
+            self.prompt_logprobs = update.prompt_logprobs
+        if update.finish is not None:
+            self.finish = update.finish
+            self.finish_time = now
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.meta.prompt_tokens if self.meta else len(self.job.input_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.meta.completion_tokens if self.meta else len(self.output_ids)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.meta.cached_tokens if self.meta else 0
+
+
+async def run_sequences(frontend, sequences: list[Sequence], stream: bool,
+                        metrics: Metrics | None) -> AsyncIterator[tuple[int, TextUpdate]]:
+    """Yields (index into sequences, update) until every sequence has finished. Raises the first
+    error of any sequence (a RequestError from the Frontend), after aborting the others."""
+    if len(sequences) == 1:
+        sequence = sequences[0]
+        job = sequence.job
+        async with aclosing(frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream)) as updates:
+            async for update in updates:
+                _fold(sequence, update, metrics)
+                yield 0, update
+        return
+
+    queue: asyncio.Queue = asyncio.Queue()
+    finished = object()
+
+    async def pump(index: int, job: Job) -> None:
+        try:
+            async with aclosing(frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
+                                                  stream)) as updates:
+                async for update in updates:
+                    queue.put_nowait((index, update))
+        except Exception as err:
+            queue.put_nowait((index, err))
+        else:
+            queue.put_nowait((index, finished))
+
+    tasks = [asyncio.create_task(pump(i, s.job)) for i, s in enumerate(sequences)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is finished:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                _fold(sequences[index], item, metrics)
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_to_end(frontend, sequences: list[Sequence], metrics: Metrics | None) -> None:
+    async with aclosing(run_sequences(frontend, sequences, False, metrics)) as updates:
+        async for _ in updates:
+            pass
+
+
+def _fold(sequence: Sequence, update: TextUpdate, metrics: Metrics | None) -> None:
+    now = time.perf_counter()
+    first = sequence.first_token_time is None
+    sequence.add(update, now)
+    if metrics is not None:
+        if first and sequence.first_token_time is not None:
+            metrics.observe_first_token(now - sequence.arrival)
+        if update.finish is not None:
+            metrics.observe_finished(sequence)
+
+
+async def start_sse(updates: AsyncIterator[Update], render: Callable[[int, TextUpdate], Iterable[bytes]],
+                    epilogue: Callable[[], Iterable[bytes]]) -> StreamingResponse:
+    """An SSE response over `updates`: render(index, update) gives the events of each update,
+    epilogue() the events after the last, then `data: [DONE]`. Waits for the first update before
+    answering, so a refusal still gets its HTTP status; later errors become an error event."""
+    body = _sse_body(updates, render, epilogue)
+    try:
+        await anext(body)  # runs up to the first update (or the refusal)
+    except RequestError as err:
+        raise HttpError(err.status, err.message) from None
+    return StreamingResponse(body)
+
+
+async def _sse_body(updates, render, epilogue) -> AsyncIterator[bytes]:
+    async with aclosing(updates):
+        pending = await anext(updates, None)
+        # Primed: the caller holds a started generator, so closing it (client gone before the
+        # first byte went out) closes `updates`, which aborts the requests.
+        yield b""
+        try:
+            while pending is not None:
+                for event in render(*pending):
+                    yield event
+                pending = await anext(updates, None)
+            for event in epilogue():
+                yield event
+        except (RequestError, HttpError) as err:
+            yield stream_error(err.status, err.message)
+        except Exception as err:
+            logger.exception("a streamed response failed")
+            yield stream_error(500, f"internal error: {type(err).__name__}: {err}")
+        yield DONE
+
+
+def stream_error(status: int, message: str) -> bytes:
+    return sse_event({"error": {"message": message, "type": error_type(status), "param": None, "code": status}})
+
+
+def abort_error(sequence: Sequence) -> HttpError | None:
+    """An abort finish is the engine failing the request (no HTTP route aborts on request)."""
+    finish = sequence.finish
+    if finish is not None and finish.type == "abort":
+        return HttpError(500, f"the request was aborted by the engine: {finish.message or 'no reason given'}")
+    return None

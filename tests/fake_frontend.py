@@ -1,0 +1,264 @@
+"""A test double of runtime.frontend.Frontend, and a helper that runs an HTTP server on a
+background event loop.
+
+FakeFrontend uses the real SmolLM2 tokenizer (or none, like --skip-tokenizer-init) and
+"generates" deterministically: output token k is the prompt's token k (mod the prompt length),
+so tests can predict every id and every piece of text. It honours max_new_tokens,
+min_new_tokens, stop strings (trimmed unless no_stop_trim), stop_token_ids, EOS (unless
+ignore_eos), logprobs shapes (prompt logprobs from logprob_start_len, the first prompt token
+without one), streaming (one update per token) vs one final update, and it records what it was
+asked (requests, aborts) for assertions."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import uvloop
+
+from httpd import HttpServer
+from runtime.frontend_errors import RequestError
+from runtime.messages import (FinishReason, LogprobOptions, ModelInfo, RequestMeta, SamplingParams, TextUpdate,
+                              TokenLogprobs)
+from runtime.server_args import ServerArgs
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+VOCAB_WITHOUT_TOKENIZER = 1000
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    """The SmolLM2 GGUF tokenizer, loaded once per test session (the GGUF conversion is cached on
+    disk by runtime.tokenizer)."""
+    from runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer(ServerArgs())
+
+
+@dataclass
+class GenerateCall:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    logprobs: LogprobOptions
+    stream: bool
+
+
+def fake_logprob(position: int) -> float:
+    return -0.125 * (position + 1)
+
+
+@dataclass
+class FakeFrontend:
+    tokenizer: object = None
+    args: ServerArgs = field(default_factory=lambda: ServerArgs(enable_metrics=True))
+    context_length: int = 2048
+    token_delay_s: float = 0.0  # between streamed tokens
+    cached_tokens: int = 0  # reported in every RequestMeta
+    reject: RequestError | None = None  # raised by every generate() while set
+    abort_after: int | None = None  # the engine "fails" requests after this many tokens
+    flush_ok: bool = True
+
+    def __post_init__(self):
+        tokenizer = self.tokenizer
+        vocab = len(tokenizer) if tokenizer is not None else VOCAB_WITHOUT_TOKENIZER
+        eos = [tokenizer.eos_token_id] if tokenizer is not None else [2]
+        self.model_info = ModelInfo(architecture="LlamaForCausalLM", vocab_size=vocab,
+                                    context_length=self.context_length, eos_token_ids=eos, max_total_tokens=65536,
+                                    max_running_requests=64, dtype="float32", device="cpu")
+        self.served_model_name = self.args.served_model_name or MODEL_NAME
+        self.calls: list[GenerateCall] = []
+        self.chat_calls: list[tuple[list[dict], list | None, bool, bool]] = []
+        self.aborted: list[str] = []  # rids whose generate() was closed before finishing
+        self.abort_seen = threading.Event()
+        self.running: set[str] = set()
+        self._abort_requested: set[str] = set()
+
+    # ------------------------------------------------------------------ tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError(400, "text: the server runs with --skip-tokenizer-init; send input_ids instead")
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self.tokenizer is None:
+            return "".join(f" <{i}>" for i in ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
+                            continue_final_message: bool) -> list[int]:
+        self.chat_calls.append((messages, tools, add_generation_prompt, continue_final_message))
+        if self.tokenizer is None:
+            raise RequestError(400, "messages: the server runs with --skip-tokenizer-init")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
+        except Exception as err:
+            raise RequestError(400, f"messages: the chat template cannot render them: {err}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ generation
+
+    def expected_ids(self, input_ids: list[int], count: int) -> list[int]:
+        return [input_ids[k % len(input_ids)] for k in range(count)]
+
+    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
+                       stream: bool):
+        self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
+        if self.reject is not None:
+            raise self.reject
+        if rid in self.running:
+            raise RequestError(400, f"rid: a request with id {rid!r} is already running")
+        self.running.add(rid)
+        finished = False  # set before the last update is handed out, as the real Frontend does
+        try:
+            output: list[int] = []
+            sent_text, sent_tokens = "", 0
+            while True:
+                finish = None
+                if rid in self._abort_requested:
+                    finish = FinishReason("abort", message="aborted on request")
+                elif self.abort_after is not None and len(output) >= self.abort_after:
+                    finish = FinishReason("abort", message="the worker failed")
+                elif len(output) >= sampling.max_new_tokens:
+                    finish = FinishReason("length", length=sampling.max_new_tokens)
+                else:
+                    token = input_ids[len(output) % len(input_ids)]
+                    output.append(token)
+                    finish = self._check_stop(output, token, sampling)
+                if finish is not None or stream:
+                    text = self._text(output, sampling, finish)
+                    update = self._update(rid, input_ids, output, sent_tokens, text[len(sent_text):], finish,
+                                          logprobs)
+                    sent_text, sent_tokens = text, len(output)
+                    finished = finish is not None
+                    yield update
+                    if finished:
+                        return
+                    await asyncio.sleep(self.token_delay_s)
+        finally:
+            self.running.discard(rid)
+            self._abort_requested.discard(rid)
+            if not finished:
+                self.aborted.append(rid)
+                self.abort_seen.set()
+
+    def _check_stop(self, output: list[int], token: int, sampling: SamplingParams) -> FinishReason | None:
+        if len(output) < sampling.min_new_tokens:
+            return None
+        if token in sampling.stop_token_ids:
+            return FinishReason("stop", matched=token)
+        if not sampling.ignore_eos and token in self.model_info.eos_token_ids:
+            return FinishReason("stop", matched=token)
+        text = self.decode(output, sampling.skip_special_tokens)
+        for stop in sampling.stop:
+            if stop in text:
+                return FinishReason("stop", matched=stop)
+        if len(output) >= sampling.max_new_tokens:
+            return FinishReason("length", length=sampling.max_new_tokens)
+        return None
+
+    def _text(self, output: list[int], sampling: SamplingParams, finish: FinishReason | None) -> str:
+        text = self.decode(output, sampling.skip_special_tokens)
+        if finish is not None and isinstance(finish.matched, str) and not sampling.no_stop_trim:
+            text = text[:text.index(finish.matched)]
+        return text
+
+    def _update(self, rid, input_ids, output, sent_tokens, delta, finish, options: LogprobOptions) -> TextUpdate:
+        new_ids = output[sent_tokens:]
+        token_logprobs = prompt_logprobs = None
+        if options.return_logprob:
+            positions = range(sent_tokens, len(output))
+            top = options.top_logprobs_num
+            token_logprobs = TokenLogprobs(
+                token_ids=list(new_ids), logprobs=[fake_logprob(p) for p in positions],
+                top_ids=[[(t + k) % self.model_info.vocab_size for k in range(top)] for t in new_ids],
+                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions])
+            if sent_tokens == 0 and options.logprob_start_len >= 0:
+                start = options.logprob_start_len
+                ids = input_ids[start:]
+                scored = range(max(start, 1), len(input_ids))  # the first prompt token has no logprob
+                prompt_logprobs = TokenLogprobs(
+                    token_ids=ids, logprobs=[fake_logprob(p) for p in scored],
+                    top_ids=[[input_ids[p]] * top for p in scored] if top else [],
+                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [])
+        meta = RequestMeta(prompt_tokens=len(input_ids), completion_tokens=len(output),
+                           cached_tokens=self.cached_tokens)
+        return TextUpdate(rid=rid, text_delta=delta, new_token_ids=new_ids, meta=meta, finish=finish,
+                          logprobs=token_logprobs, prompt_logprobs=prompt_logprobs)
+
+    def abort(self, rid: str) -> None:
+        if rid in self.running:
+            self._abort_requested.add(rid)
+
+    async def flush_cache(self) -> tuple[bool, str]:
+        return (True, "") if self.flush_ok else (False, "requests are running")
+
+    async def server_info(self) -> dict:
+        return {"num_running_reqs": len(self.running), "num_queue_reqs": 0, "token_usage": 0.25,
+                "cache_hit_rate": 0.5, "max_total_num_tokens": self.model_info.max_total_tokens}
+
+
+class ServerThread:
+    """Runs an HttpServer on 127.0.0.1 (a free port) on a uvloop loop in a background thread.
+
+        with ServerThread(lambda: create_server(frontend)) as server:
+            requests.get(server.url + "/health")
+    """
+
+    def __init__(self, make_server):
+        self._make_server = make_server
+        self.loop = uvloop.new_event_loop()
+        self.server: HttpServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="http-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+
+        async def start():
+            self.server = self._make_server()
+            await self.server.start("127.0.0.1", 0)
+
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(0.5), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the server's loop and return its result (to touch server state safely)."""
+        done = threading.Event()
+        box = []
+
+        def run():
+            box.append(fn(*args))
+            done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(10)
+        return box[0]
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
