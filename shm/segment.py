@@ -119,13 +119,20 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale() -> list[str]:
-    """Unlink the segments of runs whose launcher process is gone; returns their names.
+    """Unlink this user's segments of runs whose launcher process is gone; returns their names.
 
-    A recycled pid keeps its old segments alive until that pid dies too (harmless, they are small
-    and the new process would sweep its own prefix on exit)."""
+    A recycled pid keeps its old segments until that pid dies too (a later sweep_stale gets them)."""
     removed = []
+    uid = os.getuid()
     for name in list_segments("rt"):
         match = _PREFIX_RE.match(name)
-        if match and not _pid_alive(int(match.group(1))) and unlink_segment(name):
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if os.stat(_path(name)).st_uid != uid:
+                continue
+        except (FileNotFoundError, SegmentError):
+            continue
+        if unlink_segment(name):
             removed.append(name)
     return removed

@@ -51,7 +51,7 @@ def child_sizes(seed: int, count: int, top: int) -> list[int]:
 
 @pytest.fixture
 def prefix():
-    p = f"{run_prefix()}{uuid.uuid4().hex[:8]}_"
+    p = f"{run_prefix()}shm{uuid.uuid4().hex[:6]}_"
     yield p
     sweep(p)
 

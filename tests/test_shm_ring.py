@@ -20,7 +20,7 @@ from shm import BroadcastRing, Ring, RingTimeout, SegmentError, run_prefix, swee
 
 @pytest.fixture
 def prefix():
-    p = f"{run_prefix()}{uuid.uuid4().hex[:8]}_"
+    p = f"{run_prefix()}shm{uuid.uuid4().hex[:6]}_"
     yield p
     sweep(p)
 
