@@ -1,10 +1,11 @@
 """Shared-memory transport: rings of msgspec frames between actor processes (see ring.py)."""
 
+from shm.arena import Arena, ArenaBlock, ArenaTimeout
 from shm.ring import BroadcastRing, Ring, RingTimeout
 from shm.segment import SegmentError, list_segments, run_prefix, segment_name, sweep, sweep_stale
 from shm.waiter import Waiter
 
 __all__ = [
-    "BroadcastRing", "Ring", "RingTimeout", "SegmentError", "Waiter",
+    "Arena", "ArenaBlock", "ArenaTimeout", "BroadcastRing", "Ring", "RingTimeout", "SegmentError", "Waiter",
     "list_segments", "run_prefix", "segment_name", "sweep", "sweep_stale",
 ]
