@@ -70,6 +70,46 @@ def test_random_sequences_and_chunkings(tokenizer, decoder):
         assert_clean_deltas(deltas, tokenizer.decode(ids))
 
 
+def sentencepiece_style_tokenizer():
+    """A tiny Llama-style tokenizer: "▁" marks spaces, unknown characters fall back to <0xNN> byte
+    tokens, and decoding strips the leading space of the first token."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})
+    for piece in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[piece] = len(vocab)
+    merges = [("▁", "h"), ("e", "l"), ("▁h", "el"), ("l", "o"), ("▁", "w"), ("o", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer():
+    tokenizer = sentencepiece_style_tokenizer()
+    decoder = TokenTextDecoder(tokenizer)
+    texts = ["hello 世界 world 😀 dog", "héllo wörld ñ 🇫🇷 中文 end"]
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert "<0xF0>" in tokenizer.convert_ids_to_tokens(ids) or "<0xE4>" in tokenizer.convert_ids_to_tokens(ids)
+        deltas = stream(decoder, IncrementalDetokenizer(), ids, [1] * len(ids))
+        assert_clean_deltas(deltas, text)
+    # Random sequences of whole words and characters (invalid UTF-8 is decoded context-dependently
+    # by byte fallback, so it is left out), fed in random chunks.
+    units = [tokenizer.encode(u, add_special_tokens=False) for u in ("hello", "世界", "😀", "wörld", "ñ", "🇫🇷", "dog")]
+    rng = random.Random(1)
+    for _ in range(100):
+        ids = [t for _ in range(rng.randint(1, 8)) for t in rng.choice(units)]
+        full = tokenizer.decode(ids)
+        assert_clean_deltas(stream(decoder, IncrementalDetokenizer(), ids, [rng.randint(1, 3) for _ in ids]), full)
+
+
 def test_incomplete_character_is_emitted_at_finish(tokenizer, decoder):
     ids = tokenizer.encode("ok 😀")
     cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith(REPLACEMENT_CHAR))
