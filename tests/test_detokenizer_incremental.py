@@ -102,7 +102,8 @@ def test_sentencepiece_style_tokenizer():
         assert_clean_deltas(deltas, text)
     # Random sequences of whole words and characters (invalid UTF-8 is decoded context-dependently
     # by byte fallback, so it is left out), fed in random chunks.
-    units = [tokenizer.encode(u, add_special_tokens=False) for u in ("hello", "世界", "😀", "wörld", "ñ", "🇫🇷", "dog")]
+    words = ("hello", "世界", "😀", "wörld", "ñ", "🇫🇷", "dog")
+    units = [tokenizer.encode(word, add_special_tokens=False) for word in words]
     rng = random.Random(1)
     for _ in range(100):
         ids = [t for _ in range(rng.randint(1, 8)) for t in rng.choice(units)]
