@@ -1,0 +1,184 @@
+"""Decode attention over the token-granular paged KV pool (one new token per row), split over the sequence.
+
+Stage 1 (`_decode_split_kernel`): one program per (row, kv head, kv split). It loads the q heads of its kv-head
+group as one [BLOCK_H, D] tile (GQA: each K/V tile is read once for the whole group and fed to the tensor cores),
+walks its share of the row's tokens through req_to_token, and writes a partial output normalised by its own softmax
+sum plus the log-sum-exp of its scores. Stage 2 (`_decode_merge_kernel`): one program per (row, q head) merges the
+splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have long contexts.
+
+Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
+    part_o_ptr, part_lse_ptr,
+    qk_scale, sliding_window,
+    stride_qb, stride_qh,
+    stride_ks, stride_kh,
+    stride_vs, stride_vh,
+    stride_rtt,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b)
+    first = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+    start = first + split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_h
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(req_to_token_ptr + row * stride_rtt + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    # An empty split (short row) leaves l_i == 0: it writes a zero partial with lse -inf, which the merge ignores.
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(part_o_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
+             out, mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr,
+    stride_pob, stride_poh, stride_pos,
+    stride_plb, stride_plh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s, mask=mask_s, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    # A row without any key (a padded row with seq_len 0) has every lse -inf: give it a zero output, not NaN.
+    weights = tl.where(lse > float("-inf"), tl.math.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0)), 0.0)
+    part = tl.load(part_o_ptr + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos + offs_d[None, :],
+                   mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    total = tl.sum(weights, 0)
+    out = tl.sum(part * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (Triton would use tf32); 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
+                         max_splits: int = 16, min_tokens_per_split: int = 256) -> int:
+    """Enough splits that (rows x kv heads x splits) fills the SMs about twice, but no split shorter than
+    `min_tokens_per_split` tokens. A power of two, so CUDA-graph buckets see few distinct values."""
+    want = max(1, math.ceil(2 * num_sms / max(1, batch_size * num_kv_heads)))
+    by_length = max(1, max_seq_len // min_tokens_per_split)
+    splits = min(want, by_length, max_splits)
+    return 1 << (splits.bit_length() - 1)
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
+                     rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
+                     sliding_window: int | None = None, out: torch.Tensor | None = None,
+                     part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
+
+    Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]]. `part_o` [>=B, Hq, num_kv_splits, D]
+    and `part_lse` [>=B, Hq, num_kv_splits] (float32) may be passed preallocated (CUDA graphs)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if k_pool.stride(2) != 1 or v_pool.stride(2) != 1 or q.stride(2) != 1 or req_to_token.stride(1) != 1:
+        raise ValueError("q, k_pool, v_pool and req_to_token must be contiguous in their last dimension")
+    group = num_q_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if part_o is None:
+        part_o = torch.empty(batch, num_q_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_q_heads, num_kv_splits, dtype=torch.float32, device=q.device)
+    if batch == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
+        q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        req_to_token.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(batch, num_q_heads)](
+        part_o, part_lse, out,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits, BLOCK_S=triton.next_power_of_2(num_kv_splits),
+        BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
+                         rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                         sliding_window: int | None = None) -> torch.Tensor:
+    """Torch reference of `decode_attention`, one row at a time, in float32."""
+    group = q.shape[1] // k_pool.shape[1]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        seq_len = int(seq_lens[b])
+        first = max(seq_len - sliding_window, 0) if sliding_window else 0
+        slots = req_to_token[int(rows[b]), first:seq_len].long()
+        k = k_pool[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = v_pool[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out

@@ -1,0 +1,47 @@
+"""Write the k and v of new tokens into the paged pool at their slots, both in one launch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slots_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_ks, stride_kph, stride_vs, stride_vph,
+                     num_heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < num_heads) & (offs_d < HEAD_DIM)
+    k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(k_pool_ptr + slot * stride_ks + offs_h * stride_kph + offs_d, k.to(k_pool_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_pool_ptr + slot * stride_vs + offs_h * stride_vph + offs_d, v.to(v_pool_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """k_pool[slots] = k; v_pool[slots] = v. Pools [S, Hkv, D]; k, v [T, Hkv, D]; slots [T] (int32 or int64)."""
+    num_tokens, num_heads, head_dim = k.shape
+    if v.shape != k.shape or k_pool.shape[1:] != k.shape[1:] or v_pool.shape != k_pool.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and pools {tuple(k_pool.shape)} disagree")
+    if slots.shape != (num_tokens,):
+        raise ValueError(f"slots must have shape ({num_tokens},), got {tuple(slots.shape)}")
+    if min(k.stride(2), v.stride(2), k_pool.stride(2), v_pool.stride(2)) != 1:
+        raise ValueError("k, v and the pools must be contiguous in their last dimension")
+    if num_tokens == 0:
+        return
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_pool, v_pool, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), num_heads,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4)
+
+
+def store_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    k_pool[slots.long()] = k.to(k_pool.dtype)
+    v_pool[slots.long()] = v.to(v_pool.dtype)
