@@ -1,0 +1,232 @@
+"""IPC benchmark: our shared-memory Ring vs multiprocessing.Pipe vs pyzmq (PAIR over ipc://).
+
+Two processes; every message is a msgspec Struct carrying the payload, encoded by the sender and
+decoded by the receiver, so the numbers include the serialisation a real actor pays.
+  round trip: ping-pong (the echo side decodes and re-encodes), p50/p99 in microseconds
+  one way:    the sender streams N messages, the receiver decodes them all and acks; msgs/s, GB/s
+"ring-batch" is the Ring with send_many() (one cursor publish per batch of 64 messages).
+
+    python scripts/bench_ipc.py [--quick] [--output results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shm import Ring, run_prefix, sweep  # noqa: E402
+
+SIZES = [64, 1024, 64 * 1024, 1024 * 1024]
+RING_CAPACITY = 16 << 20  # 1 MiB messages stay whole frames (streaming starts above capacity / 2)
+BATCH = 64
+
+
+class Payload(msgspec.Struct, array_like=True):
+    seq: int
+    data: bytes
+
+
+def plan_for(quick: bool) -> list[tuple[int, int, int]]:
+    """(payload size, round trips, one-way messages) per size."""
+    scale = 0.1 if quick else 1.0
+    counts = {64: (20000, 400000), 1024: (20000, 200000), 65536: (4000, 20000), 1048576: (400, 2000)}
+    return [(s, max(50, int(counts[s][0] * scale)), max(100, int(counts[s][1] * scale))) for s in SIZES]
+
+
+# ------------------------------------------------------------------------------------ transports
+# Each endpoint offers send(bytes), recv() -> bytes-like, and send_batch(list of bytes).
+
+
+class RingEnd:
+    def __init__(self, out_name: str, in_name: str):
+        self.out = Ring.attach(out_name)
+        self.inp = Ring.attach(in_name)
+        self.send = self.out.send
+        self.recv = self.inp.recv
+        self.send_batch = self.out.send_many
+
+    def close(self):
+        self.out.close()
+        self.inp.close()
+
+
+class PipeEnd:
+    def __init__(self, conn):
+        self.send = conn.send_bytes
+        self.recv = conn.recv_bytes
+        self.conn = conn
+
+    def send_batch(self, frames):
+        for f in frames:
+            self.send(f)
+
+    def close(self):
+        self.conn.close()
+
+
+class ZmqEnd:
+    def __init__(self, address: str, bind: bool):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        (self.sock.bind if bind else self.sock.connect)(address)
+
+    def send(self, data):
+        self.sock.send(data, copy=len(data) < 65536)
+
+    def recv(self):
+        frame = self.sock.recv(copy=False)
+        return frame.buffer
+
+    def send_batch(self, frames):
+        for f in frames:
+            self.send(f)
+
+    def close(self):
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def open_end(transport: str, spec, parent: bool):
+    if transport in ("ring", "ring-batch"):
+        a, b = spec
+        return RingEnd(a, b) if parent else RingEnd(b, a)
+    if transport == "pipe":
+        return PipeEnd(spec[0] if parent else spec[1])
+    return ZmqEnd(spec, bind=parent)
+
+
+# ------------------------------------------------------------------------------------ the two sides
+
+
+def child_main(transport: str, spec, plan: list[tuple[int, int, int]]) -> None:
+    end = open_end(transport, spec, parent=False)
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(Payload).decode
+    for _, round_trips, one_way in plan:
+        for _ in range(round_trips):
+            end.send(encode(decode(end.recv())))
+        total = 0
+        for _ in range(one_way):
+            total += len(decode(end.recv()).data)
+        end.send(encode(Payload(total, b"")))
+    end.close()
+
+
+def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    prefix = run_prefix()
+    rings = []
+    if transport in ("ring", "ring-batch"):
+        names = (f"{prefix}bench.up", f"{prefix}bench.down")
+        rings = [Ring.create(n, RING_CAPACITY) for n in names]
+        spec, child_spec = names, names
+    elif transport == "pipe":
+        a, b = ctx.Pipe(duplex=True)
+        spec, child_spec = (a, b), (a, b)
+    else:
+        spec = child_spec = f"ipc://{tempfile.gettempdir()}/bench_ipc_{os.getpid()}.sock"
+    end = open_end(transport, spec, parent=True)
+    child = ctx.Process(target=child_main, args=(transport, child_spec, plan), daemon=True)
+    child.start()
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(Payload).decode
+    rows = []
+    try:
+        for size, round_trips, one_way in plan:
+            data = os.urandom(size)
+            latencies = []
+            warmup = max(10, round_trips // 10)
+            for i in range(round_trips):
+                t0 = time.perf_counter_ns()
+                end.send(encode(Payload(i, data)))
+                reply = decode(end.recv())
+                t1 = time.perf_counter_ns()
+                if i >= warmup:
+                    latencies.append(t1 - t0)
+                assert reply.seq == i and len(reply.data) == size
+            latencies.sort()
+            p50 = latencies[len(latencies) // 2] / 1e3
+            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3
+
+            t0 = time.perf_counter()
+            if transport == "ring-batch":
+                for start in range(0, one_way, BATCH):
+                    end.send_batch([encode(Payload(i, data)) for i in range(start, min(one_way, start + BATCH))])
+            else:
+                for i in range(one_way):
+                    end.send(encode(Payload(i, data)))
+            ack = decode(end.recv())
+            elapsed = time.perf_counter() - t0
+            assert ack.seq == one_way * size, "the receiver lost payload bytes"
+            rows.append({
+                "transport": transport, "size": size,
+                "rtt_p50_us": round(p50, 2), "rtt_p99_us": round(p99, 2),
+                "msgs_per_s": round(one_way / elapsed), "gb_per_s": round(one_way * size / elapsed / 1e9, 3),
+                "round_trips": round_trips, "one_way_messages": one_way,
+            })
+            print(f"  {transport:10s} {human(size):>6s} done", file=sys.stderr, flush=True)
+        child.join(60)
+    finally:
+        if child.is_alive():
+            child.kill()
+        end.close()
+        for r in rings:
+            r.close()
+            r.unlink()
+    return rows
+
+
+def human(size: int) -> str:
+    return f"{size // 1048576} MiB" if size >= 1048576 else f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'transport':10s} {'size':>7s} {'rtt p50 us':>11s} {'rtt p99 us':>11s} {'msgs/s':>12s} {'GB/s':>8s}")
+    for r in sorted(rows, key=lambda r: (r["size"], r["transport"])):
+        print(f"{r['transport']:10s} {human(r['size']):>7s} {r['rtt_p50_us']:11.2f} {r['rtt_p99_us']:11.2f} "
+              f"{r['msgs_per_s']:12,d} {r['gb_per_s']:8.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the iterations (smoke run)")
+    parser.add_argument("--transports", default="ring,ring-batch,pipe,zmq",
+                        help="comma-separated subset of ring, ring-batch, pipe, zmq")
+    parser.add_argument("--output", help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = set(transports) - {"ring", "ring-batch", "pipe", "zmq"}
+    if unknown:
+        parser.error(f"--transports: unknown transport(s) {sorted(unknown)}")
+    plan = plan_for(args.quick)
+    rows = []
+    try:
+        for transport in transports:
+            rows += run_transport(transport, plan)
+    finally:
+        sweep(run_prefix())
+    print_table(rows)
+    if args.output:
+        info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        Path(args.output).write_text(json.dumps({"info": info, "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
