@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -140,7 +142,7 @@ class FakeFrontend:
                     yield update
                     if finished:
                         return
-                    await asyncio.sleep(self.token_delay_s)
+                await asyncio.sleep(self.token_delay_s)  # one decode step
         finally:
             self.running.discard(rid)
             self._abort_requested.discard(rid)
@@ -262,3 +264,27 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def http_request(base_url: str, method: str, path: str, body=None, headers: dict | None = None):
+    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object."""
+    host, _, port = base_url.removeprefix("http://").partition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def sse_payloads(raw: bytes) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded ("[DONE]" stays a string)."""
+    out = []
+    for event in raw.decode().split("\n\n"):
+        if event.startswith("data: "):
+            data = event[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
