@@ -17,7 +17,7 @@ import time
 
 import msgspec
 
-from shm.futex import Futex, mapping_address
+from shm.futex import Futex, mapping_address, spin_until
 from shm.ring import _deadline
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
 
@@ -106,12 +106,7 @@ class Arena:
         def fits() -> bool:
             return end - self._q[OFF_RELEASE // 8] <= self.capacity
 
-        spin_end = time.monotonic() + self.spin_s
-        if deadline is not None:
-            spin_end = min(spin_end, deadline)
-        while not fits():
-            if time.monotonic() >= spin_end:
-                break
+        spin_until(fits, self.spin_s, deadline)
         park = OFF_PARK // 4
         while not fits():
             self._i[park] = 1

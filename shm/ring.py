@@ -34,7 +34,7 @@ from __future__ import annotations
 import mmap
 import time
 
-from shm.futex import Futex, mapping_address
+from shm.futex import Futex, mapping_address, spin_until
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
 
 MAGIC = int.from_bytes(b"RTRING01", "little")
@@ -136,21 +136,34 @@ class _RingSegment:
         self._i = self._mv.cast("I")
         self._base = mapping_address(mm)
         self._futex = Futex()
+        self._bell_targets: dict[int, tuple[int, _BellTarget | None]] = {}  # reader -> (generation, target)
+        self._home = None  # (i32 view, index, address) of a Waiter's doorbell when one is set
+        self._stream_view: memoryview | None = None
         fence_lock = self._futex._fence_lock
         self._fence_acquire = fence_lock.acquire
         self._fence_release = fence_lock.release
 
         q = self._q
-        if q[0] != MAGIC or self._i[OFF_NREADERS // 4 + 1] != VERSION:
-            raise SegmentError(f"{name!r} is not a ring segment of version {VERSION}")
+        mapped = len(mm)
+        if mapped < 4096:
+            self.close()
+            raise SegmentError(f"{name!r} is not a ring segment ({mapped} bytes)")
         self.n_readers = self._i[OFF_NREADERS // 4]
         self.capacity = q[OFF_CAPACITY // 8]
         self._data = q[OFF_DATA // 8]
         self._data_end = self._data + self.capacity
         self._mask = self.capacity - 1
-        self._bell_off, _ = _layout(self.n_readers)
-        if not 0 <= reader_index < self.n_readers:
-            raise ValueError(f"reader_index must be in [0, {self.n_readers}), got {reader_index}")
+        self._bell_off, data_off = _layout(max(self.n_readers, 1))
+        problem = None
+        if q[0] != MAGIC or self._i[OFF_NREADERS // 4 + 1] != VERSION:
+            problem = SegmentError(f"{name!r} is not a ring segment of version {VERSION}")
+        elif not 1 <= self.n_readers <= MAX_READERS or self._data != data_off or mapped < self._data_end:
+            problem = SegmentError(f"ring segment {name!r} has an inconsistent header ({mapped} bytes mapped)")
+        elif not isinstance(reader_index, int) or not 0 <= reader_index < self.n_readers:
+            problem = ValueError(f"reader_index must be an int in [0, {self.n_readers}), got {reader_index!r}")
+        if problem is not None:
+            self.close()
+            raise problem
 
         # writer state
         self._wpos = q[OFF_WCUR // 8]
@@ -161,7 +174,6 @@ class _RingSegment:
         self._whole_limit = 0 if self._i[OFF_STREAM_OPEN // 4] else self.capacity // 2
         self._broadcast = self.n_readers > 1
         self._no_parked_readers = bytes(4 * self.n_readers)
-        self._bell_targets: dict[int, tuple[int, _BellTarget | None]] = {}  # reader -> (generation, target)
 
         # reader state
         self._rcur_q = (OFF_RCUR + READER_LINE * reader_index) // 8
@@ -169,9 +181,7 @@ class _RingSegment:
         self._rpos = q[self._rcur_q]
         self._wseen = self._rpos
         self._stream: bytearray | None = None
-        self._stream_view: memoryview | None = None
         self._stream_fill = 0
-        self._home = None  # (i32 view, index, address) of a Waiter's doorbell when one is set
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -322,16 +332,8 @@ class _RingSegment:
 
     def _wait_space(self, record: int, deadline: float | None) -> None:
         """Wait until `record` bytes are free: spin, then park on the writer park word."""
-        if self._refresh_space() >= record:
+        if spin_until(lambda: self._refresh_space() >= record, self.spin_s, deadline):
             return
-        spin_end = time.monotonic() + self.spin_s
-        while True:
-            for _ in range(64):
-                if self._refresh_space() >= record:
-                    return
-            now = time.monotonic()
-            if now >= spin_end or (deadline is not None and now >= deadline):
-                break
         park = OFF_WPARK // 4
         while True:
             self._i[park] = 1
@@ -383,7 +385,7 @@ class _RingSegment:
             want = min(self.capacity // 8, 8 + prefix + n - sent)
             try:
                 self._wait_space(want, deadline)
-            except RingTimeout:
+            except BaseException:  # RingTimeout, or KeyboardInterrupt while waiting
                 if sent:
                     self._whole_limit = 0  # the readers hold part of it: cancel it on the next send
                 raise
@@ -573,14 +575,8 @@ class _RingSegment:
         return self.readable()
 
     def _wait_readable(self, deadline: float | None) -> bool:
-        spin_end = time.monotonic() + self.spin_s
-        while True:
-            for _ in range(64):
-                if self.readable():
-                    return True
-            now = time.monotonic()
-            if now >= spin_end or (deadline is not None and now >= deadline):
-                break
+        if spin_until(self.readable, self.spin_s, deadline):
+            return True
         while True:
             self._arm()
             self._futex.fence()

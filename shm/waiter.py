@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from shm.futex import spin_until
 from shm.ring import _deadline, _RingSegment
 
 
@@ -52,18 +53,9 @@ class Waiter:
         ready = self.ready()
         if ready or self._consume_interrupt():
             return ready
-        now = time.monotonic()
         deadline = _deadline(timeout)
-        spin_end = now + self.spin_s
-        while True:
-            for _ in range(16):
-                if any(ring.readable() for ring in self.rings):
-                    return self.ready()
-            if self._consume_interrupt():
-                return []
-            now = time.monotonic()
-            if now >= spin_end or (deadline is not None and now >= deadline):
-                break
+        if spin_until(self._any_readable, self.spin_s, deadline):
+            return [] if self._consume_interrupt() else self.ready()
         home = self._home
         futex = home._futex
         while True:
@@ -88,6 +80,12 @@ class Waiter:
             self._interrupted = False
             return True
         return False
+
+    def _any_readable(self) -> bool:
+        for ring in self.rings:
+            if ring.readable():
+                return True
+        return self._interrupted
 
     def _disarm(self) -> None:
         for ring in self.rings:

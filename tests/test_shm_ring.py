@@ -323,3 +323,18 @@ def test_a_stream_cut_by_a_timeout_is_cancelled_not_delivered(prefix):
     assert ring.try_recv() is None
     ring.close()
     ring.unlink()
+
+
+def test_attaching_a_truncated_or_foreign_segment_is_refused(prefix):
+    for size in (8, 4096, 20000):
+        with open(f"/dev/shm/{prefix}bad{size}", "wb") as f:
+            f.write(b"\x07" * size)
+        with pytest.raises(SegmentError, match="not a ring"):
+            Ring.attach(f"{prefix}bad{size}")
+        os.unlink(f"/dev/shm/{prefix}bad{size}")
+    ring = Ring.create(prefix + "r", 1 << 16)
+    os.truncate(f"/dev/shm/{prefix}r", 8192)  # header intact, data area cut off
+    with pytest.raises(SegmentError, match="inconsistent"):
+        Ring.attach(prefix + "r")
+    ring.close()
+    ring.unlink()
