@@ -205,6 +205,7 @@ class TokenUpdate(Struct):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    stop: list[str] = []  # the request's stop strings: the detokenizer holds back text that may start one
 
 
 class TokenUpdates(Struct, tag="tokens"):
