@@ -329,20 +329,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_tokenizer(args, base_url: str):
+    """--tokenizer, else the server's tokenizer (GET /get_model_info), loaded like the server does
+    (runtime.tokenizer: HF folders, GGUF files with the conversion cache, the default model)."""
     import urllib.request
 
-    from transformers import AutoTokenizer
+    from runtime.server_args import ServerArgs
+    from runtime.tokenizer import load_tokenizer as load_server_tokenizer
 
     path = args.tokenizer
     if path is None:
         with urllib.request.urlopen(base_url + "/get_model_info", timeout=30) as resp:
             info = json.load(resp)
-        path = info.get("tokenizer_path") or info["model_path"]
-    if path.endswith(".gguf"):
-        from runtime.tokenizer import load_tokenizer_from_path
-
-        return load_tokenizer_from_path(path)
-    return AutoTokenizer.from_pretrained(path)
+        path = info.get("tokenizer_path") or info.get("model_path")  # None: the server runs the default model
+    return load_server_tokenizer(ServerArgs(tokenizer_path=path))
 
 
 def main(argv=None) -> dict:
