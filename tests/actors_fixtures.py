@@ -1,6 +1,6 @@
 """Actor classes and a launcher script for the actors/ tests (they run in child processes).
 
-`python -m tests.actors_fixtures <prefix> <grace_s>` is a tiny launcher: it starts an echo actor and
+`python -m tests.actors_fixtures <prefix or -> <grace_s>` is a tiny launcher: it starts an echo actor and
 a pinger under a Supervisor, prints one JSON line (pids, prefix), handles SIGTERM/SIGINT with a
 graceful stop, and exits with the supervisor's status after printing the exit codes.
 """
@@ -156,9 +156,9 @@ class AsyncEchoActor(AsyncActor):
         ticker.cancel()
 
 
-def launch(prefix: str, grace_s: float) -> int:
+def launch(prefix: str | None, grace_s: float) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr)
-    sup = Supervisor(prefix=prefix, ready_timeout=30.0)
+    sup = Supervisor(prefix=prefix, ready_timeout=30.0)  # None: rt<this pid>_
     to_echo = sup.channel("to_echo", TO_ECHO, 1 << 16)
     from_echo = sup.channel("from_echo", FROM_ECHO, 1 << 16)
     results = sup.channel("results", FROM_ECHO, 1 << 16)
@@ -173,13 +173,13 @@ def launch(prefix: str, grace_s: float) -> int:
         )
     )
     result = sup.connect(results).get(timeout=30.0)
+    sup.handle_signals(grace_s)  # before telling the test we are up: it signals us right after
     pids = sup.pids()
     print(json.dumps({"pids": pids, "prefix": sup.prefix, "pinged": msgspec.to_builtins(result)}), flush=True)
-    sup.handle_signals(grace_s)
     status = sup.wait()
     print(json.dumps({"exit_codes": sup.exit_codes, "status": status}), flush=True)
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(launch(sys.argv[1], float(sys.argv[2])))
+    sys.exit(launch(None if sys.argv[1] == "-" else sys.argv[1], float(sys.argv[2])))
