@@ -542,9 +542,49 @@ class _RingSegment:
         while True:
             if not self._wait_readable(deadline):
                 return None
-            frame = self._recv_records()
+            frame = self.try_recv()
             if frame is not None:
                 return frame
+
+    def try_recv_view(self) -> memoryview | bytes | None:
+        """Like try_recv(), but a whole frame that does not wrap around comes back as a read-only
+        memoryview into the ring, without a copy (others come back as bytes). The frame's space
+        stays reserved until the next read call on this ring (any recv*/try_recv*, or
+        release_view()): decode or copy the view before then, and drop it before close()."""
+        self.release_view()
+        r = self._rpos
+        if r == self._wseen:
+            self._wseen = self._q[8]
+            if r == self._wseen:
+                return None
+        off = self._data + (r & self._mask)
+        header = self._q[off >> 3]
+        start = off + 8
+        end = start + header
+        if header < 4294967296 and self._stream is None and end <= self._data_end:
+            self._rpos = r + 8 + ((header + 7) & -8)  # published by the next read call
+            return self._mv[start:end].toreadonly()
+        return self.try_recv()
+
+    def recv_view(self, timeout: float | None = None) -> memoryview | bytes | None:
+        """recv() with try_recv_view()'s zero-copy result and its rules."""
+        frame = self.try_recv_view()
+        if frame is not None:
+            return frame
+        deadline = _deadline(timeout)
+        while True:
+            if not self._wait_readable(deadline):
+                return None
+            frame = self.try_recv_view()
+            if frame is not None:
+                return frame
+
+    def release_view(self) -> None:
+        """Free the space of the frame last returned as a view (no-op if there is none)."""
+        if self._q[self._rcur_q] != self._rpos:
+            self._q[self._rcur_q] = self._rpos
+            if self._i[OFF_WPARK // 4]:
+                self._wake_writer()
 
     def readable(self) -> bool:
         """True if unread records are waiting (possibly only part of a chunked frame)."""
@@ -554,6 +594,7 @@ class _RingSegment:
         return self._rpos != self._wseen
 
     def _arm(self) -> None:
+        self._q[self._rcur_q] = self._rpos  # a frame held as a view is released before we sleep
         if self._home is not None:
             home_i, home_index, _ = self._home
             home_i[home_index] = 1
@@ -575,6 +616,7 @@ class _RingSegment:
         return self.readable()
 
     def _wait_readable(self, deadline: float | None) -> bool:
+        self.release_view()
         if spin_until(self.readable, self.spin_s, deadline):
             return True
         while True:

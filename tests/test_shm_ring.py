@@ -34,11 +34,11 @@ def frame_of(seq: int, size: int) -> bytes:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=st.lists(st.one_of(st.integers(0, 6000), st.just(-1)), min_size=1, max_size=120))
+@given(ops=st.lists(st.one_of(st.integers(0, 6000), st.just(-1), st.just(-2)), min_size=1, max_size=120))
 def test_random_frames_wrap_around_match_a_fifo_model(prefix, ops):
-    """Sizes from empty to larger than the ring (4 KiB); -1 = receive. A send that cannot finish
-    at once times out, and a half-streamed frame is cancelled: the reader sees exactly the frames
-    whose send() returned, in order, never a piece of the others."""
+    """Sizes from empty to larger than the ring (4 KiB); -1 = receive, -2 = receive as a view. A
+    send that cannot finish at once times out, and a half-streamed frame is cancelled: the reader
+    sees exactly the frames whose send() returned, in order, never a piece of the others."""
     name = prefix + "r"
     ring = Ring.create(name, 4096)
     try:
@@ -46,7 +46,10 @@ def test_random_frames_wrap_around_match_a_fifo_model(prefix, ops):
         for seq, op in enumerate(ops):
             if op < 0:
                 expected = model.popleft() if model else None
-                assert ring.try_recv() == expected
+                got = ring.try_recv() if op == -1 else ring.try_recv_view()
+                assert (None if got is None else bytes(got)) == expected
+                if isinstance(got, memoryview):
+                    got.release()
                 continue
             data = frame_of(seq, op)
             try:
@@ -99,6 +102,37 @@ def test_send_many_delivers_every_frame_in_order(prefix):
     got = [ring.recv(timeout=10) for _ in frames]
     sender.join()
     assert got == frames
+    ring.close()
+    ring.unlink()
+
+
+def test_recv_view_reads_in_place_and_holds_the_space_until_the_next_read(prefix):
+    ring = Ring.create(prefix + "r", 4096)
+    ring.send(b"a" * 2000)
+    view = ring.recv_view(timeout=1)
+    assert isinstance(view, memoryview) and view.readonly and view == b"a" * 2000
+    ring.send(b"b" * 2000, timeout=0)
+    with pytest.raises(RingTimeout):
+        ring.send(b"c" * 2000, timeout=0.05)  # needs the space the view holds
+    ring.release_view()
+    ring.send(b"c" * 2000, timeout=0)
+    view.release()
+    assert ring.recv(timeout=1) == b"b" * 2000
+    assert ring.recv(timeout=1) == b"c" * 2000
+    ring.close()
+    ring.unlink()
+
+
+def test_a_writer_waiting_on_space_held_by_a_view_is_woken_when_the_reader_waits(prefix):
+    ring = Ring.create(prefix + "r", 4096)
+    ring.send(b"a" * 2000)
+    view = ring.recv_view(timeout=1)
+    sender = threading.Thread(target=lambda: [ring.send(b"b" * 2000, timeout=5), ring.send(b"c" * 2000, timeout=5)])
+    sender.start()
+    assert ring.recv_view(timeout=5) == b"b" * 2000
+    assert ring.recv(timeout=5) == b"c" * 2000  # the writer needed the space of both views
+    sender.join(5)
+    view.release()
     ring.close()
     ring.unlink()
 
