@@ -183,7 +183,6 @@ class Supervisor:
         )
 
     def _await_ready(self, child: _Child, timeout: float) -> bytes:
-        name = child.spec.name
         deadline = time.monotonic() + timeout
         while True:
             msg = child.control_up.get(timeout=0.05)
