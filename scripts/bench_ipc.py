@@ -4,7 +4,8 @@ Two processes; every message is a msgspec Struct carrying the payload, encoded b
 decoded by the receiver, so the numbers include the serialisation a real actor pays.
   round trip: ping-pong (the echo side decodes and re-encodes), p50/p99 in microseconds
   one way:    the sender streams N messages, the receiver decodes them all and acks; msgs/s, GB/s
-"ring-batch" is the Ring with send_many() (one cursor publish per batch of 64 messages).
+"ring-batch" is the Ring with send_many() (batches of up to 64 messages / 64 KiB, one cursor
+publish and fence per 16 KiB instead of per message).
 
     python scripts/bench_ipc.py [--quick] [--output results.json]
 """
@@ -29,7 +30,8 @@ from shm import Ring, run_prefix, sweep  # noqa: E402
 
 SIZES = [64, 1024, 64 * 1024, 1024 * 1024]
 RING_CAPACITY = 16 << 20  # 1 MiB messages stay whole frames (streaming starts above capacity / 2)
-BATCH = 64
+BATCH = 64  # ring-batch: messages per send_many() call, and at most BATCH_BYTES of them
+BATCH_BYTES = 64 * 1024
 
 
 class Payload(msgspec.Struct, array_like=True):
@@ -165,8 +167,9 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict
 
             t0 = time.perf_counter()
             if transport == "ring-batch":
-                for start in range(0, one_way, BATCH):
-                    end.send_batch([encode(Payload(i, data)) for i in range(start, min(one_way, start + BATCH))])
+                batch = max(1, min(BATCH, BATCH_BYTES // size))
+                for start in range(0, one_way, batch):
+                    end.send_batch([encode(Payload(i, data)) for i in range(start, min(one_way, start + batch))])
             else:
                 for i in range(one_way):
                     end.send(encode(Payload(i, data)))
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--transports: unknown transport(s) {sorted(unknown)}")
     plan = plan_for(args.quick)
+    load_before = os.getloadavg()[0]
     rows = []
     try:
         for transport in transports:
@@ -221,8 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sweep(run_prefix())
     print_table(rows)
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
+    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs")
     if args.output:
         info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                "loadavg_before_after": load,
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         Path(args.output).write_text(json.dumps({"info": info, "results": rows}, indent=2))
     return 0

@@ -17,7 +17,8 @@ import time
 
 import msgspec
 
-from shm.futex import Futex, mapping_address, spin_until
+from shm.futex import Futex, mapping_address
+from shm.spin import Spinner
 from shm.ring import _deadline
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
 
@@ -48,6 +49,7 @@ class Arena:
         self.name = name
         self.owner = owner
         self.spin_s = spin_s
+        self._spinner = Spinner(spin_s)
         self._mm = mm
         self._mv = memoryview(mm)
         self._q = self._mv.cast("Q")
@@ -62,6 +64,7 @@ class Arena:
     @classmethod
     def create(cls, name: str, capacity_bytes: int, spin_s: float = DEFAULT_SPIN_S) -> "Arena":
         check_name(name)
+        Spinner(spin_s)  # validates spin_s before anything is created
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         capacity = (capacity_bytes + 4095) & ~4095
@@ -74,6 +77,7 @@ class Arena:
 
     @classmethod
     def attach(cls, name: str, spin_s: float = DEFAULT_SPIN_S) -> "Arena":
+        Spinner(spin_s)
         return cls(name, attach_segment(name), False, spin_s)
 
     # ---------------------------------------------------------------- writer
@@ -106,7 +110,7 @@ class Arena:
         def fits() -> bool:
             return end - self._q[OFF_RELEASE // 8] <= self.capacity
 
-        spin_until(fits, self.spin_s, deadline)
+        self._spinner.spin(fits, deadline)
         park = OFF_PARK // 4
         while not fits():
             self._i[park] = 1

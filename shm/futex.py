@@ -19,13 +19,6 @@ import ctypes
 import os
 import platform
 import threading
-import time
-from typing import Callable
-
-# Spin this long before yielding the CPU between polls: a peer that answers within a few
-# microseconds is caught by pure spinning; past that, on an oversubscribed machine (the 2-core CI
-# box runs five actors), the process we wait for may need our core to make progress.
-YIELD_AFTER_S = 20e-6
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
 _FUTEX_WAIT = 0
@@ -99,20 +92,3 @@ def mapping_address(buf) -> int:
     finally:
         del anchor  # release the buffer export so the mmap can be closed later
 
-
-def spin_until(ready: Callable[[], bool], spin_s: float, deadline: float | None) -> bool:
-    """Poll ready() for up to spin_s seconds (never past deadline); True as soon as it holds."""
-    now = time.monotonic()
-    end = now + spin_s
-    if deadline is not None and deadline < end:
-        end = deadline
-    yield_from = now + YIELD_AFTER_S
-    while True:
-        for _ in range(32):
-            if ready():
-                return True
-        now = time.monotonic()
-        if now >= end:
-            return False
-        if now >= yield_from:
-            os.sched_yield()

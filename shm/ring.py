@@ -23,7 +23,8 @@ cursor where it was. Frames bigger than half the ring stream through it as START
 the reader reassembles; it returns only whole frames. This relies on x86-64's ordering; on a
 weaker architecture (aarch64) the cursor stores would need release/acquire barriers.
 
-Waiting: spin for `spin_s`, then park on a futex word in the segment (protocol in futex.py).
+Waiting: spin (up to `spin_s`, adaptively: spin.py), then park on a futex word in the segment
+(protocol in futex.py).
 The writer fences after every publish (a parked reader must never miss a frame); a reader does a
 cheap unfenced check of the writer's park word after each read and a fenced one before it parks
 itself, so a writer waiting for space is woken at the latest by the reader's next recv.
@@ -34,7 +35,8 @@ from __future__ import annotations
 import mmap
 import time
 
-from shm.futex import Futex, mapping_address, spin_until
+from shm.futex import Futex, mapping_address
+from shm.spin import Spinner
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
 
 MAGIC = int.from_bytes(b"RTRING01", "little")
@@ -130,6 +132,8 @@ class _RingSegment:
         self.owner = owner
         self.reader_index = reader_index
         self.spin_s = spin_s
+        self._writer_spin = Spinner(spin_s)
+        self._reader_spin = Spinner(spin_s)
         self._mm = mm
         self._mv = memoryview(mm)
         self._q = self._mv.cast("Q")
@@ -187,6 +191,7 @@ class _RingSegment:
     @classmethod
     def _create(cls, name: str, capacity_bytes: int, n_readers: int, spin_s: float):
         check_name(name)
+        Spinner(spin_s)  # validates spin_s before anything is created
         if not isinstance(n_readers, int) or not 1 <= n_readers <= MAX_READERS:
             raise ValueError(f"n_readers must be an int in [1, {MAX_READERS}], got {n_readers!r}")
         capacity = _round_capacity(capacity_bytes)
@@ -205,6 +210,7 @@ class _RingSegment:
 
     @classmethod
     def _attach(cls, name: str, reader_index: int, spin_s: float):
+        Spinner(spin_s)
         return cls(name, attach_segment(name), False, reader_index, spin_s)
 
     def close(self) -> None:
@@ -332,7 +338,7 @@ class _RingSegment:
 
     def _wait_space(self, record: int, deadline: float | None) -> None:
         """Wait until `record` bytes are free: spin, then park on the writer park word."""
-        if spin_until(lambda: self._refresh_space() >= record, self.spin_s, deadline):
+        if self._writer_spin.spin(lambda: self._refresh_space() >= record, deadline):
             return
         park = OFF_WPARK // 4
         while True:
@@ -617,7 +623,7 @@ class _RingSegment:
 
     def _wait_readable(self, deadline: float | None) -> bool:
         self.release_view()
-        if spin_until(self.readable, self.spin_s, deadline):
+        if self._reader_spin.spin(self.readable, deadline):
             return True
         while True:
             self._arm()

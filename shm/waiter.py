@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from shm.futex import spin_until
+from shm.spin import Spinner
 from shm.ring import _deadline, _RingSegment
 
 
@@ -21,6 +21,7 @@ class Waiter:
             raise ValueError("Waiter got the same ring twice")
         self.rings = list(rings)
         self.spin_s = max(r.spin_s for r in rings) if spin_s is None else spin_s
+        self._spinner = Spinner(self.spin_s)
         self._home = self.rings[0]
         self._next = 0  # rotating start for fairness
         self._interrupted = False
@@ -54,7 +55,7 @@ class Waiter:
         if ready or self._consume_interrupt():
             return ready
         deadline = _deadline(timeout)
-        if spin_until(self._any_readable, self.spin_s, deadline):
+        if self._spinner.spin(self._any_readable, deadline):
             return [] if self._consume_interrupt() else self.ready()
         home = self._home
         futex = home._futex
