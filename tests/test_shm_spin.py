@@ -1,0 +1,63 @@
+"""Spinner: the adaptive spin-then-park policy."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shm import Ring
+from shm.spin import PROBE_EVERY, PURE_SPIN_S, Spinner
+
+
+def test_quick_answers_keep_the_full_budget_and_misses_halve_it_to_zero():
+    spinner = Spinner(200e-6)
+    assert spinner.spin(lambda: True, None) is True
+    assert spinner.budget_s == pytest.approx(200e-6)
+    budgets = []
+    for _ in range(12):
+        assert spinner.spin(lambda: False, None) is False
+        budgets.append(spinner.budget_s)
+    assert budgets[0] == pytest.approx(100e-6) and budgets[1] == pytest.approx(50e-6)
+    assert budgets[-1] == 0.0
+    # Quick answers bring it back up.
+    for _ in range(10):
+        spinner.spin(lambda: True, None)
+    assert spinner.budget_s == pytest.approx(200e-6)
+
+
+def test_a_parked_spinner_probes_now_and_then():
+    spinner = Spinner(200e-6)
+    spinner.budget_s = 0.0
+    polls = []
+    for _ in range(PROBE_EVERY * 2):
+        count = [0]
+
+        def ready():
+            count[0] += 1
+            return False
+
+        spinner.spin(ready, None)
+        polls.append(count[0])
+    probing = [n for n in polls if n > 16]
+    assert len(probing) == 2, f"expected 2 probes in {len(polls)} waits: {polls}"
+
+
+def test_answers_that_need_yields_shrink_the_budget():
+    spinner = Spinner(200e-6)
+    start = time.monotonic()
+    assert spinner.spin(lambda: time.monotonic() - start > 2 * PURE_SPIN_S, None) is True
+    assert spinner.budget_s == pytest.approx(100e-6)
+
+
+def test_deadline_bounds_the_spin_and_bad_values_are_refused():
+    spinner = Spinner(0.5)
+    start = time.monotonic()
+    assert spinner.spin(lambda: False, start + 0.01) is False
+    assert time.monotonic() - start < 0.2
+    assert Spinner(0).spin(lambda: True, None) is True
+    for bad in (-1, 1.0, "fast", None):
+        with pytest.raises(ValueError, match="spin_s"):
+            Spinner(bad)
+    with pytest.raises(ValueError, match="spin_s"):
+        Ring.create("rt1_never_created", 4096, spin_s=-1)
