@@ -31,7 +31,7 @@ import msgspec
 from actors.aio import AsyncMailbox
 from actors.mailbox import Mailbox
 from httpd import HttpError
-from runtime.api.generation import Job, Sequence, run_sequences
+from runtime.api.generation import Generation, Job, Sequence
 from runtime.api.native import NATIVE_DEFAULT_MAX_NEW_TOKENS, finish_dict, logprob_triples, top_logprob_triples
 from runtime.api.protocol import (NATIVE_FIELDS, GenerateBody, NativeSamplingParams, check_prompt, check_sampling,
                                   per_prompt, to_sampling_params)
@@ -211,16 +211,16 @@ class Engine:
         return sequences, is_batch or len(sequences) > 1
 
     def _output(self, sequence: Sequence) -> dict:
-        finish = sequence.finish
+        finish, counts = sequence.finish, sequence.meta
         if finish is not None and finish.type == "abort":
             raise EngineError(f"the request was aborted by the engine: {finish.message or 'no reason given'}")
         meta = {
             "id": sequence.job.rid,
-            "finish_reason": finish_dict(finish),
-            "prompt_tokens": sequence.prompt_tokens,
-            "completion_tokens": sequence.completion_tokens,
-            "cached_tokens": sequence.cached_tokens,
-            "e2e_latency": round(time.perf_counter() - sequence.arrival, 6),
+            "finish_reason": None if finish is None else finish_dict(finish),
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "cached_tokens": counts.cached_tokens,
+            "e2e_latency": time.perf_counter() - sequence.arrival,
         }
         if sequence.job.logprobs.return_logprob:
             prompt = sequence.prompt_logprobs or TokenLogprobs()
@@ -236,17 +236,17 @@ class Engine:
     async def _generate(self, body: GenerateBody) -> dict | list[dict]:
         with _engine_errors():
             sequences, as_list = self._sequences(body)
-            async with aclosing(run_sequences(self.frontend, sequences, False, None)) as updates:
-                async for _ in updates:
-                    pass
+            await Generation(self.frontend, sequences, None).run_to_end()
             outputs = [self._output(s) for s in sequences]
         return outputs if as_list else outputs[0]
 
     async def _stream(self, body: GenerateBody) -> AsyncIterator[dict]:
         with _engine_errors():
             sequences, as_list = self._sequences(body)
-            async with aclosing(run_sequences(self.frontend, sequences, True, None)) as updates:
-                async for index, _ in updates:
+            generation = Generation(self.frontend, sequences, None)
+            async with aclosing(generation.updates(True)) as updates:
+                async for update in updates:
+                    index = generation.fold(update)
                     out = self._output(sequences[index])
                     if as_list:
                         out["index"] = index

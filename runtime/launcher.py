@@ -108,6 +108,7 @@ class Deployment:
         self.sup = Supervisor(prefix=prefix, ready_timeout=args.ready_timeout, on_failure=on_failure)
         self.topology = Topology.build(self.sup, args.tp_size)
         self.model_info: ModelInfo | None = None
+        self.port: int | None = None  # where the ingress listens, once started
 
     def _spec(self, name: str, actor_class: str, config: msgspec.Struct, inbound: list[ChannelSpec],
               outbound: list[ChannelSpec]) -> ActorSpec:
@@ -139,11 +140,12 @@ class Deployment:
             "detokenizer", DETOKENIZER_CLASS, DetokenizerConfig(args=args),
             [t.scheduler_to_detokenizer], [t.detokenizer_to_ingress]))
         if self.with_http:
-            from runtime.ingress import IngressConfig
+            from runtime.ingress import IngressConfig, IngressInfo
 
-            self.sup.start(self._spec(
+            info = self.sup.start(self._spec(
                 "ingress", INGRESS_CLASS, IngressConfig(args=args, model_info=self.model_info),
                 [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler]))
+            self.port = msgspec.msgpack.decode(info, type=IngressInfo).port
         return self.model_info
 
     def connect_as_ingress(self) -> tuple[Channel, list[Channel]]:
@@ -168,13 +170,12 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s [launcher %(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-def server_url(args: ServerArgs) -> str:
-    host = args.host
+def server_url(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{args.port}"
+    return f"http://{host}:{port}"
 
 
 def warm_up(args: ServerArgs, url: str, timeout: float) -> dict:
@@ -210,7 +211,7 @@ def serve(args: ServerArgs) -> int:
     except ActorStartError as err:
         log.error("%s", err)
         return 1
-    url = server_url(args)
+    url = server_url(args.host, deployment.port)
     try:
         reply = warm_up(args, url, timeout=args.ready_timeout)
     except (urllib.error.URLError, OSError, ValueError) as err:
