@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from httpd.request import Request
-from httpd.response import Response, StreamingResponse, error_response, status_line
+from httpd.response import Response, StreamingResponse, error_response
 
 if TYPE_CHECKING:
     from httpd.server import HttpServer
@@ -69,6 +69,8 @@ class HttpConnection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future | None = None
+        self.out: list[bytes] = []  # streamed bytes not yet handed to the transport
+        self.flush_scheduled = False
         self.deadline: float | None = None
         self.deadline_status = 0  # 408 when the deadline ends a partly read request; 0: close silently
         # The request being parsed.
@@ -133,10 +135,15 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as err:
             self._stop_reading(_Fatal(400, f"malformed HTTP request: {err}"))
         else:
-            if carried and self.in_headers:
-                self.carried_header_bytes += len(data)
-                if self.carried_header_bytes > self.config.max_header_bytes:
-                    self._stop_reading(_Fatal(431, self._header_limit_message()))
+            if self.in_message and not self.busy:
+                if not self.in_headers:
+                    self._set_deadline(self.config.read_timeout, 408)  # the body may pause this long
+                elif self.deadline_status != 408:
+                    self._set_deadline(self.config.read_timeout, 408)  # headers: counted from their first read
+                elif carried:
+                    self.carried_header_bytes += len(data)
+                    if self.carried_header_bytes > self.config.max_header_bytes:
+                        self._stop_reading(_Fatal(431, self._header_limit_message()))
         if not self.busy:
             self._process_queue()
 
@@ -153,8 +160,7 @@ class HttpConnection(asyncio.Protocol):
         self.carried_header_bytes = 0
         self.content_length = None
         self.expect_continue = False
-        if not self.busy:
-            self._set_deadline(self.config.read_timeout, 408)
+        self.deadline_status = 0  # the read deadline starts after this read (see data_received)
 
     def on_url(self, url: bytes):
         self.url += url
@@ -182,16 +188,12 @@ class HttpConnection(asyncio.Protocol):
                 self.continue_owed = True  # sent once the responses before this request are out
             else:
                 self.transport.write(_CONTINUE)
-        if not self.busy:
-            self._set_deadline(self.config.read_timeout, 408)
 
     def on_body(self, body: bytes):
         self.body_size += len(body)
         if self.body_size > self.config.max_body_bytes:
             raise _Reject(413, self._body_limit_message())
         self.body.append(body)
-        if not self.busy:
-            self._set_deadline(self.config.read_timeout, 408)
 
     def on_message_complete(self):
         self.in_message = False
@@ -259,19 +261,19 @@ class HttpConnection(asyncio.Protocol):
         try:
             if self.closed:
                 return
-            self.transport.write(self._head(request, response.status, response.content_type, None, response.headers,
-                                            close=not keep_alive, chunked=chunked))
+            self._send(self._head(request, response.status, response.content_type, None, response.headers,
+                                  close=not keep_alive, chunked=chunked))
             if request.method != "HEAD":
                 async for piece in body:
                     if self.closed:
                         break
                     if piece:
-                        self.transport.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+                        self._send(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                         if self.write_paused:
                             await self._drain()
                 else:
                     if chunked and not self.closed:
-                        self.transport.write(_LAST_CHUNK)
+                        self._send(_LAST_CHUNK)
         except asyncio.CancelledError:
             keep_alive = False  # the client went away
         except Exception:
@@ -282,9 +284,27 @@ class HttpConnection(asyncio.Protocol):
             aclose = getattr(body, "aclose", None)
             if aclose is not None:
                 await aclose()
+        self._flush()
         if not keep_alive:
             self._close()
         self._finish(request)
+
+    def _send(self, data: bytes):
+        """Queue streamed bytes; they leave at the end of this loop iteration, so pieces produced
+        in one go (headers and the first event, the last event and the end) take one syscall,
+        and nothing waits for more data."""
+        self.out.append(data)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self):
+        self.flush_scheduled = False
+        if self.out:
+            data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+            self.out.clear()
+            if not self.closed:
+                self.transport.write(data)
 
     def _finish(self, request: Request):
         """After an asynchronous response: move on to the next queued request."""
@@ -324,9 +344,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _head(self, request: Request | None, status: int, content_type: bytes | None, length: int | None,
               headers, close: bool, chunked: bool = False) -> bytes:
-        parts = [status_line(status), self.server.date_header]
-        if content_type is not None:
-            parts += (b"Content-Type: ", content_type, b"\r\n")
+        parts = [self.server.head_prefix(status, content_type)]
         if length is not None:
             parts += (b"Content-Length: ", b"%d" % length, b"\r\n")
         elif chunked:

@@ -11,6 +11,7 @@ from email.utils import formatdate
 
 from httpd.connection import HttpConnection
 from httpd.dispatch import Dispatcher
+from httpd.response import status_line
 from httpd.router import Router
 
 
@@ -42,6 +43,7 @@ class HttpServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.date_header = b""
         self._date_second = -1
+        self._head_prefixes: dict[tuple[int, bytes | None], bytes] = {}
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.TimerHandle | None = None
         # Deadlines are checked this often: a fraction of the shortest timeout, within [20 ms, 1 s].
@@ -97,3 +99,15 @@ class HttpServer:
         if second != self._date_second:
             self._date_second = second
             self.date_header = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
+            self._head_prefixes.clear()
+
+    def head_prefix(self, status: int, content_type: bytes | None) -> bytes:
+        """Status line, Date and Content-Type of a response, cached until the Date changes."""
+        key = (status, content_type)
+        prefix = self._head_prefixes.get(key)
+        if prefix is None:
+            prefix = status_line(status) + self.date_header
+            if content_type is not None:
+                prefix += b"Content-Type: " + content_type + b"\r\n"
+            self._head_prefixes[key] = prefix
+        return prefix

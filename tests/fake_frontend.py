@@ -134,7 +134,10 @@ class FakeFrontend:
                     output.append(token)
                     finish = self._check_stop(output, token, sampling)
                 if finish is not None or stream:
-                    text = self._text(output, sampling, finish)
+                    if self.tokenizer is None and not sampling.stop:  # decoding is concatenation: no re-decode
+                        text = sent_text + self.decode(output[sent_tokens:])
+                    else:
+                        text = self._text(output, sampling, finish)
                     update = self._update(rid, input_ids, output, sent_tokens, text[len(sent_text):], finish,
                                           logprobs)
                     sent_text, sent_tokens = text, len(output)
@@ -157,10 +160,11 @@ class FakeFrontend:
             return FinishReason("stop", matched=token)
         if not sampling.ignore_eos and token in self.model_info.eos_token_ids:
             return FinishReason("stop", matched=token)
-        text = self.decode(output, sampling.skip_special_tokens)
-        for stop in sampling.stop:
-            if stop in text:
-                return FinishReason("stop", matched=stop)
+        if sampling.stop:
+            text = self.decode(output, sampling.skip_special_tokens)
+            for stop in sampling.stop:
+                if stop in text:
+                    return FinishReason("stop", matched=stop)
         if len(output) >= sampling.max_new_tokens:
             return FinishReason("length", length=sampling.max_new_tokens)
         return None

@@ -97,7 +97,8 @@ def test_batches_give_lists_with_per_prompt_params(url, fake, tokenizer):
     assert status == 200
     assert [o["meta_info"]["id"] for o in out] == ["a", "b"]
     assert [o["output_ids"] for o in out] == [tokenizer.encode("one two three")[:1], tokenizer.encode("four five")[:2]]
-    status, out = post(url, "/generate", {"input_ids": [[10, 11], [12, 13, 14]], "sampling_params": {"max_new_tokens": 3}})
+    status, out = post(url, "/generate", {"input_ids": [[10, 11], [12, 13, 14]],
+                                          "sampling_params": {"max_new_tokens": 3}})
     assert [o["output_ids"] for o in out] == [[10, 11, 10], [12, 13, 14]]
 
 

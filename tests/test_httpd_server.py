@@ -289,7 +289,8 @@ def test_cors_preflight_and_allow_origin(server):
     assert reply.headers["access-control-allow-origin"] == "*"
     assert reply.headers["access-control-allow-methods"] == "OPTIONS, POST"
     assert reply.headers["access-control-allow-headers"] == "content-type, authorization"
-    reply = request(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\nContent-Length: 0\r\n\r\n")
+    reply = request(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n"
+                            b"Content-Length: 0\r\n\r\n")
     assert reply.headers["access-control-allow-origin"] == "*"
 
 

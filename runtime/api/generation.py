@@ -1,10 +1,9 @@
 """Running the sequences of one HTTP request through the Frontend.
 
 One HTTP request may need several sequences (a batch of prompts, n > 1): each is one
-Frontend.generate call with its own rid. `run_sequences` drives them and yields
-(index, update) as updates arrive, after folding each update into its `Sequence`. Leaving the
-iterator early (client gone, an error) closes every generate iterator, which aborts the
-requests in the scheduler."""
+Frontend.generate call with its own rid. A `Generation` drives them and folds each update into
+its `Sequence`. Leaving early (client gone, an error) closes every generate iterator, which
+aborts the requests in the scheduler."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Callable
 
 from httpd import HttpError, StreamingResponse
 from httpd.response import error_type
@@ -24,8 +23,6 @@ from runtime.messages import FinishReason, LogprobOptions, RequestMeta, Sampling
 
 
 logger = logging.getLogger(__name__)
-
-Update = tuple[int, TextUpdate]
 
 
 @dataclass(slots=True)
@@ -82,74 +79,85 @@ class Sequence:
         return self.meta.cached_tokens if self.meta else 0
 
 
-async def run_sequences(frontend, sequences: list[Sequence], stream: bool,
-                        metrics: Metrics | None) -> AsyncIterator[tuple[int, TextUpdate]]:
-    """Yields (index into sequences, update) until every sequence has finished. Raises the first
-    error of any sequence (a RequestError from the Frontend), after aborting the others."""
-    if len(sequences) == 1:
-        sequence = sequences[0]
-        job = sequence.job
-        async with aclosing(frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream)) as updates:
+class Generation:
+    """The sequences of one HTTP request, and their updates as they arrive.
+
+    `updates()` gives the Frontend's own iterator for a single sequence (no extra layer on the
+    per-token path) or a merge of several; `fold(update)` files an update under its sequence
+    (by rid) and returns the sequence's index."""
+
+    def __init__(self, frontend, sequences: list[Sequence], metrics: Metrics | None):
+        self.frontend = frontend
+        self.sequences = sequences
+        self.metrics = metrics
+        self._index = {s.job.rid: i for i, s in enumerate(sequences)}
+
+    def updates(self, stream: bool) -> AsyncIterator[TextUpdate]:
+        if len(self.sequences) == 1:
+            job = self.sequences[0].job
+            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream)
+        return self._merged(stream)
+
+    def fold(self, update: TextUpdate) -> int:
+        index = self._index[update.rid]
+        sequence = self.sequences[index]
+        now = time.perf_counter()
+        first = sequence.first_token_time is None
+        sequence.add(update, now)
+        metrics = self.metrics
+        if metrics is not None:
+            if first and sequence.first_token_time is not None:
+                metrics.observe_first_token(now - sequence.arrival)
+            if update.finish is not None:
+                metrics.observe_finished(sequence)
+        return index
+
+    async def run_to_end(self) -> None:
+        """Non-streamed: until every sequence has finished. Raises the first sequence's error (a
+        RequestError), after aborting the others."""
+        async with aclosing(self.updates(False)) as updates:
             async for update in updates:
-                _fold(sequence, update, metrics)
-                yield 0, update
-        return
+                self.fold(update)
 
-    queue: asyncio.Queue = asyncio.Queue()
-    finished = object()
+    async def _merged(self, stream: bool) -> AsyncIterator[TextUpdate]:
+        queue: asyncio.Queue = asyncio.Queue()
+        finished = object()
 
-    async def pump(index: int, job: Job) -> None:
-        try:
-            async with aclosing(frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                  stream)) as updates:
-                async for update in updates:
-                    queue.put_nowait((index, update))
-        except Exception as err:
-            queue.put_nowait((index, err))
-        else:
-            queue.put_nowait((index, finished))
-
-    tasks = [asyncio.create_task(pump(i, s.job)) for i, s in enumerate(sequences)]
-    try:
-        running = len(tasks)
-        while running:
-            index, item = await queue.get()
-            if item is finished:
-                running -= 1
-            elif isinstance(item, Exception):
-                raise item
+        async def pump(job: Job) -> None:
+            try:
+                async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
+                                                           stream)) as updates:
+                    async for update in updates:
+                        queue.put_nowait(update)
+            except Exception as err:
+                queue.put_nowait(err)
             else:
-                _fold(sequences[index], item, metrics)
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+                queue.put_nowait(finished)
+
+        tasks = [asyncio.create_task(pump(s.job)) for s in self.sequences]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if item is finished:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_to_end(frontend, sequences: list[Sequence], metrics: Metrics | None) -> None:
-    async with aclosing(run_sequences(frontend, sequences, False, metrics)) as updates:
-        async for _ in updates:
-            pass
-
-
-def _fold(sequence: Sequence, update: TextUpdate, metrics: Metrics | None) -> None:
-    now = time.perf_counter()
-    first = sequence.first_token_time is None
-    sequence.add(update, now)
-    if metrics is not None:
-        if first and sequence.first_token_time is not None:
-            metrics.observe_first_token(now - sequence.arrival)
-        if update.finish is not None:
-            metrics.observe_finished(sequence)
-
-
-async def start_sse(updates: AsyncIterator[Update], render: Callable[[int, TextUpdate], Iterable[bytes]],
-                    epilogue: Callable[[], Iterable[bytes]]) -> StreamingResponse:
-    """An SSE response over `updates`: render(index, update) gives the events of each update,
-    epilogue() the events after the last, then `data: [DONE]`. Waits for the first update before
-    answering, so a refusal still gets its HTTP status; later errors become an error event."""
-    body = _sse_body(updates, render, epilogue)
+async def start_sse(generation: Generation, render: Callable[[int, TextUpdate], bytes],
+                    epilogue: Callable[[], bytes]) -> StreamingResponse:
+    """An SSE response for `generation`: render(index, update) gives the events of each update
+    (bytes, maybe empty), epilogue() those after the last update, then `data: [DONE]`. Waits for
+    the first update before answering, so a refusal still gets its HTTP status; later errors
+    become an error event."""
+    body = _sse_body(generation, render, epilogue)
     try:
         await anext(body)  # runs up to the first update (or the refusal)
     except RequestError as err:
@@ -157,19 +165,22 @@ async def start_sse(updates: AsyncIterator[Update], render: Callable[[int, TextU
     return StreamingResponse(body)
 
 
-async def _sse_body(updates, render, epilogue) -> AsyncIterator[bytes]:
-    async with aclosing(updates):
-        pending = await anext(updates, None)
+async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[bytes]:
+    async with aclosing(generation.updates(True)) as updates:
+        try:
+            first = await anext(updates)
+        except StopAsyncIteration:
+            first = None
         # Primed: the caller holds a started generator, so closing it (client gone before the
         # first byte went out) closes `updates`, which aborts the requests.
         yield b""
+        fold = generation.fold
         try:
-            while pending is not None:
-                for event in render(*pending):
-                    yield event
-                pending = await anext(updates, None)
-            for event in epilogue():
-                yield event
+            if first is not None:
+                yield render(fold(first), first)
+                async for update in updates:
+                    yield render(fold(update), update)
+            yield epilogue()
         except (RequestError, HttpError) as err:
             yield stream_error(err.status, err.message)
         except Exception as err:

@@ -3,13 +3,19 @@
 Names follow SGLang's (`sglang:` prefix), so dashboards built for SGLang work unchanged.
 Latency histograms and token counters are observed by the HTTP layer as requests finish; the
 scheduler's state (running / queued requests, token usage, cache hit rate) is read from
-Frontend.server_info() at scrape time."""
+Frontend.server_info() at scrape time.
+
+Observations are plain integer/float updates on the event loop thread (prometheus-client's own
+Histogram/Counter take a lock per call, several microseconds per request); one Collector turns
+them into metric families when /metrics is scraped."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
@@ -17,13 +23,13 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0,
-                 20.0, 25.0, 30.0, 60.0)
-_TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-                 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0,
+                20.0, 25.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
-# Frontend.server_info() keys read at scrape time -> gauge.
+# Frontend.server_info() keys read at scrape time -> (metric name, help).
 SCHEDULER_GAUGES = {
     "num_running_reqs": ("sglang:num_running_reqs", "Requests in the running batch"),
     "num_queue_reqs": ("sglang:num_queue_reqs", "Requests waiting in the scheduler's queue"),
@@ -32,49 +38,80 @@ SCHEDULER_GAUGES = {
 }
 
 
+class _Histogram:
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]):
+        self.name, self.doc, self.buckets = name, doc, buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def family(self, model_name: str) -> HistogramMetricFamily:
+        cumulative, total = [], 0
+        for bound, count in zip(self.buckets + (float("inf"),), self.counts):
+            total += count
+            cumulative.append((repr(bound) if bound != float("inf") else "+Inf", total))
+        family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        family.add_metric([model_name], cumulative, self.sum)
+        return family
+
+
 class Metrics:
     def __init__(self, model_name: str):
-        self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
-
-        def histogram(name, doc, buckets):
-            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
-
-        def counter(name, doc):
-            return Counter(name, doc, labels, registry=self.registry).labels(model_name)
-
-        self.ttft = histogram("sglang:time_to_first_token_seconds", "Time to first token", _TTFT_BUCKETS)
-        self.tpot = histogram("sglang:time_per_output_token_seconds", "Time per output token after the first",
-                              _TPOT_BUCKETS)
-        self.e2e = histogram("sglang:e2e_request_latency_seconds", "End-to-end request latency", _E2E_BUCKETS)
-        self.prompt_tokens = counter("sglang:prompt_tokens", "Prompt tokens of finished requests")
-        self.generation_tokens = counter("sglang:generation_tokens", "Generated tokens of finished requests")
-        self.cached_tokens = counter("sglang:cached_tokens", "Prompt tokens served from the prefix cache")
-        self.finished = Counter("sglang:num_requests", "Finished requests by finish reason",
-                                ["model_name", "finish_reason"], registry=self.registry)
-        self._model_name = model_name
-        self.scheduler = {
-            key: Gauge(name, doc, labels, registry=self.registry).labels(model_name)
-            for key, (name, doc) in SCHEDULER_GAUGES.items()
-        }
+        self.model_name = model_name
+        self.ttft = _Histogram("sglang:time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
+        self.tpot = _Histogram("sglang:time_per_output_token_seconds", "Time per output token after the first",
+                               TPOT_BUCKETS)
+        self.e2e = _Histogram("sglang:e2e_request_latency_seconds", "End-to-end request latency", E2E_BUCKETS)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.cached_tokens = 0
+        self.finished: dict[str, int] = {}  # finish reason type -> requests
+        self.scheduler_state: dict = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
 
     def observe_finished(self, sequence: Sequence) -> None:
-        e2e = sequence.finish_time - sequence.arrival
-        self.e2e.observe(e2e)
-        if sequence.first_token_time is not None and sequence.completion_tokens > 1:
-            decode_s = sequence.finish_time - sequence.first_token_time
-            self.tpot.observe(decode_s / (sequence.completion_tokens - 1))
-        self.prompt_tokens.inc(sequence.prompt_tokens)
-        self.generation_tokens.inc(sequence.completion_tokens)
-        self.cached_tokens.inc(sequence.cached_tokens)
-        self.finished.labels(self._model_name, sequence.finish.type).inc()
+        self.e2e.observe(sequence.finish_time - sequence.arrival)
+        completion = sequence.completion_tokens
+        if sequence.first_token_time is not None and completion > 1:
+            self.tpot.observe((sequence.finish_time - sequence.first_token_time) / (completion - 1))
+        self.prompt_tokens += sequence.prompt_tokens
+        self.generation_tokens += completion
+        self.cached_tokens += sequence.cached_tokens
+        reason = sequence.finish.type
+        self.finished[reason] = self.finished.get(reason, 0) + 1
 
     def render(self, server_info: dict) -> bytes:
-        for key, gauge in self.scheduler.items():
-            value = server_info.get(key)
-            if isinstance(value, (int, float)):
-                gauge.set(value)
+        """The exposition text, with the scheduler gauges taken from `server_info`."""
+        self.scheduler_state = server_info
         return generate_latest(self.registry)
+
+    def collect(self):
+        """prometheus_client's Collector protocol."""
+        labels = [self.model_name]
+        for histogram in (self.ttft, self.tpot, self.e2e):
+            yield histogram.family(self.model_name)
+        for name, doc, value in (
+                ("sglang:prompt_tokens", "Prompt tokens of finished requests", self.prompt_tokens),
+                ("sglang:generation_tokens", "Generated tokens of finished requests", self.generation_tokens),
+                ("sglang:cached_tokens", "Prompt tokens served from the prefix cache", self.cached_tokens)):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family
+        family = CounterMetricFamily("sglang:num_requests", "Finished requests by finish reason",
+                                     labels=["model_name", "finish_reason"])
+        for reason, count in sorted(self.finished.items()):
+            family.add_metric([self.model_name, reason], count)
+        yield family
+        for key, (name, doc) in SCHEDULER_GAUGES.items():
+            value = self.scheduler_state.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family = GaugeMetricFamily(name, doc, labels=["model_name"])
+                family.add_metric(labels, value)
+                yield family

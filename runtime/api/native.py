@@ -12,7 +12,7 @@ import msgspec
 
 from httpd import HttpError, Request, Response, StreamingResponse, json_response, text_response
 from httpd.sse import sse_event
-from runtime.api.generation import Job, Sequence, abort_error, run_sequences, run_to_end, start_sse
+from runtime.api.generation import Generation, Job, Sequence, abort_error, start_sse
 from runtime.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.api.metrics import Metrics
 from runtime.api.protocol import (NATIVE_FIELDS, GenerateBody, NativeSamplingParams, check_prompt, check_sampling,
@@ -61,11 +61,14 @@ class NativeApi:
                 job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options)
                 sequences.append(Sequence(job, arrival))
 
+        if len({s.job.rid for s in sequences}) != len(sequences):
+            raise HttpError(400, "rid: the ids of one request must be distinct", "rid")
         as_list = is_batch or len(sequences) > 1
+        generation = Generation(self.frontend, sequences, self.metrics)
         if body.stream:
-            return await self._stream(sequences, as_list, body.return_text_in_logprobs)
+            return await self._stream(generation, as_list, body.return_text_in_logprobs)
         try:
-            await run_to_end(self.frontend, sequences, self.metrics)
+            await generation.run_to_end()
         except RequestError as err:
             raise HttpError(err.status, err.message) from None
         outputs = [self._output(s, body.return_text_in_logprobs) for s in sequences]
@@ -100,27 +103,28 @@ class NativeApi:
         raise HttpError(400, "input_ids: expected a list of token ids or a list of token-id lists, not a mix",
                         "input_ids")
 
-    async def _stream(self, sequences: list[Sequence], as_list: bool, with_text: bool) -> StreamingResponse:
-        def render(index: int, update) -> list[bytes]:
+    async def _stream(self, generation: Generation, as_list: bool, with_text: bool) -> StreamingResponse:
+        sequences = generation.sequences
+
+        def render(index: int, update) -> bytes:
             out = self._output(sequences[index], with_text)
             if as_list:
                 out["index"] = index
-            return [sse_event(out)]
+            return sse_event(out)
 
-        return await start_sse(run_sequences(self.frontend, sequences, True, self.metrics), render, list)
+        return await start_sse(generation, render, bytes)
 
     def _output(self, sequence: Sequence, with_text: bool) -> dict:
-        job = sequence.job
-        error = abort_error(sequence)
-        if error is not None:
-            raise error
+        job, finish, counts = sequence.job, sequence.finish, sequence.meta
+        if finish is not None and finish.type == "abort":
+            raise abort_error(sequence)
         meta = {
             "id": job.rid,
-            "finish_reason": finish_dict(sequence.finish),
-            "prompt_tokens": sequence.prompt_tokens,
-            "completion_tokens": sequence.completion_tokens,
-            "cached_tokens": sequence.cached_tokens,
-            "e2e_latency": round(time.perf_counter() - sequence.arrival, 6),
+            "finish_reason": None if finish is None else finish_dict(finish),
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "cached_tokens": counts.cached_tokens,
+            "e2e_latency": time.perf_counter() - sequence.arrival,
         }
         if job.logprobs.return_logprob:
             decode = self._token_text if with_text else None
@@ -149,8 +153,9 @@ class NativeApi:
         input_ids = _encode(self.frontend, "Hi") if self.frontend.tokenizer is not None else [0]
         sequence = Sequence(Job(f"health-{uuid.uuid4().hex}", input_ids, SamplingParams(max_new_tokens=1),
                                 LogprobOptions()), time.perf_counter())
+        generation = Generation(self.frontend, [sequence], None)
         try:
-            await asyncio.wait_for(run_to_end(self.frontend, [sequence], None), HEALTH_GENERATE_TIMEOUT_S)
+            await asyncio.wait_for(generation.run_to_end(), HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise HttpError(503, f"no token generated within {HEALTH_GENERATE_TIMEOUT_S:g} s") from None
         except RequestError as err:
@@ -223,9 +228,7 @@ def _logprob_options(return_logprob: bool, start_len: int, top_num: int, prompt_
     return LogprobOptions(True, start_len, top_num)
 
 
-def finish_dict(finish) -> dict | None:
-    if finish is None:
-        return None
+def finish_dict(finish) -> dict:
     out = {"type": finish.type}
     for key in ("matched", "length", "message"):
         value = getattr(finish, key)

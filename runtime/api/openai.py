@@ -7,7 +7,7 @@ import uuid
 
 from httpd import HttpError, Request, Response, StreamingResponse, json_response
 from httpd.sse import sse_event
-from runtime.api.generation import Job, Sequence, abort_error, run_sequences, run_to_end, start_sse
+from runtime.api.generation import Generation, Job, Sequence, abort_error, start_sse
 from runtime.api.metrics import Metrics
 from runtime.api.protocol import (CHAT_FIELDS_MAX_COMPLETION, MAX_OPENAI_TOP_LOGPROBS, OPENAI_FIELDS, ChatBody,
                                   CompletionBody, check_prompt, check_sampling, decode_body, openai_sampling,
@@ -59,8 +59,7 @@ class OpenAIApi:
                                     arrival, "prompt")
         view = _CompletionView(self, request_id, params.n, prompt_texts if echo else None, top)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(sequences, view.chunks, lambda: view.usage_chunk(sequences) if include_usage else [])
+            return await self._stream(sequences, view, _include_usage(body))
         await self._run(sequences)
         return json_response(view.response(sequences))
 
@@ -137,8 +136,7 @@ class OpenAIApi:
                                     names)
         view = _ChatView(self, request_id, bool(body.logprobs))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(sequences, view.chunks, lambda: view.usage_chunk(sequences) if include_usage else [])
+            return await self._stream(sequences, view, _include_usage(body))
         await self._run(sequences)
         return json_response(view.response(sequences))
 
@@ -159,7 +157,7 @@ class OpenAIApi:
 
     async def _run(self, sequences: list[Sequence]) -> None:
         try:
-            await run_to_end(self.frontend, sequences, self.metrics)
+            await Generation(self.frontend, sequences, self.metrics).run_to_end()
         except RequestError as err:
             raise HttpError(err.status, err.message) from None
         for sequence in sequences:
@@ -167,14 +165,17 @@ class OpenAIApi:
             if error is not None:
                 raise error
 
-    async def _stream(self, sequences, render, epilogue) -> StreamingResponse:
-        def render_checked(index, update):
+    async def _stream(self, sequences: list[Sequence], view, include_usage: bool) -> StreamingResponse:
+        def render(index: int, update) -> bytes:
             error = abort_error(sequences[index])
             if error is not None:
                 raise error
-            return render(index, update, sequences[index])
+            return b"".join(view.chunks(index, update, sequences[index]))
 
-        return await start_sse(run_sequences(self.frontend, sequences, True, self.metrics), render_checked, epilogue)
+        def epilogue() -> bytes:
+            return b"".join(view.usage_chunk(sequences)) if include_usage else b""
+
+        return await start_sse(Generation(self.frontend, sequences, self.metrics), render, epilogue)
 
     def _encode(self, text: str) -> list[int]:
         try:
@@ -223,6 +224,10 @@ def _chat_messages(body: ChatBody) -> list[dict]:
     return out
 
 
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def _finish_reason(sequence: Sequence) -> str | None:
     finish = sequence.finish
     return None if finish is None else finish.type  # "stop" | "length" (aborts are errors)
@@ -264,7 +269,8 @@ class _CompletionView:
             text = sequence.text
             logprobs = None
             if self.top is not None:
-                logprobs = self._logprobs(index, sequence, sequence.logprobs, 0, with_prompt=self.echo_texts is not None)
+                with_prompt = self.echo_texts is not None
+                logprobs = self._logprobs(index, sequence, sequence.logprobs, 0, with_prompt)
             if self.echo_texts is not None:
                 text = self._prompt_text(index, sequence) + text
             choices.append({"index": index, "text": text, "logprobs": logprobs,
@@ -356,7 +362,8 @@ class _ChatView:
                                     "finish_reason": None}))
         if update.finish is not None:
             out.append(self._chunk({"index": index, "delta": {}, "logprobs": None,
-                                    "finish_reason": _finish_reason(sequence), "matched_stop": _matched_stop(sequence)}))
+                                    "finish_reason": _finish_reason(sequence),
+                                    "matched_stop": _matched_stop(sequence)}))
         return out
 
     def usage_chunk(self, sequences: list[Sequence]) -> list[bytes]:

@@ -224,7 +224,8 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
             raise _bad(name("stop"), f"stop strings must not be empty (entry {i})")
     for i, token_id in enumerate(p.stop_token_ids or ()):
         if not 0 <= token_id < vocab_size:
-            raise _bad(name("stop_token_ids"), f"entry {i} ({token_id}) is not a token id (vocabulary size {vocab_size})")
+            raise _bad(name("stop_token_ids"),
+                       f"entry {i} ({token_id}) is not a token id (vocabulary size {vocab_size})")
     for token_id, bias in (p.logit_bias or {}).items():
         if not 0 <= token_id < vocab_size:
             raise _bad(name("logit_bias"), f"key {token_id} is not a token id (vocabulary size {vocab_size})")
