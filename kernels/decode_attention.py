@@ -12,6 +12,7 @@ Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,18 +21,27 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+@dataclass(frozen=True)
+class DecodeTiles:
+    """Launch shape of the split kernel: keys per tile, warps, software-pipelining depth."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
     part_o_ptr, part_lse_ptr,
-    qk_scale, sliding_window,
+    qk_scale, sliding_window, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
     stride_rtt,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -41,7 +51,7 @@ def _decode_split_kernel(
     row = tl.load(rows_ptr + b).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b)
     first = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
-    split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+    split_len = tl.cdiv(seq_len - first, num_splits)
     start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -85,17 +95,17 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr,
+    part_o_ptr, part_lse_ptr, o_ptr, num_splits,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
     stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     mask_d = offs_d < HEAD_DIM
     lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s, mask=mask_s, other=float("-inf"))
     lse_max = tl.max(lse, 0)
@@ -114,7 +124,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
-                         max_splits: int = 16, min_tokens_per_split: int = 256) -> int:
+                         max_splits: int = 64, min_tokens_per_split: int = 128) -> int:
     """Enough splits that (rows x kv heads x splits) fills the SMs about twice, but no split shorter than
     `min_tokens_per_split` tokens. A power of two, so CUDA-graph buckets see few distinct values."""
     want = max(1, math.ceil(2 * num_sms / max(1, batch_size * num_kv_heads)))
@@ -126,7 +136,8 @@ def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, n
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
                      rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
-                     part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None) -> torch.Tensor:
+                     part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
+                     tiles: DecodeTiles = DecodeTiles()) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
 
     Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]]. `part_o` [>=B, Hq, num_kv_splits, D]
@@ -146,22 +157,21 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if batch == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_d <= 128 else 32
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
-        scale * LOG2E, sliding_window or 0,
+        scale * LOG2E, sliding_window or 0, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2,
+        GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     _decode_merge_kernel[(batch, num_q_heads)](
-        part_o, part_lse, out,
+        part_o, part_lse, out, num_kv_splits,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, NUM_SPLITS=num_kv_splits, BLOCK_S=triton.next_power_of_2(num_kv_splits),
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
         BLOCK_D=block_d, num_warps=4,
     )
     return out

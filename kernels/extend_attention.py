@@ -9,11 +9,47 @@ serves mixed batches.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.decode_attention import LOG2E, dot_precision
+
+
+@dataclass(frozen=True)
+class ExtendTiles:
+    """Launch shape: query tokens and keys per tile (block_m a multiple of block_n), warps, pipelining depth."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_extend_tiles(dtype: torch.dtype, head_dim: int) -> ExtendTiles:
+    # Smaller tiles for fp32 (twice the registers per element) and wide heads.
+    if dtype != torch.float32 and head_dim <= 128:
+        return ExtendTiles(64, 64, 8, 2)
+    return ExtendTiles(32, 32, 4, 2)
+
+
+@triton.jit
+def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, qk_scale, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Fold one key tile into the running max, sum and output of the query block (scores in base 2)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a query row may see no key of this tile yet (window, causal edge): keep it finite
+        m_new_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
 @triton.jit
@@ -51,56 +87,49 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Cached prefix. With a sliding window the tiles wholly before the block's first visible key are skipped.
-    prefix_first = tl.where(sliding_window > 0, tl.maximum(prefix_len + m_block * BLOCK_M - sliding_window + 1, 0), 0)
-    prefix_first = (prefix_first // BLOCK_N) * BLOCK_N
+    # Cached prefix, gathered through req_to_token: whole tiles unmasked (but for a window), then the ragged tail.
+    # With a sliding window the tiles wholly before the block's first visible key are skipped.
+    first = tl.where(WINDOW, tl.maximum(prefix_len + m_block * BLOCK_M - sliding_window + 1, 0), 0)
+    first = (first // BLOCK_N) * BLOCK_N
+    full_end = tl.where(active, (prefix_len // BLOCK_N) * BLOCK_N, 0)
     prefix_end = tl.where(active, prefix_len, 0)
-    for n0 in range(prefix_first, prefix_end, BLOCK_N):
+    for n0 in range(first, prefix_end, BLOCK_N):
         k_pos = n0 + offs_n
         mask_n = k_pos < prefix_len
         slots = tl.load(req_to_token_ptr + row * stride_rtt + k_pos, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kph + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vph + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         visible = mask_n[None, :]
         if WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vph + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        if n0 < full_end:
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, qk_scale, PRECISION, WINDOW)
+        else:
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, qk_scale, PRECISION, True)
 
-    # New tokens of the step, causal: only tiles up to the block's last query token.
+    # New tokens of the step: tiles left of the block's diagonal need no causal mask, the diagonal ones do.
+    diagonal = m_block * BLOCK_M  # a multiple of BLOCK_N
+    first = tl.where(WINDOW, tl.maximum(m_block * BLOCK_M - sliding_window + 1, 0), 0)
+    first = (first // BLOCK_N) * BLOCK_N
     new_end = tl.where(active, tl.minimum((m_block + 1) * BLOCK_M, extend_len), 0)
-    new_first = tl.where(sliding_window > 0, tl.maximum(m_block * BLOCK_M - sliding_window + 1, 0), 0)
-    new_first = (new_first // BLOCK_N) * BLOCK_N
-    for n0 in range(new_first, new_end, BLOCK_N):
+    for n0 in range(first, new_end, BLOCK_N):
         k_idx = n0 + offs_n
         mask_n = k_idx < extend_len
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + (extend_start + k_idx[:, None]) * stride_kt + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        v = tl.load(v_ptr + (extend_start + k_idx[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         visible = mask_n[None, :] & (k_idx[None, :] <= offs_m[:, None])
         if WINDOW:
             visible = visible & (k_idx[None, :] > offs_m[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(v_ptr + (extend_start + k_idx[:, None]) * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        if n0 < diagonal:
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, qk_scale, PRECISION, WINDOW)
+        else:
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, qk_scale, PRECISION, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (extend_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :],
@@ -110,7 +139,8 @@ def _extend_kernel(
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                      req_to_token: torch.Tensor, rows: torch.Tensor, prefix_lens: torch.Tensor,
                      extend_lens: torch.Tensor, extend_start_loc: torch.Tensor, max_extend_len: int, scale: float,
-                     sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     sliding_window: int | None = None, out: torch.Tensor | None = None,
+                     tiles: ExtendTiles | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; pools [S, Hkv, D]; req_to_token [R, C] int32;
     rows, prefix_lens, extend_lens, extend_start_loc [B]; max_extend_len (host int) sizes the grid -> o [T, Hq, D]."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -126,18 +156,18 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     if batch == 0 or num_tokens == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # Smaller tiles for fp32 (twice the registers per element) and wide heads.
-    big = q.dtype != torch.float32 and block_d <= 128
-    block_m, block_n = (64, 64) if big else (32, 32)
-    grid = (batch, num_q_heads, triton.cdiv(max_extend_len, block_m))
+    tiles = tiles or default_extend_tiles(q.dtype, block_d)
+    if tiles.block_m % tiles.block_n:
+        raise ValueError(f"block_m ({tiles.block_m}) must be a multiple of block_n ({tiles.block_n})")
+    grid = (batch, num_q_heads, triton.cdiv(max_extend_len, tiles.block_m))
     _extend_kernel[grid](
         q, k, v, out, k_pool, v_pool, req_to_token, rows, prefix_lens, extend_lens, extend_start_loc,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), req_to_token.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, WINDOW=bool(sliding_window),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_m <= 32 else 8, num_stages=2,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 

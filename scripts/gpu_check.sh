@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_check.sh                          # every section
 #   bash scripts/gpu_check.sh kernel-tests kernel-bench # chosen sections, in the order given
+#   bash scripts/gpu_check.sh kernel-sweep              # optional sections are run only when named
 #
 # LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_check.
 # Where msgspec is missing (the GPU image), the wheels carried in .whl/ are installed to /tmp/site first.
@@ -14,6 +15,7 @@ LOG_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 ALL=(env kernel-tests kernel-bench)
+OPTIONAL=(kernel-sweep)
 
 section_env() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
@@ -32,11 +34,16 @@ section_kernel_bench() {
   python3 scripts/gpu_kernels_bench.py --table "$LOG_DIR/kernels_bench.md"
 }
 
+section_kernel_sweep() {
+  # The benchmark plus other tile shapes and split counts of the attention kernels, to choose their defaults.
+  python3 scripts/gpu_kernels_bench.py --sweep --table "$LOG_DIR/kernels_bench.md"
+}
+
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
 for name in "${sections[@]}"; do
   if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: ${ALL[*]}" >&2
+    echo "unknown section '$name'; known: ${ALL[*]} ${OPTIONAL[*]}" >&2
     exit 2
   fi
 done

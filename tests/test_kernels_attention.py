@@ -20,7 +20,8 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from kernels.decode_attention import choose_num_kv_splits, decode_attention, decode_attention_ref  # noqa: E402
-from kernels.extend_attention import extend_attention, extend_attention_ref  # noqa: E402
+from kernels.decode_attention import DecodeTiles  # noqa: E402
+from kernels.extend_attention import ExtendTiles, extend_attention, extend_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 # Triton's interpreter computes bf16 dot products on the raw bits (a Triton bug), so on the CPU the 16-bit path is
@@ -92,12 +93,13 @@ def test_decode_attention_reads_only_the_row_own_slots(seed):
 
 
 def test_choose_num_kv_splits_fills_the_gpu_without_tiny_splits():
-    assert choose_num_kv_splits(1, 8, 4096) == 16  # one long row: split as far as allowed
-    assert choose_num_kv_splits(1, 8, 300) == 1  # short row: a split under 256 tokens is not worth it
+    assert choose_num_kv_splits(1, 8, 4096) == 32  # one long row: 8 kv heads x 32 splits fill 132 SMs twice
+    assert choose_num_kv_splits(1, 8, 300) == 2  # short row: no split under 128 tokens
     assert choose_num_kv_splits(256, 8, 4096) == 1  # the batch alone fills the GPU
     for batch in (1, 3, 17, 64):
-        splits = choose_num_kv_splits(batch, 8, 8192)
-        assert splits & (splits - 1) == 0 and 1 <= splits <= 16
+        splits = choose_num_kv_splits(batch, 8, 1 << 20)
+        assert splits & (splits - 1) == 0 and 1 <= splits <= 64
+        assert batch * 8 * splits >= 132 or splits == 64  # at least one program per SM
 
 
 def extend_inputs(dtype, num_q_heads, num_kv_heads, head_dim, prefix_lens, extend_lens, num_slots=800):
@@ -118,8 +120,9 @@ def extend_inputs(dtype, num_q_heads, num_kv_heads, head_dim, prefix_lens, exten
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, sliding_window", SHAPES)
 def test_extend_attention_matches_reference_on_ragged_mixed_batches(dtype, heads, sliding_window, seed):
-    # fresh prefill, prefix-cache hit, a decode row (extend 1), a chunk longer than one tile, an empty-prefix decode
-    prefix_lens = [0, 23, 40, 5, 0]
+    # fresh prefill, prefix-cache hit, a decode row (extend 1) with whole prefix tiles, a chunk longer than one tile,
+    # an empty-prefix decode
+    prefix_lens = [0, 23, 130, 5, 0]
     extend_lens = [13, 9, 1, 70, 1]
     args = extend_inputs(dtype, *heads, 32, prefix_lens, extend_lens)
     scale = 32**-0.5
@@ -129,6 +132,30 @@ def test_extend_attention_matches_reference_on_ragged_mixed_batches(dtype, heads
     assert not out.isnan().any(), f"unwritten or NaN output (seed {seed})"
     err = relative_error(out, ref)
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("tiles", [ExtendTiles(64, 16, 4, 2), ExtendTiles(32, 32, 4, 3)])
+def test_extend_attention_other_tiles(tiles, seed):
+    """Several key tiles per diagonal block, and pipelining depth 3."""
+    args = extend_inputs(torch.float16, 6, 2, 32, [40, 0, 3], [50, 33, 1])
+    out = torch.full_like(args[0], float("nan"))
+    extend_attention(*args, 50, 0.2, sliding_window=20, out=out, tiles=tiles)
+    err = relative_error(out, extend_attention_ref(*args, 0.2, sliding_window=20))
+    assert err < TOLERANCE[torch.float16], f"relative error {err:.2e} (seed {seed})"
+    with pytest.raises(ValueError, match="multiple of block_n"):
+        extend_attention(*args, 50, 0.2, tiles=ExtendTiles(32, 64, 4, 2))
+
+
+def test_decode_attention_other_tiles(seed):
+    q = torch.randn(2, 6, 32, dtype=torch.float16, device=DEVICE)
+    pool = torch.randn(300, 2, 32, dtype=torch.float16, device=DEVICE)
+    table = random_table(2, 100, 300)
+    rows = torch.tensor([1, 0], device=DEVICE)
+    seq_lens = torch.tensor([100, 45], dtype=torch.int32, device=DEVICE)
+    ref = decode_attention_ref(q, pool, pool, table, rows, seq_lens, 0.3)
+    out = decode_attention(q, pool, pool, table, rows, seq_lens, 0.3, 3, tiles=DecodeTiles(32, 4, 3))
+    err = relative_error(out, ref)
+    assert err < TOLERANCE[torch.float16], f"relative error {err:.2e} (seed {seed})"
 
 
 def test_extend_attention_non_power_of_two_head_dim(seed):

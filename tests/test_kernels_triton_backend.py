@@ -39,7 +39,7 @@ class Steps:
         self.spec, self.dtype = spec, dtype
         pool_args = (400, num_layers, spec.num_kv_heads, spec.head_dim, dtype, DEVICE)
         self.backends = [TorchAttentionBackend(spec, KVPool(*pool_args)),
-                         TritonAttentionBackend(spec, KVPool(*pool_args), initial_batch_capacity=2)]
+                         TritonAttentionBackend(spec, KVPool(*pool_args), initial_scratch_rows=2)]
         self.req_to_token = torch.zeros(6, 128, dtype=torch.int32, device=DEVICE)
         self.free_slots = list(range(1, 401))
         random.shuffle(self.free_slots)
@@ -91,7 +91,7 @@ def test_triton_backend_matches_torch_backend_over_steps(dtype, num_q_heads, num
     assert steps.step([3, 0], [1, 1], seed) == ForwardMode.DECODE
     steps.share_prefix(1, source=0, length=8)  # prefix-cache hit on the first 8 tokens of row 0
     assert steps.step([0, 1, 3], [1, 6, 1], seed) == ForwardMode.EXTEND  # mixed: decode rows beside a chunk
-    for _ in range(2):  # three decode rows; the third is longer than the backend's initial scratch (2 rows)
+    for _ in range(2):  # three decode rows: more than the backend's initial scratch (2 rows) holds
         assert steps.step([1, 3, 0], [1, 1, 1], seed) == ForwardMode.DECODE
 
 

@@ -22,13 +22,12 @@ from runtime.attention.base import AttentionSpec
 from runtime.forward_batch import ForwardBatch, ForwardMode
 from runtime.kv_pool import KVPool
 
-MAX_KV_SPLITS = 16
 # Multiprocessor count assumed off CUDA (Triton's interpreter in tests): an H100's.
 DEFAULT_NUM_SMS = 132
 
 
 class TritonAttentionBackend:
-    def __init__(self, spec: AttentionSpec, kv_pool: KVPool, initial_batch_capacity: int = 64):
+    def __init__(self, spec: AttentionSpec, kv_pool: KVPool, initial_scratch_rows: int = 256):
         if spec.num_q_heads % spec.num_kv_heads:
             raise ValueError(f"num_q_heads ({spec.num_q_heads}) must be a multiple of num_kv_heads "
                              f"({spec.num_kv_heads})")
@@ -39,23 +38,30 @@ class TritonAttentionBackend:
                         if device.type == "cuda" else DEFAULT_NUM_SMS)
         self.decode = False
         self.num_kv_splits = 1
-        self._allocate_decode_scratch(initial_batch_capacity)
+        self._allocate_decode_scratch(initial_scratch_rows)
+        self.part_o = self.part_lse = None
 
-    def _allocate_decode_scratch(self, capacity: int) -> None:
-        """Partial outputs and log-sum-exps of the split decode kernel, for up to `capacity` rows."""
+    def _allocate_decode_scratch(self, rows_times_splits: int) -> None:
+        """Flat float32 scratch for the split decode kernel's partial outputs and log-sum-exps. A step views the
+        front of it as [B, Hq, splits, D], so the addresses stay the same from step to step (CUDA graphs)."""
         spec, device = self.spec, self.kv_pool.device
-        self.part_o = torch.empty(capacity, spec.num_q_heads, MAX_KV_SPLITS, spec.head_dim, dtype=torch.float32,
-                                  device=device)
-        self.part_lse = torch.empty(capacity, spec.num_q_heads, MAX_KV_SPLITS, dtype=torch.float32, device=device)
+        self._part_o_flat = torch.empty(rows_times_splits * spec.num_q_heads * spec.head_dim, dtype=torch.float32,
+                                        device=device)
+        self._part_lse_flat = torch.empty(rows_times_splits * spec.num_q_heads, dtype=torch.float32, device=device)
 
     def prepare(self, batch: ForwardBatch) -> None:
         self.decode = batch.mode == ForwardMode.DECODE
         if not self.decode:
             return
-        self.num_kv_splits = choose_num_kv_splits(batch.batch_size, self.spec.num_kv_heads, batch.max_seq_len,
-                                                  self.num_sms, MAX_KV_SPLITS)
-        if batch.batch_size > self.part_o.shape[0]:
-            self._allocate_decode_scratch(1 << (batch.batch_size - 1).bit_length())
+        spec, batch_size = self.spec, batch.batch_size
+        splits = choose_num_kv_splits(batch_size, spec.num_kv_heads, batch.max_seq_len, self.num_sms)
+        if batch_size * splits * spec.num_q_heads > self._part_lse_flat.numel():
+            self._allocate_decode_scratch(1 << (batch_size * splits - 1).bit_length())
+        self.num_kv_splits = splits
+        self.part_o = self._part_o_flat[:batch_size * spec.num_q_heads * splits * spec.head_dim].view(
+            batch_size, spec.num_q_heads, splits, spec.head_dim)
+        self.part_lse = self._part_lse_flat[:batch_size * spec.num_q_heads * splits].view(
+            batch_size, spec.num_q_heads, splits)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -64,9 +70,8 @@ class TritonAttentionBackend:
         spec = self.spec
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
-                                   self.num_kv_splits, spec.sliding_window,
-                                   part_o=self.part_o[:, :, :self.num_kv_splits],
-                                   part_lse=self.part_lse[:, :, :self.num_kv_splits])
+                                   self.num_kv_splits, spec.sliding_window, part_o=self.part_o,
+                                   part_lse=self.part_lse)
         else:
             out = extend_attention(q, k, v, k_pool, v_pool, batch.req_to_token, batch.rows, batch.prefix_lens,
                                    batch.extend_lens, batch.extend_start_loc, batch.max_extend_len, spec.scale,
