@@ -101,7 +101,7 @@ class SchedulerCore:
         self.chunking = config.chunked_prefill_size > 0
         self.future_ring_size = 2 * config.max_running_requests + 2
         self._next_future = 0
-        self._batch_ids = itertools.count()
+        self.num_batches = 0  # also the next batch id
         self._arrivals = itertools.count()
 
         self.reqs: dict[str, Req] = {}  # every unfinished request
@@ -116,6 +116,7 @@ class SchedulerCore:
         self.total_prompt_tokens = 0
         self.total_cached_tokens = 0
         self.total_generated_tokens = 0
+        self.total_forward_ms = 0.0  # worker-reported step time, for the overlap benchmark
 
     # ---------------------------------------------------------------------------------------
     # requests in
@@ -201,11 +202,12 @@ class SchedulerCore:
                 future_slots.append(-1)
         reused = {row.row for row in new_rows}
         plan = BatchPlan(
-            batch_id=next(self._batch_ids), rows=[e[0].row for e in entries], prefix_lens=[e[1] for e in entries],
+            batch_id=self.num_batches, rows=[e[0].row for e in entries], prefix_lens=[e[1] for e in entries],
             extend_lens=[e[2] for e in entries], input_ids=input_ids, out_slots=out_slots,
             sample=[e[3] for e in entries], future_slots=future_slots, new_rows=new_rows,
             freed_rows=[r for r in self.released_rows if r not in reused])
         self.released_rows = []
+        self.num_batches += 1
         batch = ScheduledBatch(plan=plan, reqs=[e[0] for e in entries], epochs=[e[0].retractions for e in entries],
                                num_decode=len(decode_reqs), new_seqs=new_seqs, new_tokens=new_tokens,
                                cached_tokens=cached)
@@ -345,6 +347,7 @@ class SchedulerCore:
 
     def process_result(self, result: BatchResult) -> StepUpdates:
         batch = self._pop_in_flight(result.batch_id)
+        self.total_forward_ms += result.forward_ms
         plan = batch.plan
         touched: list[Req] = []
         finished = accepted = 0
@@ -507,6 +510,8 @@ class SchedulerCore:
             "new_token_ratio": round(self.new_token_ratio, 4),
             "retractions": self.num_retractions,
             "generated_tokens": self.total_generated_tokens,
+            "forward_ms_total": round(self.total_forward_ms, 3),
+            "batches": self.num_batches,
             "radix_cache": self.cache is not None,
             "schedule_policy": self.policy.name,
             "chunked_prefill_size": self.config.chunked_prefill_size,
