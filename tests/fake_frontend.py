@@ -63,6 +63,7 @@ class FakeFrontend:
     reject: RequestError | None = None  # raised by every generate() while set
     abort_after: int | None = None  # the engine "fails" requests after this many tokens
     flush_ok: bool = True
+    record_calls: bool = True  # keep every GenerateCall in .calls (off for benchmarks: memory grows)
 
     def __post_init__(self):
         tokenizer = self.tokenizer
@@ -111,7 +112,8 @@ class FakeFrontend:
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
                        stream: bool):
-        self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
+        if self.record_calls:
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:
