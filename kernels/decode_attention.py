@@ -25,9 +25,15 @@ LOG2E = 1.4426950408889634
 class DecodeTiles:
     """Launch shape of the split kernel: keys per tile, warps, software-pipelining depth."""
 
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_decode_tiles(head_dim: int) -> DecodeTiles:
+    # (64, 4, 3) measured best on an H100 at Llama-3-8B shapes (docs/perf.md); wider heads take narrower tiles so
+    # three stages of K and V tiles still fit in shared memory.
+    return DecodeTiles(64, 4, 3) if head_dim <= 128 else DecodeTiles(32, 4, 2)
 
 
 @triton.jit
@@ -124,7 +130,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def choose_num_kv_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132,
-                         max_splits: int = 64, min_tokens_per_split: int = 128) -> int:
+                         max_splits: int = 64, min_tokens_per_split: int = 64) -> int:
     """Enough splits that (rows x kv heads x splits) fills the SMs about twice, but no split shorter than
     `min_tokens_per_split` tokens. A power of two, so CUDA-graph buckets see few distinct values."""
     want = max(1, math.ceil(2 * num_sms / max(1, batch_size * num_kv_heads)))
@@ -137,7 +143,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
-                     tiles: DecodeTiles = DecodeTiles()) -> torch.Tensor:
+                     tiles: DecodeTiles | None = None) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
 
     Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]]. `part_o` [>=B, Hq, num_kv_splits, D]
@@ -157,6 +163,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if batch == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
+    tiles = tiles or default_decode_tiles(block_d)
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
         scale * LOG2E, sliding_window or 0, num_kv_splits,

@@ -29,9 +29,10 @@ class ExtendTiles:
 
 
 def default_extend_tiles(dtype: torch.dtype, head_dim: int) -> ExtendTiles:
-    # Smaller tiles for fp32 (twice the registers per element) and wide heads.
+    # 16-bit, heads up to 128: (128, 64, 4, 3) measured best on an H100 at Llama-3-8B shapes (docs/perf.md).
+    # Smaller tiles for fp32 (twice the registers per element) and wide heads (shared memory).
     if dtype != torch.float32 and head_dim <= 128:
-        return ExtendTiles(64, 64, 8, 2)
+        return ExtendTiles(128, 64, 4, 3)
     return ExtendTiles(32, 32, 4, 2)
 
 

@@ -16,6 +16,8 @@ draws the same noise on this path as on the torch path; rows without a seed pass
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -125,12 +127,17 @@ def _check(probs: torch.Tensor, **per_row: torch.Tensor) -> None:
                              f"{tuple(t.shape)} on {t.device}")
 
 
-def _block(vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(vocab))
+@dataclass(frozen=True)
+class SamplingTiles:
+    """Launch shape of both kernels: vocabulary entries per loop step (a cap; smaller vocabularies take the next
+    power of two) and warps per row."""
+
+    block: int = 4096
+    num_warps: int = 8
 
 
-def sampling_thresholds(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                        min_p: torch.Tensor) -> torch.Tensor:
+def sampling_thresholds(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                        tiles: SamplingTiles = SamplingTiles()) -> torch.Tensor:
     """probs [B, V] float32, rows summing to 1; top_k [B] (any dtype; <= 0 or >= V: off); top_p [B] (>= 1: off);
     min_p [B] (0: off). The per-row tensors may be strided views (columns of a parameter table).
     -> [B] float32: token j of row b is kept iff probs[b, j] >= threshold[b]."""
@@ -139,21 +146,23 @@ def sampling_thresholds(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     if probs.shape[0]:
         _threshold_kernel[(probs.shape[0],)](
             probs, probs.stride(0), probs.shape[1], top_k, top_k.stride(0), top_p, top_p.stride(0),
-            min_p, min_p.stride(0), thresholds, BLOCK=_block(probs.shape[1]), num_warps=8)
+            min_p, min_p.stride(0), thresholds, BLOCK=min(tiles.block, triton.next_power_of_2(probs.shape[1])),
+            num_warps=tiles.num_warps)
     return thresholds
 
 
 def sample_from_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                      step_keys: torch.Tensor) -> torch.Tensor:
+                      step_keys: torch.Tensor, tiles: SamplingTiles = SamplingTiles()) -> torch.Tensor:
     """One token per row among those the filters keep -> int64 [B].
     step_keys [B] int64 in [0, 2**32): runtime.sampling.step_key(seed_key, step) for a seeded row, a fresh random
     32-bit key (e.g. torch.randint on the device, no host sync) otherwise."""
     _check(probs, step_keys=step_keys)
-    thresholds = sampling_thresholds(probs, top_k, top_p, min_p)
+    thresholds = sampling_thresholds(probs, top_k, top_p, min_p, tiles)
     out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
     if probs.shape[0]:
         _sample_kernel[(probs.shape[0],)](probs, probs.stride(0), probs.shape[1], thresholds, step_keys, out,
-                                          BLOCK=_block(probs.shape[1]), num_warps=8)
+                                          BLOCK=min(tiles.block, triton.next_power_of_2(probs.shape[1])),
+                                          num_warps=tiles.num_warps)
     return out
 
 

@@ -31,13 +31,14 @@ import triton  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.decode_attention import (DecodeTiles, choose_num_kv_splits, decode_attention,  # noqa: E402
-                                      decode_attention_ref)
+                                      decode_attention_ref, default_decode_tiles)
 from kernels.extend_attention import (ExtendTiles, default_extend_tiles, extend_attention,  # noqa: E402
                                       extend_attention_ref)
 from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache  # noqa: E402
-from kernels.sampling import keep_mask_ref, sample_from_probs, sample_from_probs_ref, sampling_thresholds  # noqa: E402
+from kernels.sampling import (SamplingTiles, keep_mask_ref, sample_from_probs, sample_from_probs_ref,  # noqa: E402
+                              sampling_thresholds)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ DECODE_SWEEP = [DecodeTiles(32, 4, 2), DecodeTiles(64, 4, 2), DecodeTiles(64, 4,
 EXTEND_SWEEP = [ExtendTiles(64, 64, 4, 2), ExtendTiles(64, 64, 4, 3), ExtendTiles(64, 64, 8, 2),
                 ExtendTiles(128, 64, 8, 2), ExtendTiles(128, 64, 8, 3), ExtendTiles(128, 128, 8, 2),
                 ExtendTiles(128, 32, 4, 3), ExtendTiles(128, 64, 4, 3)]
+SAMPLING_SWEEP = [SamplingTiles(2048, 4), SamplingTiles(4096, 8), SamplingTiles(8192, 8), SamplingTiles(8192, 16),
+                  SamplingTiles(16384, 16)]
 
 
 def bench_eager(fn) -> float:
@@ -86,7 +89,9 @@ def bench_eager(fn) -> float:
 
 
 def bench_graph(calls: list, replays: int = 20) -> float:
-    """Median device time per call, the calls captured once each in one CUDA graph."""
+    """Median device time per call, the calls captured in one CUDA graph (repeated to at least 16, so the
+    graph's own launch cost is spread thin)."""
+    calls = calls * math.ceil(16 / len(calls))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (compilation, allocator) off the capture
@@ -156,7 +161,7 @@ def case_decode(rows: list[Row], args: Args) -> None:
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
         splits = choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms)
 
-        def calls(num_splits, tiles=DecodeTiles()):
+        def calls(num_splits, tiles=None):
             return [lambda i=i: decode_attention(queries[i], k_pool, v_pool, tables_i32[i], rows_t, seq_lens, scale,
                                                  num_splits, tiles=tiles) for i in range(sets)]
 
@@ -165,7 +170,7 @@ def case_decode(rows: list[Row], args: Args) -> None:
         err = rel_err(out, decode_attention_ref(queries[0], k_pool, v_pool, tables_i32[0], rows_t, seq_lens, scale))
         torch_calls = [lambda i=i: torch_paged_decode(queries[i], k_pool, v_pool, tables[i], scale)
                        for i in range(sets)]
-        note = f"{sets} input sets"
+        note = f"{sets} input sets; tiles {default_decode_tiles(s.head_dim)}"
         if args.sweep:
             results = {(tiles, n): bench_graph(calls(n, tiles)) for tiles in DECODE_SWEEP for n in (1, 2, 4, 8, 16,
                                                                                                   32, 64)}
@@ -258,7 +263,7 @@ def case_extend(rows: list[Row], args: Args) -> None:
 
         triton_us = bench_graph([lambda: extend_attention(*kernel_args, extend_len, scale)])
         torch_us = bench_graph([torch_extend])
-        note = f"{tflops(triton_us):.0f} TFLOP/s (torch {tflops(torch_us):.0f}); default " \
+        note = f"{tflops(triton_us):.0f} TFLOP/s (torch {tflops(torch_us):.0f}); tiles " \
                f"{default_extend_tiles(DTYPE, s.head_dim)}"
         if args.sweep:
             results = {t: bench_graph([lambda t=t: extend_attention(*kernel_args, extend_len, scale, tiles=t)])
@@ -342,6 +347,12 @@ def case_sampling(rows: list[Row], args: Args) -> None:
             triton_us = bench_eager(lambda: sample_from_probs((logits / 0.8).softmax(-1), *per_row, keys))
             sort_us = bench_eager(lambda: sample_from_probs_ref((logits / 0.8).softmax(-1), *per_row))
             note = "torch = sort + multinomial reference; rel err column = rows whose kept set differs from it"
+            if args.sweep:
+                results = {t: bench_eager(lambda t=t: sample_from_probs((logits / 0.8).softmax(-1), *per_row, keys,
+                                                                          t)) for t in SAMPLING_SWEEP}
+                best = min(results, key=results.get)
+                note += f"; best {best}: {results[best]:.0f} us; " + \
+                    " ".join(f"{t.block}/{t.num_warps}:{u:.0f}" for t, u in results.items())
             sampler_us = math.nan
             if Sampler is not None:
                 sampler = Sampler(max_rows=batch, vocab_size=s.vocab, eos_token_ids=[], device=logits.device)

@@ -94,7 +94,8 @@ def test_decode_attention_reads_only_the_row_own_slots(seed):
 
 def test_choose_num_kv_splits_fills_the_gpu_without_tiny_splits():
     assert choose_num_kv_splits(1, 8, 4096) == 32  # one long row: 8 kv heads x 32 splits fill 132 SMs twice
-    assert choose_num_kv_splits(1, 8, 300) == 2  # short row: no split under 128 tokens
+    assert choose_num_kv_splits(1, 8, 300) == 4  # short row: no split under 64 tokens
+    assert choose_num_kv_splits(1, 8, 100) == 1
     assert choose_num_kv_splits(256, 8, 4096) == 1  # the batch alone fills the GPU
     for batch in (1, 3, 17, 64):
         splits = choose_num_kv_splits(batch, 8, 1 << 20)

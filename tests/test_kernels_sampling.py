@@ -15,7 +15,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels.sampling import keep_mask_ref, sample_from_probs, sampling_thresholds  # noqa: E402
+from kernels.sampling import SamplingTiles, keep_mask_ref, sample_from_probs, sampling_thresholds  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -43,11 +43,13 @@ def top_p_is_ambiguous(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor
     return ((sorted_p.cumsum(-1) - top_p[:, None]).abs() < 1e-5).any(-1) & (top_p < 1.0)
 
 
-def test_thresholds_keep_exactly_the_reference_set(seed):
+# The default reads a small vocabulary in one step; a block of 128 makes the kernels loop over several.
+@pytest.mark.parametrize("tiles", [SamplingTiles(), SamplingTiles(128, 4)])
+def test_thresholds_keep_exactly_the_reference_set(tiles, seed):
     batch, vocab = 12, 400
     probs = (torch.randn(batch, vocab, device=DEVICE) * 2.5).softmax(-1)
     top_k, top_p, min_p = random_filters(batch, vocab)
-    thresholds = sampling_thresholds(probs, top_k, top_p, min_p)
+    thresholds = sampling_thresholds(probs, top_k, top_p, min_p, tiles)
     kept = probs >= thresholds[:, None]
     ref = keep_mask_ref(probs, top_k, top_p, min_p)
     clear = ~top_p_is_ambiguous(probs, top_p)
@@ -89,7 +91,7 @@ def test_sampled_tokens_are_the_torch_sampler_tokens(seed):
     expected = sampler.sample(logits, list(range(batch))).token_ids
     probs = (logits / temperatures[:, None]).softmax(-1)
     keys = torch.tensor([step_key(seed_key(s), 0) for s in seeds])
-    got = sample_from_probs(*(t.to(DEVICE) for t in (probs, top_k, top_p, min_p, keys))).cpu()
+    got = sample_from_probs(*(t.to(DEVICE) for t in (probs, top_k, top_p, min_p, keys)), SamplingTiles(128, 4)).cpu()
     clear = ~top_p_is_ambiguous(probs, top_p)
     assert torch.equal(got[clear], expected[clear]), f"seed {seed}"
 
