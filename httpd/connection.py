@@ -14,6 +14,7 @@ Deadlines are plain floats checked by the server's ticker, so requests cost no t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
@@ -52,6 +53,11 @@ class _Fatal:
     def __init__(self, status: int, message: str):
         self.status = status
         self.message = message
+
+
+async def _awaited(result):
+    """The handler's awaitable, or whatever else it returned (a bug, answered with a 500)."""
+    return await result if inspect.isawaitable(result) else result
 
 
 class HttpConnection(asyncio.Protocol):
@@ -239,13 +245,16 @@ class HttpConnection(asyncio.Protocol):
         elif isinstance(result, StreamingResponse):
             self.task = self.loop.create_task(self._stream(request, result))
         else:
-            self.task = self.loop.create_task(self._run(request, result))
+            self.task = self.loop.create_task(self._run(request, _awaited(result)))
 
     async def _run(self, request: Request, coroutine):
         try:
             result = await coroutine
         except asyncio.CancelledError:
             return  # the client went away
+        if not isinstance(result, (Response, StreamingResponse)):
+            logger.error("handler for %s %s returned %r, not a response", request.method, request.path, result)
+            result = error_response(500, "internal error: the handler returned no response")
         if isinstance(result, StreamingResponse):
             await self._stream(request, result)
             return

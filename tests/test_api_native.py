@@ -278,5 +278,8 @@ def test_without_tokenizer_text_is_refused_and_ids_work():
         status, _, raw = http_request(server.url, "POST", "/generate",
                                       {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}})
         assert status == 200 and msgspec.json.decode(raw)["output_ids"] == [5, 6]
+        status, _, raw = http_request(server.url, "POST", "/v1/completions",
+                                      {"prompt": [5, 6], "echo": True, "max_tokens": 1})
+        assert status == 400 and b"skip-tokenizer-init" in raw
         assert http_request(server.url, "GET", "/metrics")[0] == 404  # --enable-metrics is off
         assert http_request(server.url, "GET", "/health_generate")[0] == 200

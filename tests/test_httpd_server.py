@@ -61,11 +61,15 @@ def make_router(probe: StreamProbe) -> Router:
     def refuses(request):
         raise HttpError(409, "conflict here", "field_x")
 
+    def forgets(request):
+        return None
+
     router.add("POST", "/echo", echo)
     router.add(["GET", "POST"], "/slow", slow)
     router.add("GET", "/stream", stream)
     router.add("GET", "/broken", broken)
     router.add("GET", "/refuses", refuses)
+    router.add("GET", "/forgets", forgets)
     return router
 
 
@@ -311,6 +315,8 @@ def test_handler_errors_become_error_responses(server):
     assert reply.status == 409
     assert reply.json()["error"] == {"message": "conflict here", "type": "invalid_request_error",
                                      "param": "field_x", "code": 409}
+    reply = request(server, b"GET /forgets HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 500 and "no response" in reply.json()["error"]["message"]
 
 
 def test_http10_request_is_answered_then_closed(server):

@@ -162,7 +162,7 @@ async def start_sse(generation: Generation, render: Callable[[int, TextUpdate], 
         await anext(body)  # runs up to the first update (or the refusal)
     except RequestError as err:
         raise HttpError(err.status, err.message) from None
-    return StreamingResponse(body)
+    return StreamingResponse(body, headers=[(b"Cache-Control", b"no-cache")])
 
 
 async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[bytes]:

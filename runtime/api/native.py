@@ -38,6 +38,9 @@ class NativeApi:
     async def generate(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: GenerateBody = decode_body(request.body, GenerateBody)
+        if body.return_text_in_logprobs and self.frontend.tokenizer is None:
+            raise HttpError(400, "return_text_in_logprobs: needs the tokenizer; the server runs with "
+                                 "--skip-tokenizer-init", "return_text_in_logprobs")
         prompts, is_batch = self._prompts(body)
         count = len(prompts)
         sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)

@@ -51,6 +51,9 @@ class OpenAIApi:
         if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:
             raise HttpError(400, f"logprobs: must be in [0, {MAX_OPENAI_TOP_LOGPROBS}], got {top}", "logprobs")
         echo = bool(body.echo)
+        if self.frontend.tokenizer is None and (echo or top is not None):
+            raise HttpError(400, f"{'echo' if echo else 'logprobs'}: needs the tokenizer to turn tokens into text; "
+                                 "the server runs with --skip-tokenizer-init", "echo" if echo else "logprobs")
         options = LogprobOptions(True, 0 if echo else -1, top) if top is not None else LogprobOptions()
         params = openai_sampling(body, body.max_tokens, 1.0)
         check_sampling(params, self.model_info.vocab_size, OPENAI_FIELDS)
