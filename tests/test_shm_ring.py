@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.messages import Codec, GenerateRequest, IngressToScheduler, SamplingParams
-from shm import BroadcastRing, Ring, RingTimeout, SegmentError, run_prefix, sweep
+from shm import BroadcastRing, Ring, RingTimeout, SegmentError, Waiter, run_prefix, sweep
 
 
 @pytest.fixture
@@ -372,3 +372,54 @@ def test_attaching_a_truncated_or_foreign_segment_is_refused(prefix):
         Ring.attach(prefix + "r")
     ring.close()
     ring.unlink()
+
+
+# ------------------------------------------------------------------------------------ waiter
+
+
+def test_waiter_covers_a_broadcast_reader_and_rotates_its_ready_list(prefix):
+    ring = Ring.create(prefix + "r", 4096)
+    plans = BroadcastRing.create(prefix + "b", 4096, n_readers=2)
+    reader1 = BroadcastRing.attach(prefix + "b", 1)
+    reader0 = BroadcastRing.attach(prefix + "b", 0)
+    waiter = Waiter([ring, reader1])
+    timer = threading.Timer(0.2, plans.send, args=(b"plan",))
+    timer.start()
+    start = time.monotonic()
+    assert waiter.wait(timeout=5) == [reader1]  # parked on the ring's word, rung by the broadcast
+    assert 0.15 < time.monotonic() - start < 4
+    assert reader1.try_recv() == b"plan" and reader0.try_recv() == b"plan"
+    ring.send(b"x")
+    plans.send(b"y")
+    orders = {tuple(r.name for r in waiter.wait(timeout=1)) for _ in range(4)}
+    assert orders == {(ring.name, reader1.name), (reader1.name, ring.name)}  # fair start
+    waiter.close()
+    plans.send(b"z")
+    assert [reader1.recv(timeout=1) for _ in range(2)] == [b"y", b"z"]  # own park word again
+    timer.join()
+    for r in (reader0, reader1, ring, plans):
+        r.close()
+    ring.unlink()
+    plans.unlink()
+
+
+def test_waiter_interrupt_wakes_a_waiting_thread(prefix):
+    rings = [Ring.create(prefix + "a", 4096), Ring.create(prefix + "b", 4096)]
+    waiter = Waiter(rings)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(waiter.wait(timeout=10)))
+    thread.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    waiter.interrupt()
+    thread.join(5)
+    assert result == [[]] and time.monotonic() - start < 1
+    assert waiter.wait(timeout=0.01) == []
+    with pytest.raises(ValueError, match="same ring"):
+        Waiter([rings[0], rings[0]])
+    with pytest.raises(ValueError, match="at least one"):
+        Waiter([])
+    waiter.close()
+    for r in rings:
+        r.close()
+        r.unlink()
