@@ -3,7 +3,9 @@
 Two processes; every message is a msgspec Struct carrying the payload, encoded by the sender and
 decoded by the receiver, so the numbers include the serialisation a real actor pays.
   round trip: ping-pong (the echo side decodes and re-encodes), p50/p99 in microseconds
-  one way:    the sender streams N messages, the receiver decodes them all and acks; msgs/s, GB/s
+  one way:    the sender streams N messages, the receiver decodes them all and acks; msgs/s, GB/s,
+              and the sender's CPU time per message (encode + send; what it costs when cores are
+              shared: on an oversubscribed machine wall-clock rates say more about the neighbours)
 "ring-batch" is the Ring with send_many() (batches of up to 64 messages / 64 KiB, one cursor
 publish and fence per 16 KiB instead of per message).
 
@@ -165,7 +167,7 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict
             p50 = latencies[len(latencies) // 2] / 1e3
             p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1e3
 
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             if transport == "ring-batch":
                 batch = max(1, min(BATCH, BATCH_BYTES // size))
                 for start in range(0, one_way, batch):
@@ -173,6 +175,7 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict
             else:
                 for i in range(one_way):
                     end.send(encode(Payload(i, data)))
+            send_cpu = time.process_time() - cpu0
             ack = decode(end.recv())
             elapsed = time.perf_counter() - t0
             assert ack.seq == one_way * size, "the receiver lost payload bytes"
@@ -180,6 +183,7 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict
                 "transport": transport, "size": size,
                 "rtt_p50_us": round(p50, 2), "rtt_p99_us": round(p99, 2),
                 "msgs_per_s": round(one_way / elapsed), "gb_per_s": round(one_way * size / elapsed / 1e9, 3),
+                "send_cpu_us_per_msg": round(send_cpu / one_way * 1e6, 3),
                 "round_trips": round_trips, "one_way_messages": one_way,
             })
             print(f"  {transport:10s} {human(size):>6s} done", file=sys.stderr, flush=True)
@@ -199,10 +203,11 @@ def human(size: int) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'transport':10s} {'size':>7s} {'rtt p50 us':>11s} {'rtt p99 us':>11s} {'msgs/s':>12s} {'GB/s':>8s}")
+    print(f"{'transport':10s} {'size':>7s} {'rtt p50 us':>11s} {'rtt p99 us':>11s} {'msgs/s':>12s} {'GB/s':>8s} "
+          f"{'send cpu us/msg':>16s}")
     for r in sorted(rows, key=lambda r: (r["size"], r["transport"])):
         print(f"{r['transport']:10s} {human(r['size']):>7s} {r['rtt_p50_us']:11.2f} {r['rtt_p99_us']:11.2f} "
-              f"{r['msgs_per_s']:12,d} {r['gb_per_s']:8.3f}")
+              f"{r['msgs_per_s']:12,d} {r['gb_per_s']:8.3f} {r['send_cpu_us_per_msg']:16.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
