@@ -227,13 +227,18 @@ class SchedulerCore:
 
     def _make_room_for_decode(self, decode_reqs: list[Req]) -> bool:
         """Retract the newest requests until every decode row gets a KV slot."""
+        need = len(decode_reqs)
+        if self.allocator.num_free >= need:
+            return False
         retracted = False
-        while self._room() < len([r for r in decode_reqs if r.status is ReqStatus.RUNNING]):
-            victim = max((r for r in self.running), key=lambda r: r.arrival_seq, default=None)
+        while self._room() < need:
+            victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
             if victim is None or (len(self.running) == 1 and victim in decode_reqs):
                 break  # a lone request always fits: its length is bounded by the pool
             self._retract(victim)
             retracted = True
+            if victim in decode_reqs:
+                need -= 1
         if retracted:
             self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         return retracted
@@ -251,7 +256,7 @@ class SchedulerCore:
         budget = self.prefill_budget
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
-        available = self._room() - self._reserved()
+        available = None  # computed only when there is someone to admit
 
         # 1. The partly prefilled request continues (at most one exists: only the last request
         #    admitted in a step is cut).
@@ -269,6 +274,8 @@ class SchedulerCore:
                 break
             if req.pending:
                 continue  # retracted with a token still in flight: its input is not known yet
+            if available is None:
+                available = self._room() - self._reserved()
             fill = req.prompt_ids + req.output_ids
             match_len = self._prefix_key_len(req, fill)
             prefix_len = self.cache.prefix_len(fill[:match_len]) if self.cache else 0
