@@ -18,9 +18,8 @@ import time
 import msgspec
 
 from shm.futex import Futex, mapping_address
-from shm.spin import Spinner
-from shm.ring import _deadline
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
+from shm.spin import Spinner, deadline_after
 
 MAGIC = int.from_bytes(b"RTARENA1", "little")
 OFF_CAPACITY = 8
@@ -91,7 +90,7 @@ class Arena:
             start = w + self.capacity - w % self.capacity  # skip the tail: blocks are contiguous
         end = start + ((nbytes + 7) & -8)
         if end - self._q[OFF_RELEASE // 8] > self.capacity:
-            self._wait_released(end, _deadline(timeout))
+            self._wait_released(end, deadline_after(timeout))
         self._q[OFF_ALLOC // 8] = end
         offset = DATA_OFFSET + start % self.capacity
         return ArenaBlock(start, nbytes, end), self._mv[offset:offset + nbytes]

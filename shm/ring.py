@@ -24,8 +24,7 @@ the reader reassembles; it returns only whole frames. This relies on x86-64's or
 weaker architecture (aarch64) the cursor stores would need release/acquire barriers.
 
 Waiting: spin (up to `spin_s`, adaptively: spin.py), then park on a futex word in the segment
-(protocol in futex.py).
-The writer fences after every publish (a parked reader must never miss a frame); a reader does a
+(protocol in futex.py). The writer fences after every publish (a parked reader must never miss a frame); a reader does a
 cheap unfenced check of the writer's park word after each read and a fenced one before it parks
 itself, so a writer waiting for space is woken at the latest by the reader's next recv.
 """
@@ -36,8 +35,8 @@ import mmap
 import time
 
 from shm.futex import Futex, mapping_address
-from shm.spin import Spinner
 from shm.segment import SegmentError, attach_segment, check_name, create_segment, unlink_segment
+from shm.spin import Spinner, deadline_after
 
 MAGIC = int.from_bytes(b"RTRING01", "little")
 VERSION = 1
@@ -74,14 +73,6 @@ def _layout(n_readers: int) -> tuple[int, int]:
     bell_off = OFF_RCUR + READER_LINE * n_readers
     data_off = (bell_off + BELL_SLOT * n_readers + 4095) & ~4095
     return bell_off, data_off
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if not isinstance(timeout, (int, float)) or timeout != timeout:
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    return time.monotonic() + max(timeout, 0.0)
 
 
 def _round_capacity(capacity_bytes: int) -> int:
@@ -273,8 +264,9 @@ class _RingSegment:
             self._wake_parked_readers()
 
     def send_many(self, frames, timeout: float | None = None) -> None:
-        """send() each frame, publishing the write cursor once per BATCH_PUBLISH_BYTES instead of
-        once per frame (fewer fences and cache-line transfers for runs of small frames)."""
+        """send() each frame (`timeout` bounds each wait for space), publishing the write cursor
+        once per BATCH_PUBLISH_BYTES instead of once per frame (fewer fences and cache-line
+        transfers for runs of small frames)."""
         unpublished = 0
         for data in frames:
             if type(data) is not bytes:
@@ -358,7 +350,7 @@ class _RingSegment:
 
     def _send_slow(self, data, n: int, timeout: float | None) -> None:
         """A full ring, a frame bigger than half the ring, or the first send after an aborted stream."""
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         if self._whole_limit == 0:
             self._wait_space(8, deadline)
             self._q[(self._data + (self._wpos & self._mask)) >> 3] = KIND_ABORT << 32
@@ -544,7 +536,7 @@ class _RingSegment:
         frame = self.try_recv()
         if frame is not None:
             return frame
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         while True:
             if not self._wait_readable(deadline):
                 return None
@@ -577,7 +569,7 @@ class _RingSegment:
         frame = self.try_recv_view()
         if frame is not None:
             return frame
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         while True:
             if not self._wait_readable(deadline):
                 return None

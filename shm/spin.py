@@ -24,6 +24,15 @@ MIN_BUDGET_S = 1e-6
 PROBE_EVERY = 16
 
 
+def deadline_after(timeout: float | None) -> float | None:
+    """time.monotonic() deadline of a `timeout` in seconds (None: wait for ever)."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or timeout != timeout:
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    return time.monotonic() + max(timeout, 0.0)
+
+
 class Spinner:
     def __init__(self, max_s: float):
         if not isinstance(max_s, (int, float)) or not 0 <= max_s < 1:

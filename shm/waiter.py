@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 
-from shm.spin import Spinner
-from shm.ring import _deadline, _RingSegment
+from shm.ring import _RingSegment
+from shm.spin import Spinner, deadline_after
 
 
 class Waiter:
@@ -54,7 +54,7 @@ class Waiter:
         ready = self.ready()
         if ready or self._consume_interrupt():
             return ready
-        deadline = _deadline(timeout)
+        deadline = deadline_after(timeout)
         if self._spinner.spin(self._any_readable, deadline):
             return [] if self._consume_interrupt() else self.ready()
         home = self._home
