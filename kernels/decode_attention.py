@@ -157,9 +157,14 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
+    if (part_o is None) != (part_lse is None):
+        raise ValueError("part_o and part_lse must be passed together")
     if part_o is None:
         part_o = torch.empty(batch, num_q_heads, num_kv_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_q_heads, num_kv_splits, dtype=torch.float32, device=q.device)
+    if part_o.stride(3) != 1 or part_o.shape[1:] != (num_q_heads, num_kv_splits, head_dim) or part_o.shape[0] < batch:
+        raise ValueError(f"part_o must be float32 [>={batch}, {num_q_heads}, {num_kv_splits}, {head_dim}], contiguous "
+                         f"in its last dimension; got {tuple(part_o.shape)}")
     if batch == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
