@@ -61,6 +61,7 @@ CASES = [
     ("/generate", {"input_ids": [1000, -1]}, 400, "input_ids: token id -1"),
     ("/generate", {"input_ids": [1000, 10 ** 9]}, 400, "not in the vocabulary"),
     ("/generate", {"input_ids": [1000] * CONTEXT}, 400, "context length"),
+    ("/generate", {"text": ["ok", "x " * 300]}, 400, "text[1]: the prompt has"),
     ("/generate", {"input_ids": [1000] * 200, "sampling_params": {"max_new_tokens": 100}}, 400,
      "sampling_params.max_new_tokens"),
     # --- other native fields

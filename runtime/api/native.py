@@ -53,7 +53,7 @@ class NativeApi:
         for i, input_ids in enumerate(prompts):
             params = sampling[i] or NativeSamplingParams()
             check_sampling(params, self.model_info.vocab_size, NATIVE_FIELDS)
-            field = f"input_ids[{i}]" if is_batch and body.input_ids is not None else "input_ids"
+            field = ("text" if body.text is not None else "input_ids") + (f"[{i}]" if is_batch else "")
             check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, field)
             options = _logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(input_ids),
                                        self.model_info.vocab_size)

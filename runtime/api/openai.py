@@ -59,7 +59,7 @@ class OpenAIApi:
         check_sampling(params, self.model_info.vocab_size, OPENAI_FIELDS)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, prompts, params, options, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                    arrival, "prompt")
+                                    arrival)
         view = _CompletionView(self, request_id, params.n, prompt_texts if echo else None, top)
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
@@ -135,8 +135,7 @@ class OpenAIApi:
         names = OPENAI_FIELDS if body.max_completion_tokens is None else CHAT_FIELDS_MAX_COMPLETION
         check_sampling(params, self.model_info.vocab_size, names)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, "messages",
-                                    names)
+        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names)
         view = _ChatView(self, request_id, bool(body.logprobs))
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
@@ -146,7 +145,7 @@ class OpenAIApi:
     # ------------------------------------------------------------------ shared
 
     def _sequences(self, request_id: str, rid: str | None, prompts: list[list[int]], params, options, default_max,
-                   arrival: float, prompt_field: str, names=OPENAI_FIELDS) -> list[Sequence]:
+                   arrival: float, names=OPENAI_FIELDS) -> list[Sequence]:
         base = rid or request_id
         sequences = []
         for i, input_ids in enumerate(prompts):
