@@ -7,7 +7,8 @@ goes away (that is how a disconnect aborts a generation at once).
 
 Limits: header bytes (431), body bytes (413, from Content-Length before reading, or counted for
 chunked bodies), a read deadline per request (408 when a request was partly read), an idle
-keep-alive deadline (silent close), a cap on queued pipelined requests (reading pauses).
+keep-alive deadline (silent close), a cap on queued pipelined requests (reading pauses), a write
+timeout for clients that stop reading a response (cut off).
 Deadlines are plain floats checked by the server's ticker, so requests cost no timer handles.
 """
 
@@ -280,6 +281,8 @@ class HttpConnection(asyncio.Protocol):
                         self._send(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
                         if self.write_paused:
                             await self._drain()
+                            if self.closed:
+                                break
                 else:
                     if chunked and not self.closed:
                         self._send(_LAST_CHUNK)
@@ -335,9 +338,17 @@ class HttpConnection(asyncio.Protocol):
             self._set_deadline(self.config.keepalive_timeout, 0)
 
     async def _drain(self):
+        """Wait until the transport's buffer drains; a client that stops reading for
+        write_timeout is cut off (its request is then aborted like any disconnect)."""
         self.drain_waiter = self.loop.create_future()
-        await self.drain_waiter
-        self.drain_waiter = None
+        try:
+            await asyncio.wait_for(self.drain_waiter, self.config.write_timeout)
+        except asyncio.TimeoutError:
+            logger.info("closing a connection whose client stopped reading for %g s", self.config.write_timeout)
+            self.closed = True
+            self.transport.abort()
+        finally:
+            self.drain_waiter = None
 
     def _write_response(self, request: Request | None, response: Response, close: bool):
         body = response.body

@@ -22,6 +22,7 @@ class ServerConfig:
     max_connections: int = 4096  # beyond: 503 and close
     read_timeout: float = 30.0  # headers must arrive within it; the body may pause at most this long: else 408
     keepalive_timeout: float = 75.0  # an idle connection is closed after this long
+    write_timeout: float = 60.0  # a client that reads nothing for this long while output waits is cut off
     max_pipelined: int = 32  # queued requests per connection before reading pauses
     api_key: str | None = None  # when set, "Authorization: Bearer <key>" is required ...
     public_paths: frozenset[str] = frozenset({"/health"})  # ... except on these paths

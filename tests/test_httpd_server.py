@@ -17,7 +17,8 @@ from httpd import HttpError, HttpServer, Response, Router, ServerConfig, Streami
 from httpd.sse import DONE, sse_event
 from tests.fake_frontend import ServerThread, wait_until
 
-CONFIG = ServerConfig(max_header_bytes=4096, max_body_bytes=1024, read_timeout=0.5, keepalive_timeout=1.0)
+CONFIG = ServerConfig(max_header_bytes=4096, max_body_bytes=1024, read_timeout=0.5, keepalive_timeout=1.0,
+                      write_timeout=0.5)
 
 
 class StreamProbe:
@@ -55,6 +56,18 @@ def make_router(probe: StreamProbe) -> Router:
 
         return StreamingResponse(events())
 
+    async def flood(request):
+        async def pieces():
+            try:
+                while True:
+                    probe.events_sent += 1
+                    yield b"x" * 65536
+                    await asyncio.sleep(0)
+            finally:
+                probe.closed.set()
+
+        return StreamingResponse(pieces(), content_type=b"application/octet-stream")
+
     def broken(request):
         raise RuntimeError("boom")
 
@@ -67,6 +80,7 @@ def make_router(probe: StreamProbe) -> Router:
     router.add("POST", "/echo", echo)
     router.add(["GET", "POST"], "/slow", slow)
     router.add("GET", "/stream", stream)
+    router.add("GET", "/flood", flood)
     router.add("GET", "/broken", broken)
     router.add("GET", "/refuses", refuses)
     router.add("GET", "/forgets", forgets)
@@ -345,6 +359,29 @@ def test_client_disconnect_mid_stream_closes_the_body_at_once(server, probe):
     sock.close()
     assert probe.closed.wait(2), "the body was not closed after the client left"
     assert probe.events_sent < 100
+
+
+def test_a_client_that_stops_reading_is_cut_off(server, probe):
+    probe.closed.clear()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        assert probe.closed.wait(5), "the response was not abandoned"
+        assert closed_by_peer_eventually(sock)
+    finally:
+        sock.close()
+
+
+def closed_by_peer_eventually(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        while sock.recv(1 << 20):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
 
 
 def test_too_many_connections_get_503():
