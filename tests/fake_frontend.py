@@ -208,8 +208,9 @@ class FakeFrontend:
         return (True, "") if self.flush_ok else (False, "requests are running")
 
     async def server_info(self) -> dict:
-        return {"num_running_reqs": len(self.running), "num_queue_reqs": 0, "token_usage": 0.25,
-                "cache_hit_rate": 0.5, "max_total_num_tokens": self.model_info.max_total_tokens}
+        # The keys of runtime.scheduler_core.SchedulerCore.server_info() that the HTTP layer reads.
+        return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
+                "max_total_tokens": self.model_info.max_total_tokens}
 
 
 class ServerThread:

@@ -31,8 +31,8 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0
 
 # Frontend.server_info() keys read at scrape time -> (metric name, help).
 SCHEDULER_GAUGES = {
-    "num_running_reqs": ("sglang:num_running_reqs", "Requests in the running batch"),
-    "num_queue_reqs": ("sglang:num_queue_reqs", "Requests waiting in the scheduler's queue"),
+    "running": ("sglang:num_running_reqs", "Requests in the running batch"),
+    "queued": ("sglang:num_queue_reqs", "Requests waiting in the scheduler's queue"),
     "token_usage": ("sglang:token_usage", "Fraction of the KV cache slots in use"),
     "cache_hit_rate": ("sglang:cache_hit_rate", "Prefix cache hit rate (cached / prompt tokens)"),
 }
