@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.api.app import create_server
 from tests.fake_frontend import FakeFrontend, ServerThread, http_request, smollm2_tokenizer
@@ -144,3 +146,24 @@ def test_unknown_route_and_wrong_method(served):
     assert status == 404 and b"/v1/embeddingz" in raw
     status, headers, _ = http_request(server.url, "GET", "/generate")
     assert status == 405 and headers["allow"] == "OPTIONS, POST"
+
+
+_FIELDS = ["text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
+           "return_text_in_logprobs", "stream", "prompt", "messages", "max_tokens", "n", "echo", "logprobs", "stop",
+           "temperature", "top_p", "top_k", "max_new_tokens", "stream_options", "response_format", "role", "content",
+           "logit_bias", "seed", "max_completion_tokens", "top_logprobs", "tools", "min_new_tokens"]
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 3000), st.floats(allow_nan=False, width=32),
+                     st.sampled_from(["", "hi", "x" * 50, "<|im_start|>"]))
+_json = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=4)), max_leaves=12)
+_bodies = st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/generate", "/v1/completions", "/v1/chat/completions"]), body=_bodies)
+def test_random_bodies_never_cause_a_server_error(served, path, body):
+    server, _ = served
+    status, headers, raw = http_request(server.url, "POST", path, body)
+    assert status < 500, raw
+    if status >= 400:
+        assert msgspec.json.decode(raw)["error"]["message"]
