@@ -163,3 +163,26 @@ def test_tiny_model_random_workloads_with_retraction_and_aborts(tiny):
                 expected = expected[:core.context_limit - len(req.input_ids)]
                 assert got.tokens == expected, (req.rid, got.finish)
     assert retractions > 0  # 96 slots, requests of ~50 tokens admitted at 70% of their length: decode runs short
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_tiny_model_logprobs_reach_the_updates(tiny, overlap):
+    """Token logprobs arrive with their tokens; prompt logprobs once, covering the whole prompt even
+    when it is cached (the match stops at logprob_start_len) and prefilled in chunks."""
+    from runtime.messages import LogprobOptions
+
+    runner, _ = tiny
+    core = core_for(runner, chunked_prefill_size=8)
+    prompt = list(range(10, 30))
+    drive(core, runner, {0: [greedy_request("warm", prompt, 4)]}, overlap=overlap)  # cache the prompt
+    opts = LogprobOptions(return_logprob=True, logprob_start_len=0, top_logprobs_num=2)
+    req = GenerateRequest(rid="lp", input_ids=prompt, stream=True, logprobs=opts,
+                          sampling=SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    report = drive(core, runner, {0: [req]}, overlap=overlap)
+    updates = report.outcomes["lp"].updates
+    assert updates[-1].meta.cached_tokens == 0
+    for u in updates:
+        assert u.logprobs is not None and u.logprobs.token_ids == u.new_token_ids
+        assert all(len(top) == 2 for top in u.logprobs.top_ids)
+    assert updates[0].prompt_logprobs.token_ids == prompt[1:]
+    assert all(u.prompt_logprobs is None for u in updates[1:])
