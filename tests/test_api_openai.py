@@ -53,6 +53,9 @@ def test_models_lists_the_served_model(client, fake):
     models = client.models.list().data
     assert [m.id for m in models] == [fake.served_model_name]
     assert models[0].model_extra["max_model_len"] == fake.context_length
+    assert client.models.retrieve(fake.served_model_name).id == fake.served_model_name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("some-other-model")
 
 
 def test_completion_of_a_string(client, fake, tokenizer):

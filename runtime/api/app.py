@@ -30,6 +30,7 @@ def build_router(frontend, metrics: Metrics | None) -> Router:
     if metrics is not None:
         router.add("GET", "/metrics", native.metrics_text)
     router.add("GET", "/v1/models", openai.models)
+    router.add("GET", f"/v1/models/{frontend.served_model_name}", openai.model)
     router.add("POST", "/v1/completions", openai.completions)
     router.add("POST", "/v1/chat/completions", openai.chat_completions)
     return router

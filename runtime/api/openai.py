@@ -26,14 +26,21 @@ class OpenAIApi:
         self.model_info = frontend.model_info
 
     def models(self, request: Request) -> Response:
-        return json_response({"object": "list", "data": [{
+        return json_response({"object": "list", "data": [self._model_card()]})
+
+    def model(self, request: Request) -> Response:
+        """GET /v1/models/{served model name} (other names: no route, 404)."""
+        return json_response(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {
             "id": self.frontend.served_model_name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "runtime",
             "root": self.frontend.args.model_path,
             "max_model_len": self.model_info.context_length,
-        }]})
+        }
 
     # ------------------------------------------------------------------ /v1/completions
 
