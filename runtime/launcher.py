@@ -116,35 +116,50 @@ class Deployment:
                          inbound=inbound, outbound=outbound, log_level=self.args.log_level,
                          cpus=self.cpus.get(name, []))
 
+    def worker_spec(self, rank: int) -> ActorSpec:
+        from runtime.worker import WorkerActorConfig
+
+        t = self.topology
+        return self._spec(f"worker{rank}", WORKER_CLASS, WorkerActorConfig(args=self.args, tp_rank=rank),
+                          [t.worker_plans(rank)], [t.worker_to_scheduler] if rank == 0 else [])
+
+    def scheduler_spec(self, model_info: ModelInfo) -> ActorSpec:
+        from runtime.scheduler import SchedulerActorConfig
+
+        t = self.topology
+        return self._spec("scheduler", SCHEDULER_CLASS, SchedulerActorConfig(args=self.args, model_info=model_info),
+                          [t.ingress_to_scheduler, t.worker_to_scheduler],
+                          [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress])
+
+    def detokenizer_spec(self) -> ActorSpec:
+        from runtime.detokenizer import DetokenizerConfig
+
+        t = self.topology
+        return self._spec("detokenizer", DETOKENIZER_CLASS,
+                          DetokenizerConfig(args=self.args, to_ingress=t.detokenizer_to_ingress.name),
+                          [t.scheduler_to_detokenizer], [t.detokenizer_to_ingress])
+
+    def ingress_spec(self, model_info: ModelInfo) -> ActorSpec:
+        from runtime.ingress import IngressConfig
+
+        t = self.topology
+        return self._spec("ingress", INGRESS_CLASS,
+                          IngressConfig(args=self.args, model_info=model_info,
+                                        to_scheduler=t.ingress_to_scheduler.name),
+                          [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler])
+
     def start(self) -> ModelInfo:
         """Start every actor in order; returns rank 0's ModelInfo. On failure every actor is
         stopped and ActorStartError (naming the actor, with its stderr tail) is raised."""
-        from runtime.detokenizer import DetokenizerConfig
-        from runtime.scheduler import SchedulerActorConfig
-        from runtime.worker import WorkerActorConfig
-
-        args, t = self.args, self.topology
-        infos = []
-        for rank in range(args.tp_size):
-            outbound = [t.worker_to_scheduler] if rank == 0 else []
-            spec = self._spec(f"worker{rank}", WORKER_CLASS, WorkerActorConfig(args=args, tp_rank=rank),
-                              [t.worker_plans(rank)], outbound)
-            infos.append(self.sup.start(spec))
+        infos = [self.sup.start(self.worker_spec(rank)) for rank in range(self.args.tp_size)]
         self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
         log.info("model loaded: %s", msgspec.json.encode(self.model_info).decode())
-        self.sup.start(self._spec(
-            "scheduler", SCHEDULER_CLASS, SchedulerActorConfig(args=args, model_info=self.model_info),
-            [t.ingress_to_scheduler, t.worker_to_scheduler],
-            [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress]))
-        self.sup.start(self._spec(
-            "detokenizer", DETOKENIZER_CLASS, DetokenizerConfig(args=args),
-            [t.scheduler_to_detokenizer], [t.detokenizer_to_ingress]))
+        self.sup.start(self.scheduler_spec(self.model_info))
+        self.sup.start(self.detokenizer_spec())
         if self.with_http:
-            from runtime.ingress import IngressConfig, IngressInfo
+            from runtime.ingress import IngressInfo
 
-            info = self.sup.start(self._spec(
-                "ingress", INGRESS_CLASS, IngressConfig(args=args, model_info=self.model_info),
-                [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler]))
+            info = self.sup.start(self.ingress_spec(self.model_info))
             self.port = msgspec.msgpack.decode(info, type=IngressInfo).port
         return self.model_info
 
