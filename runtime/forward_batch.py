@@ -25,6 +25,7 @@ class ForwardBatch:
     num_tokens: int  # T, new tokens in the step (sum of extend_lens)
     input_ids: torch.Tensor  # int64 [T], placeholders already resolved
     positions: torch.Tensor  # int64 [T], position of each new token in its sequence
+    token_batch_index: torch.Tensor  # int64 [T], batch row (0..B-1) each new token belongs to
     rows: torch.Tensor  # int64 [B], request-table rows
     prefix_lens: torch.Tensor  # int32 [B], tokens already in the KV cache
     extend_lens: torch.Tensor  # int32 [B], new tokens per row
@@ -55,8 +56,9 @@ class ForwardBatch:
         prefix_lens_t = meta[1].to(torch.int32)
         extend_lens_t = meta[2].to(torch.int32)
         # positions: prefix_len of the token's row + index of the token within the row's new tokens
-        token_row = torch.repeat_interleave(torch.arange(batch_size, device=device), meta[2], output_size=offset)
-        positions = torch.arange(offset, device=device) - meta[4][token_row] + meta[1][token_row]
+        token_batch_index = torch.repeat_interleave(torch.arange(batch_size, device=device), meta[2],
+                                                    output_size=offset)
+        positions = torch.arange(offset, device=device) - meta[4][token_batch_index] + meta[1][token_batch_index]
         is_decode = all(e == 1 for e in extend_lens)
         return cls(
             mode=ForwardMode.DECODE if is_decode else ForwardMode.EXTEND,
@@ -64,6 +66,7 @@ class ForwardBatch:
             num_tokens=offset,
             input_ids=input_ids,
             positions=positions,
+            token_batch_index=token_batch_index,
             rows=meta[0],
             prefix_lens=prefix_lens_t,
             extend_lens=extend_lens_t,

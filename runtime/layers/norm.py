@@ -1,0 +1,27 @@
+"""RMSNorm, with the residual add fused in (as in Llama blocks: h = x + residual; out = norm(h))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype), requires_grad=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in float32, scale in the model dtype: the order transformers uses
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); or, with `residual`, (norm(x + residual), x + residual)."""
+        if residual is None:
+            return self.normalize(x)
+        summed = x + residual
+        return self.normalize(summed), summed

