@@ -174,3 +174,50 @@ def test_watchdog_stops_the_scheduler_when_the_worker_hangs():
         assert isinstance(h.error, WatchdogTimeout) and "watchdog" in str(h.error)
     finally:
         h.close()
+
+
+def test_worker_actor_answers_errors_and_keeps_serving(tmp_path):
+    """The worker actor over real rings with a tiny model: a bad plan gets a WorkerError naming its
+    batch, the next plan still gets its BatchResult, Shutdown(0) ends the loop. Ready info is the
+    msgpack ModelInfo."""
+    from runtime.messages import BatchResult, NewRow, SamplingParams, WorkerError
+    from runtime.worker import TO_SCHEDULER, WorkerActor, WorkerActorConfig, decode_model_info
+    from tests.model_fixtures import save_tiny_model
+
+    save_tiny_model("LlamaForCausalLM", str(tmp_path))
+    prefix, tag = run_prefix(), f"workertest{next(_names)}"
+    plans_seg, results_seg = segment_name(prefix, tag, "plans"), segment_name(prefix, tag, "results")
+    rings = [BroadcastRing.create(plans_seg, 1 << 20, 1), Ring.create(results_seg, 1 << 20)]
+    to_worker = Channel("plans", BroadcastRing.attach(plans_seg, 0), SchedulerToWorker)
+    results = Channel("results", Ring.attach(results_seg), WorkerToScheduler)
+    args = ServerArgs(model_path=str(tmp_path), device="cpu", max_total_tokens=64, max_running_requests=2)
+    mailbox = Mailbox([Channel("plans", BroadcastRing.attach(plans_seg, 0), SchedulerToWorker)])
+    refs = {TO_SCHEDULER: ActorRef(Channel(TO_SCHEDULER, Ring.attach(results_seg), WorkerToScheduler))}
+    actor = WorkerActor(ActorContext("worker0", WorkerActorConfig(args=args), mailbox, refs))
+    thread = threading.Thread(target=actor.run, daemon=True)
+    try:
+        info = decode_model_info(actor.ready_info())
+        assert info.max_total_tokens == 64 and info.max_running_requests == 2
+        thread.start()
+        greedy = SamplingParams(temperature=0.0)
+        bad = BatchPlan(batch_id=0, rows=[5], prefix_lens=[0], extend_lens=[3], input_ids=[4, 5, 6],
+                        out_slots=[1, 2, 3], sample=[True], future_slots=[0])
+        good = BatchPlan(batch_id=1, rows=[0], prefix_lens=[0], extend_lens=[3], input_ids=[4, 5, 6],
+                         out_slots=[1, 2, 3], sample=[True], future_slots=[0],
+                         new_rows=[NewRow(row=0, prefix_slots=[], sampling=greedy)])
+        to_worker.put(bad)
+        to_worker.put(good)
+        error = results.get(timeout=30)
+        assert isinstance(error, WorkerError) and error.batch_id == 0 and "row 5" in error.message
+        result = results.get(timeout=30)
+        assert isinstance(result, BatchResult) and result.batch_id == 1 and len(result.next_token_ids) == 1
+        to_worker.put(Shutdown(grace_s=0.0))
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        for ch in (to_worker, results):
+            ch.close()
+        actor.close()
+        for r in rings:
+            r.close()
+            r.unlink()
