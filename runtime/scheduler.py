@@ -56,7 +56,8 @@ class SchedulerActor(Actor):
             from runtime.tokenizer import load_tokenizer  # transformers: only when stop strings can occur
 
             tokenizer = load_tokenizer(args)
-        self.core = SchedulerCore(SchedulerConfig.from_args(args, self.config.model_info), decode=make_decode(tokenizer))
+        config = SchedulerConfig.from_args(args, self.config.model_info)
+        self.core = SchedulerCore(config, decode=make_decode(tokenizer))
         self.depth = 1 if args.disable_overlap_schedule else 2
         self.to_workers = self.ref(TO_WORKERS)
         self.to_detokenizer = self.ref(TO_DETOKENIZER)
@@ -101,7 +102,8 @@ class SchedulerActor(Actor):
                 self.emit(self.core.process_error(msg))
             case GenerateRequest():
                 if self.shutdown_deadline is not None:
-                    self.to_ingress.send(RequestRejected(rid=msg.rid, status=503, message="the server is shutting down"))
+                    self.to_ingress.send(RequestRejected(rid=msg.rid, status=503,
+                                                         message="the server is shutting down"))
                     return
                 rejection = self.core.add_request(msg)
                 if rejection is not None:

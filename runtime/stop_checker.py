@@ -1,8 +1,8 @@
 """Finish conditions of a request, checked by the scheduler after every received token.
 
 Order (SGLang's): the max_new_tokens length limit, then the context limit, then (once
-min_new_tokens are out) EOS / stop token ids, then stop strings. Stop strings are matched on text: only the tail of the output is decoded,
-enough tokens to hold the longest stop string (a token decodes to at least one character except
+min_new_tokens are out) EOS / stop token ids, then stop strings. Stop strings are matched on text:
+only the tail of the output is decoded, enough tokens to hold the longest stop string (a token decodes to at least one character except
 for partial UTF-8 bytes, hence the slack), so the cost per token does not grow with the output.
 """
 

@@ -15,7 +15,8 @@ from actors.mailbox import Mailbox
 from runtime.messages import (BatchPlan, FlushCacheReply, FlushCacheRequest, IngressToScheduler, ModelInfo,
                               RequestRejected, SchedulerToDetokenizer, SchedulerToIngress, SchedulerToWorker,
                               ServerInfoReply, ServerInfoRequest, Shutdown, TokenUpdates, WorkerToScheduler)
-from runtime.scheduler import TO_DETOKENIZER, TO_INGRESS, TO_WORKERS, SchedulerActor, SchedulerActorConfig, WatchdogTimeout
+from runtime.scheduler import (TO_DETOKENIZER, TO_INGRESS, TO_WORKERS, SchedulerActor, SchedulerActorConfig,
+                               WatchdogTimeout)
 from runtime.server_args import ServerArgs
 from shm import BroadcastRing, Ring, run_prefix, segment_name
 from tests.scheduler_fixtures import EOS, FakeRunner, make_request, reference_generate

@@ -38,7 +38,11 @@ def assert_matches_reference(core, report, requests):
 MODES = [dict(overlap=o, radix=r, chunk=c) for o in (False, True) for r in (False, True) for c in (-1, 16)]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"overlap{int(m['overlap'])}-radix{int(m['radix'])}-chunk{m['chunk']}")
+def mode_id(m):
+    return f"overlap{int(m['overlap'])}-radix{int(m['radix'])}-chunk{m['chunk']}"
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
 def test_mixed_arrivals_match_reference(mode):
     core, runner = make_core(chunk=mode["chunk"], radix=mode["radix"])
     shared = prompt(0, 30)
@@ -173,7 +177,8 @@ def test_abort_queued_prefilling_and_decoding():
 
 def test_requests_that_can_never_fit_are_rejected():
     core, runner = make_core(total=64, context=100)
-    reqs = [make_request("too-long-for-pool", prompt(1, 64), 4), make_request("too-long-for-context", prompt(1, 100), 4),
+    reqs = [make_request("too-long-for-pool", prompt(1, 64), 4),
+            make_request("too-long-for-context", prompt(1, 100), 4),
             make_request("empty", [], 4), make_request("ok", prompt(2, 10), 4)]
     report = drive(core, runner, {0: reqs}, overlap=True)
     assert "KV cache" in report.rejected["too-long-for-pool"]
@@ -232,7 +237,8 @@ def test_worker_error_aborts_the_batch_and_the_scheduler_keeps_serving():
     for overlap in (False, True):
         core, runner = make_core()
         runner.fail_batches = {2}
-        a, b = make_request("a", prompt(1, 5), 10, ignore_eos=True), make_request("b", prompt(2, 5), 10, ignore_eos=True)
+        a = make_request("a", prompt(1, 5), 10, ignore_eos=True)
+        b = make_request("b", prompt(2, 5), 10, ignore_eos=True)
         c = make_request("c", prompt(3, 5), 5)
         report = drive(core, runner, {0: [a, b], 6: [c]}, overlap=overlap)
         for rid in ("a", "b"):

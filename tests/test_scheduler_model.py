@@ -35,8 +35,8 @@ def core_for(runner: ModelRunner, **overrides) -> SchedulerCore:
 
 
 def greedy_request(rid, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=False):
-    return GenerateRequest(rid=rid, input_ids=list(prompt),
-                           sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos))
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    return GenerateRequest(rid=rid, input_ids=list(prompt), sampling=sampling)
 
 
 def truncate_at_eos(tokens, eos_ids):
