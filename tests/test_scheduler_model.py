@@ -186,3 +186,27 @@ def test_tiny_model_logprobs_reach_the_updates(tiny, overlap):
         assert all(len(top) == 2 for top in u.logprobs.top_ids)
     assert updates[0].prompt_logprobs.token_ids == prompt[1:]
     assert all(u.prompt_logprobs is None for u in updates[1:])
+
+
+def test_smollm2_stop_string_matched_with_the_real_tokenizer(smollm2):
+    from runtime.server_args import ServerArgs
+    from runtime.stop_checker import make_decode
+    from runtime.tokenizer import load_tokenizer
+
+    runner, prompts, references = smollm2
+    decode = make_decode(load_tokenizer(ServerArgs()))
+    full = references[2]
+    text = decode(full)
+    stop = text[len(text) // 3: len(text) // 3 + 5]  # a piece that may span tokens
+    k = next(k for k in range(1, len(full) + 1) if stop in decode(full[:k]))
+    info = runner.info
+    core = SchedulerCore(SchedulerConfig(max_total_tokens=info.max_total_tokens,
+                                         max_running_requests=info.max_running_requests,
+                                         context_length=info.context_length, eos_token_ids=info.eos_token_ids),
+                         decode=decode)
+    req = GenerateRequest(rid="s", input_ids=prompts[2],
+                          sampling=SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, stop=[stop]))
+    report = drive(core, runner, {0: [req]}, overlap=True)
+    out = report.outcomes["s"]
+    assert out.finish.type == "stop" and out.finish.matched == stop
+    assert out.tokens == full[:k]
