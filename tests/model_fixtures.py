@@ -3,11 +3,13 @@ BatchPlans (`PlanDriver`), transformers references, and tiny random-weight check
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LlamaForCausalLM
 
 from runtime.forward_batch import ForwardBatch
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, NewRow, SamplingParams
@@ -152,12 +154,20 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> tuple[torch.Tensor, 
     out = model(torch.tensor([prompt]), use_cache=True)
     prompt_logits = out.logits[0].float()
     tokens = [int(prompt_logits[-1].argmax())]
-    past = out.past_key_values
+    cache = _returned_cache(out)
     for _ in range(new_tokens - 1):
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(torch.tensor([[tokens[-1]]]), use_cache=True, **{_CACHE_ARG: cache})
+        cache = _returned_cache(out)
         tokens.append(int(out.logits[0, -1].argmax()))
     return prompt_logits, tokens
+
+
+# transformers renamed `past_key_values` to `cache` (5.x); accept both spellings.
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    return getattr(out, _CACHE_ARG)
 
 
 def relative_max_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -167,7 +177,7 @@ def relative_max_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def hf_smollm2(gguf_path: str):
     """transformers' own GGUF reading (dequantization and llama.cpp's Q/K row order undone by its code,
     not ours) into a LlamaForCausalLM, without the accelerate package that from_pretrained wants."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = load_gguf_checkpoint(gguf_path)["config"]
