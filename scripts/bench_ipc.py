@@ -9,7 +9,11 @@ decoded by the receiver, so the numbers include the serialisation a real actor p
 "ring-batch" is the Ring with send_many() (batches of up to 64 messages / 64 KiB, one cursor
 publish and fence per 16 KiB instead of per message).
 
-    python scripts/bench_ipc.py [--quick] [--output results.json]
+    python scripts/bench_ipc.py [--quick] [--no-pin] [--output results.json]
+
+The two processes are pinned to two different CPUs (as the launcher pins actors) unless --no-pin:
+otherwise where the kernel happens to place them (same core or not) decides the small-message
+round trip more than the transport does.
 """
 
 from __future__ import annotations
@@ -117,7 +121,9 @@ def open_end(transport: str, spec, parent: bool):
 # ------------------------------------------------------------------------------------ the two sides
 
 
-def child_main(transport: str, spec, plan: list[tuple[int, int, int]]) -> None:
+def child_main(transport: str, spec, plan: list[tuple[int, int, int]], cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     end = open_end(transport, spec, parent=False)
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(Payload).decode
@@ -131,7 +137,7 @@ def child_main(transport: str, spec, plan: list[tuple[int, int, int]]) -> None:
     end.close()
 
 
-def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict]:
+def run_transport(transport: str, plan: list[tuple[int, int, int]], cpus: tuple[int, int] | None) -> list[dict]:
     ctx = mp.get_context("spawn")
     prefix = run_prefix()
     rings = []
@@ -145,7 +151,7 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]]) -> list[dict
     else:
         spec = child_spec = f"ipc://{tempfile.gettempdir()}/bench_ipc_{os.getpid()}.sock"
     end = open_end(transport, spec, parent=True)
-    child = ctx.Process(target=child_main, args=(transport, child_spec, plan), daemon=True)
+    child = ctx.Process(target=child_main, args=(transport, child_spec, plan, cpus and cpus[1]), daemon=True)
     child.start()
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(Payload).decode
@@ -216,25 +222,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", default="ring,ring-batch,pipe,zmq",
                         help="comma-separated subset of ring, ring-batch, pipe, zmq")
     parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the two processes to two different CPUs (the launcher pins actors)")
     args = parser.parse_args(argv)
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     unknown = set(transports) - {"ring", "ring-batch", "pipe", "zmq"}
     if unknown:
         parser.error(f"--transports: unknown transport(s) {sorted(unknown)}")
     plan = plan_for(args.quick)
+    available = sorted(os.sched_getaffinity(0))
+    cpus = None if args.no_pin or len(available) < 2 else (available[0], available[1])
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     load_before = os.getloadavg()[0]
     rows = []
     try:
         for transport in transports:
-            rows += run_transport(transport, plan)
+            rows += run_transport(transport, plan, cpus)
     finally:
         sweep(run_prefix())
     print_table(rows)
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs")
+    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs; "
+          f"processes pinned to CPUs {cpus}" if cpus else "; processes not pinned")
     if args.output:
         info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                "loadavg_before_after": load,
+                "loadavg_before_after": load, "pinned_cpus": cpus,
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         Path(args.output).write_text(json.dumps({"info": info, "results": rows}, indent=2))
     return 0

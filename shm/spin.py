@@ -7,10 +7,12 @@ oversubscribed (the 2-core CI box runs five actors: the spinner takes the core t
 and a scheduler favours tasks that slept over tasks that spun). Measured under load 8 on 2 cores,
 64-byte ping-pong p50: 430 us spinning 200 us, 53 us yielding while spinning, 21 us parking at once.
 
-So: poll purely for up to PURE_SPIN_S, then poll with sched_yield() in between, up to the current
-budget. A wait answered in the pure phase grows the budget toward `max_s`; a wait that needed
-yields, or ended parked, halves it (to 0: park at once). While the budget is below the pure phase,
-every PROBE_EVERY-th wait probes with a pure spin, so a machine that calms down is noticed.
+So: poll purely for PURE_SPIN_S, then poll with sched_yield() in between (it returns at once
+when nobody else wants the core, and lets a peer that was woken onto our core run), up to the
+current budget. A wait answered within QUICK_ANSWER_S grows the budget toward `max_s`; a slower
+one, or one that ends parked, halves it (down to 0: park at once). While the budget is below
+QUICK_ANSWER_S, every PROBE_EVERY-th wait spins QUICK_ANSWER_S anyway, so a machine that calms
+down, or a peer that spins again, is noticed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 import time
 from typing import Callable
 
-PURE_SPIN_S = 20e-6
+PURE_SPIN_S = 5e-6
+QUICK_ANSWER_S = 20e-6
 MIN_BUDGET_S = 1e-6
 PROBE_EVERY = 16
 
@@ -48,8 +51,8 @@ class Spinner:
             return ready()
         budget = self.budget_s
         self._waits += 1
-        if budget < PURE_SPIN_S and self._waits % PROBE_EVERY == 0:
-            budget = min(PURE_SPIN_S, self.max_s)
+        if budget < QUICK_ANSWER_S and self._waits % PROBE_EVERY == 0:
+            budget = min(QUICK_ANSWER_S, self.max_s)
         start = time.monotonic()
         end = start + budget
         if deadline is not None and deadline < end:
@@ -68,7 +71,7 @@ class Spinner:
                 os.sched_yield()
 
     def _adapt(self, answered_after_s: float | None) -> None:
-        if answered_after_s is not None and answered_after_s <= PURE_SPIN_S:
+        if answered_after_s is not None and answered_after_s <= QUICK_ANSWER_S:
             self.budget_s = min(self.max_s, 2 * self.budget_s + 2 * answered_after_s + MIN_BUDGET_S)
         else:
             half = self.budget_s / 2
