@@ -27,20 +27,22 @@ def test_quick_answers_keep_the_full_budget_and_misses_halve_it_to_zero():
 
 
 def test_a_parked_spinner_probes_now_and_then():
+    """At budget 0 a wait polls 16 times and gives up; every PROBE_EVERY-th wait spins longer.
+    ready() only holds on its 20th call, so only a probe can see it."""
     spinner = Spinner(200e-6)
-    spinner.budget_s = 0.0
-    polls = []
-    for _ in range(PROBE_EVERY * 2):
-        count = [0]
+    outcomes = []
+    for _ in range(4 * PROBE_EVERY):
+        spinner.budget_s = 0.0
+        calls = [0]
 
         def ready():
-            count[0] += 1
-            return False
+            calls[0] += 1
+            return calls[0] >= 20
 
-        spinner.spin(ready, None)
-        polls.append(count[0])
-    probing = [n for n in polls if n > 16]
-    assert len(probing) == 2, f"expected 2 probes in {len(polls)} waits: {polls}"
+        outcomes.append(spinner.spin(ready, None))
+    hits = [i + 1 for i, ok in enumerate(outcomes) if ok]
+    assert hits, "no probe ever spun past 16 polls"
+    assert all(i % PROBE_EVERY == 0 for i in hits), f"only every {PROBE_EVERY}th wait may probe: {hits}"
 
 
 def test_slow_answers_shrink_the_budget_and_quick_ones_keep_it():
