@@ -188,7 +188,10 @@ class ModelRunner:
         pending = PendingStep(plan.batch_id, torch.empty(0, dtype=torch.int64), None, started, 0.0)
         if batch.batch_size:
             self._forward_and_sample(plan, batch, pending)
+        reused = {new_row.row for new_row in plan.new_rows}
         for row in plan.freed_rows:
+            if row in reused:  # freed and taken again by a new request in the same plan: keep the new state
+                continue
             self.sampler.free_row(row)
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)

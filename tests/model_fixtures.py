@@ -66,7 +66,7 @@ class PlanDriver:
 
     def finish(self, seq: Seq) -> None:
         self.free_slots.extend(seq.owned_slots)
-        self.free_rows.append(seq.row)
+        self.free_rows.insert(0, seq.row)  # the next request takes this row again
         self.pending_freed_rows.append(seq.row)
 
     def step(self, work: list[tuple[Seq, int]]) -> BatchResult:
