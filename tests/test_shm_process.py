@@ -93,25 +93,34 @@ def test_producer_killed_mid_write_leaves_only_whole_frames(prefix):
         prefix + "r",
     )
     received = 0
-    killer = threading.Timer(0.6, lambda: child.send_signal(signal.SIGKILL))
+    flowing = threading.Event()
+
+    def kill_when_flowing():
+        if flowing.wait(60):
+            time.sleep(0.2)  # a few more frames, then die wherever the child is
+        child.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_flowing, daemon=True)
     killer.start()
     try:
         while True:
-            got = ring.recv(timeout=1.5)
+            got = ring.recv(timeout=1.5 if flowing.is_set() else 30)
             if got is None:
                 break
             size = (1 << 20) if received % 3 else (6 << 20) + received
             assert len(got) == size and got == frame(received, size), f"frame {received} torn"
             received += 1
+            if received == 3:
+                flowing.set()
         assert child.wait(5) == -signal.SIGKILL
-        assert received >= 2, "the child should have sent a few frames before it died"
+        assert received >= 3, "the child should have sent a few frames before it died"
 
         # A restarted producer: a half-written stream (if the kill hit one) is cancelled.
         successor = spawn("Ring.attach(sys.argv[1]).send(b'successor', timeout=5)\n", prefix + "r")
         assert successor.wait(20) == 0
         assert ring.recv(timeout=5) == b"successor"
     finally:
-        killer.cancel()
+        flowing.set()
         child.kill()
         child.wait()
         ring.close()
