@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep(run_prefix())
     print_table(rows)
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs; "
-          f"processes pinned to CPUs {cpus}" if cpus else "; processes not pinned")
+    placement = f"processes pinned to CPUs {cpus}" if cpus else "processes not pinned"
+    print(f"load average (1 min) before/after: {load[0]} / {load[1]} on {os.cpu_count()} CPUs; {placement}")
     if args.output:
         info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "loadavg_before_after": load, "pinned_cpus": cpus,
