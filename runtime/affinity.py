@@ -5,6 +5,9 @@ each worker on the NUMA node of its GPU, each on cores of its own, and puts the 
 detokenizer on the cores left over (they are I/O and tokenizer bound and must not steal the
 scheduler's core). With fewer than 4 usable cores there is nothing to separate: auto pins nothing.
 
+The plan is applied by the actors themselves: the launcher puts each role's cores in its ActorSpec.cpus
+and actors.boot pins the process before building the actor.
+
 LIST gives the cores per role explicitly: "ingress=0;detokenizer=0;scheduler=1;worker0=2-7"
 (ranges and commas allowed: "worker1=8-11,16"). Roles not named are not pinned.
 """
@@ -117,8 +120,3 @@ def parse_affinity_list(text: str, topo: Topology, n_workers: int) -> dict[str, 
         plan[role] = parsed
     return plan
 
-
-def apply_affinity(cores: list[int] | None) -> None:
-    """Pin the calling process (an actor at boot)."""
-    if cores:
-        os.sched_setaffinity(0, cores)

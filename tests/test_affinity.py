@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from runtime.affinity import Topology, apply_affinity, parse_cpu_list, plan_affinity, read_topology
+from runtime.affinity import Topology, parse_cpu_list, plan_affinity, read_topology
 
 
 def two_socket_topology() -> Topology:
@@ -46,11 +46,10 @@ def test_explicit_list_errors_name_the_problem(bad):
         plan_affinity(bad, two_socket_topology(), n_workers=1)
 
 
-def test_apply_affinity_pins_this_process():
-    before = os.sched_getaffinity(0)
+
+def test_read_topology_of_this_machine():
     topo = read_topology(n_gpus=0)
-    try:
-        apply_affinity([topo.cpus[0]])
-        assert os.sched_getaffinity(0) == {topo.cpus[0]}
-    finally:
-        os.sched_setaffinity(0, before)
+    assert topo.cpus == sorted(os.sched_getaffinity(0))
+    for cores in topo.numa_nodes.values():
+        assert cores and set(cores) <= set(topo.cpus)
+    assert topo.gpu_numa == []

@@ -149,6 +149,15 @@ def test_max_concurrency_and_non_streaming(tokenizer):
         b["sampling_params"]["max_new_tokens"] for b in server.bodies)
 
 
+def test_plot_writes_a_png(tokenizer, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the bench extra (matplotlib)")
+    with FakeServer() as server:
+        result = run(server, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "3",
+                     "--plot", str(tmp_path / "latency.png"))
+    assert result["completed"] == 4
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_poisson_arrivals_spread_requests_over_time(tokenizer):
     with FakeServer() as server:
         burst = run(server, "--num-prompts", "8", "--random-input-len", "8", "--random-output-len", "2",
