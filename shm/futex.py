@@ -80,7 +80,7 @@ class Futex:
         return woken
 
     def fence(self) -> None:
-        self._fence_lock.acquire(False)
+        self._fence_lock.acquire()  # free, so no wait; the call without arguments is the cheap one
         self._fence_lock.release()
 
 

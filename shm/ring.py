@@ -258,7 +258,7 @@ class _RingSegment:
         w += record
         self._wpos = w
         q[8] = w  # OFF_WCUR // 8: the single 8-byte store that publishes the frame
-        self._fence_acquire(False)
+        self._fence_acquire()
         self._fence_release()
         if self._i[48] or self._broadcast:  # 48 = OFF_RPARK // 4: reader 0's park word
             self._wake_parked_readers()
@@ -299,7 +299,7 @@ class _RingSegment:
     def _publish(self, w: int) -> None:
         self._wpos = w
         self._q[8] = w
-        self._fence_acquire(False)
+        self._fence_acquire()
         self._fence_release()
         if self._i[48] or self._broadcast:
             self._wake_parked_readers()
