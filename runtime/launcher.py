@@ -224,6 +224,9 @@ def serve(args: ServerArgs) -> int:
     try:
         deployment.start()
     except ActorStartError as err:
+        if deployment.sup.failure is None:  # SIGTERM/SIGINT while starting: a requested stop, not a failure
+            log.info("stopped before the server was ready")
+            return deployment.sup.wait()
         log.error("%s", err)
         return 1
     url = server_url(args.host, deployment.port)
