@@ -63,6 +63,7 @@ KIND_ABORT = 3  # discard the partly received stream (its writer timed out or di
 
 DEFAULT_SPIN_S = 200e-6
 BATCH_PUBLISH_BYTES = 16384  # send_many publishes at least this often, so the reader starts early
+VIEW_MIN_BYTES = 4096  # try_recv_view copies smaller frames: cheaper than a memoryview
 
 
 class RingTimeout(TimeoutError):
@@ -177,6 +178,7 @@ class _RingSegment:
         self._wseen = self._rpos
         self._stream: bytearray | None = None
         self._stream_fill = 0
+        self._view_out = False  # a frame was handed out as a view: its space is not released yet
 
     # ---------------------------------------------------------------- creation
     @classmethod
@@ -545,11 +547,13 @@ class _RingSegment:
                 return frame
 
     def try_recv_view(self) -> memoryview | bytes | None:
-        """Like try_recv(), but a whole frame that does not wrap around comes back as a read-only
-        memoryview into the ring, without a copy (others come back as bytes). The frame's space
-        stays reserved until the next read call on this ring (any recv*/try_recv*, or
-        release_view()): decode or copy the view before then, and drop it before close()."""
-        self.release_view()
+        """Like try_recv(), but a whole frame of at least VIEW_MIN_BYTES that does not wrap around
+        comes back as a read-only memoryview into the ring, without a copy (others come back as
+        bytes: copying a small frame is cheaper than making a view). The frame's space stays
+        reserved until the next read call on this ring (any recv*/try_recv*, or release_view()):
+        decode or copy the view before then, and drop it before close()."""
+        if self._view_out:
+            self.release_view()
         r = self._rpos
         if r == self._wseen:
             self._wseen = self._q[8]
@@ -559,9 +563,17 @@ class _RingSegment:
         header = self._q[off >> 3]
         start = off + 8
         end = start + header
-        if header < 4294967296 and self._stream is None and end <= self._data_end:
-            self._rpos = r + 8 + ((header + 7) & -8)  # published by the next read call
-            return self._mv[start:end].toreadonly()
+        if header < 4294967296 and end <= self._data_end and self._stream is None:
+            r += 8 + ((header + 7) & -8)
+            self._rpos = r
+            if header >= VIEW_MIN_BYTES:
+                self._view_out = True  # r is published by the next read call
+                return self._mv[start:end].toreadonly()
+            frame = self._mm[start:end]
+            self._q[self._rcur_q] = r
+            if self._i[32]:  # OFF_WPARK // 4
+                self._wake_writer()
+            return frame
         return self.try_recv()
 
     def recv_view(self, timeout: float | None = None) -> memoryview | bytes | None:
@@ -579,6 +591,7 @@ class _RingSegment:
 
     def release_view(self) -> None:
         """Free the space of the frame last returned as a view (no-op if there is none)."""
+        self._view_out = False
         if self._q[self._rcur_q] != self._rpos:
             self._q[self._rcur_q] = self._rpos
             if self._i[OFF_WPARK // 4]:

@@ -107,30 +107,34 @@ def test_send_many_delivers_every_frame_in_order(prefix):
 
 
 def test_recv_view_reads_in_place_and_holds_the_space_until_the_next_read(prefix):
-    ring = Ring.create(prefix + "r", 4096)
-    ring.send(b"a" * 2000)
+    ring = Ring.create(prefix + "r", 16384)
+    ring.send(b"a" * 8000)
     view = ring.recv_view(timeout=1)
-    assert isinstance(view, memoryview) and view.readonly and view == b"a" * 2000
-    ring.send(b"b" * 2000, timeout=0)
+    assert isinstance(view, memoryview) and view.readonly and view == b"a" * 8000
+    ring.send(b"b" * 8000, timeout=0)
     with pytest.raises(RingTimeout):
-        ring.send(b"c" * 2000, timeout=0.05)  # needs the space the view holds
+        ring.send(b"c" * 8000, timeout=0.05)  # needs the space the view holds
     ring.release_view()
-    ring.send(b"c" * 2000, timeout=0)
+    ring.send(b"c" * 8000, timeout=0)
     view.release()
-    assert ring.recv(timeout=1) == b"b" * 2000
-    assert ring.recv(timeout=1) == b"c" * 2000
+    assert ring.recv(timeout=1) == b"b" * 8000
+    wrapped = ring.recv_view(timeout=1)  # c starts at 16016 of 16384: it wraps, so it is copied
+    assert type(wrapped) is bytes and wrapped == b"c" * 8000
+    ring.send(b"small")
+    small = ring.recv_view(timeout=1)  # small frames are copied too: cheaper than a view
+    assert type(small) is bytes and small == b"small"
     ring.close()
     ring.unlink()
 
 
-def test_a_writer_waiting_on_space_held_by_a_view_is_woken_when_the_reader_waits(prefix):
-    ring = Ring.create(prefix + "r", 4096)
-    ring.send(b"a" * 2000)
+def test_a_writer_waiting_on_space_held_by_a_view_is_woken_by_the_next_read(prefix):
+    ring = Ring.create(prefix + "r", 16384)
+    ring.send(b"a" * 8000)
     view = ring.recv_view(timeout=1)
-    sender = threading.Thread(target=lambda: [ring.send(b"b" * 2000, timeout=5), ring.send(b"c" * 2000, timeout=5)])
+    sender = threading.Thread(target=lambda: [ring.send(b"b" * 8000, timeout=5), ring.send(b"c" * 8000, timeout=5)])
     sender.start()
-    assert ring.recv_view(timeout=5) == b"b" * 2000
-    assert ring.recv(timeout=5) == b"c" * 2000  # the writer needed the space of both views
+    assert ring.recv_view(timeout=5) == b"b" * 8000
+    assert ring.recv(timeout=5) == b"c" * 8000  # the writer needed the first view's space
     sender.join(5)
     view.release()
     ring.close()
