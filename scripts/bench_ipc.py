@@ -9,7 +9,7 @@ decoded by the receiver, so the numbers include the serialisation a real actor p
 "ring-batch" is the Ring with send_many() (batches of up to 64 messages / 64 KiB, one cursor
 publish and fence per 16 KiB instead of per message).
 
-    python scripts/bench_ipc.py [--quick] [--no-pin] [--output results.json]
+    python scripts/bench_ipc.py [--quick] [--rounds 3] [--no-pin] [--output results.json]
 
 The two processes are pinned to two different CPUs (as the launcher pins actors) unless --no-pin:
 otherwise where the kernel happens to place them (same core or not) decides the small-message
@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -204,6 +205,21 @@ def run_transport(transport: str, plan: list[tuple[int, int, int]], cpus: tuple[
     return rows
 
 
+def median_rows(runs: list[dict]) -> list[dict]:
+    """One row per (transport, size): the median of every measured figure over the rounds."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in runs:
+        groups.setdefault((row["transport"], row["size"]), []).append(row)
+    rows = []
+    for (transport, size), group in groups.items():
+        row = dict(group[0], rounds=len(group))
+        for key in ("rtt_p50_us", "rtt_p99_us", "msgs_per_s", "gb_per_s", "send_cpu_us_per_msg"):
+            row[key] = statistics.median(r[key] for r in group)
+        row["msgs_per_s"] = round(row["msgs_per_s"])
+        rows.append(row)
+    return rows
+
+
 def human(size: int) -> str:
     return f"{size // 1048576} MiB" if size >= 1048576 else f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
@@ -222,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transports", default="ring,ring-batch,pipe,zmq",
                         help="comma-separated subset of ring, ring-batch, pipe, zmq")
     parser.add_argument("--output", help="write the results as JSON to this file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every transport this many times, alternating, and report medians")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the two processes to two different CPUs (the launcher pins actors)")
     args = parser.parse_args(argv)
@@ -229,18 +247,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(transports) - {"ring", "ring-batch", "pipe", "zmq"}
     if unknown:
         parser.error(f"--transports: unknown transport(s) {sorted(unknown)}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     plan = plan_for(args.quick)
     available = sorted(os.sched_getaffinity(0))
     cpus = None if args.no_pin or len(available) < 2 else (available[0], available[1])
     if cpus is not None:
         os.sched_setaffinity(0, {cpus[0]})
     load_before = os.getloadavg()[0]
-    rows = []
+    runs: list[dict] = []
     try:
-        for transport in transports:
-            rows += run_transport(transport, plan, cpus)
+        for _ in range(args.rounds):
+            for transport in transports:
+                runs += run_transport(transport, plan, cpus)
     finally:
         sweep(run_prefix())
+    rows = median_rows(runs)
     print_table(rows)
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     placement = f"processes pinned to CPUs {cpus}" if cpus else "processes not pinned"
@@ -249,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "loadavg_before_after": load, "pinned_cpus": cpus,
                 "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        Path(args.output).write_text(json.dumps({"info": info, "results": rows}, indent=2))
+        Path(args.output).write_text(json.dumps({"info": info, "results": rows, "runs": runs}, indent=2))
     return 0
 
 
