@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -44,13 +45,13 @@ def test_import_runtime_is_cheap():
 def test_sglang_offline_example(llm, capsys):
     prompts = ["Hello, my name is", "The president of the United States is", "The capital of France is",
                "The future of AI is"]
-    sampling_params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 16}
+    sampling_params = {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
     outputs = llm.generate(prompts, sampling_params)
     for prompt, output in zip(prompts, outputs):
         print(prompt, output["text"])
     assert len(outputs) == 4
     for output in outputs:
-        assert output["text"] and 1 <= output["meta_info"]["completion_tokens"] <= 16
+        assert output["text"] and 1 <= output["meta_info"]["completion_tokens"] <= 8
     assert len({o["meta_info"]["id"] for o in outputs}) == 4
     assert "The capital of France is" in capsys.readouterr().out
 
@@ -69,6 +70,17 @@ def test_stream_yields_growing_text_ending_like_the_plain_call(llm):
     assert len(chunks) >= 2
     assert all(b["text"].startswith(a["text"]) for a, b in zip(chunks, chunks[1:]))
     assert chunks[-1]["text"] == plain["text"] and chunks[-1]["meta_info"]["finish_reason"] is not None
+
+
+def test_leaving_a_stream_early_aborts_the_request(llm):
+    for chunk in llm.generate("Once upon a time", {"max_new_tokens": 2000, "ignore_eos": True}, stream=True):
+        break
+    assert chunk["meta_info"]["finish_reason"] is None
+    # The cache can only be flushed once nothing runs: the aborted request must have left.
+    deadline = time.monotonic() + 30
+    while not llm.flush_cache():
+        assert time.monotonic() < deadline, llm.get_server_info()["internal_states"]
+        time.sleep(0.2)
 
 
 def test_async_generate_from_another_event_loop(llm):
