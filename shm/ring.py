@@ -4,7 +4,7 @@ Segment layout (all offsets 8-byte aligned; "line" = its own 64-byte cache line)
 
     0     magic u64 | n_readers u32 | version u32 | capacity u64 | data offset u64
     64    write cursor u64 (line)            72  stream-open flag u32 (a chunked frame is half written)
-    128   writer park word u32 (line)
+    128   writer park word u32 (line)      136  wake-at u64: read position a parked writer waits for
     192   reader park words u32[n_readers]
     512   reader i: read cursor u64 (one line each)
     ...   reader i: doorbell slot (128 bytes): generation u32 | target reader u32 | name length u32 | name
@@ -50,6 +50,7 @@ OFF_DATA = 24
 OFF_WCUR = 64
 OFF_STREAM_OPEN = 72
 OFF_WPARK = 128
+OFF_WAKE_AT = 136
 OFF_RPARK = 192
 OFF_RCUR = 512
 READER_LINE = 64
@@ -63,6 +64,7 @@ KIND_ABORT = 3  # discard the partly received stream (its writer timed out or di
 
 DEFAULT_SPIN_S = 200e-6
 BATCH_PUBLISH_BYTES = 16384  # send_many publishes at least this often, so the reader starts early
+WRITER_RECHECK_S = 0.01  # a parked writer re-checks for room this often
 VIEW_MIN_BYTES = 4096  # try_recv_view copies smaller frames: cheaper than a memoryview
 
 
@@ -334,6 +336,10 @@ class _RingSegment:
         """Wait until `record` bytes are free: spin, then park on the writer park word."""
         if self._writer_spin.spin(lambda: self._refresh_space() >= record, deadline):
             return
+        # Parked, ask to be woken only once a quarter of the ring is free (or `record`, if more):
+        # waking for every record the reader frees would cost a wake-up per frame while the
+        # reader drains a full ring, and the frames queued ahead of ours must be read first anyway.
+        self._q[OFF_WAKE_AT // 8] = max(0, self._wpos + max(record, self.capacity // 4) - self.capacity)
         park = OFF_WPARK // 4
         while True:
             self._i[park] = 1
@@ -348,7 +354,10 @@ class _RingSegment:
                     f"ring {self.name!r}: no room for a {record}-byte record "
                     f"(capacity {self.capacity}) within the send timeout"
                 )
-            self._futex.wait(self._base + OFF_WPARK, 1, remaining)
+            # Re-check now and then: a reader that stops reading short of the wake-at point may
+            # have freed enough for this record already.
+            recheck = WRITER_RECHECK_S if remaining is None else min(remaining, WRITER_RECHECK_S)
+            self._futex.wait(self._base + OFF_WPARK, 1, recheck)
 
     def _send_slow(self, data, n: int, timeout: float | None) -> None:
         """A full ring, a frame bigger than half the ring, or the first send after an aborted stream."""
@@ -468,8 +477,11 @@ class _RingSegment:
         return self._recv_records()
 
     def _wake_writer(self) -> None:
-        self._i[OFF_WPARK // 4] = 0
-        self._futex.wake(self._base + OFF_WPARK)
+        """The writer is parked: wake it if our published read cursor reached its wake-at point
+        (a reader that is about to park has read everything, so it always has)."""
+        if self._q[self._rcur_q] >= self._q[OFF_WAKE_AT // 8]:
+            self._i[OFF_WPARK // 4] = 0
+            self._futex.wake(self._base + OFF_WPARK)
 
     def _recv_records(self) -> bytes | None:
         """General path: consume available records until a whole frame is assembled."""

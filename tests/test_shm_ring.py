@@ -165,6 +165,25 @@ def test_full_ring_blocks_the_writer_until_the_reader_frees_space(prefix):
     ring.unlink()
 
 
+def test_draining_a_full_ring_wakes_the_writer_per_quarter_ring_not_per_frame(prefix):
+    writer = Ring.create(prefix + "r", 4096)
+    reader = Ring.attach(prefix + "r")
+    wakes = []
+    real_wake = reader._futex.wake
+    reader._futex.wake = lambda addr, n=1: wakes.append(addr) or real_wake(addr, n)
+    frames = [frame_of(i, 56) for i in range(2000)]  # 64-byte records, 128 KB through 4 KiB
+    sender = threading.Thread(target=lambda: [writer.send(f, timeout=10) for f in frames])
+    sender.start()
+    time.sleep(0.2)  # the writer fills the ring and parks
+    got = [reader.recv(timeout=10) for _ in frames]
+    sender.join(10)
+    assert got == frames
+    assert len(wakes) <= 2000 // 16 + 20, f"{len(wakes)} wake-ups for 2000 frames"
+    reader.close()
+    writer.close()
+    writer.unlink()
+
+
 def test_send_timeout_raises_ring_timeout_and_loses_nothing(prefix):
     ring = Ring.create(prefix + "r", 4096)
     ring.send(b"a" * 2000)
