@@ -136,6 +136,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # compare as cuda:N with the logits
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._pin = self.device.type == "cuda"
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)

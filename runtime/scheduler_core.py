@@ -425,7 +425,8 @@ class SchedulerCore:
                              cached_tokens=req.cached_tokens),
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
-            spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim)
+            spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
+            stop=sampling.stop if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update

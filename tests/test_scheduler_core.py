@@ -231,6 +231,8 @@ def test_stop_strings_matched_on_decoded_tail():
     out = report.outcomes["x"]
     assert out.finish.type == "stop" and out.finish.matched == stop
     assert len(out.tokens) == first + 3 and out.tokens == full[:first + 3]
+    # The detokenizer learns the stop strings from the request's first update (to hold back their starts).
+    assert out.updates[0].stop == [stop] and all(u.stop == [] for u in out.updates[1:])
 
 
 def test_worker_error_aborts_the_batch_and_the_scheduler_keeps_serving():
