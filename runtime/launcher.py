@@ -52,6 +52,7 @@ INGRESS_CLASS = "runtime.ingress:IngressActor"
 
 WARMUP_PROMPT = "The capital city of France is"
 WARMUP_TOKENS = 4
+STOP_SETTLE_S = 10.0  # after a failed warm-up: time for a stop already under way to finish
 
 
 @dataclass(frozen=True)
@@ -233,11 +234,12 @@ def serve(args: ServerArgs) -> int:
     try:
         reply = warm_up(args, url, timeout=args.ready_timeout)
     except (urllib.error.URLError, OSError, ValueError) as err:
-        if deployment.sup.wait(0) is None:
-            log.error("the warm-up request to %s/generate failed: %s; stopping", url, err)
-            deployment.stop()
-            return 1
-        return deployment.sup.wait()  # stopped by a signal or an actor's death meanwhile
+        status = deployment.sup.wait(STOP_SETTLE_S)
+        if status is not None:  # the run ended meanwhile (a signal, an actor's death): that is why
+            return status
+        log.error("the warm-up request to %s/generate failed: %s; stopping", url, err)
+        deployment.stop()
+        return 1
     log.debug("warm-up reply: %s", reply)
     log.info("Ready: serving %s at %s (started in %.1f s)", model_name(args), url, time.monotonic() - started)
     status = deployment.sup.wait()
