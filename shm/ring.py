@@ -315,12 +315,11 @@ class _RingSegment:
                     self._wake_reader(index)
 
     def _copy_in_wrapped(self, start: int, data, n: int) -> None:
+        """Copy a payload that runs past the end of the data area in two pieces."""
+        view = memoryview(data)  # slicing bytes would copy
         first = self._data_end - start
-        if first > 0:
-            self._mm[start:self._data_end] = data[:first]
-        else:
-            first = 0
-        self._mm[self._data:self._data + n - first] = data[first:]
+        self._mm[start:self._data_end] = view[:first]
+        self._mm[self._data:self._data + n - first] = view[first:]
 
     def _refresh_space(self) -> int:
         """Re-read the slowest reader's cursor; returns the free bytes."""
@@ -391,7 +390,7 @@ class _RingSegment:
         while sent < n:
             prefix = 8 if sent == 0 else 0
             # Wait for a useful amount of space, not for a few bytes at a time.
-            want = min(self.capacity // 8, 8 + prefix + n - sent)
+            want = min(self.capacity // 8, 8 + prefix + ((n - sent + 7) & -8))
             try:
                 self._wait_space(want, deadline)
             except BaseException:  # RingTimeout, or KeyboardInterrupt while waiting
