@@ -14,6 +14,11 @@ One step (docs/architecture.md, "Scheduler <-> worker"):
 waits for it and builds the BatchResult. `step` is both. A worker that overlaps launches plan N+1
 before collecting N, so the GPU never waits for the host round trip.
 
+CUDA graphs (runtime/cuda_graph_runner.py): on CUDA with the Triton attention backend, decode steps of up to
+cuda_graph_max_bs rows (capped by max_running_requests) replay graphs captured at start-up that run steps 2-4
+up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
+request table has one row more than max_running_requests: the dummy row of the graphs' padding rows.
+
 Prompt logprobs: a row asks with logprobs.logprob_start_len >= 0 (only for a fresh request, not a
 re-admitted one with prior_output_ids). Each extend step of the row until its first sample returns,
 in BatchResult.prompt_logprobs[i], the logprobs of the prompt tokens whose predicting logits it
@@ -25,6 +30,7 @@ runs in order gives the whole list.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +38,7 @@ import psutil
 import torch
 
 from runtime.attention import create_attention_backend
+from runtime.cuda_graph_runner import CudaGraphRunner
 from runtime.forward_batch import ForwardBatch
 from runtime.kv_pool import KVPool
 from runtime.layers.parallel import TensorParallel
@@ -44,6 +51,8 @@ DEFAULT_MEM_FRACTION_STATIC = 0.85
 CPU_POOL_BYTES_CAP = 2 << 30
 CPU_MAX_POOL_TOKENS = 1 << 20
 DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,6 +69,8 @@ class ModelRunnerConfig:
     mem_fraction_static: float | None = None  # CUDA only
     attention_backend: str = "auto"
     random_seed: int = 0
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 160
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
@@ -67,7 +78,8 @@ class ModelRunnerConfig:
                    tp_rank=tp_rank, tp_size=args.tp_size, context_length=args.context_length,
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
-                   random_seed=args.random_seed)
+                   random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
+                   cuda_graph_max_bs=args.cuda_graph_max_bs)
 
 
 @dataclass
@@ -104,8 +116,10 @@ class ModelRunner:
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
                               self.attention_spec.head_dim, self.dtype, self.device)
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
-        self.req_to_token = torch.zeros(self.max_running_requests, self.context_length, dtype=torch.int32,
-                                        device=self.device)
+        use_cuda_graphs = self._cuda_graphs_possible()
+        # with CUDA graphs, row max_running_requests is the dummy row of their padding rows (never handed out)
+        self.req_to_token = torch.zeros(self.max_running_requests + use_cuda_graphs, self.context_length,
+                                        dtype=torch.int32, device=self.device)
         # The scheduler recycles future slots in a ring of this size.
         self.future_tokens = torch.zeros(2 * self.max_running_requests + 2, dtype=torch.int64, device=self.device)
         self.sampler = Sampler(self.max_running_requests, self.model_config.vocab_size,
@@ -113,6 +127,7 @@ class ModelRunner:
         # Rows that still owe prompt logprobs, and the last-position logits of their previous chunk.
         self.prompt_logprob_rows: dict[int, LogprobOptions] = {}
         self.prompt_carry: dict[int, torch.Tensor] = {}
+        self.graph_runner = self._capture_cuda_graphs() if use_cuda_graphs else None
 
     @property
     def info(self) -> ModelInfo:
@@ -155,6 +170,24 @@ class ModelRunner:
         budget = min(psutil.virtual_memory().available // 4, CPU_POOL_BYTES_CAP)
         return max(1, min(CPU_MAX_POOL_TOKENS, budget // per_token))
 
+    def _cuda_graphs_possible(self) -> bool:
+        if self.device.type != "cuda" or self.config.disable_cuda_graph:
+            return False
+        from runtime.attention.triton_backend import TritonAttentionBackend
+
+        if not isinstance(self.attention, TritonAttentionBackend):
+            log.info("CUDA graphs off: the %s attention backend is not capturable", type(self.attention).__name__)
+            return False
+        return True
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner:
+        runner = CudaGraphRunner(self.model, self.attention, self.req_to_token, self.future_tokens,
+                                 dummy_row=self.max_running_requests,
+                                 max_batch_size=min(self.config.cuda_graph_max_bs, self.max_running_requests),
+                                 context_length=self.context_length)
+        runner.capture()
+        return runner
+
     # ---------------------------------------------------------------------------------------------
     # Steps
     # ---------------------------------------------------------------------------------------------
@@ -173,7 +206,27 @@ class ModelRunner:
         wall_start = time.perf_counter()
         for new_row in plan.new_rows:
             self._register(new_row)
+        pending = PendingStep(plan.batch_id, torch.empty(0, dtype=torch.int64), None, started, 0.0)
+        if self._graph_step(plan):
+            logits = self.graph_runner.replay(plan.input_ids, plan.out_slots, plan.rows,
+                                              [p + 1 for p in plan.prefix_lens])
+            self._sample(plan, logits, list(range(len(plan.rows))), pending)
+        else:
+            self._eager_step(plan, pending)
+        self._free_rows(plan)
+        if on_cuda:
+            pending.done = torch.cuda.Event(enable_timing=True)
+            pending.done.record()
+        else:
+            pending.forward_ms = (time.perf_counter() - wall_start) * 1e3
+        return pending
 
+    def _graph_step(self, plan: BatchPlan) -> bool:
+        """Decode steps the captured graphs cover: every row samples and none owes prompt logprobs."""
+        return (self.graph_runner is not None and self.graph_runner.can_run(plan.extend_lens) and all(plan.sample)
+                and not any(row in self.prompt_logprob_rows for row in plan.rows))
+
+    def _eager_step(self, plan: BatchPlan, pending: PendingStep) -> None:
         num_tokens = len(plan.input_ids)
         ids_and_slots = torch.tensor([plan.input_ids, plan.out_slots], dtype=torch.int64).to(self.device,
                                                                                                non_blocking=True)
@@ -184,10 +237,10 @@ class ModelRunner:
                                    prefix_lens=plan.prefix_lens, extend_lens=plan.extend_lens,
                                    req_to_token=self.req_to_token)
         self.req_to_token[batch.rows[batch.token_batch_index], batch.positions] = out_slots.to(torch.int32)
-
-        pending = PendingStep(plan.batch_id, torch.empty(0, dtype=torch.int64), None, started, 0.0)
         if batch.batch_size:
             self._forward_and_sample(plan, batch, pending)
+
+    def _free_rows(self, plan: BatchPlan) -> None:
         reused = {new_row.row for new_row in plan.new_rows}
         for row in plan.freed_rows:
             if row in reused:  # freed and taken again by a new request in the same plan: keep the new state
@@ -195,12 +248,6 @@ class ModelRunner:
             self.sampler.free_row(row)
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)
-        if on_cuda:
-            pending.done = torch.cuda.Event(enable_timing=True)
-            pending.done.record()
-        else:
-            pending.forward_ms = (time.perf_counter() - wall_start) * 1e3
-        return pending
 
     def collect(self, pending: PendingStep) -> BatchResult:
         if pending.done is not None:
@@ -231,9 +278,13 @@ class ModelRunner:
             count = plan.extend_lens[i]
             pending.prompt_logprobs[i] = self._prompt_logprobs(plan, i, starts[i], logits[offset:offset + count])
             offset += count
-        if not sample_rows:
-            return
-        sampled = self.sampler.sample(logits[offset:], [plan.rows[i] for i in sample_rows])
+        if sample_rows:
+            self._sample(plan, logits[offset:], sample_rows, pending)
+
+    def _sample(self, plan: BatchPlan, logits: torch.Tensor, sample_rows: list[int], pending: PendingStep) -> None:
+        """Sample the rows `sample_rows` (plan indices; logits [len(sample_rows), vocab] in that order), store the
+        samples in future_tokens and start their copy to the host."""
+        sampled = self.sampler.sample(logits, [plan.rows[i] for i in sample_rows])
         future_slots = [plan.future_slots[i] for i in sample_rows]
         keep = [j for j, slot in enumerate(future_slots) if slot >= 0]
         if keep:

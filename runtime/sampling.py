@@ -23,6 +23,11 @@ from the sampler's generator. A seeded row draws E_i from a counter-based hash o
 included). So a seeded request samples the same tokens whatever else shares the batch, at any
 batch position, whichever filtering path the batch takes, and after a retraction: the noise of a
 token never depends on anything but those three numbers.
+
+On CUDA (`use_kernels`) stochastic rows go through kernels/sampling.py instead: softmax, then one Triton
+program per row finds the top-k/top-p/min-p threshold by bisection (no sort) and runs the same race with
+the same hash, p_i / E_i = exp(scaled_logit_i - logsumexp) / E_i: a seeded row samples the same token on
+both paths. Rows without a seed get a fresh random 32-bit key per step from the sampler's generator.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ import torch
 
 from runtime.messages import LogprobOptions, SamplingParams, TokenLogprobs
 from runtime.penalties import PenaltyCounts, apply_penalties
+
+try:  # Triton is needed on CUDA only (pyproject's gpu extra)
+    from kernels.sampling import sample_from_probs
+except ImportError:
+    sample_from_probs = None
 
 GREEDY_TEMPERATURE = 1e-6
 # Above this many candidates a full sort of the vocabulary is about as cheap as torch.topk.
@@ -124,7 +134,9 @@ class Sampler:
         eos_token_ids: list[int],
         device: torch.device | str,
         seed: int = 0,
+        use_kernels: bool | None = None,
     ):
+        """use_kernels: sample stochastic rows with the Triton kernels; None = on CUDA when Triton is there."""
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if vocab_size < 1:
@@ -139,6 +151,9 @@ class Sampler:
         if self.device.type == "cuda" and self.device.index is None:  # compare as cuda:N with the logits
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._pin = self.device.type == "cuda"
+        if use_kernels and sample_from_probs is None:
+            raise ValueError("use_kernels needs Triton, which is not installed")
+        self.use_kernels = self._pin and sample_from_probs is not None if use_kernels is None else use_kernels
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.params = torch.zeros(max_rows, _N_COLUMNS, dtype=torch.float32, device=self.device)
@@ -269,6 +284,9 @@ class Sampler:
 
     def _sample_stochastic(self, x: torch.Tensor, table: torch.Tensor, states: list[_Row]) -> torch.Tensor:
         scaled = x / table[:, _TEMPERATURE, None]
+        if self.use_kernels:
+            return sample_from_probs(torch.softmax(scaled, dim=-1), table[:, _TOP_K], table[:, _TOP_P],
+                                     table[:, _MIN_P], self._step_keys(states))
         sampled = [s for s in states if not s.greedy]
         if not any(s.filtered for s in sampled):
             log_noise = self._log_noise(states, None)
@@ -283,6 +301,19 @@ class Sampler:
         )
         choice = torch.argmax(candidates - self._log_noise(states, candidate_ids), dim=-1, keepdim=True)
         return torch.gather(candidate_ids, 1, choice).squeeze(1)
+
+    def _step_keys(self, states: list[_Row]) -> torch.Tensor:
+        """The kernel path's noise keys, int64 [B] in [0, 2**32): step_key(seed, steps) for seeded rows, fresh
+        random keys from the generator (drawn on the device, no host sync) for the others."""
+        seeded = [i for i, s in enumerate(states) if s.seed_key is not None]
+        if len(seeded) == len(states):
+            return self._upload([step_key(s.seed_key, s.steps) for s in states], torch.int64)
+        keys = torch.randint(0, 1 << 32, (len(states),), dtype=torch.int64, device=self.device,
+                             generator=self.generator)
+        if seeded:
+            keys[self._upload(seeded, torch.int64)] = self._upload(
+                [step_key(states[i].seed_key, states[i].steps) for i in seeded], torch.int64)
+        return keys
 
     def _log_noise(self, states: list[_Row], candidate_ids: torch.Tensor | None) -> torch.Tensor:
         """log E, E ~ Exp(1), per batch entry and candidate ([B, K]; K = vocab when candidate_ids is None)."""

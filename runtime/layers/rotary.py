@@ -3,7 +3,9 @@
 The frequencies follow the checkpoint's rope config: "default", "linear" (positions divided by
 `factor`) and "llama3" (Llama 3.1's per-frequency interpolation). Other types (dynamic NTK, yarn,
 longrope) are refused by `RopeConfig.from_hf` with a clear message.
-A [max_positions, head_dim] cos/sin table in float32 is built once on the model's device.
+A [max_positions, head_dim] float32 table (cos of the head_dim/2 frequencies, then their sin) is built once on
+the model's device. On CUDA the Triton kernel of kernels/rotary.py rotates q and k in place in one launch;
+elsewhere the torch code below, which is also the reference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+try:  # Triton is needed on CUDA only
+    from kernels.rotary import apply_rotary
+except ImportError:
+    apply_rotary = None
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -78,14 +85,16 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         inv_freq = config.inv_freq(head_dim).to(device)
         freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_positions, head_dim / 2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # [max_positions, head_dim]: cos | sin, the layout of kernels/rotary.py's cache
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] -> rotated copies."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated q and k (on CUDA rotated in place and returned)."""
+        if q.is_cuda and apply_rotary is not None:
+            apply_rotary(positions, q, k, self.cos_sin)
+            return q, k
+        cos, sin = self.cos_sin[positions].unsqueeze(1).to(q.dtype).chunk(2, dim=-1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
