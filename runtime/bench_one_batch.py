@@ -7,7 +7,8 @@ With --compare-hf, transformers' generate runs the same prompts (greedy, min_new
 max_new_tokens) in the same process as a reference row; its step times are taken by a logits
 processor, which generate calls once per new token.
 
-    python -m runtime.bench_one_batch --device cpu --batch-size 1 16 --input-len 128 --output-len 32 --compare-hf
+    python -m runtime.bench_one_batch --device cpu --batch-size 1 16 --input-len 128 --output-len 32 --compare-hf \
+        --rounds 3
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class BenchRow:
     prefill_tok_s: float
     decode_median_ms: float
     decode_tok_s: float
+    decode_cpu_ms: float  # median process CPU time of a decode step (all threads): robust on a shared machine
     total_s: float
 
 
@@ -57,29 +59,41 @@ def run_ours(runner: ModelRunner, prompts: list[list[int]], output_len: int) -> 
     start = time.perf_counter()
     tokens = [[t] for t in runner.step(prefill).next_token_ids]
     prefill_s = time.perf_counter() - start
-    step_times = []
+    step_times, step_cpu = [], []
     for step in range(1, output_len):
         plan = BatchPlan(batch_id=step, rows=rows, prefix_lens=[input_len + step - 1] * batch_size,
                          extend_lens=[1] * batch_size, input_ids=[-(r + 1) for r in rows],  # overlap placeholders
                          out_slots=list(range(slot, slot + batch_size)), sample=[True] * batch_size,
                          future_slots=rows, freed_rows=rows if step == output_len - 1 else [])
         slot += batch_size
-        begin = time.perf_counter()
+        begin, begin_cpu = time.perf_counter(), time.process_time()
         for out, token in zip(tokens, runner.step(plan).next_token_ids):
             out.append(token)
         step_times.append(time.perf_counter() - begin)
-    return summarize("ours", batch_size, input_len, output_len, prefill_s, step_times), tokens
+        step_cpu.append(time.process_time() - begin_cpu)
+    return summarize("ours", batch_size, input_len, output_len, prefill_s, step_times, step_cpu), tokens
 
 
 def summarize(engine: str, batch_size: int, input_len: int, output_len: int, prefill_s: float,
-              step_times: list[float]) -> BenchRow:
+              step_times: list[float], step_cpu: list[float]) -> BenchRow:
     median = statistics.median(step_times) if step_times else float("nan")
     decode_s = sum(step_times)
     return BenchRow(engine=engine, batch_size=batch_size, input_len=input_len, output_len=output_len,
                     prefill_ms=prefill_s * 1e3, prefill_tok_s=batch_size * input_len / prefill_s,
                     decode_median_ms=median * 1e3,
                     decode_tok_s=batch_size * len(step_times) / decode_s if step_times else float("nan"),
+                    decode_cpu_ms=statistics.median(step_cpu) * 1e3 if step_cpu else float("nan"),
                     total_s=prefill_s + decode_s)
+
+
+def median_row(rounds: list[BenchRow]) -> BenchRow:
+    """Per-metric median over rounds of one engine and shape."""
+    first = rounds[0]
+    metrics = {name: statistics.median(getattr(r, name) for r in rounds)
+               for name in ("prefill_ms", "prefill_tok_s", "decode_median_ms", "decode_tok_s", "decode_cpu_ms",
+                            "total_s")}
+    return BenchRow(engine=first.engine, batch_size=first.batch_size, input_len=first.input_len,
+                    output_len=first.output_len, **metrics)
 
 
 def load_hf_model(runner: ModelRunner, config: ModelRunnerConfig):
@@ -119,9 +133,11 @@ class _StepClock:
 
     def __init__(self):
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
         return scores
 
 
@@ -141,18 +157,21 @@ def run_hf(model, prompts: list[list[int]], output_len: int, device: torch.devic
     sync()
     end = time.perf_counter()
     # the clock ticks before each token is chosen: tick 0 ends the prefill, tick i the i-th decode step
-    ticks = clock.times + [end]
+    end_cpu = time.process_time()
+    ticks, cpu_ticks = clock.times + [end], clock.cpu_times + [end_cpu]
     step_times = [b - a for a, b in zip(ticks[1:-1], ticks[2:])]
-    row = summarize("transformers", len(prompts), len(prompts[0]), output_len, ticks[0] - start, step_times)
+    step_cpu = [b - a for a, b in zip(cpu_ticks[1:-1], cpu_ticks[2:])]
+    row = summarize("transformers", len(prompts), len(prompts[0]), output_len, ticks[0] - start, step_times,
+                    step_cpu)
     return row, out[:, input_ids.shape[1]:].tolist()
 
 
 def print_table(rows: list[BenchRow]) -> None:
     header = ["engine", "batch", "input", "output", "prefill ms", "prefill tok/s", "decode median ms",
-              "decode tok/s", "total s"]
+              "decode tok/s", "decode CPU ms", "total s"]
     lines = [header] + [[r.engine, str(r.batch_size), str(r.input_len), str(r.output_len), f"{r.prefill_ms:.1f}",
                          f"{r.prefill_tok_s:.0f}", f"{r.decode_median_ms:.2f}", f"{r.decode_tok_s:.1f}",
-                         f"{r.total_s:.2f}"] for r in rows]
+                         f"{r.decode_cpu_ms:.2f}", f"{r.total_s:.2f}"] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
         print("| " + " | ".join(cell.rjust(w) for cell, w in zip(line, widths)) + " |")
@@ -171,11 +190,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for both engines (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per shape (engines alternate); medians reported")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--check-outputs", action="store_true",
                         help="with --compare-hf, report whether the greedy tokens agree")
     parser.add_argument("--output", default=None, help="write the rows as JSON to this file")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be positive")
     for name in ("batch_size", "input_len", "output_len"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name.replace('_', '-')} values must be positive")
@@ -184,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[BenchRow]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     max_batch = max(args.batch_size)
     max_tokens = max(b * (i + o) for b in args.batch_size for i in args.input_len for o in args.output_len)
     config = ModelRunnerConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
@@ -207,11 +233,16 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
         for input_len in args.input_len:
             for output_len in args.output_len:
                 prompts = random_prompts(batch_size, input_len, vocab, args.seed)
-                row, ours = run_ours(runner, prompts, output_len)
-                rows.append(row)
+                ours_rounds, hf_rounds = [], []
+                for _ in range(args.rounds):  # engines alternate, so a burst of load hits both
+                    row, ours = run_ours(runner, prompts, output_len)
+                    ours_rounds.append(row)
+                    if hf_model is not None:
+                        hf_row, theirs = run_hf(hf_model, prompts, output_len, runner.device)
+                        hf_rounds.append(hf_row)
+                rows.append(median_row(ours_rounds))
                 if hf_model is not None:
-                    hf_row, theirs = run_hf(hf_model, prompts, output_len, runner.device)
-                    rows.append(hf_row)
+                    rows.append(median_row(hf_rounds))
                     if args.check_outputs:
                         same = sum(a == b for a, b in zip(ours, theirs))
                         print(f"batch {batch_size} input {input_len} output {output_len}: "
