@@ -106,7 +106,10 @@ def load_hf_model(runner: ModelRunner, config: ModelRunnerConfig):
     if config.load_format == "dummy":
         if checkpoint.format == "gguf":
             raise SystemExit("--compare-hf with --load-format dummy needs a config.json folder")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint.path))
+        # random init straight on the device in the model dtype: an 8B model built in float32 on the CPU takes minutes
+        with torch.device(runner.device):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint.path),
+                                                    dtype=runner.dtype).eval()
     elif checkpoint.format == "gguf":
         model = _hf_from_gguf(checkpoint.path)
     else:
@@ -186,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     config = ModelRunnerConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
                                device=args.device, attention_backend=args.attention_backend,
                                max_total_tokens=max_tokens, max_running_requests=max_batch, random_seed=args.seed,
-                               context_length=None)
+                               context_length=None, disable_cuda_graph=args.disable_cuda_graph)
     runner = ModelRunner(config)
     if max(args.input_len) + max(args.output_len) > runner.context_length:
         raise SystemExit(f"input_len + output_len exceeds the context length {runner.context_length}")
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
                               f"{same}/{batch_size} greedy outputs identical to transformers")
     print(f"model {runner.info.architecture} ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}), "
           f"device {runner.info.device}, dtype {runner.info.dtype}, attention {type(runner.attention).__name__}, "
+          f"CUDA graphs {'off' if runner.graph_runner is None else runner.graph_runner.sizes[-1]}, "
           f"torch threads {torch.get_num_threads()}")
     print_table(rows)
     if args.output:
