@@ -133,7 +133,8 @@ class CudaGraphRunner:
         index = torch.arange(size, device=self.device)
         return ForwardBatch(mode=ForwardMode.DECODE, batch_size=size, num_tokens=size, input_ids=ids,
                             positions=positions, token_batch_index=index, rows=inputs[ROWS],
-                            prefix_lens=seq_lens - 1, extend_lens=torch.ones(size, dtype=torch.int32, device=self.device),
+                            prefix_lens=seq_lens - 1,
+                            extend_lens=torch.ones(size, dtype=torch.int32, device=self.device),
                             seq_lens=seq_lens, extend_start_loc=index.to(torch.int32), out_slots=inputs[OUT_SLOTS],
                             req_to_token=self.req_to_token, prefix_lens_cpu=[], extend_lens_cpu=[1] * size,
                             seq_lens_cpu=[], max_seq_len=self.context_length, max_extend_len=1)

@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                          # every section
 #   bash scripts/gpu_check.sh kernel-tests kernel-bench # chosen sections, in the order given
 #   bash scripts/gpu_check.sh kernel-sweep              # optional sections are run only when named
+#   bash scripts/gpu_check.sh gpu-tests profile-decode bench-one-batch bench-serving bench-overlap   # the H100 bar
 #
 # LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_check.
 # Where msgspec is missing (the GPU image), the wheels carried in .whl/ are installed to /tmp/site first.
@@ -15,7 +16,11 @@ LOG_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 ALL=(env kernel-tests kernel-bench)
-OPTIONAL=(kernel-sweep)
+OPTIONAL=(kernel-sweep gpu-tests profile-decode bench-one-batch bench-serving bench-overlap)
+# The H100 bar runs on the Llama-3-8B architecture with dummy weights (config + real tokenizer, an ignored folder).
+MODEL="${GPU_MODEL:-.models/llama-3-8b-dummy}"
+SERVE_PROMPTS="${SERVE_PROMPTS:-500}"        # bench-serving at request rate inf
+SERVE_RATE_PROMPTS="${SERVE_RATE_PROMPTS:-200}"  # bench-serving at request rate 4
 
 section_env() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
@@ -37,6 +42,51 @@ section_kernel_bench() {
 section_kernel_sweep() {
   # The benchmark plus other tile shapes and split counts of the attention kernels, to choose their defaults.
   python3 scripts/gpu_kernels_bench.py --sweep --table "$LOG_DIR/kernels_bench.md"
+}
+
+section_gpu_tests() {
+  # Model vs transformers on CUDA (bf16/fp16), Triton vs torch attention, CUDA-graph vs eager decode, sampler kernel
+  # path, the 8B-dummy server answering curl and the openai client.
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_cuda_graph_runner.py
+}
+
+section_profile_decode() {
+  timeout 600 python3 scripts/gpu_profile_decode.py --model-path "$MODEL" --batch-size 1 64 --input-len 128
+}
+
+section_bench_one_batch() {
+  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+    --batch-size 1 --input-len 128 --output-len 256 --compare-hf --output "$LOG_DIR/one_batch_bs1.json" &&
+  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+    --batch-size 64 --input-len 1024 --output-len 128 --compare-hf --output "$LOG_DIR/one_batch_bs64.json"
+}
+
+section_bench_serving() {
+  # One server (started here, stopped at the end); random prompts, input = output = 1024 tokens.
+  local port=30123 status=0
+  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $port >"$LOG_DIR/server.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 600); do
+    grep -q "Ready: serving" "$LOG_DIR/server.log" && break
+    kill -0 $server 2>/dev/null || break
+    sleep 0.5
+  done
+  grep -E "Ready: serving|captured|model loaded" "$LOG_DIR/server.log"
+  local common=(--port $port --dataset-name random --random-input-len 1024 --random-output-len 1024
+                --random-range-ratio 1.0 --disable-tqdm --output-file "$LOG_DIR/serving.jsonl")
+  timeout 400 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
+    status=1
+  timeout 300 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
+    --seed 2 || status=1
+  kill -TERM $server
+  wait $server || status=1
+  return $status
+}
+
+section_bench_overlap() {
+  timeout 500 python3 scripts/bench_overlap.py --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+    --num-prompts 64 --max-running-requests 64 --input-len 1024 --output-len 256 --vocab-limit 120000 \
+    --output "$LOG_DIR/overlap.json"
 }
 
 sections=("$@")
@@ -67,6 +117,13 @@ done
 if [ -f "$LOG_DIR/kernels_bench.md" ]; then
   echo
   cat "$LOG_DIR/kernels_bench.md"
+fi
+for name in profile-decode bench-one-batch bench-overlap; do
+  [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model|^runner|greedy' "$LOG_DIR/$name.log"; }
+done
+if [ -f "$LOG_DIR/bench-serving.log" ]; then
+  echo; echo "--- bench-serving"
+  grep -E "rate|throughput|Successful|Duration|Mean|Median|P99" "$LOG_DIR/bench-serving.log" | grep -v "E2E"
 fi
 echo
 echo "| section | result | time |"

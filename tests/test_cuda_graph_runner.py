@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.cuda_graph_runner import IDS, OUT_SLOTS, ROWS, SEQ_LENS, CudaGraphRunner, capture_batch_sizes, padded_inputs
+from runtime.cuda_graph_runner import (IDS, OUT_SLOTS, ROWS, SEQ_LENS, CudaGraphRunner, capture_batch_sizes,
+                                       padded_inputs)
 
 
 def test_capture_sizes():
