@@ -128,7 +128,8 @@ class Engine:
     async def async_generate(self, prompt: str | list[str] | None = None,
                              sampling_params: dict | list[dict] | None = None,
                              input_ids: list[int] | list[list[int]] | None = None,
-                             return_logprob: bool | list[bool] = False, logprob_start_len: int | list[int] | None = None,
+                             return_logprob: bool | list[bool] = False,
+                             logprob_start_len: int | list[int] | None = None,
                              top_logprobs_num: int | list[int] | None = None, stream: bool = False,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """generate() for asyncio callers (any loop). With stream=True, an async iterator."""

@@ -53,7 +53,8 @@ class Server:
                 self.children = psutil.Process(self.proc.pid).children(recursive=True)
                 return
             if self.proc.poll() is not None:
-                pytest.fail(f"the server exited with {self.proc.returncode} before it was ready:\n{self.output()[-4000:]}")
+                pytest.fail(f"the server exited with {self.proc.returncode} before it was ready:\n"
+                            f"{self.output()[-4000:]}")
             time.sleep(0.5)
         pytest.fail(f"no ready line within {READY_TIMEOUT_S} s:\n{self.output()[-4000:]}")
 

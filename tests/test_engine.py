@@ -35,8 +35,8 @@ def test_import_runtime_is_cheap():
     import subprocess
     import sys
 
-    code = "import sys, runtime; heavy = [m for m in ('torch', 'transformers', 'runtime.engine') if m in sys.modules]; " \
-           "print(heavy)"
+    code = ("import sys, runtime; "
+            "print([m for m in ('torch', 'transformers', 'runtime.engine') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from actors.spec import resolve
-from runtime import detokenizer, ingress, scheduler, worker
+from runtime import scheduler, worker
 from runtime.launcher import Deployment, server_url
 from runtime.messages import ModelInfo
 from runtime.server_args import ServerArgs
