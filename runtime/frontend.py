@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from typing import Any, AsyncIterator
@@ -26,6 +27,8 @@ from runtime.messages import (AbortRequest, FlushCacheReply, FlushCacheRequest, 
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import DEFAULT_MODEL_NAME
 from shm.ring import RingTimeout
+
+log = logging.getLogger("frontend")
 
 REPLY_TIMEOUT_S = 60.0  # flush_cache / server_info: the scheduler answers between two steps
 
@@ -194,6 +197,7 @@ class Frontend:
         input_ids = self._check_prompt(rid, input_ids)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
+        started = time.time()
         self._streams[rid] = state
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
@@ -210,6 +214,10 @@ class Frontend:
                 state.updates = []
                 if update.finish is not None:
                     done = True
+                    if self.args.log_requests:
+                        log.info("request %s: prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s "
+                                 "e2e=%.3fs", rid, update.meta.prompt_tokens, update.meta.completion_tokens,
+                                 update.meta.cached_tokens, update.finish.type, time.time() - started)
                     yield update
                     return
                 yield update

@@ -55,7 +55,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     enable_metrics: bool = False
     random_seed: int = 0
     watchdog_timeout: float = 300.0
-    cpu_affinity: str = "off"  # auto | off | comma-separated core list per actor (see docs)
+    cpu_affinity: str = "off"  # auto | off | "ROLE=CORES;..." (docs/flags.md)
     decode_log_interval: int = 40
     ready_timeout: float = 600.0
 

@@ -335,3 +335,18 @@ def test_without_tokenizer_text_calls_are_refused(rings):
 
     updates = run_with_frontend(rings, body, None, ServerArgs(skip_tokenizer_init=True, served_model_name="m"))
     assert [t for u in updates for t in u.new_token_ids] == [5, 6]
+
+
+def test_log_requests_logs_each_finished_request(rings, caplog):
+    async def body(frontend, peer):
+        return await collect(frontend, "logged", [5, 6, 7], stream=False)
+
+    with caplog.at_level("INFO", logger="frontend"):
+        run_with_frontend(rings, body, args=ServerArgs(log_requests=True))
+    (line,) = [r.getMessage() for r in caplog.records if "logged" in r.getMessage()]
+    assert "prompt_tokens=3" in line and "completion_tokens=3" in line and "finish=length" in line
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="frontend"):
+        run_with_frontend(rings, body)
+    assert not [r for r in caplog.records if "logged" in r.getMessage()]
