@@ -20,6 +20,7 @@ reference to the scratch views it was captured with, so their memory outlives an
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -90,16 +91,25 @@ class CudaGraphRunner:
         for size in self.sizes:
             self.attention.prepare(self._batch(self._fresh_inputs(size), size))
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):
-            inputs = self._fresh_inputs(size)
-            for _ in range(2):  # warm-up: Triton compilation, cuBLAS workspaces, lazy state
-                self._forward(inputs, size)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(inputs, size)
-            self.graphs[size] = CapturedGraph(size, graph, inputs, logits,
-                                              (self.attention.part_o, self.attention.part_lse))
+        # No garbage collection while capturing: freeing an unreachable CUDA graph (of an earlier runner, say)
+        # destroys it, an operation that invalidates the capture in progress.
+        gc_was_enabled = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            for size in reversed(self.sizes):
+                inputs = self._fresh_inputs(size)
+                for _ in range(2):  # warm-up: Triton compilation, cuBLAS workspaces, lazy state
+                    self._forward(inputs, size)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(inputs, size)
+                self.graphs[size] = CapturedGraph(size, graph, inputs, logits,
+                                                  (self.attention.part_o, self.attention.part_lse))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - start
         log.info("captured %d CUDA graphs (batch sizes %s) in %.2f s", len(self.sizes),
