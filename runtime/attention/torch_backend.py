@@ -30,7 +30,7 @@ class _RowGroup:
     token_index: torch.Tensor  # int64 [N]: for each new token of the group, its index in the step's [T] tensors
     query_index: torch.Tensor  # int64 [N]: where that token sits in the padded [rows * max_queries] layout
     kv_slots: torch.Tensor  # int64 [rows * max_keys]: pool slot of each key position, row-major
-    mask: torch.Tensor  # bool [rows, 1, G * max_queries, max_keys]: True where attention is allowed
+    mask: torch.Tensor | None  # bool [rows, 1, G * max_queries, max_keys]: True where attention is allowed
     num_rows: int
     max_queries: int
     max_keys: int
@@ -67,12 +67,17 @@ class TorchAttentionBackend:
 
         key_pos = torch.arange(max_keys, device=device)
         query_pos = prefix_g[:, None] + query_offset[None, :]  # [n, Q]
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; implies key_pos < seq_len for real queries
-        if self.spec.sliding_window is not None:
-            mask &= key_pos[None, None, :] > query_pos[:, :, None] - self.spec.sliding_window
-        mask |= ~query_valid[:, :, None]  # padded queries attend to everything instead of nothing (no NaN)
-        mask = mask[:, None, None].expand(-1, 1, self.group_size, -1, -1).reshape(
-            len(rows), 1, self.group_size * max_queries, max_keys)
+        window = self.spec.sliding_window
+        if max_queries == 1 and all(batch.seq_lens_cpu[i] == max_keys for i in rows) and (
+                window is None or max_keys <= window):
+            mask = None  # one query per row, every row sees all max_keys keys: nothing to mask
+        else:
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; implies key_pos < seq_len
+            if window is not None:
+                mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
+            mask |= ~query_valid[:, :, None]  # padded queries attend to everything instead of nothing (no NaN)
+            mask = mask[:, None, None].expand(-1, 1, self.group_size, -1, -1).reshape(
+                len(rows), 1, self.group_size * max_queries, max_keys)
 
         slots = batch.req_to_token[batch.rows[index], :max_keys].long()
         slots = torch.where(key_pos[None, :] < seq_g[:, None], slots, 0)
