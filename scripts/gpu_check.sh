@@ -20,7 +20,8 @@ OPTIONAL=(kernel-sweep gpu-tests profile-decode bench-one-batch bench-serving be
 # The H100 bar runs on the Llama-3-8B architecture with dummy weights (config + real tokenizer, an ignored folder).
 MODEL="${GPU_MODEL:-.models/llama-3-8b-dummy}"
 SERVE_PROMPTS="${SERVE_PROMPTS:-500}"        # bench-serving at request rate inf
-SERVE_RATE_PROMPTS="${SERVE_RATE_PROMPTS:-200}"  # bench-serving at request rate 4
+SERVE_RATE_PROMPTS="${SERVE_RATE_PROMPTS:-200}"  # bench-serving at request rate 4 (0: skip)
+SERVE_FLAGS="${SERVE_FLAGS:-}"               # extra server flags for bench-serving (experiments)
 
 section_env() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
@@ -64,7 +65,8 @@ section_bench_one_batch() {
 section_bench_serving() {
   # One server (started here, stopped at the end); random prompts, input = output = 1024 tokens.
   local port=30123 status=0
-  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $port >"$LOG_DIR/server.log" 2>&1 &
+  # shellcheck disable=SC2086
+  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $port $SERVE_FLAGS >"$LOG_DIR/server.log" 2>&1 &
   local server=$!
   for _ in $(seq 600); do
     grep -q "Ready: serving" "$LOG_DIR/server.log" && break
@@ -76,8 +78,10 @@ section_bench_serving() {
                 --random-range-ratio 1.0 --disable-tqdm --output-file "$LOG_DIR/serving.jsonl")
   timeout 400 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
     status=1
-  timeout 300 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
-    --seed 2 || status=1
+  if [ "$SERVE_RATE_PROMPTS" -gt 0 ]; then
+    timeout 300 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
+      --seed 2 || status=1
+  fi
   kill -TERM $server
   wait $server || status=1
   return $status
