@@ -130,6 +130,14 @@ def test_gguf_in_llama_cpp_layout_matches_transformers(tmp_path):
     assert relative_max_error(logits, hf_logits(model)) < 1e-4
 
 
+def test_auto_format_finds_the_gguf_in_a_folder():
+    path = default_model_path()
+    assert locate_checkpoint(os.path.dirname(path), "auto") == Checkpoint("gguf", path)
+    assert locate_checkpoint(path, "dummy") == Checkpoint("gguf", path)
+    with pytest.raises(ValueError, match="is a file"):
+        locate_checkpoint(path, "safetensors")
+
+
 def test_smollm2_gguf_config_from_metadata():
     config = gguf_model_config(open_gguf(default_model_path()))
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (

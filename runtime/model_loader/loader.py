@@ -67,9 +67,13 @@ def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
                          f"(with load_format auto or gguf); pass the folder of an HF checkpoint")
     gguf_files = sorted(glob.glob(os.path.join(path, "*.gguf")))
     has_config = os.path.isfile(os.path.join(path, "config.json"))
-    wants_gguf = load_format == "gguf" or (load_format == "auto" and gguf_files and not safetensors_files(path)) or (
-        load_format == "dummy" and not has_config and gguf_files)
-    if wants_gguf:
+    if load_format == "auto":
+        use_gguf = bool(gguf_files) and not safetensors_files(path)
+    elif load_format == "dummy":
+        use_gguf = bool(gguf_files) and not has_config
+    else:
+        use_gguf = load_format == "gguf"
+    if use_gguf:
         if len(gguf_files) != 1:
             raise FileNotFoundError(f"expected exactly one .gguf file in {path}, found {len(gguf_files)}; "
                                     f"pass the file itself as the model path")
