@@ -344,6 +344,9 @@ class ModelRunner:
                                  f"1..context_length {self.context_length}")
         if total and not 0 < min(plan.out_slots) <= max(plan.out_slots) <= self.max_total_tokens:
             raise ValueError(f"BatchPlan.out_slots must lie in 1..{self.max_total_tokens}")
+        vocab, futures = self.model_config.vocab_size, len(self.future_tokens)
+        if total and not -futures <= min(plan.input_ids) <= max(plan.input_ids) < vocab:
+            raise ValueError(f"BatchPlan.input_ids must be token ids below {vocab} or placeholders down to -{futures}")
 
 
 def _running_sum(lengths: list[int]) -> list[int]:

@@ -122,6 +122,8 @@ def test_rows_without_logprobs_get_none(runner):
     (dict(rows=[4]), "rows: row 4"),
     (dict(out_slots=[0, 1, 2, 3, 4, 5, 6]), "out_slots"),
     (dict(prefix_lens=[250]), "context_length"),
+    (dict(input_ids=[5, 17, 33, 2, 90, 41, 128]), "input_ids must be token ids below 128"),
+    (dict(input_ids=[5, 17, 33, 2, 90, 41, -11]), "placeholders down to -10"),
 ])
 def test_inconsistent_plans_are_refused_with_the_field_named(runner, change, message):
     plan = prefill_plan(0, [PROMPT_A], [0], 1, [0])
