@@ -83,8 +83,8 @@ def test_extend_on_a_cached_prefix_equals_full_prefill(runner):
                                atol=1e-4, rtol=0)
     assert reused_run.top_ids == full_run.top_ids[11:]
     assert reused.output == full.output
-    torch.testing.assert_close(torch.tensor(reused.logprobs[0].top_logprobs), torch.tensor(full.logprobs[0].top_logprobs),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(reused.logprobs[0].top_logprobs),
+                               torch.tensor(full.logprobs[0].top_logprobs), atol=1e-4, rtol=0)
     driver.decode([full, reused], 8)
     assert reused.output == full.output
 
