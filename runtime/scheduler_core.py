@@ -302,11 +302,12 @@ class SchedulerCore:
 
     def _prefix_key_len(self, req: Req, fill: list[int]) -> int:
         """How much of `fill` may come from the cache: all but the last token (its logits are
-        needed), and nothing past logprob_start_len while prompt logprobs are still wanted."""
+        needed), and while prompt logprobs are still wanted, nothing from the token before
+        logprob_start_len on (its logits score the first token asked for)."""
         n = len(fill) - 1
         opts = req.msg.logprobs
         if opts.return_logprob and opts.logprob_start_len >= 0 and not req.admitted_once:
-            n = min(n, opts.logprob_start_len)
+            n = min(n, max(opts.logprob_start_len - 1, 0))
         return n
 
     def _admit(self, req: Req, fill: list[int], match_len: int) -> NewRow:

@@ -106,6 +106,20 @@ def test_logprobs_and_n(llm):
     assert isinstance(several, list) and len(several) == 3
 
 
+def test_prompt_logprobs_start_at_logprob_start_len_even_for_a_cached_prompt(llm):
+    prompt = "The quick brown fox jumps over the lazy dog because"
+    runs = [llm.generate(prompt, {**GREEDY, "max_new_tokens": 1}, return_logprob=True, logprob_start_len=3)
+            for _ in range(2)]
+    # The cache serves the prompt only up to the token before logprob_start_len: its logits score that token.
+    assert runs[1]["meta_info"]["cached_tokens"] == 2
+    first, second = (r["meta_info"]["input_token_logprobs"] for r in runs)
+    n = runs[0]["meta_info"]["prompt_tokens"]
+    assert len(first) == len(second) == n - 3
+    assert all(a[0] is not None for a in second), "every position from logprob_start_len on is scored"
+    assert [a[1] for a in first] == [b[1] for b in second]
+    assert all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"prompt": "Hi", "sampling_params": {"temperature": -1}}, "temperature"),
     ({"prompt": "Hi", "sampling_params": {"temperatur": 0.5}}, "temperatur"),
