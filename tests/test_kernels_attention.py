@@ -8,37 +8,17 @@ fails to write fails the test.
 
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+
+from tests.kernel_fixtures import CUDA, DEVICE, DTYPES, TOLERANCE, relative_error, seed  # noqa: E402,F401 (seed is a fixture)
 
 from kernels.decode_attention import choose_num_kv_splits, decode_attention, decode_attention_ref  # noqa: E402
 from kernels.decode_attention import DecodeTiles  # noqa: E402
 from kernels.extend_attention import ExtendTiles, extend_attention, extend_attention_ref  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
-# Triton's interpreter computes bf16 dot products on the raw bits (a Triton bug), so on the CPU the 16-bit path is
-# exercised with fp16; the GPU run covers bf16 as well.
-DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 def random_table(num_rows: int, context: int, num_slots: int) -> torch.Tensor:

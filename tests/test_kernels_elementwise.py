@@ -4,39 +4,18 @@ outputs poisoned with NaN where the kernel writes a fresh tensor."""
 
 from __future__ import annotations
 
-import os
-import random
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+
+from tests.kernel_fixtures import CUDA, DEVICE, DTYPES, TOLERANCE, relative_error, seed  # noqa: E402,F401 (seed is a fixture)
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
-# Triton's interpreter truncates float32 -> bf16 instead of rounding to nearest (the GPU rounds), so on the CPU the
-# 16-bit path is exercised with fp16; the GPU run covers bf16 as well.
-DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
-# One rounding of the output in a 16-bit type, where the reference rounds an intermediate too.
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,27 +4,16 @@ CPU, GPU when CUDA is present."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from tests.kernel_fixtures import CUDA, DEVICE, seed  # noqa: E402,F401 (seed is a fixture)
+
 from kernels.sampling import SamplingTiles, keep_mask_ref, sample_from_probs, sampling_thresholds  # noqa: E402
-
-DEVICE = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 def random_filters(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

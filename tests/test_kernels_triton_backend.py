@@ -4,16 +4,14 @@ the same q/k/v and their own copy of the pool; outputs and pools must agree. Int
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
+
+from tests.kernel_fixtures import CUDA, DEVICE, TOLERANCE, relative_error, seed  # noqa: E402,F401 (seed is a fixture)
 
 from runtime.attention.base import AttentionSpec  # noqa: E402
 from runtime.attention.torch_backend import TorchAttentionBackend  # noqa: E402
@@ -21,14 +19,8 @@ from runtime.attention.triton_backend import TritonAttentionBackend  # noqa: E40
 from runtime.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from runtime.kv_pool import KVPool  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 # fp16 rather than bf16 on the CPU: the interpreter mishandles bf16 dot products (see test_kernels_attention.py).
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32, torch.float16]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 class Steps:
