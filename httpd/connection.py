@@ -352,12 +352,19 @@ class HttpConnection(asyncio.Protocol):
 
     def _write_response(self, request: Request | None, response: Response, close: bool):
         body = response.body
-        no_body = response.status in _NO_BODY_STATUSES
-        head = self._head(request, response.status, None if no_body else response.content_type,
-                          None if no_body else len(body), response.headers, close)
-        if no_body or (request is not None and request.method == "HEAD"):
-            self.transport.write(head)
-        elif len(body) < 65536:
+        if (not close and request is not None and not response.headers and request.http_version == "1.1"
+                and request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
+                and request.header(b"origin") is None):
+            # The common case (keep-alive, no extra headers): the whole head comes from a cache.
+            head = self.server.plain_head(response.status, response.content_type, len(body))
+        else:
+            no_body = response.status in _NO_BODY_STATUSES
+            head = self._head(request, response.status, None if no_body else response.content_type,
+                              None if no_body else len(body), response.headers, close)
+            if no_body or (request is not None and request.method == "HEAD"):
+                self.transport.write(head)
+                return
+        if len(body) < 65536:
             self.transport.write(head + body)
         else:
             self.transport.writelines((head, body))

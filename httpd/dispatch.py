@@ -24,15 +24,18 @@ class Dispatcher:
         self.public_paths = public_paths
 
     def __call__(self, request: Request) -> Result | Coroutine:
+        method = request.method
         endpoints = self.router.endpoints(request.path)
-        if request.method == "OPTIONS":
+        if method == "OPTIONS":
             return self._preflight(request, endpoints)
         if self.api_key is not None and request.path not in self.public_paths and not self._authorized(request):
             return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                   headers=[(b"WWW-Authenticate", b"Bearer")])
         if endpoints is None:
             return error_response(404, f"no route for {request.path}")
-        endpoint = self.router.resolve(request.method, endpoints)
+        endpoint = endpoints.get(method)
+        if endpoint is None:
+            endpoint = self.router.resolve(method, endpoints)
         if endpoint is None:
             allow = ", ".join(self.router.allowed_methods(endpoints))
             return error_response(405, f"method {request.method} is not allowed for {request.path}; allowed: {allow}",

@@ -14,6 +14,8 @@ from httpd.dispatch import Dispatcher
 from httpd.response import status_line
 from httpd.router import Router
 
+_PLAIN_HEADS_CACHED = 256  # response heads kept per second (keyed by status, content type, length)
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -45,6 +47,7 @@ class HttpServer:
         self.date_header = b""
         self._date_second = -1
         self._head_prefixes: dict[tuple[int, bytes | None], bytes] = {}
+        self._plain_heads: dict[tuple[int, bytes | None, int], bytes] = {}
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.TimerHandle | None = None
         # Deadlines are checked this often: a fraction of the shortest timeout, within [20 ms, 1 s].
@@ -101,6 +104,18 @@ class HttpServer:
             self._date_second = second
             self.date_header = b"Date: " + formatdate(second, usegmt=True).encode() + b"\r\n"
             self._head_prefixes.clear()
+            self._plain_heads.clear()
+
+    def plain_head(self, status: int, content_type: bytes | None, length: int) -> bytes:
+        """The whole head of a keep-alive HTTP/1.1 response without extra headers, cached (for
+        bodies of a few distinct lengths) until the Date changes."""
+        key = (status, content_type, length)
+        head = self._plain_heads.get(key)
+        if head is None:
+            head = self.head_prefix(status, content_type) + b"Content-Length: %d\r\n\r\n" % length
+            if len(self._plain_heads) < _PLAIN_HEADS_CACHED:
+                self._plain_heads[key] = head
+        return head
 
     def head_prefix(self, status: int, content_type: bytes | None) -> bytes:
         """Status line, Date and Content-Type of a response, cached until the Date changes."""

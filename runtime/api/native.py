@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
 HEALTH_GENERATE_TIMEOUT_S = 20.0
+_HEALTHY = Response(200, b"", None)  # shared: the HTTP layer only reads responses
 _UNSUPPORTED_INPUTS = ("input_embeds", "image_data", "audio_data", "video_data", "lora_path", "custom_logit_processor")
 
 
@@ -149,7 +150,7 @@ class NativeApi:
         raise HttpError(400, "embedding models are not supported yet; start with --is-embedding once supported")
 
     def health(self, request: Request) -> Response:
-        return Response(200, b"", None)
+        return _HEALTHY
 
     async def health_generate(self, request: Request) -> Response:
         """Healthy when one token really comes out of the engine."""
@@ -165,7 +166,7 @@ class NativeApi:
             raise HttpError(503, f"the engine refused a one-token request: {err.message}") from None
         if sequence.finish is None or sequence.finish.type == "abort":
             raise HttpError(503, "the one-token health request was aborted")
-        return Response(200, b"", None)
+        return _HEALTHY
 
     def get_model_info(self, request: Request) -> Response:
         args, info = self.frontend.args, self.model_info
