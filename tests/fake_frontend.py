@@ -73,6 +73,7 @@ class FakeFrontend:
                                     context_length=self.context_length, eos_token_ids=eos, max_total_tokens=65536,
                                     max_running_requests=64, dtype="float32", device="cpu")
         self.served_model_name = self.args.served_model_name or MODEL_NAME
+        self._token_texts = [f" <{i}>" for i in range(VOCAB_WITHOUT_TOKENIZER)]
         self.calls: list[GenerateCall] = []
         self.chat_calls: list[tuple[list[dict], list | None, bool, bool]] = []
         self.aborted: list[str] = []  # rids whose generate() was closed before finishing
@@ -89,7 +90,8 @@ class FakeFrontend:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.tokenizer is None:
-            return "".join(f" <{i}>" for i in ids)
+            texts = self._token_texts  # like a detokenizer's vocabulary table
+            return "".join([texts[i] if 0 <= i < VOCAB_WITHOUT_TOKENIZER else f" <{i}>" for i in ids])
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
@@ -137,11 +139,12 @@ class FakeFrontend:
                     finish = self._check_stop(output, token, sampling)
                 if finish is not None or stream:
                     if self.tokenizer is None and not sampling.stop:  # decoding is concatenation: no re-decode
-                        text = sent_text + self.decode(output[sent_tokens:])
+                        delta = self.decode(output[sent_tokens:])
+                        text = sent_text + delta
                     else:
                         text = self._text(output, sampling, finish)
-                    update = self._update(rid, input_ids, output, sent_tokens, text[len(sent_text):], finish,
-                                          logprobs)
+                        delta = text[len(sent_text):]
+                    update = self._update(rid, input_ids, output, sent_tokens, delta, finish, logprobs)
                     sent_text, sent_tokens = text, len(output)
                     finished = finish is not None
                     yield update

@@ -91,6 +91,7 @@ class Generation:
         self.sequences = sequences
         self.metrics = metrics
         self._index = {s.job.rid: i for i, s in enumerate(sequences)}
+        self.unfinished = len(sequences)  # sequences whose last update has not been folded yet
 
     def updates(self, stream: bool) -> AsyncIterator[TextUpdate]:
         if len(self.sequences) == 1:
@@ -105,10 +106,11 @@ class Generation:
         first = sequence.first_token_time is None
         sequence.add(update, now)
         metrics = self.metrics
-        if metrics is not None:
-            if first and sequence.first_token_time is not None:
-                metrics.observe_first_token(now - sequence.arrival)
-            if update.finish is not None:
+        if metrics is not None and first and sequence.first_token_time is not None:
+            metrics.observe_first_token(now - sequence.arrival)
+        if update.finish is not None:
+            self.unfinished -= 1
+            if metrics is not None:
                 metrics.observe_finished(sequence)
         return index
 
@@ -176,11 +178,20 @@ async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[b
         yield b""
         fold = generation.fold
         try:
+            last = b""  # the last update's events go out with the epilogue and [DONE], in one write
             if first is not None:
-                yield render(fold(first), first)
-                async for update in updates:
-                    yield render(fold(update), update)
-            yield epilogue()
+                last = render(fold(first), first)
+                if generation.unfinished:
+                    yield last
+                    last = b""
+                    async for update in updates:
+                        piece = render(fold(update), update)
+                        if not generation.unfinished:
+                            last = piece
+                            break
+                        yield piece
+            yield last + epilogue() + DONE
+            return
         except (RequestError, HttpError) as err:
             yield stream_error(err.status, err.message)
         except Exception as err:
