@@ -51,6 +51,10 @@ DEFAULT_MEM_FRACTION_STATIC = 0.85
 CPU_POOL_BYTES_CAP = 2 << 30
 CPU_MAX_POOL_TOKENS = 1 << 20
 DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}
+# The default number of running requests leaves every one of them room to grow to this many tokens
+# (a 1k prompt and a 1k answer): admitting more only fills the pool and forces retractions, whose
+# recomputation costs more than the larger batch gains (H100 serving bench, docs/perf.md).
+TOKENS_PER_RUNNING_REQUEST = 2048
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +115,11 @@ class ModelRunner:
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
-        self.max_running_requests = config.max_running_requests or max(
-            1, min(DEFAULT_MAX_RUNNING[self.device.type], self.max_total_tokens // 2))
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
                               self.attention_spec.head_dim, self.dtype, self.device)
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
         use_cuda_graphs = self._cuda_graphs_possible()
+        self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
         # with CUDA graphs, row max_running_requests is the dummy row of their padding rows (never handed out)
         self.req_to_token = torch.zeros(self.max_running_requests + use_cuda_graphs, self.context_length,
                                         dtype=torch.int32, device=self.device)
@@ -169,6 +172,17 @@ class ModelRunner:
             return wanted
         budget = min(psutil.virtual_memory().available // 4, CPU_POOL_BYTES_CAP)
         return max(1, min(CPU_MAX_POOL_TOKENS, budget // per_token))
+
+    def _default_max_running(self, use_cuda_graphs: bool) -> int:
+        """As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens (at least 16, at most
+        half the slots), within the device's cap; with CUDA graphs no more than the largest captured
+        batch, so that every decode step replays a graph (an eager step of 200 rows ran at half the
+        speed of a replayed one on the H100)."""
+        running = max(self.max_total_tokens // TOKENS_PER_RUNNING_REQUEST, min(16, self.max_total_tokens // 2))
+        running = min(running, DEFAULT_MAX_RUNNING[self.device.type])
+        if use_cuda_graphs:
+            running = min(running, self.config.cuda_graph_max_bs)
+        return max(1, running)
 
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:

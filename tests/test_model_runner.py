@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from runtime.messages import BatchPlan, LogprobOptions, NewRow, SamplingParams
-from runtime.model_runner import DEFAULT_MAX_RUNNING, ModelRunner, ModelRunnerConfig
+from runtime.model_runner import DEFAULT_MAX_RUNNING, TOKENS_PER_RUNNING_REQUEST, ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import GREEDY, PlanDriver, runner_logits, save_tiny_model
 
 PROMPT_A = [5, 17, 33, 2, 90, 41, 7]
@@ -139,14 +139,19 @@ def test_sizing_defaults_on_cpu(folder):
     runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=40))
     info = runner.info
     assert info.context_length == 256  # the model's max_position_embeddings
-    assert info.max_running_requests == min(DEFAULT_MAX_RUNNING["cpu"], 40 // 2)
-    assert runner.req_to_token.shape == (20, 256)
-    assert runner.future_tokens.shape == (2 * 20 + 2,)
+    assert info.max_running_requests == 16  # a tiny pool still serves 16 requests at once (at most half the slots)
+    assert runner.req_to_token.shape == (16, 256)
+    assert runner.future_tokens.shape == (2 * 16 + 2,)
     assert runner.kv_pool.k[0].shape == (41, 2, 16)  # slot 0 is padding
     sized = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", context_length=128))
     per_token = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 kv heads, head_dim 16, float32
     assert 0 < sized.info.max_total_tokens * per_token <= 2 << 30
-    assert sized.info.context_length == 128 and sized.info.max_running_requests == DEFAULT_MAX_RUNNING["cpu"]
+    assert sized.info.context_length == 128
+    # As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens, within the device's cap.
+    assert sized.info.max_running_requests == min(DEFAULT_MAX_RUNNING["cpu"],
+                                                  sized.info.max_total_tokens // TOKENS_PER_RUNNING_REQUEST)
+    small = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=20 * 2048))
+    assert small.info.max_running_requests == 20
 
 
 def test_sampling_params_reach_the_sampler(runner):
