@@ -220,33 +220,36 @@ class HttpConnection(asyncio.Protocol):
     # ---------------------------------------------------------------- answering
 
     def _process_queue(self):
-        while self.queue and not self.busy and not self.closed:
-            item = self.queue.popleft()
-            if self.reading_paused and self.parser is not None and len(self.queue) < self.config.max_pipelined // 2:
+        """Answer the queued requests in order: inline for a plain handler, else in a task (busy
+        until it ends)."""
+        queue = self.queue
+        while queue and not self.busy and not self.closed:
+            request = queue.popleft()
+            if self.reading_paused and self.parser is not None and len(queue) < self.config.max_pipelined // 2:
                 self.reading_paused = False
                 self.transport.resume_reading()
-            if isinstance(item, _Fatal):
-                if item.status:
-                    self._write_response(None, error_response(item.status, item.message), close=True)
+            if request.__class__ is _Fatal:
+                if request.status:
+                    self._write_response(None, error_response(request.status, request.message), close=True)
                 self._close()
                 return
-            self._answer(item)
+            self.busy = True
+            result = self.dispatch(request)
+            if isinstance(result, Response):
+                self._write_response(request, result, close=not request.keep_alive)
+                self.busy = False
+                if not request.keep_alive:
+                    self._close()
+            elif isinstance(result, StreamingResponse):
+                self.task = self.loop.create_task(self._stream(request, result))
+            else:
+                self.task = self.loop.create_task(self._run(request, _awaited(result)))
         if not self.busy and not self.closed:
-            self._after_response()
-
-    def _answer(self, request: Request):
-        """Answer one request: inline for a plain handler, else in a task (busy until it ends)."""
-        self.busy = True
-        result = self.dispatch(request)
-        if isinstance(result, Response):
-            self._write_response(request, result, close=not request.keep_alive)
-            self.busy = False
-            if not request.keep_alive:
-                self._close()
-        elif isinstance(result, StreamingResponse):
-            self.task = self.loop.create_task(self._stream(request, result))
-        else:
-            self.task = self.loop.create_task(self._run(request, _awaited(result)))
+            if self.in_message:
+                self._after_response()
+            else:  # idle: the keep-alive clock starts
+                self.deadline = self.loop.time() + self.config.keepalive_timeout
+                self.deadline_status = 0
 
     async def _run(self, request: Request, coroutine):
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 
@@ -58,7 +59,7 @@ class NativeApi:
             check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, field)
             options = _logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(input_ids),
                                        self.model_info.vocab_size)
-            rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
+            rid = rids[i] if rids[i] is not None else os.urandom(16).hex()  # uuid4().hex costs 4x more
             for j in range(params.n):
                 params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
                                               NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
