@@ -135,6 +135,9 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--max-prefill-tokens must be positive")
     if args.tp_size < 1 or args.dp_size < 1:
         raise ServerArgsError("--tp-size and --dp-size must be at least 1")
+    if args.tp_size != 1:
+        raise ServerArgsError("--tp-size > 1 (tensor parallelism) is not implemented yet: the layers and the loader "
+                              "shard, but the workers do not set up a process group")
     if args.dp_size != 1:
         raise ServerArgsError("--dp-size > 1 (data parallelism) is not implemented yet")
     if args.stream_interval < 1:

@@ -1,0 +1,46 @@
+import pytest
+
+from runtime.server_args import NOT_YET_SUPPORTED, ServerArgs, parse_args
+
+
+def test_defaults_are_sglangs():
+    args = parse_args([])
+    assert (args.host, args.port, args.chunked_prefill_size, args.schedule_policy) == ("127.0.0.1", 30000, 8192, "fcfs")
+    assert args.cuda_graph_max_bs == 160 and not args.disable_radix_cache and not args.disable_overlap_schedule
+
+
+def test_prefix_abbreviations_and_aliases_keep_working():
+    args = parse_args(["--mem-frac", "0.7", "--context-len", "2048", "--dtype", "bf16", "--tp", "1"])
+    assert args.mem_fraction_static == 0.7 and args.context_length == 2048 and args.dtype == "bfloat16"
+    assert args.tp_size == 1
+
+
+@pytest.mark.parametrize("flag", sorted(NOT_YET_SUPPORTED))
+def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([flag, "x"])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--mem-fraction-static", "1.5"], "--mem-fraction-static"),
+    (["--chunked-prefill-size", "0"], "--chunked-prefill-size"),
+    (["--max-running-requests", "0"], "--max-running-requests"),
+    (["--port", "70000"], "--port"),
+    (["--tp-size", "2"], "--tp-size"),
+    (["--dp-size", "2"], "--dp-size"),
+    (["--schedule-policy", "lifo"], "--schedule-policy"),
+    (["--stream-interval", "0"], "--stream-interval"),
+])
+def test_bad_values_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_server_args_round_trip_as_json():
+    import msgspec
+
+    args = parse_args(["--port", "31000", "--disable-radix-cache"])
+    assert msgspec.json.decode(msgspec.json.encode(args), type=ServerArgs) == args
