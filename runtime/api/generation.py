@@ -177,8 +177,8 @@ async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[b
         # first byte went out) closes `updates`, which aborts the requests.
         yield b""
         fold = generation.fold
+        last = b""  # the last update's events go out with the epilogue (or an error) and [DONE], in one write
         try:
-            last = b""  # the last update's events go out with the epilogue and [DONE], in one write
             if first is not None:
                 last = render(fold(first), first)
                 if generation.unfinished:
@@ -190,14 +190,13 @@ async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[b
                             last = piece
                             break
                         yield piece
-            yield last + epilogue() + DONE
-            return
+            last += epilogue()
         except (RequestError, HttpError) as err:
-            yield stream_error(err.status, err.message)
+            last += stream_error(err.status, err.message)
         except Exception as err:
             logger.exception("a streamed response failed")
-            yield stream_error(500, f"internal error: {type(err).__name__}: {err}")
-        yield DONE
+            last += stream_error(500, f"internal error: {type(err).__name__}: {err}")
+        yield last + DONE
 
 
 def stream_error(status: int, message: str) -> bytes:
