@@ -547,13 +547,15 @@ class _RingSegment:
     def recv(self, timeout: float | None = None) -> bytes | None:
         """The next whole frame; waits up to `timeout` seconds (None: forever). None on timeout."""
         frame = self.try_recv()
-        if frame is not None:
-            return frame
+        return frame if frame is not None else self._wait_for(self.try_recv, timeout)
+
+    def _wait_for(self, try_read, timeout: float | None):
+        """Wait until `try_read()` returns a frame, or None once `timeout` seconds have passed."""
         deadline = deadline_after(timeout)
         while True:
             if not self._wait_readable(deadline):
                 return None
-            frame = self.try_recv()
+            frame = try_read()
             if frame is not None:
                 return frame
 
@@ -590,15 +592,7 @@ class _RingSegment:
     def recv_view(self, timeout: float | None = None) -> memoryview | bytes | None:
         """recv() with try_recv_view()'s zero-copy result and its rules."""
         frame = self.try_recv_view()
-        if frame is not None:
-            return frame
-        deadline = deadline_after(timeout)
-        while True:
-            if not self._wait_readable(deadline):
-                return None
-            frame = self.try_recv_view()
-            if frame is not None:
-                return frame
+        return frame if frame is not None else self._wait_for(self.try_recv_view, timeout)
 
     def release_view(self) -> None:
         """Free the space of the frame last returned as a view (no-op if there is none)."""
