@@ -81,6 +81,15 @@ class FakeFrontend:
         self.running: set[str] = set()
         self._abort_requested: set[str] = set()
 
+    def reset(self) -> None:
+        """Back to the defaults between tests that share one server."""
+        self.reject = None
+        self.abort_after = None
+        self.token_delay_s = 0.0
+        self.flush_ok = True
+        self.calls.clear()
+        self.chat_calls.clear()
+
     # ------------------------------------------------------------------ tokenizer
 
     def encode(self, text: str) -> list[int]:

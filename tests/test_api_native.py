@@ -34,12 +34,8 @@ def served(tokenizer):
 
 @pytest.fixture
 def fake(served):
-    _, frontend = served
-    frontend.reject = None
-    frontend.abort_after = None
-    frontend.token_delay_s = 0.0
-    frontend.flush_ok = True
-    frontend.calls.clear()
+    frontend = served[1]
+    frontend.reset()
     return frontend
 
 

@@ -31,10 +31,7 @@ def served(tokenizer):
 @pytest.fixture
 def fake(served):
     frontend = served[1]
-    frontend.reject = None
-    frontend.abort_after = None
-    frontend.calls.clear()
-    frontend.chat_calls.clear()
+    frontend.reset()
     return frontend
 
 
