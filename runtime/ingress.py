@@ -11,6 +11,7 @@ stops accepting connections and gives responses in progress grace_s seconds to f
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
 import msgspec
@@ -85,6 +86,9 @@ class IngressActor(AsyncActor):
         server = create_server(frontend, self.server_config)
         try:
             await server.start(args.host, args.port, sock=self.sock)
+            # Start-up objects (tokenizer, modules) never die: keep the collector from re-scanning them
+            # on every request (about 2.5% of the ingress CPU when streaming).
+            gc.freeze()
             self.log.info("serving %s on http://%s:%d", frontend.served_model_name, args.host, server.port)
             await asyncio.wait([shutdown, mailbox.finished], return_when=asyncio.FIRST_COMPLETED)
             if mailbox.finished.done():
