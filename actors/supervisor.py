@@ -270,9 +270,7 @@ class Supervisor:
             return
         reason = f"actor {child.spec.name!r} (pid {child.process.pid}) {describe_exit(returncode)}"
         log.error("%s; stopping the other actors", reason)
-        self._teardown(grace_s=0.0, send_shutdown=False, failure=reason)
-        if self.on_failure is not None:
-            self.on_failure(reason)
+        self._teardown(grace_s=0.0, send_shutdown=False, failure=reason, notify=True)
 
     # ------------------------------------------------------------------ stop
     def stop(self, grace_s: float = 0.0) -> int:
@@ -311,7 +309,9 @@ class Supervisor:
     def __exit__(self, *exc) -> None:
         self.stop(0.0)
 
-    def _teardown(self, grace_s: float, send_shutdown: bool, failure: str | None) -> None:
+    def _teardown(self, grace_s: float, send_shutdown: bool, failure: str | None, notify: bool = False) -> None:
+        """Stop every actor and free the run's shared memory. With `notify`, on_failure(failure) runs
+        before wait() returns, so whoever waits sees its effects."""
         with self._lock:
             if self._state != "running":
                 first = False
@@ -334,6 +334,11 @@ class Supervisor:
                 self._status = 1 if failure is not None or bad else 0
                 self._state = "stopped"
                 watcher = self._watcher
+            if notify and self.on_failure is not None:
+                try:
+                    self.on_failure(failure)
+                except Exception:  # noqa: BLE001 - a failing callback must not leave wait() hanging
+                    log.exception("on_failure callback failed")
             self._done.set()
             if watcher is None:
                 self._close_fds()
