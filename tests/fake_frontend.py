@@ -19,9 +19,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pytest
 import uvloop
 
 from httpd import HttpServer
+from runtime.api.app import create_server
 from runtime.frontend_errors import RequestError
 from runtime.messages import (FinishReason, LogprobOptions, ModelInfo, RequestMeta, SamplingParams, TextUpdate,
                               TokenLogprobs)
@@ -307,3 +309,25 @@ def sse_payloads(raw: bytes) -> list:
             data = event[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+# Fixtures of the API tests: one server on the fake frontend per test module, reset between tests.
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer):
+    frontend = FakeFrontend(tokenizer=tokenizer)
+    with ServerThread(lambda: create_server(frontend)) as server:
+        yield server, frontend
+
+
+@pytest.fixture
+def fake(served):
+    frontend = served[1]
+    frontend.reset()
+    return frontend

@@ -14,29 +14,10 @@ from runtime.api.app import create_server
 from runtime.frontend_errors import RequestError
 from runtime.messages import LogprobOptions, SamplingParams
 from runtime.server_args import ServerArgs
-from tests.fake_frontend import (FakeFrontend, ServerThread, fake_logprob, http_request, smollm2_tokenizer,
-                                 sse_payloads, wait_until)
+from tests.fake_frontend import (FakeFrontend, ServerThread, fake, fake_logprob, http_request,  # noqa: F401
+                                 served, sse_payloads, tokenizer, wait_until)
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def served(tokenizer):
-    frontend = FakeFrontend(tokenizer=tokenizer)
-    with ServerThread(lambda: create_server(frontend)) as server:
-        yield server, frontend
-
-
-@pytest.fixture
-def fake(served):
-    frontend = served[1]
-    frontend.reset()
-    return frontend
 
 
 @pytest.fixture

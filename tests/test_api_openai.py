@@ -11,28 +11,10 @@ from runtime.api.app import create_server
 from runtime.frontend_errors import RequestError
 from runtime.messages import LogprobOptions
 from runtime.server_args import ServerArgs
-from tests.fake_frontend import FakeFrontend, ServerThread, fake_logprob, smollm2_tokenizer
+from tests.fake_frontend import (FakeFrontend, ServerThread, fake, fake_logprob, served,  # noqa: F401 (fixtures)
+                                 tokenizer)
 
 PROMPT = "Once upon a time there was a tiny language model."
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def served(tokenizer):
-    frontend = FakeFrontend(tokenizer=tokenizer)
-    with ServerThread(lambda: create_server(frontend)) as server:
-        yield server, frontend
-
-
-@pytest.fixture
-def fake(served):
-    frontend = served[1]
-    frontend.reset()
-    return frontend
 
 
 @pytest.fixture
