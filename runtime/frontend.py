@@ -25,7 +25,7 @@ from runtime.messages import (AbortRequest, FlushCacheReply, FlushCacheRequest, 
                               ModelInfo, RequestRejected, SamplingParams, ServerInfoReply, ServerInfoRequest,
                               TextUpdate, TextUpdates, TokenLogprobs)
 from runtime.server_args import ServerArgs
-from runtime.tokenizer import DEFAULT_MODEL_NAME
+from runtime.default_model import DEFAULT_MODEL_NAME
 from shm.ring import RingTimeout
 
 log = logging.getLogger("frontend")

@@ -34,7 +34,7 @@ from actors.supervisor import ActorStartError, Supervisor
 from runtime.affinity import plan_affinity, read_topology
 from runtime.messages import ModelInfo
 from runtime.server_args import ServerArgs
-from runtime.tokenizer import DEFAULT_MODEL_NAME
+from runtime.default_model import DEFAULT_MODEL_NAME
 from shm import sweep_stale
 
 log = logging.getLogger("runtime.launcher")

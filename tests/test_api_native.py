@@ -11,6 +11,7 @@ import pytest
 
 from httpd import ServerConfig
 from runtime.api.app import create_server
+from runtime.default_model import default_model_path
 from runtime.frontend_errors import RequestError
 from runtime.messages import LogprobOptions, SamplingParams
 from runtime.server_args import ServerArgs
@@ -203,6 +204,8 @@ def test_model_and_server_info(url, fake):
     assert status == 200 and info["is_generation"] is True
     assert info["context_length"] == fake.context_length and info["vocab_size"] == fake.model_info.vocab_size
     assert set(info) >= {"model_path", "tokenizer_path", "served_model_name", "architectures"}
+    # Without --model-path the paths name the default model's file, so clients (bench_serving) can load its tokenizer.
+    assert info["model_path"] == info["tokenizer_path"] == default_model_path()
     status, _, raw = http_request(url, "GET", "/get_server_info")
     info = msgspec.json.decode(raw)
     assert info["max_body_bytes"] == fake.args.max_body_bytes

