@@ -156,23 +156,23 @@ class AsyncEchoActor(AsyncActor):
         ticker.cancel()
 
 
+def start_echo_pair(sup, count: int, ring_bytes: int):
+    """Start an echo actor and a pinger that sends it `count` pings; returns the channel (opened in
+    this process) on which the pinger reports its Result."""
+    to_echo = sup.channel("to_echo", TO_ECHO, ring_bytes)
+    from_echo = sup.channel("from_echo", FROM_ECHO, ring_bytes)
+    results = sup.channel("results", FROM_ECHO, ring_bytes)
+    sup.start(ActorSpec("echo", "tests.actors_fixtures:EchoActor", inbound=[to_echo], outbound=[from_echo]))
+    config = msgspec.Raw(msgspec.json.encode({"count": count}))
+    sup.start(ActorSpec("pinger", "tests.actors_fixtures:PingActor", config=config, inbound=[from_echo],
+                        outbound=[to_echo, results]))
+    return sup.connect(results)
+
+
 def launch(prefix: str | None, grace_s: float) -> int:
     logging.basicConfig(level="INFO", stream=sys.stderr)
     sup = Supervisor(prefix=prefix, ready_timeout=30.0)  # None: rt<this pid>_
-    to_echo = sup.channel("to_echo", TO_ECHO, 1 << 16)
-    from_echo = sup.channel("from_echo", FROM_ECHO, 1 << 16)
-    results = sup.channel("results", FROM_ECHO, 1 << 16)
-    sup.start(ActorSpec("echo", "tests.actors_fixtures:EchoActor", inbound=[to_echo], outbound=[from_echo]))
-    sup.start(
-        ActorSpec(
-            "pinger",
-            "tests.actors_fixtures:PingActor",
-            config=msgspec.Raw(b'{"count": 20}'),
-            inbound=[from_echo],
-            outbound=[to_echo, results],
-        )
-    )
-    result = sup.connect(results).get(timeout=30.0)
+    result = start_echo_pair(sup, count=20, ring_bytes=1 << 16).get(timeout=30.0)
     sup.handle_signals(grace_s)  # before telling the test we are up: it signals us right after
     pids = sup.pids()
     print(json.dumps({"pids": pids, "prefix": sup.prefix, "pinged": msgspec.to_builtins(result)}), flush=True)

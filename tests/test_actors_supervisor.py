@@ -12,7 +12,7 @@ import pytest
 from actors.spec import ActorSpec
 from actors.supervisor import ActorStartError, Supervisor
 from shm import list_segments
-from tests.actors_fixtures import FROM_ECHO, TO_ECHO, Crash, Ping, Pong, Result, unique_prefix
+from tests.actors_fixtures import FROM_ECHO, TO_ECHO, Crash, Ping, Pong, Result, start_echo_pair, unique_prefix
 
 ECHO = "tests.actors_fixtures:EchoActor"
 
@@ -43,20 +43,8 @@ def gone(pid: int) -> bool:
 
 
 def test_echo_pair_exchanges_typed_messages_over_rings(sup):
-    to_echo = sup.channel("to_echo", TO_ECHO, 1 << 12)  # small rings: frames wrap around many times
-    from_echo = sup.channel("from_echo", FROM_ECHO, 1 << 12)
-    results = sup.channel("results", FROM_ECHO, 1 << 12)
-    sup.start(ActorSpec("echo", ECHO, inbound=[to_echo], outbound=[from_echo]))
-    sup.start(
-        ActorSpec(
-            "pinger",
-            "tests.actors_fixtures:PingActor",
-            config=msgspec.Raw(b'{"count": 300}'),
-            inbound=[from_echo],
-            outbound=[to_echo, results],
-        )
-    )
-    result = sup.connect(results).get(timeout=20.0)
+    results = start_echo_pair(sup, count=300, ring_bytes=1 << 12)  # small rings: frames wrap around many times
+    result = results.get(timeout=20.0)
     assert result == Result(300, True, "")
     assert sup.stop(1.0) == 0
     assert sup.exit_codes == {"echo": 0, "pinger": 0}
