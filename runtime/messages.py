@@ -276,24 +276,3 @@ class ModelInfo(Struct):
     max_running_requests: int  # rows of the request table
     dtype: str
     device: str
-
-
-# --------------------------------------------------------------------------------------------
-# Codec helpers
-# --------------------------------------------------------------------------------------------
-
-
-class Codec:
-    """An encoder and a typed decoder for one mailbox union."""
-
-    def __init__(self, union_type):
-        self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(union_type)
-
-    def encode(self, msg) -> bytes:
-        return self.encoder.encode(msg)
-
-    def decode(self, data):
-        return self.decoder.decode(data)
-
-

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         field_type = ServerArgs.__annotations__[name]
         kind = int if "int" in field_type else float if "float" in field_type else str
         parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name))
-    for flag, why in NOT_YET_SUPPORTED.items():
+    for flag in NOT_YET_SUPPORTED:
         parser.add_argument(flag, dest="unsupported__" + flag.strip("-").replace("-", "_"), nargs="?", const=True,
                             default=None, help=argparse.SUPPRESS)
     return parser
