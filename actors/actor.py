@@ -60,7 +60,7 @@ class Actor:
         self.config = context.config
         self.mailbox = context.mailbox
         self.refs = context.refs
-        self.log = logging.getLogger(context.name)
+        self.log = logging.getLogger(type(self).__module__)  # the process title in each line names the actor
 
     def ready_info(self) -> bytes:
         """Bytes reported with Ready once __init__ returned (e.g. a msgspec-encoded ModelInfo)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from actors.actor import Actor
 from actors.mailbox import Mailbox
@@ -41,7 +42,7 @@ class AsyncMailbox:
         self._handled = threading.Event()
         self._thread = threading.Thread(target=self._read, name="mailbox-reader", daemon=True)
 
-    def start(self) -> "AsyncMailbox":
+    def start(self) -> AsyncMailbox:
         self._thread.start()
         return self
 

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     from actors.control import ControlUp, Failed, Ready
     from shm import Ring
 
-    log = logging.getLogger("actors.boot")
+    log = logging.getLogger(__name__)
     control_up = Channel(f"{spec.name}.control_up", Ring.attach(boot.control_up.segment), ControlUp)
     try:
         try:

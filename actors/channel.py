@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any, Generic, TypeVar
 
@@ -19,7 +20,7 @@ class ChannelDecodeError(Exception):
 
 
 def union_members(message_type: Any) -> tuple[type, ...]:
-    if typing.get_origin(message_type) is typing.Union:
+    if typing.get_origin(message_type) in (typing.Union, types.UnionType):
         return typing.get_args(message_type)
     return (message_type,)
 

@@ -1,17 +1,20 @@
 """Messages between the supervisor and its children on their private control rings.
 
 Up (child -> supervisor): `Ready` once the actor is built, or `Failed` if building it raised.
-Down (supervisor -> child): `runtime.messages.Shutdown`, delivered through the actor's mailbox like
+Down (supervisor -> child): `Shutdown`, delivered through the actor's mailbox like
 any other message, so actors handle it in the same `match msg:` as their work.
 """
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
-from runtime.messages import Shutdown
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    """Stop accepting work; finish running requests for up to `grace_s`, then exit. Application mailboxes
+    include it in their own unions (runtime.messages re-exports it), so one tag means the same everywhere."""
+
+    grace_s: float = 0.0
 
 
 class Ready(msgspec.Struct, tag="ready"):
@@ -25,8 +28,8 @@ class Failed(msgspec.Struct, tag="failed"):
     traceback: str = ""
 
 
-ControlUp = Union[Ready, Failed]
-ControlDown = Union[Shutdown]
+ControlUp = Ready | Failed
+ControlDown = Shutdown
 
 CONTROL_DOWN_TYPE = "actors.control:ControlDown"
 CONTROL_RING_BYTES = 64 * 1024

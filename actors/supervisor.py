@@ -29,19 +29,19 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from actors.channel import Channel
-from actors.control import CONTROL_DOWN_TYPE, CONTROL_RING_BYTES, ControlDown, ControlUp, Failed, Ready
+from actors.control import CONTROL_DOWN_TYPE, CONTROL_RING_BYTES, ControlDown, ControlUp, Failed, Ready, Shutdown
 from actors.process import ChildProcess, describe_exit
 from actors.rings import attach_reader, attach_writer, create_ring
 from actors.spec import ActorSpec, BootSpec, ChannelSpec, RingSpec, resolve
-from runtime.messages import Shutdown
 from shm import run_prefix, segment_name, sweep
 from shm.segment import unlink_segment
 
-log = logging.getLogger("actors.supervisor")
+log = logging.getLogger(__name__)
 
 _ACTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 POLL_WITHOUT_PIDFD_S = 0.2
@@ -303,7 +303,7 @@ class Supervisor:
         for sig in signals:
             signal.signal(sig, on_signal)
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         return self
 
     def __exit__(self, *exc) -> None:

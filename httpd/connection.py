@@ -18,15 +18,14 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 
+from httpd.config import ServerConfig
+from httpd.dispatch import Dispatcher
 from httpd.request import Request
 from httpd.response import Response, StreamingResponse, error_response
-
-if TYPE_CHECKING:
-    from httpd.server import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +55,26 @@ class _Fatal:
         self.message = message
 
 
+class ConnectionHost(Protocol):
+    """What a connection needs of the server that accepted it (httpd.server.HttpServer)."""
+
+    config: ServerConfig
+    loop: asyncio.AbstractEventLoop
+    dispatcher: Dispatcher
+    connections: set[HttpConnection]
+
+    def plain_head(self, status: int, content_type: bytes | None, length: int) -> bytes: ...
+
+    def head_prefix(self, status: int, content_type: bytes | None) -> bytes: ...
+
+
 async def _awaited(result):
     """The handler's awaitable, or whatever else it returned (a bug, answered with a 500)."""
     return await result if inspect.isawaitable(result) else result
 
 
 class HttpConnection(asyncio.Protocol):
-    def __init__(self, server: HttpServer):
+    def __init__(self, server: ConnectionHost):
         self.server = server
         self.config = server.config
         self.loop = server.loop

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Coroutine
+from collections.abc import Coroutine
 
 from httpd.request import Request
 from httpd.response import HttpError, Response, error_response

@@ -3,9 +3,9 @@ serialisation of status lines and headers."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import AsyncIterator
 
 import msgspec
 

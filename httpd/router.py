@@ -4,14 +4,14 @@ dispatcher (CORS preflight) from the methods a path allows."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Union
 
 from httpd.request import Request
 from httpd.response import Response, StreamingResponse
 
-Result = Union[Response, StreamingResponse]
-Handler = Callable[[Request], Union[Result, Awaitable[Result]]]
+Result = Response | StreamingResponse
+Handler = Callable[[Request], Result | Awaitable[Result]]
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,4 +1,4 @@
-"""The listening server: limits (ServerConfig), the live connections, and one ticker that checks
+"""The listening server: the live connections, and one ticker that checks
 every connection's deadline and refreshes the cached Date header."""
 
 from __future__ import annotations
@@ -6,36 +6,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from dataclasses import dataclass
 from email.utils import formatdate
 
+from httpd.config import ServerConfig
 from httpd.connection import HttpConnection
 from httpd.dispatch import Dispatcher
 from httpd.response import status_line
 from httpd.router import Router
 
 _PLAIN_HEADS_CACHED = 256  # response heads kept per second (keyed by status, content type, length)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    max_header_bytes: int = 64 * 1024  # request line + headers; beyond: 431
-    max_body_bytes: int = 64 * 1024 * 1024  # beyond: 413
-    max_connections: int = 4096  # beyond: 503 and close
-    read_timeout: float = 30.0  # headers must arrive within it; the body may pause at most this long: else 408
-    keepalive_timeout: float = 75.0  # an idle connection is closed after this long
-    write_timeout: float = 60.0  # a client that reads nothing for this long while output waits is cut off
-    max_pipelined: int = 32  # queued requests per connection before reading pauses
-    api_key: str | None = None  # when set, "Authorization: Bearer <key>" is required ...
-    public_paths: frozenset[str] = frozenset({"/health"})  # ... except on these paths
-    backlog: int = 2048
-
-    @classmethod
-    def from_args(cls, args, **overrides) -> ServerConfig:
-        """From runtime.server_args.ServerArgs (--api-key, --max-body-bytes, --max-connections)."""
-        values = dict(api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_connections=args.max_connections)
-        values.update(overrides)
-        return cls(**values)
 
 
 class HttpServer:

@@ -1,8 +1,8 @@
 """Top-k / top-p / min-p sampling from probabilities without sorting the vocabulary.
 
-Semantics are runtime/sampling.py's (SGLang's joint filter): on the whole distribution, top-k keeps the k most likely
-tokens, top-p keeps a token when the mass of the tokens more likely than it is <= top_p, min-p keeps a token whose
-probability is >= min_p * the largest; a token is kept when all three keep it. Ties at a threshold are all kept.
+Semantics are runtime/worker/sampling.py's (SGLang's joint filter): on the whole distribution, top-k keeps the k most
+likely tokens, top-p keeps a token when the mass of the tokens more likely than it is <= top_p, min-p keeps a token
+whose probability is >= min_p * the largest; a token is kept when all three keep it. Ties at a threshold are all kept.
 
 `_threshold_kernel` finds, per row, the smallest kept probability by bisection on the probabilities' bit patterns: for
 non-negative float32 values the int32 bit pattern orders like the value, so bisection over integers lands on an exact
@@ -10,8 +10,8 @@ probability of the row after at most 31 passes over the row (no float search int
 
 `_sample_kernel` draws among the kept tokens with the exponential race: argmax over kept i of p_i / E_i with E_i ~
 Exp(1) picks i with probability p_i / sum(kept p), in one pass and without a cumulative sum. E_i comes from the
-Sampler's counter-based hash of (step key, token id) (`runtime.sampling.seeded_log_exponential`), so a seeded request
-draws the same noise on this path as on the torch path; rows without a seed pass a fresh random key each step.
+Sampler's counter-based hash of (step key, token id) (`runtime.worker.sampling.seeded_log_exponential`), so a seeded
+request draws the same noise on this path as on the torch path; rows without a seed pass a fresh random key each step.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _threshold_kernel(probs_ptr, stride_p, vocab, top_k_ptr, stride_k, top_p_ptr
 
 @triton.jit
 def _mix32(x):
-    """runtime.sampling.mix32 on uint32 (its products are taken modulo 2**32 there too)."""
+    """runtime.worker.sampling.mix32 on uint32 (its products are taken modulo 2**32 there too)."""
     x = ((x >> 16) ^ x) * 0x45D9F3B
     x = ((x >> 16) ^ x) * 0x45D9F3B
     return (x >> 16) ^ x
@@ -155,7 +155,7 @@ def sampling_thresholds(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 def sample_from_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                       step_keys: torch.Tensor, tiles: SamplingTiles = SamplingTiles()) -> torch.Tensor:
     """One token per row among those the filters keep -> int64 [B].
-    step_keys [B] int64 in [0, 2**32): runtime.sampling.step_key(seed_key, step) for a seeded row, a fresh random
+    step_keys [B] int64 in [0, 2**32): runtime.worker.sampling.step_key(seed_key, step) for a seeded row, a fresh random
     32-bit key (e.g. torch.randint on the device, no host sync) otherwise."""
     _check(probs, step_keys=step_keys)
     thresholds = sampling_thresholds(probs, top_k, top_p, min_p, tiles)

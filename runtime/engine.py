@@ -23,20 +23,29 @@ import concurrent.futures
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import msgspec
 
 from actors.aio import AsyncMailbox
 from actors.mailbox import Mailbox
 from httpd import HttpError
-from runtime.api.generation import Generation, Job, Sequence
-from runtime.api.native import NATIVE_DEFAULT_MAX_NEW_TOKENS, finish_dict, logprob_triples, top_logprob_triples
-from runtime.api.protocol import (NATIVE_FIELDS, GenerateBody, NativeSamplingParams, check_prompt, check_sampling,
-                                  per_prompt, to_sampling_params)
-from runtime.frontend import Frontend
-from runtime.frontend_errors import RequestError
+from runtime.ingress.api.generation import Generation
+from runtime.ingress.api.native import NATIVE_DEFAULT_MAX_NEW_TOKENS, finish_dict, logprob_triples, top_logprob_triples
+from runtime.ingress.api.protocol import (
+    NATIVE_FIELDS,
+    GenerateBody,
+    NativeSamplingParams,
+    check_prompt,
+    check_sampling,
+    per_prompt,
+    to_sampling_params,
+)
+from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.errors import RequestError
+from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
 from runtime.messages import LogprobOptions, TokenLogprobs
 from runtime.server_args import ServerArgs, ServerArgsError, validate
@@ -331,7 +340,7 @@ class Engine:
             channel.close()
         self._channels = []
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:

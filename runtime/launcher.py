@@ -23,8 +23,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import msgspec
 
@@ -32,12 +32,12 @@ from actors.channel import Channel
 from actors.spec import ActorSpec, ChannelSpec
 from actors.supervisor import ActorStartError, Supervisor
 from runtime.affinity import plan_affinity, read_topology
+from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.messages import ModelInfo
 from runtime.server_args import ServerArgs
-from runtime.default_model import DEFAULT_MODEL_NAME
 from shm import sweep_stale
 
-log = logging.getLogger("runtime.launcher")
+log = logging.getLogger(__name__)
 
 # Frames larger than a ring stream through it in chunks, so these bound memory, not message size.
 REQUEST_RING_BYTES = 4 << 20  # ingress -> scheduler: prompts
@@ -57,7 +57,7 @@ STOP_SETTLE_S = 10.0  # after a failed warm-up: time for a stop already under wa
 
 @dataclass(frozen=True)
 class Topology:
-    """Every channel of one run. The scheduler's outbound names are the ones runtime.scheduler reads."""
+    """Every channel of one run. The scheduler's outbound names are the ones runtime.scheduler.actor reads."""
 
     ingress_to_scheduler: ChannelSpec
     scheduler_to_worker: ChannelSpec  # reader_index 0; each rank reads with its own index
@@ -67,7 +67,7 @@ class Topology:
     scheduler_to_ingress: ChannelSpec
 
     @classmethod
-    def build(cls, sup: Supervisor, tp_size: int) -> "Topology":
+    def build(cls, sup: Supervisor, tp_size: int) -> Topology:
         return cls(
             ingress_to_scheduler=sup.channel("ingress_to_scheduler", "runtime.messages:IngressToScheduler",
                                              REQUEST_RING_BYTES),
@@ -118,14 +118,14 @@ class Deployment:
                          cpus=self.cpus.get(name, []))
 
     def worker_spec(self, rank: int) -> ActorSpec:
-        from runtime.worker import WorkerActorConfig
+        from runtime.worker.actor import WorkerActorConfig
 
         t = self.topology
         return self._spec(f"worker{rank}", WORKER_CLASS, WorkerActorConfig(args=self.args, tp_rank=rank),
                           [t.worker_plans(rank)], [t.worker_to_scheduler] if rank == 0 else [])
 
     def scheduler_spec(self, model_info: ModelInfo) -> ActorSpec:
-        from runtime.scheduler import SchedulerActorConfig
+        from runtime.scheduler.actor import SchedulerActorConfig
 
         t = self.topology
         return self._spec("scheduler", SCHEDULER_CLASS, SchedulerActorConfig(args=self.args, model_info=model_info),
@@ -133,7 +133,7 @@ class Deployment:
                           [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress])
 
     def detokenizer_spec(self) -> ActorSpec:
-        from runtime.detokenizer import DetokenizerConfig
+        from runtime.detokenizer.actor import DetokenizerConfig
 
         t = self.topology
         return self._spec("detokenizer", DETOKENIZER_CLASS,
@@ -141,7 +141,7 @@ class Deployment:
                           [t.scheduler_to_detokenizer], [t.detokenizer_to_ingress])
 
     def ingress_spec(self, model_info: ModelInfo) -> ActorSpec:
-        from runtime.ingress import IngressConfig
+        from runtime.ingress.actor import IngressConfig
 
         t = self.topology
         return self._spec("ingress", INGRESS_CLASS,
@@ -158,7 +158,7 @@ class Deployment:
         self.sup.start(self.scheduler_spec(self.model_info))
         self.sup.start(self.detokenizer_spec())
         if self.with_http:
-            from runtime.ingress import IngressInfo
+            from runtime.ingress.actor import IngressInfo
 
             info = self.sup.start(self.ingress_spec(self.model_info))
             self.port = msgspec.msgpack.decode(info, type=IngressInfo).port

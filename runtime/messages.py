@@ -11,11 +11,10 @@ Flow:   ingress --IngressToScheduler--> scheduler --SchedulerToWorker (broadcast
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 from msgspec import Struct
 
+from actors.control import Shutdown
 
 # --------------------------------------------------------------------------------------------
 # Request-level data shared by several mailboxes
@@ -96,13 +95,7 @@ class ServerInfoRequest(Struct, tag="server_info"):
     token: int  # echoed in ServerInfoReply
 
 
-class Shutdown(Struct, tag="shutdown"):
-    """Stop accepting work; finish running requests for up to `grace_s`, then exit."""
-
-    grace_s: float = 0.0
-
-
-IngressToScheduler = Union[GenerateRequest, AbortRequest, FlushCacheRequest, ServerInfoRequest, Shutdown]
+IngressToScheduler = GenerateRequest | AbortRequest | FlushCacheRequest | ServerInfoRequest | Shutdown
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +146,7 @@ class BatchPlan(Struct, tag="plan"):
     freed_rows: list[int] = []
 
 
-SchedulerToWorker = Union[BatchPlan, Shutdown]
+SchedulerToWorker = BatchPlan | Shutdown
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,7 +173,7 @@ class WorkerError(Struct, tag="worker_error"):
     message: str
 
 
-WorkerToScheduler = Union[BatchResult, WorkerError]
+WorkerToScheduler = BatchResult | WorkerError
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +205,7 @@ class TokenUpdates(Struct, tag="tokens"):
     updates: list[TokenUpdate]
 
 
-SchedulerToDetokenizer = Union[TokenUpdates, Shutdown]
+SchedulerToDetokenizer = TokenUpdates | Shutdown
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +227,7 @@ class TextUpdates(Struct, tag="text"):
     updates: list[TextUpdate]
 
 
-DetokenizerToIngress = Union[TextUpdates]
+DetokenizerToIngress = TextUpdates
 
 
 class FlushCacheReply(Struct, tag="flush_reply"):
@@ -256,7 +249,7 @@ class RequestRejected(Struct, tag="rejected"):
     message: str
 
 
-SchedulerToIngress = Union[FlushCacheReply, ServerInfoReply, RequestRejected]
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """HTTP layer benchmark: requests/s and latency (p50, p99) of GET /health and of a streamed
-POST /generate (16 tokens from the fake frontend), for our server (httpd + runtime.api) and for
+POST /generate (16 tokens from the fake frontend), for our server (httpd + runtime.ingress.api) and for
 uvicorn (httptools + uvloop) serving a minimal ASGI app that does the same work.
 
 Each server runs in its own process pinned to core 0; the load generator runs pinned to core 1
@@ -42,7 +42,7 @@ def serve_ours(port: int) -> None:
     import uvloop
 
     from httpd import ServerConfig
-    from runtime.api.app import create_server
+    from runtime.ingress.api.app import create_server
     from tests.fake_frontend import FakeFrontend
 
     async def main():
@@ -115,12 +115,12 @@ def bare_asgi_app(frontend):
 
 
 def api_asgi_app(frontend):
-    """uvicorn-api: our own routes and handlers (runtime.api) behind a thin ASGI adapter, so the
+    """uvicorn-api: our own routes and handlers (runtime.ingress.api) behind a thin ASGI adapter, so the
     application work is identical and only the HTTP server differs."""
     from httpd import Request, Response
     from httpd.dispatch import Dispatcher
-    from runtime.api.app import build_router
-    from runtime.api.metrics import Metrics
+    from runtime.ingress.api.app import build_router
+    from runtime.ingress.api.metrics import Metrics
 
     dispatch = Dispatcher(build_router(frontend, Metrics(frontend.served_model_name)))
 
@@ -309,7 +309,7 @@ def main() -> None:
     servers = {kind: start_server(kind, server_core) for kind in kinds}
     runs: dict[tuple[str, str], list[Result]] = {}
     try:
-        for name, path, body in cases:
+        for _name, path, body in cases:
             for kind in kinds:
                 load(servers[kind][1], path, body, 1.0, args.connections, client_core)  # warm-up
         for _ in range(args.rounds):
@@ -332,7 +332,7 @@ def main() -> None:
 
     print(f"\nclient: {client}, {args.connections} connections, {args.rounds} x {args.duration:g} s per case "
           f"(medians), servers on core {server_core}, client on core {client_core}")
-    print("uvicorn-api: our runtime.api handlers behind a thin ASGI adapter (same work, other HTTP server);")
+    print("uvicorn-api: our runtime.ingress.api handlers behind a thin ASGI adapter (same work, other HTTP server);")
     print("uvicorn-bare: a minimal hand-written ASGI app (no validation, no metrics, smaller events)")
     print(f"| {'case':<34} | {'server':<12} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'errors':>6} | "
           f"{'CPU us/req':>10} | {'of it sys':>9} | {'ours req/s / this':>17} | {'this CPU / ours CPU':>19} |")

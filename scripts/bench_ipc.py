@@ -211,7 +211,7 @@ def median_rows(runs: list[dict]) -> list[dict]:
     for row in runs:
         groups.setdefault((row["transport"], row["size"]), []).append(row)
     rows = []
-    for (transport, size), group in groups.items():
+    for group in groups.values():
         row = dict(group[0], rounds=len(group))
         for key in ("rtt_p50_us", "rtt_p99_us", "msgs_per_s", "gb_per_s", "send_cpu_us_per_msg"):
             row[key] = statistics.median(r[key] for r in group)
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
                 "loadavg_before_after": load, "pinned_cpus": cpus,
-                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         Path(args.output).write_text(json.dumps({"info": info, "results": rows, "runs": runs}, indent=2))
     return 0
 

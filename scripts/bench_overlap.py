@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.spec import ActorSpec  # noqa: E402
 from actors.supervisor import Supervisor  # noqa: E402
-from runtime.messages import (GenerateRequest, SamplingParams, ServerInfoReply, ServerInfoRequest,  # noqa: E402
-                              TokenUpdates)
-from runtime.scheduler import TO_DETOKENIZER, TO_INGRESS, TO_WORKERS, SchedulerActorConfig  # noqa: E402
+from runtime.messages import GenerateRequest, SamplingParams, ServerInfoReply, ServerInfoRequest, TokenUpdates  # noqa: E402
+from runtime.scheduler.actor import TO_DETOKENIZER, TO_INGRESS, TO_WORKERS, SchedulerActorConfig  # noqa: E402
 from runtime.server_args import ServerArgs  # noqa: E402
-from runtime.worker import TO_SCHEDULER, WorkerActorConfig, decode_model_info  # noqa: E402
+from runtime.worker.actor import TO_SCHEDULER, WorkerActorConfig, decode_model_info  # noqa: E402
 
 RING_BYTES = 8 << 20
 

@@ -33,7 +33,7 @@ section_kernel_tests() {
   # The kernel tests pick CUDA when present: fp32, bf16 and fp16 against the torch references.
   local parallel=()
   python3 -c "import xdist" 2>/dev/null && parallel=(-n 4)
-  python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/test_kernels_*.py
+  python3 -m pytest -q -p no:cacheprovider "${parallel[@]}" tests/kernels/
 }
 
 section_kernel_bench() {
@@ -48,7 +48,7 @@ section_kernel_sweep() {
 section_gpu_tests() {
   # Model vs transformers on CUDA (bf16/fp16), Triton vs torch attention, CUDA-graph vs eager decode, sampler kernel
   # path, the 8B-dummy server answering curl and the openai client.
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_*.py tests/test_cuda_graph_runner.py
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/worker/test_gpu_sampling.py tests/e2e/test_gpu_server.py tests/worker/test_cuda_graph_runner.py
 }
 
 section_profile_decode() {
@@ -56,9 +56,9 @@ section_profile_decode() {
 }
 
 section_bench_one_batch() {
-  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+  timeout 600 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --batch-size 1 --input-len 128 --output-len 256 --compare-hf --output "$LOG_DIR/one_batch_bs1.json" &&
-  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+  timeout 600 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --batch-size 64 --input-len 1024 --output-len 128 --compare-hf --output "$LOG_DIR/one_batch_bs64.json"
 }
 
@@ -76,10 +76,10 @@ section_bench_serving() {
   grep -E "Ready: serving|captured|model loaded" "$LOG_DIR/server.log"
   local common=(--port $port --dataset-name random --random-input-len 1024 --random-output-len 1024
                 --random-range-ratio 1.0 --disable-tqdm --output-file "$LOG_DIR/serving.jsonl")
-  timeout 400 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
+  timeout 400 python3 -m runtime.bench.serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
     status=1
   if [ "$SERVE_RATE_PROMPTS" -gt 0 ]; then
-    timeout 300 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
+    timeout 300 python3 -m runtime.bench.serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
       --seed 2 || status=1
   fi
   kill -TERM $server

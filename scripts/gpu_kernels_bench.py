@@ -30,15 +30,18 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from kernels.decode_attention import (DecodeTiles, choose_num_kv_splits, decode_attention,  # noqa: E402
-                                      decode_attention_ref, default_decode_tiles)
-from kernels.extend_attention import (ExtendTiles, default_extend_tiles, extend_attention,  # noqa: E402
-                                      extend_attention_ref)
+from kernels.decode_attention import (  # noqa: E402
+    DecodeTiles,
+    choose_num_kv_splits,
+    decode_attention,
+    decode_attention_ref,
+    default_decode_tiles,
+)
+from kernels.extend_attention import ExtendTiles, default_extend_tiles, extend_attention, extend_attention_ref  # noqa: E402
 from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache  # noqa: E402
-from kernels.sampling import (SamplingTiles, keep_mask_ref, sample_from_probs, sample_from_probs_ref,  # noqa: E402
-                              sampling_thresholds)
+from kernels.sampling import SamplingTiles, keep_mask_ref, sample_from_probs, sample_from_probs_ref, sampling_thresholds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -185,11 +188,11 @@ def case_decode(rows: list[Row], args: Args) -> None:
 def case_backend(rows: list[Row], args: Args) -> None:
     """One attention layer of a decode step through each backend (k/v store included), and the Triton backend's
     decode step replayed from a CUDA graph: the replay must reproduce the eager output."""
-    from runtime.attention.base import AttentionSpec
-    from runtime.attention.torch_backend import TorchAttentionBackend
-    from runtime.attention.triton_backend import TritonAttentionBackend
-    from runtime.forward_batch import ForwardBatch
-    from runtime.kv_pool import KVPool
+    from runtime.worker.attention.base import AttentionSpec
+    from runtime.worker.attention.torch_backend import TorchAttentionBackend
+    from runtime.worker.attention.triton_backend import TritonAttentionBackend
+    from runtime.worker.forward_batch import ForwardBatch
+    from runtime.worker.kv_pool import KVPool
 
     s = LLAMA
     spec = AttentionSpec(num_layers=1, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
@@ -332,7 +335,7 @@ def case_sampling(rows: list[Row], args: Args) -> None:
     s = LLAMA
     try:
         from runtime.messages import LogprobOptions, SamplingParams
-        from runtime.sampling import Sampler
+        from runtime.worker.sampling import Sampler
     except ImportError:  # msgspec missing: compare with the sort-based reference only
         Sampler = None
     for batch in (1, 64):

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.forward_batch import ForwardBatch  # noqa: E402
 from runtime.messages import BatchPlan, NewRow, SamplingParams  # noqa: E402
-from runtime.model_runner import ModelRunner, ModelRunnerConfig  # noqa: E402
+from runtime.worker.forward_batch import ForwardBatch  # noqa: E402
+from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 30)
 KERNEL_GROUPS = [("attention", ("decode", "extend")), ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)),

@@ -61,7 +61,7 @@ class Arena:
         self._futex = Futex()
 
     @classmethod
-    def create(cls, name: str, capacity_bytes: int, spin_s: float = DEFAULT_SPIN_S) -> "Arena":
+    def create(cls, name: str, capacity_bytes: int, spin_s: float = DEFAULT_SPIN_S) -> Arena:
         check_name(name)
         Spinner(spin_s)  # validates spin_s before anything is created
         if not isinstance(capacity_bytes, int) or capacity_bytes <= 0:
@@ -75,7 +75,7 @@ class Arena:
         return cls(name, mm, True, spin_s)
 
     @classmethod
-    def attach(cls, name: str, spin_s: float = DEFAULT_SPIN_S) -> "Arena":
+    def attach(cls, name: str, spin_s: float = DEFAULT_SPIN_S) -> Arena:
         Spinner(spin_s)
         return cls(name, attach_segment(name), False, spin_s)
 

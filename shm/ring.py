@@ -91,7 +91,8 @@ def _as_byte_view(data):
     try:
         view = memoryview(data)
     except TypeError:
-        raise TypeError(f"ring frames must be bytes-like (bytes, bytearray, memoryview), got {type(data).__name__}") from None
+        raise TypeError("ring frames must be bytes-like (bytes, bytearray, memoryview), "
+                        f"got {type(data).__name__}") from None
     if view.format != "B" or view.ndim != 1:
         if not view.c_contiguous:
             raise ValueError("ring frames must be C-contiguous buffers")
@@ -433,7 +434,7 @@ class _RingSegment:
             target.words[target.park_index] = 0
             self._futex.wake(target.park_address)
 
-    def _map_bell(self, index: int) -> "_BellTarget | None":
+    def _map_bell(self, index: int) -> _BellTarget | None:
         """Map the page holding the park word a Waiter sleeps on for reader `index`; None when the
         reader has no doorbell (any more) or its home ring is gone."""
         old = self._bell_targets.pop(index, None)
@@ -649,7 +650,7 @@ class _RingSegment:
             self._disarm()
 
     # ---------------------------------------------------------------- doorbell (Waiter support)
-    def _set_doorbell(self, home: "_RingSegment | None") -> None:
+    def _set_doorbell(self, home: _RingSegment | None) -> None:
         """Make writers of this reader ring the park word of `home` (another ring's reader in this
         process) so one futex wait covers several rings; None restores the ring's own word.
         Writers notice the change by the slot's generation, which is written last."""
@@ -672,12 +673,12 @@ class Ring(_RingSegment):
     """Single-producer single-consumer ring of variable-size frames in a /dev/shm segment."""
 
     @classmethod
-    def create(cls, name: str, capacity_bytes: int, spin_s: float = DEFAULT_SPIN_S) -> "Ring":
+    def create(cls, name: str, capacity_bytes: int, spin_s: float = DEFAULT_SPIN_S) -> Ring:
         """Create the segment (mode 0600; the caller owns the name and unlinks it)."""
         return cls._create(name, capacity_bytes, 1, spin_s)
 
     @classmethod
-    def attach(cls, name: str, spin_s: float = DEFAULT_SPIN_S) -> "Ring":
+    def attach(cls, name: str, spin_s: float = DEFAULT_SPIN_S) -> Ring:
         ring = cls._attach(name, 0, spin_s)
         if ring.n_readers != 1:
             ring.close()
@@ -689,10 +690,10 @@ class BroadcastRing(_RingSegment):
     """One writer, N readers: every reader receives every frame; the writer waits for the slowest."""
 
     @classmethod
-    def create(cls, name: str, capacity_bytes: int, n_readers: int, spin_s: float = DEFAULT_SPIN_S) -> "BroadcastRing":
+    def create(cls, name: str, capacity_bytes: int, n_readers: int, spin_s: float = DEFAULT_SPIN_S) -> BroadcastRing:
         return cls._create(name, capacity_bytes, n_readers, spin_s)
 
     @classmethod
-    def attach(cls, name: str, reader_index: int = 0, spin_s: float = DEFAULT_SPIN_S) -> "BroadcastRing":
+    def attach(cls, name: str, reader_index: int = 0, spin_s: float = DEFAULT_SPIN_S) -> BroadcastRing:
         """Attach as reader `reader_index` (the writer attaches too, with any index, to send)."""
         return cls._attach(name, reader_index, spin_s)

@@ -79,7 +79,8 @@ def attach_segment(name: str, size: int = 0) -> mmap.mmap:
     try:
         file_size = os.fstat(fd).st_size
         if file_size == 0 or size > file_size:
-            raise SegmentError(f"shared-memory segment {name!r} has {file_size} bytes, expected at least {max(size, 1)}")
+            raise SegmentError(f"shared-memory segment {name!r} has {file_size} bytes, "
+                               f"expected at least {max(size, 1)}")
         return mmap.mmap(fd, size or file_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 PURE_SPIN_S = 5e-6
 QUICK_ANSWER_S = 20e-6

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 import uuid
-from typing import Union
 
 import msgspec
 
@@ -47,8 +46,8 @@ class Result(msgspec.Struct, tag="result"):
     detail: str = ""
 
 
-ToEcho = Union[Ping, Crash]
-FromEcho = Union[Pong, Result]
+ToEcho = Ping | Crash
+FromEcho = Pong | Result
 
 TO_ECHO = "tests.actors_fixtures:ToEcho"
 FROM_ECHO = "tests.actors_fixtures:FromEcho"

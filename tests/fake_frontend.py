@@ -1,4 +1,4 @@
-"""A test double of runtime.frontend.Frontend, and a helper that runs an HTTP server on a
+"""A test double of runtime.ingress.frontend.Frontend, and a helper that runs an HTTP server on a
 background event loop.
 
 FakeFrontend uses the real SmolLM2 tokenizer (or none, like --skip-tokenizer-init) and
@@ -23,10 +23,17 @@ import pytest
 import uvloop
 
 from httpd import HttpServer
-from runtime.api.app import create_server
-from runtime.frontend_errors import RequestError
-from runtime.messages import (FinishReason, LogprobOptions, ModelInfo, RequestMeta, SamplingParams, TextUpdate,
-                              TokenLogprobs)
+from runtime.ingress.api.app import create_server
+from runtime.ingress.errors import RequestError
+from runtime.messages import (
+    FinishReason,
+    LogprobOptions,
+    ModelInfo,
+    RequestMeta,
+    SamplingParams,
+    TextUpdate,
+    TokenLogprobs,
+)
 from runtime.server_args import ServerArgs
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -222,7 +229,7 @@ class FakeFrontend:
         return (True, "") if self.flush_ok else (False, "requests are running")
 
     async def server_info(self) -> dict:
-        # The keys of runtime.scheduler_core.SchedulerCore.server_info() that the HTTP layer reads.
+        # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
                 "max_total_tokens": self.model_info.max_total_tokens}
 

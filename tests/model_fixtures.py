@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LlamaForCausalLM
 
-from runtime.forward_batch import ForwardBatch
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, NewRow, SamplingParams
-from runtime.model_runner import ModelRunner
+from runtime.worker.forward_batch import ForwardBatch
+from runtime.worker.model_runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=1 << 20)
 

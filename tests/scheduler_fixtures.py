@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from runtime.messages import (BatchPlan, BatchResult, FinishReason, GenerateRequest, SamplingParams,
-                              SchedulerToWorker, TokenUpdate, TokenUpdates, WorkerError)
-from runtime.scheduler_core import SchedulerCore
+from runtime.messages import (
+    BatchPlan,
+    BatchResult,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    SchedulerToWorker,
+    TokenUpdate,
+    TokenUpdates,
+    WorkerError,
+)
+from runtime.scheduler.core import SchedulerCore
 
 VOCAB = 64
 EOS = 0

@@ -8,8 +8,7 @@ import pytest
 from runtime.chat_templates import BUILTIN_CHAT_TEMPLATES, ChatTemplateError, load_chat_template
 from runtime.default_model import default_model_path
 from runtime.server_args import ServerArgs
-from runtime.tokenizer import (TokenizerLoadError, default_cache_root, gguf_cache_dir,
-                               load_tokenizer)
+from runtime.tokenizer import TokenizerLoadError, default_cache_root, gguf_cache_dir, load_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]

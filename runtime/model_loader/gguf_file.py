@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.model_loader.model_config import ModelConfig, ModelConfigError
+from runtime.models.config import ModelConfig, ModelConfigError
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -24,9 +24,9 @@ from runtime.default_model import default_model_path
 from runtime.layers.parallel import TensorParallel
 from runtime.model_loader.dummy import init_dummy_weights
 from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
-from runtime.model_loader.model_config import ModelConfig
 from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
 from runtime.models import model_class
+from runtime.models.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.model_loader.model_config import SUPPORTED_ARCHITECTURES
+from runtime.models.config import SUPPORTED_ARCHITECTURES
 from runtime.models.llama import LlamaForCausalLM
 
 # Mistral and Qwen2 differ from Llama only in config facts (sliding window, qkv bias) that

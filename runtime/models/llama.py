@@ -12,15 +12,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from runtime.attention.base import AttentionBackend, AttentionSpec
-from runtime.forward_batch import ForwardBatch
 from runtime.layers.activation import SiluAndMul
 from runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, copy_checked
 from runtime.layers.norm import RMSNorm
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.rotary import RotaryEmbedding
 from runtime.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from runtime.model_loader.model_config import ModelConfig
+from runtime.models.config import ModelConfig
+from runtime.worker.attention.base import AttentionBackend, AttentionSpec
+from runtime.worker.forward_batch import ForwardBatch
 
 # checkpoint name fragment -> (our packed parameter fragment, shard id)
 PACKED_WEIGHTS = {

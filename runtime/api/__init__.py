@@ -1,2 +1,0 @@
-"""The HTTP APIs (native SGLang-format and OpenAI-compatible) on top of a Frontend.
-Entry point: runtime.api.app.create_server(frontend)."""

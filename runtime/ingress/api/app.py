@@ -1,0 +1,44 @@
+"""The routes of the server, and the server itself, for one Frontend.
+
+The ingress actor does:
+
+    server = create_server(frontend)                 # frontend.args: --host/--port/--api-key/...
+    await server.start(frontend.args.host, frontend.args.port)
+    ...
+    await server.close(grace_s)
+"""
+
+from __future__ import annotations
+
+from httpd import HttpServer, Router, ServerConfig
+from runtime.ingress.api.metrics import Metrics
+from runtime.ingress.api.native import NativeApi
+from runtime.ingress.api.openai import OpenAIApi
+
+
+def build_router(frontend, metrics: Metrics | None) -> Router:
+    native = NativeApi(frontend, metrics)
+    openai = OpenAIApi(frontend, metrics)
+    router = Router()
+    router.add("POST", "/generate", native.generate)
+    router.add("POST", "/encode", native.encode)
+    router.add("GET", "/health", native.health)
+    router.add("GET", "/health_generate", native.health_generate)
+    router.add("GET", "/get_model_info", native.get_model_info)
+    router.add("GET", "/get_server_info", native.get_server_info)
+    router.add(["GET", "POST"], "/flush_cache", native.flush_cache)
+    if metrics is not None:
+        router.add("GET", "/metrics", native.metrics_text)
+    router.add("GET", "/v1/models", openai.models)
+    router.add("GET", f"/v1/models/{frontend.served_model_name}", openai.model)
+    router.add("POST", "/v1/completions", openai.completions)
+    router.add("POST", "/v1/chat/completions", openai.chat_completions)
+    return router
+
+
+def create_server(frontend, config: ServerConfig | None = None) -> HttpServer:
+    """The HTTP server for `frontend` (not listening yet: call .start(host, port)). Limits and the
+    API key come from frontend.args unless `config` is given; /metrics exists with --enable-metrics."""
+    args = frontend.args
+    metrics = Metrics(frontend.served_model_name) if args.enable_metrics else None
+    return HttpServer(build_router(frontend, metrics), config or ServerConfig.from_args(args))

@@ -1,0 +1,279 @@
+"""The native API, SGLang's wire format: /generate, /encode, /health, /health_generate,
+/get_model_info, /get_server_info, /flush_cache, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+
+import msgspec
+
+from httpd import HttpError, Request, Response, StreamingResponse, json_response, text_response
+from httpd.sse import sse_event
+from runtime.default_model import default_model_path
+from runtime.ingress.api.generation import Generation, abort_error, start_sse
+from runtime.ingress.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.ingress.api.metrics import Metrics
+from runtime.ingress.api.protocol import (
+    NATIVE_FIELDS,
+    GenerateBody,
+    NativeSamplingParams,
+    check_prompt,
+    check_sampling,
+    decode_body,
+    per_prompt,
+    to_sampling_params,
+)
+from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.errors import RequestError
+from runtime.ingress.frontend import Frontend
+from runtime.messages import LogprobOptions, SamplingParams, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+NATIVE_DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+_HEALTHY = Response(200, b"", None)  # shared: the HTTP layer only reads responses
+_UNSUPPORTED_INPUTS = ("input_embeds", "image_data", "audio_data", "video_data", "lora_path", "custom_logit_processor")
+
+
+class NativeApi:
+    def __init__(self, frontend: Frontend, metrics: Metrics | None):
+        self.frontend = frontend
+        self.metrics = metrics
+        self.model_info = frontend.model_info
+
+    # ------------------------------------------------------------------ /generate
+
+    async def generate(self, request: Request) -> Response | StreamingResponse:
+        arrival = time.perf_counter()
+        body: GenerateBody = decode_body(request.body, GenerateBody)
+        if body.return_text_in_logprobs and self.frontend.tokenizer is None:
+            raise HttpError(400, "return_text_in_logprobs: needs the tokenizer; the server runs with "
+                                 "--skip-tokenizer-init", "return_text_in_logprobs")
+        prompts, is_batch = self._prompts(body)
+        count = len(prompts)
+        sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)
+        rids = per_prompt(body.rid, count, "rid", is_batch)
+        return_logprob = per_prompt(body.return_logprob, count, "return_logprob", is_batch)
+        start_lens = per_prompt(body.logprob_start_len, count, "logprob_start_len", is_batch)
+        top_nums = per_prompt(body.top_logprobs_num, count, "top_logprobs_num", is_batch)
+
+        sequences: list[Sequence] = []
+        for i, input_ids in enumerate(prompts):
+            params = sampling[i] or NativeSamplingParams()
+            check_sampling(params, self.model_info.vocab_size, NATIVE_FIELDS)
+            field = ("text" if body.text is not None else "input_ids") + (f"[{i}]" if is_batch else "")
+            check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, field)
+            options = _logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(input_ids),
+                                       self.model_info.vocab_size)
+            rid = rids[i] if rids[i] is not None else os.urandom(16).hex()  # uuid4().hex costs 4x more
+            for j in range(params.n):
+                params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
+                                              NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
+                job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options)
+                sequences.append(Sequence(job, arrival))
+
+        if len({s.job.rid for s in sequences}) != len(sequences):
+            raise HttpError(400, "rid: the ids of one request must be distinct", "rid")
+        as_list = is_batch or len(sequences) > 1
+        generation = Generation(self.frontend, sequences, self.metrics)
+        if body.stream:
+            return await self._stream(generation, as_list, body.return_text_in_logprobs)
+        try:
+            await generation.run_to_end()
+        except RequestError as err:
+            raise HttpError(err.status, err.message) from None
+        outputs = [self._output(s, body.return_text_in_logprobs) for s in sequences]
+        return json_response(outputs if as_list else outputs[0])
+
+    def _prompts(self, body: GenerateBody) -> tuple[list[list[int]], bool]:
+        for name in _UNSUPPORTED_INPUTS:
+            if getattr(body, name) is not None:
+                raise HttpError(400, f"{name}: not supported yet by this server", name)
+        if body.return_hidden_states:
+            raise HttpError(400, "return_hidden_states: not supported yet by this server", "return_hidden_states")
+        if (body.text is None) == (body.input_ids is None):
+            raise HttpError(400, "give exactly one of text or input_ids", "text")
+        if body.text is not None:
+            texts = [body.text] if isinstance(body.text, str) else body.text
+            if not texts:
+                raise HttpError(400, "text: the batch is empty", "text")
+            prompts = []
+            for i, text in enumerate(texts):
+                if not text:
+                    field = f"text[{i}]" if isinstance(body.text, list) else "text"
+                    raise HttpError(400, f"{field}: the prompt is empty", field)
+                prompts.append(_encode(self.frontend, text))
+            return prompts, isinstance(body.text, list)
+        ids = body.input_ids
+        if not ids:
+            raise HttpError(400, "input_ids: the prompt is empty", "input_ids")
+        if all(isinstance(x, int) for x in ids):
+            return [ids], False
+        if all(isinstance(x, list) for x in ids):
+            return ids, True
+        raise HttpError(400, "input_ids: expected a list of token ids or a list of token-id lists, not a mix",
+                        "input_ids")
+
+    async def _stream(self, generation: Generation, as_list: bool, with_text: bool) -> StreamingResponse:
+        sequences = generation.sequences
+
+        def render(index: int, update) -> bytes:
+            out = self._output(sequences[index], with_text)
+            if as_list:
+                out["index"] = index
+            return sse_event(out)
+
+        return await start_sse(generation, render, bytes)
+
+    def _output(self, sequence: Sequence, with_text: bool) -> dict:
+        job, finish, counts = sequence.job, sequence.finish, sequence.meta
+        if finish is not None and finish.type == "abort":
+            raise abort_error(sequence)
+        meta = {
+            "id": job.rid,
+            "finish_reason": None if finish is None else finish_dict(finish),
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "cached_tokens": counts.cached_tokens,
+            "e2e_latency": time.perf_counter() - sequence.arrival,
+        }
+        if job.logprobs.return_logprob:
+            decode = self._token_text if with_text else None
+            prompt = sequence.prompt_logprobs or TokenLogprobs()
+            meta["input_token_logprobs"] = logprob_triples(prompt.token_ids, prompt.logprobs, decode)
+            meta["output_token_logprobs"] = logprob_triples(sequence.logprobs.token_ids, sequence.logprobs.logprobs,
+                                                            decode)
+            meta["input_top_logprobs"] = top_logprob_triples(prompt, len(prompt.token_ids), decode)
+            meta["output_top_logprobs"] = top_logprob_triples(sequence.logprobs, len(sequence.logprobs.token_ids),
+                                                              decode)
+        return {"text": sequence.text, "output_ids": sequence.output_ids, "meta_info": meta}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.frontend.decode([token_id])
+
+    # ------------------------------------------------------------------ the rest
+
+    def encode(self, request: Request) -> Response:
+        raise HttpError(400, "embedding models are not supported yet; start with --is-embedding once supported")
+
+    def health(self, request: Request) -> Response:
+        return _HEALTHY
+
+    async def health_generate(self, request: Request) -> Response:
+        """Healthy when one token really comes out of the engine."""
+        input_ids = _encode(self.frontend, "Hi") if self.frontend.tokenizer is not None else [0]
+        sequence = Sequence(Job(f"health-{uuid.uuid4().hex}", input_ids, SamplingParams(max_new_tokens=1),
+                                LogprobOptions()), time.perf_counter())
+        generation = Generation(self.frontend, [sequence], None)
+        try:
+            await asyncio.wait_for(generation.run_to_end(), HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise HttpError(503, f"no token generated within {HEALTH_GENERATE_TIMEOUT_S:g} s") from None
+        except RequestError as err:
+            raise HttpError(503, f"the engine refused a one-token request: {err.message}") from None
+        if sequence.finish is None or sequence.finish.type == "abort":
+            raise HttpError(503, "the one-token health request was aborted")
+        return _HEALTHY
+
+    def get_model_info(self, request: Request) -> Response:
+        args, info = self.frontend.args, self.model_info
+        model_path = args.model_path or default_model_path()  # the server runs, so the default model exists
+        return json_response({
+            "model_path": model_path,
+            "tokenizer_path": args.tokenizer_path or model_path,
+            "is_generation": True,
+            "served_model_name": self.frontend.served_model_name,
+            "architectures": [info.architecture],
+            "context_length": info.context_length,
+            "vocab_size": info.vocab_size,
+            "eos_token_ids": info.eos_token_ids,
+            "dtype": info.dtype,
+            "device": info.device,
+        })
+
+    async def get_server_info(self, request: Request) -> Response:
+        args = msgspec.to_builtins(self.frontend.args)
+        if args.get("api_key"):
+            args["api_key"] = "<redacted>"
+        state = await self._server_info()
+        return json_response({**args, "model_info": msgspec.to_builtins(self.model_info),
+                              "internal_states": [state], "version": _version()})
+
+    async def flush_cache(self, request: Request) -> Response:
+        try:
+            ok, message = await self.frontend.flush_cache()
+        except RequestError as err:
+            raise HttpError(err.status, err.message) from None
+        if not ok:
+            raise HttpError(400, f"cache not flushed: {message or 'requests are running'}")
+        return text_response(f"Cache flushed.{' ' + message if message else ''}\n")
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(200, self.metrics.render(await self._server_info()), METRICS_CONTENT_TYPE)
+
+    async def _server_info(self) -> dict:
+        try:
+            return await self.frontend.server_info()
+        except RequestError as err:
+            raise HttpError(err.status, err.message) from None
+
+
+# ---------------------------------------------------------------------- helpers shared with openai.py
+
+
+def _encode(frontend, text: str) -> list[int]:
+    try:
+        return frontend.encode(text)
+    except RequestError as err:
+        raise HttpError(err.status, err.message) from None
+
+
+def _logprob_options(return_logprob: bool, start_len: int, top_num: int, prompt_len: int,
+                     vocab_size: int) -> LogprobOptions:
+    if not return_logprob:
+        return LogprobOptions()
+    if not -1 <= start_len < prompt_len:
+        raise HttpError(400, f"logprob_start_len: must be -1 (no prompt logprobs) or in [0, {prompt_len}) for a "
+                             f"prompt of {prompt_len} tokens, got {start_len}", "logprob_start_len")
+    if not 0 <= top_num <= vocab_size:
+        raise HttpError(400, f"top_logprobs_num: must be in [0, {vocab_size}], got {top_num}", "top_logprobs_num")
+    return LogprobOptions(True, start_len, top_num)
+
+
+def finish_dict(finish) -> dict:
+    out = {"type": finish.type}
+    for key in ("matched", "length", "message"):
+        value = getattr(finish, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def logprob_triples(token_ids: list[int], logprobs: list[float], decode) -> list[list]:
+    """SGLang's layout: [logprob, token_id, text or None] per token. When the engine sends fewer
+    logprobs than tokens (the first prompt token has none), the leading entries get None."""
+    missing = len(token_ids) - len(logprobs)
+    values = [None] * missing + list(logprobs)
+    return [[lp, tid, decode(tid) if decode else None] for lp, tid in zip(values, token_ids)]
+
+
+def top_logprob_triples(run: TokenLogprobs, positions: int, decode) -> list:
+    missing = positions - len(run.top_ids)
+    out: list = [None] * missing
+    for ids, lps in zip(run.top_ids, run.top_logprobs):
+        out.append([[lp, tid, decode(tid) if decode else None] for lp, tid in zip(lps, ids)])
+    return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("runtime")
+    except PackageNotFoundError:
+        return "0.0.0"

@@ -1,0 +1,332 @@
+"""Frontend: what the HTTP API and the Engine API call. It tokenizes, validates the prompt against
+the model, sends requests to the scheduler and routes the detokenizer's TextUpdates back to the
+caller waiting on each request id.
+
+Threads: everything here runs on one asyncio loop. Incoming messages arrive through `on_message`,
+which the owner calls on that loop (actors.aio.AsyncMailbox: a reader thread hands batches over
+with loop.call_soon_threadsafe). Outgoing messages go through an OrderedSender, which
+never blocks the loop on a full ring."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+import msgspec
+
+from runtime.default_model import DEFAULT_MODEL_NAME
+from runtime.ingress.errors import RequestError
+from runtime.messages import (
+    AbortRequest,
+    FlushCacheReply,
+    FlushCacheRequest,
+    GenerateRequest,
+    LogprobOptions,
+    ModelInfo,
+    RequestRejected,
+    SamplingParams,
+    ServerInfoReply,
+    ServerInfoRequest,
+    TextUpdate,
+    TextUpdates,
+    TokenLogprobs,
+)
+from runtime.server_args import ServerArgs
+from shm.ring import RingTimeout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from actors.channel import Channel
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT_S = 60.0  # flush_cache / server_info: the scheduler answers between two steps
+
+
+class OrderedSender:
+    """Puts messages on a channel in call order without blocking the event loop.
+
+    The loop thread puts directly while the ring has room. When it is full, the message and every
+    later one go to a backlog that a helper thread drains with blocking puts; the loop thread goes
+    back to direct puts only once the backlog is empty and the helper has stopped, so the ring
+    keeps a single writer at any time and the order is kept (an AbortRequest never overtakes the
+    GenerateRequest it cancels)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._backlog: collections.deque = collections.deque()
+        self._draining = False
+
+    def send(self, msg) -> None:
+        with self._lock:
+            if self._draining:
+                self._backlog.append(msg)
+                return
+        try:
+            self.channel.put(msg, 0.0)
+            return
+        except RingTimeout:
+            pass
+        with self._lock:
+            self._backlog.append(msg)
+            self._draining = True
+        threading.Thread(target=self._drain, name="frontend-sender", daemon=True).start()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._backlog:
+                    self._draining = False
+                    return
+                msg = self._backlog.popleft()
+            self.channel.put(msg)
+
+
+class _RequestStream:
+    """Updates of one request waiting for its generate() iterator. A non-streamed request wakes its
+    consumer only at the finish (or an error), so it costs one wake-up, not one per update."""
+
+    __slots__ = ("stream", "updates", "waiter", "error")
+
+    def __init__(self, stream: bool):
+        self.stream = stream
+        self.updates: list[TextUpdate] = []
+        self.waiter: asyncio.Future | None = None
+        self.error: RequestError | None = None
+
+    def push(self, update: TextUpdate) -> None:
+        self.updates.append(update)
+        if self.stream or update.finish is not None:
+            self._wake()
+
+    def fail(self, error: RequestError) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
+    """Several consecutive updates of one request as one delta."""
+    if len(updates) == 1:
+        return updates[0]
+    last = updates[-1]
+    runs = [u.logprobs for u in updates if u.logprobs is not None]
+    logprobs = None
+    if runs:
+        logprobs = TokenLogprobs(
+            token_ids=[x for r in runs for x in r.token_ids], logprobs=[x for r in runs for x in r.logprobs],
+            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs])
+    return TextUpdate(
+        rid=last.rid,
+        text_delta="".join(u.text_delta for u in updates),
+        new_token_ids=[t for u in updates for t in u.new_token_ids],
+        meta=last.meta,
+        finish=last.finish,
+        logprobs=logprobs,
+        prompt_logprobs=next((u.prompt_logprobs for u in updates if u.prompt_logprobs is not None), None),
+    )
+
+
+class Frontend:
+    def __init__(self, args: ServerArgs, model_info: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
+                 to_scheduler: Channel):
+        """`to_scheduler` is the Channel of IngressToScheduler messages; `tokenizer` is the HF
+        tokenizer from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
+        self.args = args
+        self.model_info = model_info
+        self.tokenizer = tokenizer
+        self.served_model_name = args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
+        self._sender = OrderedSender(to_scheduler)
+        self._streams: dict[str, _RequestStream] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._reply_tokens = itertools.count(1)
+        self._closed: RequestError | None = None
+
+    # ------------------------------------------------------------------ tokenizer
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise RequestError(400, f"{what}: the server runs with --skip-tokenizer-init; send input_ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        tokenizer = self._need_tokenizer("text")
+        if not isinstance(text, str):
+            raise RequestError(400, f"text: expected a string, got {type(text).__name__}")
+        return tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._need_tokenizer("decode").decode(ids)
+
+    def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
+                            continue_final_message: bool) -> list[int]:
+        tokenizer = self._need_tokenizer("messages")
+        conversation = _normalize_messages(messages)
+        if tools is not None and not isinstance(tools, list):
+            raise RequestError(400, f"tools: expected a list, got {type(tools).__name__}")
+        try:
+            text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt,
+                                                 continue_final_message=continue_final_message)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise RequestError(400, f"messages: the chat template cannot render them: {err}") from None
+        # The template already wrote the special tokens (BOS included) as text.
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ requests
+    def _check_prompt(self, rid: str, input_ids: list[int]) -> list[int]:
+        if not isinstance(rid, str) or not rid:
+            raise RequestError(400, "rid: must be a non-empty string")
+        if rid in self._streams:
+            raise RequestError(400, f"rid: a request with id {rid!r} is already running")
+        try:  # strict: a float or bool here would make the scheduler fail to decode the request
+            input_ids = msgspec.convert(input_ids, list[int])
+        except msgspec.ValidationError as err:
+            raise RequestError(400, f"input_ids: {err}") from None
+        if not input_ids:
+            raise RequestError(400, "input_ids: the prompt is empty")
+        vocab = self.model_info.vocab_size
+        low, high = min(input_ids), max(input_ids)
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise RequestError(400, f"input_ids: token id {bad} at position {input_ids.index(bad)} is outside "
+                                    f"the vocabulary (0..{vocab - 1})")
+        if len(input_ids) >= self.model_info.context_length:
+            raise RequestError(400, f"input_ids: the prompt has {len(input_ids)} tokens; the model's context length "
+                                    f"is {self.model_info.context_length}, which leaves no room to generate")
+        return input_ids
+
+    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
+                       stream: bool) -> AsyncIterator[TextUpdate]:
+        """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
+        request, a single update); the last has .finish set. Leaving early aborts the request."""
+        if self._closed is not None:
+            raise self._closed
+        input_ids = self._check_prompt(rid, input_ids)
+        loop = asyncio.get_running_loop()
+        state = _RequestStream(stream)
+        started = time.time()
+        self._streams[rid] = state
+        done = False  # finished or rejected: the scheduler holds nothing for this rid any more
+        try:
+            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time()))
+            while True:
+                if not state.updates and state.error is None:
+                    state.waiter = loop.create_future()
+                    await state.waiter
+                    state.waiter = None
+                if state.error is not None:
+                    done = True
+                    raise state.error
+                update = merge_updates(state.updates)
+                state.updates = []
+                if update.finish is not None:
+                    done = True
+                    if self.args.log_requests:
+                        log.info("request %s: prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s "
+                                 "e2e=%.3fs", rid, update.meta.prompt_tokens, update.meta.completion_tokens,
+                                 update.meta.cached_tokens, update.finish.type, time.time() - started)
+                    yield update
+                    return
+                yield update
+        finally:
+            if self._streams.get(rid) is state:
+                del self._streams[rid]
+            if not done and self._closed is None:
+                self._sender.send(AbortRequest(rid))
+
+    def abort(self, rid: str) -> None:
+        """Ask the scheduler to end the request; its generate() iterator then ends with finish
+        type "abort". Unknown (or already finished) ids are ignored."""
+        if rid in self._streams:
+            self._sender.send(AbortRequest(rid))
+
+    async def flush_cache(self) -> tuple[bool, str]:
+        reply = await self._ask(FlushCacheRequest, "flush_cache")
+        return reply.ok, reply.message
+
+    async def server_info(self) -> dict:
+        reply = await self._ask(ServerInfoRequest, "server_info")
+        return {key: msgspec.msgpack.decode(value) for key, value in reply.info.items()}
+
+    async def _ask(self, request_type, what: str) -> Any:
+        if self._closed is not None:
+            raise self._closed
+        token = next(self._reply_tokens)
+        future = asyncio.get_running_loop().create_future()
+        self._replies[token] = future
+        try:
+            self._sender.send(request_type(token))
+            return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"{what}: the scheduler did not answer within {REPLY_TIMEOUT_S:.0f} s") from None
+        finally:
+            self._replies.pop(token, None)
+
+    # ------------------------------------------------------------------ incoming
+    def on_message(self, msg) -> None:
+        """One DetokenizerToIngress or SchedulerToIngress message, on the loop thread."""
+        match msg:
+            case TextUpdates(updates=updates):
+                streams = self._streams
+                for update in updates:
+                    state = streams.get(update.rid)
+                    if state is not None:  # else: aborted, its late updates are dropped
+                        state.push(update)
+            case RequestRejected(rid=rid, status=status, message=message):
+                state = self._streams.get(rid)
+                if state is not None:
+                    state.fail(RequestError(status, message))
+            case FlushCacheReply(token=token) | ServerInfoReply(token=token):
+                future = self._replies.get(token)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            case _:
+                raise TypeError(f"frontend: unexpected message {type(msg).__name__}")
+
+    def close(self, message: str = "the server is shutting down") -> None:
+        """Fail every waiting request and reply with 503; later calls fail at once."""
+        self._closed = RequestError(503, message)
+        for state in self._streams.values():
+            state.fail(self._closed)
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(self._closed)
+
+
+def _normalize_messages(messages: list[dict]) -> list[dict]:
+    """Check the shape of chat messages and flatten OpenAI text parts to one string, which is what
+    chat templates expect as content."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages: expected a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(400, f"messages[{i}]: expected an object, got {type(message).__name__}")
+        if not isinstance(message.get("role"), str):
+            raise RequestError(400, f"messages[{i}].role: expected a string")
+        content = message.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"messages[{i}].content[{j}]: only text parts are supported")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}].content: expected a string or a list of text parts")
+        out.append({**message, "content": content})
+    return out

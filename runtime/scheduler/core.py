@@ -1,0 +1,575 @@
+"""The scheduler's pure core: admission, batch planning and result processing. No processes, no
+devices: the actor (runtime/scheduler/actor.py) feeds it messages and carries its plans and updates.
+
+One step:  plan = core.plan_next()  ->  the worker runs it  ->  core.process_result(result).
+With overlap the actor calls plan_next() for batch N+1 before process_result() of batch N: the
+core names tokens it has not seen yet by placeholders (-(k+1) reads the worker's
+future_tokens[k]) and keeps per request a count of such pending tokens. A request that turns out
+to have finished in batch N may already sit in batch N+1: that extra token is dropped here and its
+KV slot is freed with the request, so it never reaches the user. Length limits are known when
+planning, so only EOS / stop finishes cost an extra token.
+
+Memory: admission keeps room for the decode tokens running requests are expected to produce:
+new_token_ratio * tokens_left per request (SGLang's idea). The ratio decays every decode step
+towards a floor and goes back up when decode runs out of KV slots and requests are retracted.
+Retracted requests go back to the front of the queue with their output kept; their computed KV
+stays in the radix cache (when enabled) and they resume with prompt + output as input.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from dataclasses import dataclass
+
+from runtime.messages import (
+    BatchPlan,
+    BatchResult,
+    FinishReason,
+    GenerateRequest,
+    ModelInfo,
+    NewRow,
+    RequestMeta,
+    RequestRejected,
+    TokenUpdate,
+    WorkerError,
+)
+from runtime.scheduler.policy import SchedulePolicy
+from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
+from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
+from runtime.scheduler.slot_allocator import ReqTable, SlotAllocator
+from runtime.scheduler.stop_checker import Decode, StopChecker
+
+# SGLang's defaults: reserve 70% of the remaining max_new_tokens at first, decaying over ~600
+# decode steps to 0.7 * 0.14.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
+NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
+
+
+
+@dataclass(slots=True)
+class PlanRow:
+    """One row of the batch being planned: `extend_len` new tokens after `prefix_len` cached ones, and whether
+    the row samples a token this step (a prefill chunk that is not the prompt's last does not)."""
+
+    req: Req
+    prefix_len: int
+    extend_len: int
+    sample: bool
+
+@dataclass
+class SchedulerConfig:
+    max_total_tokens: int  # usable KV slots (1..max_total_tokens)
+    max_running_requests: int  # request-table rows
+    context_length: int
+    eos_token_ids: list[int]
+    chunked_prefill_size: int = 8192  # -1: no chunking
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "fcfs"
+    disable_radix_cache: bool = False
+    stream_interval: int = 1
+
+    @classmethod
+    def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
+        """The worker sized its pool and table from the same args; never exceed what it has."""
+        total = info.max_total_tokens if args.max_total_tokens is None else min(args.max_total_tokens,
+                                                                                 info.max_total_tokens)
+        running = info.max_running_requests if args.max_running_requests is None else min(
+            args.max_running_requests, info.max_running_requests)
+        return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
+                   eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
+                   max_prefill_tokens=args.max_prefill_tokens, schedule_policy=args.schedule_policy,
+                   disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval)
+
+
+@dataclass
+class ScheduledBatch:
+    """A sent plan and, per plan row, the request and its admission epoch (a result for an
+    earlier admission of a retracted request only carries its sampled token)."""
+
+    plan: BatchPlan
+    reqs: list[Req]
+    epochs: list[int]
+    num_decode: int
+    new_seqs: int
+    new_tokens: int  # extend tokens of prefill rows
+    cached_tokens: int  # prefix-cache hits of the newly admitted requests
+
+
+@dataclass
+class StepUpdates:
+    """What processing a result (or an abort) produces for the detokenizer."""
+
+    updates: list[TokenUpdate]
+    finished: int = 0
+    new_tokens: int = 0
+
+
+class SchedulerCore:
+    def __init__(self, config: SchedulerConfig, decode: Decode | None = None):
+        self.config = config
+        self.allocator = SlotAllocator(config.max_total_tokens)
+        self.table = ReqTable(config.max_running_requests)
+        self.cache = None if config.disable_radix_cache else RadixCache()
+        self.policy = SchedulePolicy(config.schedule_policy, self.cache)
+        # A request can never hold more KV than the pool: the pool bounds its length like the context.
+        self.context_limit = min(config.context_length, config.max_total_tokens)
+        self.stop_checker = StopChecker(config.eos_token_ids, self.context_limit, decode)
+        self.prefill_budget = (config.chunked_prefill_size if config.chunked_prefill_size > 0
+                               else config.max_prefill_tokens)
+        self.chunking = config.chunked_prefill_size > 0
+        self.future_ring_size = 2 * config.max_running_requests + 2
+        self._next_future = 0
+        self.num_batches = 0  # also the next batch id
+        self._arrivals = itertools.count()
+
+        self.reqs: dict[str, Req] = {}  # every unfinished request
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # admission order
+        self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
+        self.released_rows: list[int] = []  # rows freed since the last plan (its freed_rows)
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+
+        # Counters for logs and server info
+        self.num_retractions = 0
+        self.total_prompt_tokens = 0
+        self.total_cached_tokens = 0
+        self.total_generated_tokens = 0
+        self.total_forward_ms = 0.0  # worker-reported step time, for the overlap benchmark
+
+    # ---------------------------------------------------------------------------------------
+    # requests in
+    # ---------------------------------------------------------------------------------------
+
+    def add_request(self, msg: GenerateRequest) -> RequestRejected | None:
+        """Queue a request, or say why it can never be served."""
+        n = len(msg.input_ids)
+        if msg.rid in self.reqs:
+            return RequestRejected(rid=msg.rid, status=400, message=f"rid {msg.rid!r} is already in use")
+        if n == 0:
+            return RequestRejected(rid=msg.rid, status=400, message="input_ids: the prompt is empty")
+        if n >= self.config.context_length:
+            return RequestRejected(rid=msg.rid, status=400, message=(
+                f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length} "
+                "(prompt plus at least one generated token)"))
+        if n >= self.config.max_total_tokens:
+            return RequestRejected(rid=msg.rid, status=400, message=(
+                f"input_ids: the prompt has {n} tokens; the KV cache holds only {self.config.max_total_tokens} "
+                "(--max-total-tokens)"))
+        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals))
+        self.reqs[msg.rid] = req
+        self.waiting.append(req)
+        return None
+
+    def abort(self, rid: str, message: str = "aborted by request") -> StepUpdates:
+        """Abort a queued, prefilling or decoding request (unknown or finished rids: nothing)."""
+        req = self.reqs.get(rid)
+        if req is None:
+            return StepUpdates(updates=[])
+        self._finish(req, FinishReason(type="abort", message=message))
+        return StepUpdates(updates=[self._update(req)], finished=1)
+
+    def flush_cache(self) -> tuple[bool, str]:
+        if self.cache is None:
+            return True, "the radix cache is disabled; nothing to flush"
+        if self.waiting or self.running or self.in_flight:
+            return False, (f"cannot flush the cache while requests are in progress ({len(self.running)} running, "
+                           f"{len(self.waiting)} queued)")
+        self.allocator.free(self.cache.reset())
+        return True, ""
+
+    # ---------------------------------------------------------------------------------------
+    # planning
+    # ---------------------------------------------------------------------------------------
+
+    def plan_next(self) -> ScheduledBatch | None:
+        """The next batch: a decode row for every running request that still has tokens to make,
+        the next chunk of a partly prefilled request, and newly admitted requests, within the
+        prefill budget and KV memory. None when there is nothing to run."""
+        decode_reqs = self._decode_candidates()
+        retracted = self._make_room_for_decode(decode_reqs)
+        if retracted:
+            decode_reqs = [r for r in decode_reqs if r.status is ReqStatus.RUNNING]
+
+        entries: list[PlanRow] = []
+        input_ids: list[int] = []
+        out_slots: list[int] = []
+        for req in decode_reqs:
+            prefix_len = len(req.slots)
+            slot = self._alloc_slots(1)
+            input_ids.append(-(req.last_future_slot + 1) if req.pending else self._token_at(req, prefix_len))
+            out_slots.extend(slot)
+            req.slots.extend(slot)
+            entries.append(PlanRow(req, prefix_len, 1, True))
+
+        # Right after a retraction the freed memory is not for new requests (they would thrash).
+        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots,
+                                                                    admit=not retracted)
+        if not entries:
+            return None
+        if decode_reqs:
+            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+
+        future_slots = []
+        for entry in entries:
+            req = entry.req
+            if entry.sample:
+                req.last_future_slot = self._next_future
+                self._next_future = (self._next_future + 1) % self.future_ring_size
+                req.pending += 1
+                future_slots.append(req.last_future_slot)
+            else:
+                future_slots.append(-1)
+        reused = {row.row for row in new_rows}
+        plan = BatchPlan(
+            batch_id=self.num_batches, rows=[e.req.row for e in entries], prefix_lens=[e.prefix_len for e in entries],
+            extend_lens=[e.extend_len for e in entries], input_ids=input_ids, out_slots=out_slots,
+            sample=[e.sample for e in entries], future_slots=future_slots, new_rows=new_rows,
+            freed_rows=[r for r in self.released_rows if r not in reused])
+        self.released_rows = []
+        self.num_batches += 1
+        batch = ScheduledBatch(plan=plan, reqs=[e.req for e in entries], epochs=[e.req.retractions for e in entries],
+                               num_decode=len(decode_reqs), new_seqs=new_seqs, new_tokens=new_tokens,
+                               cached_tokens=cached)
+        self.in_flight.append(batch)
+        return batch
+
+    def _decode_candidates(self) -> list[Req]:
+        return [r for r in self.running if not r.is_prefilling and self._tokens_left(r) > 0]
+
+    def _tokens_left(self, req: Req) -> int:
+        """Tokens the request may still be asked to produce, beyond those already in flight."""
+        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), len(req.output_ids) + req.pending)
+
+    def _token_at(self, req: Req, pos: int) -> int:
+        n = len(req.prompt_ids)
+        return req.prompt_ids[pos] if pos < n else req.output_ids[pos - n]
+
+    def _make_room_for_decode(self, decode_reqs: list[Req]) -> bool:
+        """Retract the newest requests until every decode row gets a KV slot."""
+        need = len(decode_reqs)
+        if self.allocator.num_free >= need:
+            return False
+        retracted = False
+        while self._room() < need:
+            victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
+            if victim is None or (len(self.running) == 1 and victim in decode_reqs):
+                break  # a lone request always fits: its length is bounded by the pool
+            self._retract(victim)
+            retracted = True
+            if victim in decode_reqs:
+                need -= 1
+        if retracted:
+            self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        return retracted
+
+    def _room(self) -> int:
+        """Slots obtainable now: free plus evictable cached ones."""
+        return self.allocator.num_free + (self.cache.evictable_size if self.cache else 0)
+
+    def _reserved(self) -> int:
+        """Slots the running requests are expected to still need (rest of prefill, decode share)."""
+        return sum(max(0, len(r.fill_ids) - len(r.slots)) + math.ceil(self._tokens_left(r) * self.new_token_ratio)
+                   for r in self.running)
+
+    def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots,
+                      admit: bool) -> tuple[list[NewRow], int, int, int]:
+        budget = self.prefill_budget
+        new_rows: list[NewRow] = []
+        new_seqs = new_tokens = cached = 0
+        available = None  # computed only when there is someone to admit
+
+        # 1. The partly prefilled request continues (at most one exists: only the last request
+        #    admitted in a step is cut).
+        for req in self.running:
+            if req.is_prefilling:
+                n = min(len(req.fill_ids) - len(req.slots), budget, self._room())
+                if n > 0:
+                    self._add_extend(req, n, entries, input_ids, out_slots)
+                    budget -= n
+                    new_tokens += n
+
+        # 2. New requests, in policy order, while rows, budget and memory last.
+        for req in self.policy.order(list(self.waiting)) if admit else []:
+            if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
+                break
+            if req.pending:
+                continue  # retracted with a token still in flight: its input is not known yet
+            if available is None:
+                available = self._room() - self._reserved()
+            fill = req.prompt_ids + req.output_ids
+            match_len = self._prefix_key_len(req, fill)
+            prefix_len = self.cache.prefix_len(fill[:match_len]) if self.cache else 0
+            extend = len(fill) - prefix_len
+            need = extend + prefix_len + math.ceil(self.new_token_ratio * self.stop_checker.tokens_left(
+                req.sampling, len(req.prompt_ids), len(req.output_ids)))
+            if need > available:
+                break
+            n = min(extend, budget)
+            if n < extend and not self.chunking:
+                if new_seqs or any(e.extend_len > 1 for e in entries):
+                    break  # no chunking: a prompt over budget runs alone as its step's only prefill
+                n = extend
+            new_rows.append(self._admit(req, fill, match_len))
+            self._add_extend(req, n, entries, input_ids, out_slots)
+            available -= need
+            budget -= n
+            new_seqs += 1
+            new_tokens += n
+            cached += len(req.slots) - n
+            if n < extend:
+                break
+        return new_rows, new_seqs, new_tokens, cached
+
+    def _prefix_key_len(self, req: Req, fill: list[int]) -> int:
+        """How much of `fill` may come from the cache: all but the last token (its logits are
+        needed), and while prompt logprobs are still wanted, nothing from the token before
+        logprob_start_len on (its logits score the first token asked for)."""
+        n = len(fill) - 1
+        opts = req.msg.logprobs
+        if opts.return_logprob and opts.logprob_start_len >= 0 and not req.admitted_once:
+            n = min(n, max(opts.logprob_start_len - 1, 0))
+        return n
+
+    def _admit(self, req: Req, fill: list[int], match_len: int) -> NewRow:
+        row = self.table.alloc()
+        match = self.cache.match_prefix(fill[:match_len]) if self.cache else None
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.status = ReqStatus.RUNNING
+        req.row = row
+        req.fill_ids = fill
+        req.slots = list(match.slots) if match else []
+        req.tree_len = len(req.slots)
+        req.tree_node = match.node if match else None
+        if match:
+            self.cache.lock(match.node)
+        req.kv_committed = len(req.slots)
+        if not req.admitted_once:
+            req.admitted_once = True
+            req.cached_tokens = len(req.slots)
+            self.total_prompt_tokens += len(req.prompt_ids)
+            self.total_cached_tokens += req.cached_tokens
+        return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
+                      prior_output_ids=list(req.output_ids))
+
+    def _add_extend(self, req: Req, n: int, entries: list[PlanRow], input_ids, out_slots) -> None:
+        start = len(req.slots)
+        slots = self._alloc_slots(n)
+        input_ids.extend(req.fill_ids[start:start + n])
+        out_slots.extend(slots)
+        req.slots.extend(slots)
+        entries.append(PlanRow(req, start, n, len(req.slots) == len(req.fill_ids)))
+
+    def _alloc_slots(self, n: int) -> list[int]:
+        if self.allocator.num_free < n and self.cache:
+            self.allocator.free(self.cache.evict(n - self.allocator.num_free))
+        slots = self.allocator.alloc(n)
+        if slots is None:
+            raise RuntimeError(f"scheduler: out of KV slots ({n} wanted, {self.allocator.num_free} free); "
+                               "the admission accounting is wrong")
+        return slots
+
+    # ---------------------------------------------------------------------------------------
+    # results
+    # ---------------------------------------------------------------------------------------
+
+    def process_result(self, result: BatchResult) -> StepUpdates:
+        batch = self._pop_in_flight(result.batch_id)
+        self.total_forward_ms += result.forward_ms
+        plan = batch.plan
+        touched: list[Req] = []
+        finished = accepted = 0
+        k = 0  # index into next_token_ids
+        for i, req in enumerate(batch.reqs):
+            sampled = plan.sample[i]
+            token = result.next_token_ids[k] if sampled else None
+            logprobs = result.logprobs.get(k) if sampled else None
+            k += sampled
+            if req.is_finished:
+                continue  # aborted, or finished in an earlier batch: drop the extra token
+            current = req.status is ReqStatus.RUNNING and batch.epochs[i] == req.retractions
+            if current:
+                req.kv_committed = max(req.kv_committed, plan.prefix_lens[i] + plan.extend_lens[i])
+                if i in result.prompt_logprobs and req.retractions == 0 and not req.prompt_logprobs_sent:
+                    req.prompt_logprobs = concat_logprobs(req.prompt_logprobs, result.prompt_logprobs[i])
+            if not sampled:
+                if current:
+                    self._cache_unfinished(req)
+                continue
+            req.pending -= 1
+            req.output_ids.append(token)
+            accepted += 1
+            if logprobs is not None:
+                req.unsent_logprobs = concat_logprobs(req.unsent_logprobs, logprobs)
+            touched.append(req)
+            reason = self.stop_checker.check(req.sampling, len(req.prompt_ids), req.output_ids)
+            if reason is not None:
+                self._finish(req, reason)
+                finished += 1
+        self.total_generated_tokens += accepted
+        updates = [self._update(r) for r in touched if self._should_send(r)]
+        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted)
+
+    def process_error(self, error: WorkerError) -> StepUpdates:
+        """A step failed on the worker: abort its requests with the worker's message."""
+        batch = self._pop_in_flight(error.batch_id)
+        updates = []
+        for req in dict.fromkeys(batch.reqs):
+            if not req.is_finished:
+                self._finish(req, FinishReason(type="abort", message=f"worker error: {error.message}"))
+                updates.append(self._update(req))
+        return StepUpdates(updates=updates, finished=len(updates))
+
+    def _pop_in_flight(self, batch_id: int) -> ScheduledBatch:
+        if not self.in_flight or self.in_flight[0].plan.batch_id != batch_id:
+            expected = self.in_flight[0].plan.batch_id if self.in_flight else None
+            raise RuntimeError(f"scheduler: result for batch {batch_id}, expected batch {expected}")
+        return self.in_flight.popleft()
+
+    def _should_send(self, req: Req) -> bool:
+        """Streams send every stream_interval tokens (and the first at once); others at the end."""
+        if req.is_finished:
+            return True
+        if not req.msg.stream:
+            return False
+        unsent = len(req.output_ids) - req.sent_len
+        return req.sent_len == 0 or unsent >= self.config.stream_interval
+
+    def _update(self, req: Req) -> TokenUpdate:
+        sampling = req.sampling
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+        update = TokenUpdate(
+            rid=req.rid, new_token_ids=req.output_ids[req.sent_len:],
+            meta=RequestMeta(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
+                             cached_tokens=req.cached_tokens),
+            finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=sampling.skip_special_tokens,
+            spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
+            stop=sampling.stop if req.sent_len == 0 else [])
+        req.sent_len = len(req.output_ids)
+        req.unsent_logprobs = None
+        return update
+
+    # ---------------------------------------------------------------------------------------
+    # leaving a row: finish, abort, retraction
+    # ---------------------------------------------------------------------------------------
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        if req.status is ReqStatus.RUNNING:
+            self._release(req)
+        elif req.status is ReqStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = ReqStatus.FINISHED
+        req.finish = reason
+        del self.reqs[req.rid]
+
+    def _retract(self, req: Req) -> None:
+        self._release(req)
+        req.status = ReqStatus.WAITING
+        req.retractions += 1
+        self.num_retractions += 1
+        self.waiting.insert(0, req)
+
+    def _release(self, req: Req) -> None:
+        """Give back the row and KV: computed KV goes to the radix cache, the rest is freed (slots
+        of tokens still being computed are safe to reuse: batches run in order on the worker)."""
+        committed = req.kv_committed
+        owned_from = req.tree_len
+        if self.cache is not None and committed > req.tree_len:
+            key = (req.prompt_ids + req.output_ids)[:committed]
+            existing = self.cache.insert(key, req.slots[:committed])
+            self.allocator.free(req.slots[req.tree_len:existing])  # the tree had its own copies
+            owned_from = committed
+        self.allocator.free(req.slots[owned_from:])
+        self.allocator.free(req.dup_slots)
+        if req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        self.running.remove(req)
+        self.table.free(req.row)
+        self.released_rows.append(req.row)
+        req.row = -1
+        req.slots, req.fill_ids, req.dup_slots = [], [], []
+        req.tree_node, req.tree_len, req.kv_committed = None, 0, 0
+
+    def _cache_unfinished(self, req: Req) -> None:
+        """After a non-final prefill chunk: put its computed KV in the radix cache so others can
+        share it, and move the request's lock down to the new end."""
+        n = req.kv_committed
+        if self.cache is None or n <= req.tree_len:
+            return
+        key = req.fill_ids[:n]
+        existing = self.cache.insert(key, req.slots[:n])
+        # Tokens the tree already had in other slots: the row keeps using its own copies.
+        req.dup_slots.extend(req.slots[req.tree_len:existing])
+        match: PrefixMatch = self.cache.match_prefix(key)
+        self.cache.lock(match.node)
+        if req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        req.tree_node, req.tree_len = match.node, n
+
+    # ---------------------------------------------------------------------------------------
+    # state
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def is_idle(self) -> bool:
+        return not self.waiting and not self.running and not self.in_flight
+
+    def token_usage(self) -> float:
+        used = self.config.max_total_tokens - self._room()
+        return used / self.config.max_total_tokens
+
+    def cache_hit_rate(self) -> float:
+        return self.total_cached_tokens / self.total_prompt_tokens if self.total_prompt_tokens else 0.0
+
+    def server_info(self) -> dict:
+        return {
+            "max_total_tokens": self.config.max_total_tokens,
+            "max_running_requests": self.config.max_running_requests,
+            "context_length": self.config.context_length,
+            "running": len(self.running),
+            "queued": len(self.waiting),
+            "free_slots": self.allocator.num_free,
+            "cached_tokens": self.cache.total_size if self.cache else 0,
+            "evictable_tokens": self.cache.evictable_size if self.cache else 0,
+            "token_usage": round(self.token_usage(), 4),
+            "cache_hit_rate": round(self.cache_hit_rate(), 4),
+            "new_token_ratio": round(self.new_token_ratio, 4),
+            "retractions": self.num_retractions,
+            "generated_tokens": self.total_generated_tokens,
+            "forward_ms_total": round(self.total_forward_ms, 3),
+            "batches": self.num_batches,
+            "radix_cache": self.cache is not None,
+            "schedule_policy": self.policy.name,
+            "chunked_prefill_size": self.config.chunked_prefill_size,
+        }
+
+    def check_invariants(self) -> None:
+        """Every KV slot is owned exactly once (free list, radix tree, or one running request),
+        every row once; when idle everything is free or evictable. Raises AssertionError."""
+        n = self.config.max_total_tokens
+        owned = self.allocator.free_slots() + (self.cache.all_slots() if self.cache else [])
+        for req in self.running:
+            owned.extend(req.owned_slots())
+        if len(owned) != n or set(owned) != set(range(1, n + 1)):
+            counts = collections.Counter(owned)
+            dup = sorted(s for s, c in counts.items() if c > 1)[:10]
+            lost = sorted(set(range(1, n + 1)) - set(owned))[:10]
+            raise AssertionError(f"KV slot accounting broken: {len(owned)} owned of {n}; duplicated {dup}, lost {lost}")
+        rows = self.table.free_rows() + [r.row for r in self.running]
+        assert sorted(rows) == list(range(self.config.max_running_requests)), f"request-table rows broken: {rows}"
+        for req in self.waiting:
+            assert req.status is ReqStatus.WAITING and not req.slots and req.row == -1
+        if self.cache:
+            self.cache.check()
+        if self.is_idle:
+            assert not self.reqs, f"idle with unfinished requests {list(self.reqs)}"
+            if self.cache:
+                assert self.cache.protected_size == 0, f"idle with {self.cache.protected_size} locked cache tokens"
+            assert self._room() == n, f"idle: free + evictable = {self._room()} != pool {n}"
+            assert self.table.num_free == self.config.max_running_requests

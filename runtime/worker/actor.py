@@ -1,0 +1,103 @@
+"""The worker actor: one per GPU rank, a thin loop around runtime.worker.model_runner.ModelRunner.
+
+Every rank reads every BatchPlan from the scheduler's broadcast ring and runs it; rank 0 alone
+answers, in batch order, with the BatchResult or, when the step raised (CUDA OOM, ...), a
+WorkerError naming the batch, and then keeps serving. Ready carries rank 0's ModelInfo,
+msgpack-encoded (`decode_model_info` reads it back).
+
+Overlap on the device side: runner.launch(plan) queues the step on the device and returns;
+runner.collect(pending) waits for its sampled ids. While batch N runs, the worker launches batch
+N+1 as soon as it arrives (the scheduler sends it before N's result is back), so the device queue
+never drains between steps; N's result is collected and sent once N is done. On the CPU launch
+computes synchronously, so this reduces to step-by-step.
+
+Shutdown: Shutdown(grace_s > 0) (from the supervisor) keeps serving plans for up to grace_s so
+the scheduler can finish its running requests; Shutdown(grace_s == 0) (the scheduler's last
+message, or an immediate stop) exits at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import msgspec
+
+from actors.actor import Actor
+from runtime.messages import BatchPlan, ModelInfo, Shutdown, WorkerError
+from runtime.server_args import ServerArgs
+
+TO_SCHEDULER = "worker_to_scheduler"  # rank 0's outbound channel name
+GRACE_SLACK_S = 2.0  # beyond the grace period, for the scheduler's own Shutdown to arrive
+POLL_S = 2e-4  # mailbox wait while a launched step runs on the device
+
+
+class WorkerActorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    args: ServerArgs
+    tp_rank: int = 0
+
+
+def decode_model_info(info: bytes) -> ModelInfo:
+    return msgspec.msgpack.decode(info, type=ModelInfo)
+
+
+class WorkerActor(Actor):
+    config_type = WorkerActorConfig
+
+    def __init__(self, context):
+        super().__init__(context)
+        from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig  # torch: only in worker processes
+
+        self.rank = self.config.tp_rank
+        self.runner = ModelRunner(ModelRunnerConfig.from_server_args(self.config.args, self.rank))
+        self.launched: collections.deque = collections.deque()  # PendingStep or WorkerError, batch order
+        self.to_scheduler = self.ref(TO_SCHEDULER) if self.rank == 0 else None
+        self.log.info("worker rank %d ready: %s", self.rank, self.runner.info)
+
+    def ready_info(self) -> bytes:
+        return msgspec.msgpack.encode(self.runner.info)
+
+    def run(self) -> None:
+        deadline = None
+        while deadline is None or time.monotonic() < deadline or self.launched:
+            if self.launched and self._oldest_done():
+                self._answer_oldest()
+                continue
+            timeout = POLL_S if self.launched else None if deadline is None else max(0.0, deadline - time.monotonic())
+            match self.receive(timeout):
+                case BatchPlan() as plan:
+                    self.launched.append(self.launch(plan))
+                case Shutdown(grace_s=grace_s) if grace_s > 0:
+                    deadline = deadline or time.monotonic() + grace_s + GRACE_SLACK_S
+                case Shutdown():
+                    deadline = time.monotonic()  # answer what was launched, then exit
+                case None:
+                    pass
+                case other:
+                    self.log.error("worker: unexpected message %s", type(other).__name__)
+        self.log.info("worker rank %d stopped", self.rank)
+
+    def launch(self, plan: BatchPlan):
+        try:
+            return self.runner.launch(plan)
+        except Exception as e:  # the scheduler aborts this batch's requests; we keep serving
+            self.log.exception("batch %d failed", plan.batch_id)
+            return WorkerError(batch_id=plan.batch_id, message=f"{type(e).__name__}: {e}")
+
+    def _oldest_done(self) -> bool:
+        """The oldest launched step has finished on the device (always, on the CPU), or more
+        steps are queued behind it: then collecting it cannot delay the device."""
+        oldest = self.launched[0]
+        done = getattr(oldest, "done", None)
+        return len(self.launched) > 1 or done is None or done.query()
+
+    def _answer_oldest(self) -> None:
+        item = self.launched.popleft()
+        if not isinstance(item, WorkerError):
+            try:
+                item = self.runner.collect(item)
+            except Exception as e:
+                self.log.exception("batch %d failed", item.batch_id)
+                item = WorkerError(batch_id=item.batch_id, message=f"{type(e).__name__}: {e}")
+        if self.to_scheduler is not None:
+            self.to_scheduler.send(item)

@@ -1,0 +1,55 @@
+"""The attention backend interface: the one place where the paged KV cache is read and written.
+
+A backend is built once per ModelRunner with the model's attention shape (`AttentionSpec`) and the
+KV pool. Every step the runner calls `prepare(batch)` once, before the layers run (the place to
+compute indices and kernel metadata; keep `forward` free of host syncs so it can be captured in a
+CUDA graph later), then each attention layer calls `forward(q, k, v, layer_id, batch)`.
+
+Semantics of `forward`, for every backend:
+- q [T, Hq, D], k and v [T, Hkv, D]: projections of the step's new tokens (rotary already applied).
+- First k/v are stored into the pool: kv_pool.k[layer_id][batch.out_slots] = k (same for v).
+- Then new token t of batch row i attends to the row's cached prefix
+  (slots req_to_token[rows[i], :prefix_lens[i]]) and to the row's new tokens up to and including itself
+  (causal). Query head h reads kv head h // (Hq // Hkv) (GQA). Scores are scaled by `spec.scale`.
+- With `spec.sliding_window = W`, a token at position p sees only keys at positions > p - W
+  (Mistral's convention: W keys including itself).
+- Returns [T, Hq * D] in the dtype of q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from runtime.worker.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from runtime.worker.kv_pool import KVPool
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Attention shape of one model, per tensor-parallel rank (heads already divided by tp_size)."""
+
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None = None
+
+
+class AttentionBackend(Protocol):
+    spec: AttentionSpec
+    kv_pool: KVPool
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Once per step, before the layers: compute the metadata `forward` needs."""
+        ...
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        """Store k/v of the new tokens at batch.out_slots, then attend (see the module docstring)."""
+        ...

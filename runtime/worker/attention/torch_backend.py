@@ -1,0 +1,116 @@
+"""TorchAttentionBackend: paged attention with plain torch ops (scaled_dot_product_attention).
+
+The reference backend, and the CPU one. Each step, `prepare` gathers for every batch row the KV slot
+of each of its tokens (req_to_token[row, :max_seq_len], slot 0 past the row's end) and builds
+boolean masks. Rows are split in two groups:
+- single-token rows (decode rows, or extends of one token): one batched SDPA call with one query per
+  row against the row's whole sequence;
+- multi-token rows (prefill chunks): their queries padded to [rows, max_extend_len], one SDPA call
+  with a causal mask offset by each row's prefix length.
+GQA without copying K/V: the G = Hq / Hkv query heads that share a kv head are folded into the
+query-length dimension, so SDPA sees Hkv heads of G * L queries each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.worker.attention.base import AttentionSpec
+from runtime.worker.forward_batch import ForwardBatch
+from runtime.worker.kv_pool import KVPool
+
+
+@dataclass
+class _RowGroup:
+    """Rows of the batch that share one SDPA call."""
+
+    token_index: torch.Tensor  # int64 [N]: for each new token of the group, its index in the step's [T] tensors
+    query_index: torch.Tensor  # int64 [N]: where that token sits in the padded [rows * max_queries] layout
+    kv_slots: torch.Tensor  # int64 [rows * max_keys]: pool slot of each key position, row-major
+    mask: torch.Tensor | None  # bool [rows, 1, G * max_queries, max_keys]: True where attention is allowed
+    num_rows: int
+    max_queries: int
+    max_keys: int
+
+
+class TorchAttentionBackend:
+    def __init__(self, spec: AttentionSpec, kv_pool: KVPool):
+        self.spec = spec
+        self.kv_pool = kv_pool
+        self.group_size = spec.num_q_heads // spec.num_kv_heads
+        self.groups: list[_RowGroup] = []
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        extend_cpu = batch.extend_lens_cpu
+        single = [i for i, e in enumerate(extend_cpu) if e == 1]
+        multi = [i for i, e in enumerate(extend_cpu) if e > 1]
+        self.groups = [self._group(batch, rows) for rows in (single, multi) if rows]
+
+    def _group(self, batch: ForwardBatch, rows: list[int]) -> _RowGroup:
+        device = batch.input_ids.device
+        starts = batch.extend_start_loc.long()
+        extend = batch.extend_lens.long()
+        index = torch.tensor(rows, device=device) if len(rows) < batch.batch_size else \
+            torch.arange(batch.batch_size, device=device)
+        max_queries = max(batch.extend_lens_cpu[i] for i in rows)
+        max_keys = max(batch.seq_lens_cpu[i] for i in rows)
+        extend_g, start_g = extend[index], starts[index]
+        prefix_g, seq_g = batch.prefix_lens[index].long(), batch.seq_lens[index].long()
+
+        query_offset = torch.arange(max_queries, device=device)
+        query_valid = query_offset[None, :] < extend_g[:, None]  # [n, Q]
+        token_index = (start_g[:, None] + query_offset[None, :])[query_valid]
+        query_index = (torch.arange(len(rows), device=device)[:, None] * max_queries + query_offset)[query_valid]
+
+        key_pos = torch.arange(max_keys, device=device)
+        query_pos = prefix_g[:, None] + query_offset[None, :]  # [n, Q]
+        window = self.spec.sliding_window
+        if max_queries == 1 and all(batch.seq_lens_cpu[i] == max_keys for i in rows) and (
+                window is None or max_keys <= window):
+            mask = None  # one query per row, every row sees all max_keys keys: nothing to mask
+        else:
+            mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; implies key_pos < seq_len
+            if window is not None:
+                mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
+            mask |= ~query_valid[:, :, None]  # padded queries attend to everything instead of nothing (no NaN)
+            mask = mask[:, None, None].expand(-1, 1, self.group_size, -1, -1).reshape(
+                len(rows), 1, self.group_size * max_queries, max_keys)
+
+        slots = batch.req_to_token[batch.rows[index], :max_keys].long()
+        slots = torch.where(key_pos[None, :] < seq_g[:, None], slots, 0)
+        return _RowGroup(token_index, query_index, slots.reshape(-1), mask, len(rows), max_queries, max_keys)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        self.kv_pool.store(layer_id, batch.out_slots, k, v)
+        k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        num_tokens, num_heads, head_dim = q.shape
+        if len(self.groups) == 1 and self.groups[0].num_rows == batch.batch_size and \
+                self.groups[0].max_queries == 1:
+            return self._attend(q, k_pool, v_pool, self.groups[0]).reshape(num_tokens, num_heads * head_dim)
+        out = torch.empty_like(q)
+        for group in self.groups:
+            out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group)
+        return out.view(num_tokens, num_heads * head_dim)
+
+    def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _RowGroup) -> torch.Tensor:
+        """q [N, Hq, D] of the group's tokens -> attention output [N, Hq, D]."""
+        n, Q, G = group.num_rows, group.max_queries, self.group_size
+        Hkv, D = self.spec.num_kv_heads, self.spec.head_dim
+        if Q == 1:
+            queries = q.view(n, Hkv, G, D)
+        else:
+            padded = q.new_zeros(n * Q, Hkv * G, D)
+            padded[group.query_index] = q
+            queries = padded.view(n, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, G * Q, D)
+        # index_select is several times faster than advanced indexing on the CPU
+        keys = k_pool.index_select(0, group.kv_slots).view(n, group.max_keys, Hkv, D).transpose(1, 2)  # [n, Hkv, L, D]
+        values = v_pool.index_select(0, group.kv_slots).view(n, group.max_keys, Hkv, D).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, scale=self.spec.scale)
+        if Q == 1:
+            return out.reshape(n, Hkv * G, D)
+        out = out.view(n, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(n * Q, Hkv * G, D)
+        return out[group.query_index]

@@ -1,0 +1,79 @@
+"""TritonAttentionBackend: paged attention with the Triton kernels of kernels/.
+
+forward stores the new tokens' k/v with one `store_kv` launch, then:
+- a DECODE step (every row has one new token) runs `decode_attention`: split over the sequence, the GQA group of
+  each kv head in one program, partial results merged by log-sum-exp;
+- an EXTEND step (prefill chunks, possibly mixed with decode rows) runs `extend_attention` over all rows: new tokens
+  attend to the cached prefix through req_to_token and causally to the step's own k/v; decode rows are rows with
+  extend_len 1.
+`prepare` makes every host-side decision (kernel, number of kv splits) from the batch's host lists, and `forward`
+launches kernels on the ForwardBatch's device tensors and on preallocated scratch only, with no host sync, so a
+decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.decode_attention import choose_num_kv_splits, decode_attention
+from kernels.extend_attention import extend_attention
+from kernels.kv_store import store_kv
+from runtime.worker.attention.base import AttentionSpec
+from runtime.worker.forward_batch import ForwardBatch, ForwardMode
+from runtime.worker.kv_pool import KVPool
+
+# Multiprocessor count assumed off CUDA (Triton's interpreter in tests): an H100's.
+DEFAULT_NUM_SMS = 132
+
+
+class TritonAttentionBackend:
+    def __init__(self, spec: AttentionSpec, kv_pool: KVPool, initial_scratch_rows: int = 256):
+        if spec.num_q_heads % spec.num_kv_heads:
+            raise ValueError(f"num_q_heads ({spec.num_q_heads}) must be a multiple of num_kv_heads "
+                             f"({spec.num_kv_heads})")
+        self.spec = spec
+        self.kv_pool = kv_pool
+        device = kv_pool.device
+        self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else DEFAULT_NUM_SMS)
+        self.decode = False
+        self.num_kv_splits = 1
+        self._allocate_decode_scratch(initial_scratch_rows)
+        self.part_o = self.part_lse = None
+
+    def _allocate_decode_scratch(self, rows_times_splits: int) -> None:
+        """Flat float32 scratch for the split decode kernel's partial outputs and log-sum-exps. A step views the
+        front of it as [B, Hq, splits, D], so the addresses stay the same from step to step (CUDA graphs)."""
+        spec, device = self.spec, self.kv_pool.device
+        self._part_o_flat = torch.empty(rows_times_splits * spec.num_q_heads * spec.head_dim, dtype=torch.float32,
+                                        device=device)
+        self._part_lse_flat = torch.empty(rows_times_splits * spec.num_q_heads, dtype=torch.float32, device=device)
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        self.decode = batch.mode == ForwardMode.DECODE
+        if not self.decode:
+            return
+        spec, batch_size = self.spec, batch.batch_size
+        splits = choose_num_kv_splits(batch_size, spec.num_kv_heads, batch.max_seq_len, self.num_sms)
+        if batch_size * splits * spec.num_q_heads > self._part_lse_flat.numel():
+            self._allocate_decode_scratch(1 << (batch_size * splits - 1).bit_length())
+        self.num_kv_splits = splits
+        self.part_o = self._part_o_flat[:batch_size * spec.num_q_heads * splits * spec.head_dim].view(
+            batch_size, spec.num_q_heads, splits, spec.head_dim)
+        self.part_lse = self._part_lse_flat[:batch_size * spec.num_q_heads * splits].view(
+            batch_size, spec.num_q_heads, splits)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                batch: ForwardBatch) -> torch.Tensor:
+        k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        store_kv(k_pool, v_pool, batch.out_slots, k, v)
+        spec = self.spec
+        if self.decode:
+            out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
+                                   self.num_kv_splits, spec.sliding_window, part_o=self.part_o,
+                                   part_lse=self.part_lse)
+        else:
+            out = extend_attention(q, k, v, k_pool, v_pool, batch.req_to_token, batch.rows, batch.prefix_lens,
+                                   batch.extend_lens, batch.extend_start_loc, batch.max_extend_len, spec.scale,
+                                   spec.sliding_window)
+        return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)

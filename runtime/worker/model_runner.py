@@ -1,0 +1,386 @@
+"""ModelRunner: what a GPU-rank worker runs. It owns the model, the KV pool, the request table
+(req_to_token), the future-token buffer and the sampler, and turns a BatchPlan into a BatchResult.
+
+No process or channel is involved: tests and benchmarks drive it directly with hand-built plans.
+
+One step (docs/architecture.md, "Scheduler <-> worker"):
+  1. register plan.new_rows: write their cached prefix slots into req_to_token, reset their sampler state;
+  2. resolve placeholder ids (< 0 -> future_tokens[-id - 1]) on the device, with no host sync;
+  3. write out_slots into req_to_token[row, prefix_len : prefix_len + extend_len];
+  4. run the model; logits only for the last token of each sampling row (and for every new token of
+     rows that still owe prompt logprobs);
+  5. sample, store the samples in future_tokens[future_slots], free plan.freed_rows.
+`launch(plan)` does all of that and starts the copy of the sampled ids to the host; `collect(pending)`
+waits for it and builds the BatchResult. `step` is both. A worker that overlaps launches plan N+1
+before collecting N, so the GPU never waits for the host round trip.
+
+CUDA graphs (runtime/worker/cuda_graph_runner.py): on CUDA with the Triton attention backend, decode steps of up to
+cuda_graph_max_bs rows (capped by max_running_requests) replay graphs captured at start-up that run steps 2-4
+up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
+request table has one row more than max_running_requests: the dummy row of the graphs' padding rows.
+
+Prompt logprobs: a row asks with logprobs.logprob_start_len >= 0 (only for a fresh request, not a
+re-admitted one with prior_output_ids). Each extend step of the row until its first sample returns,
+in BatchResult.prompt_logprobs[i], the logprobs of the prompt tokens whose predicting logits it
+computed: tokens at positions max(logprob_start_len, 1, P + 1) .. prompt_len - 1 over all chunks,
+P being the cached prefix length of the row's first chunk (the logits at the last position of a
+chunk are kept until the next chunk, whose first token they score). Concatenating the chunks'
+runs in order gives the whole list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+
+from runtime.layers.parallel import TensorParallel
+from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
+from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
+from runtime.worker.attention import create_attention_backend
+from runtime.worker.cuda_graph_runner import CudaGraphRunner
+from runtime.worker.forward_batch import ForwardBatch
+from runtime.worker.kv_pool import KVPool
+from runtime.worker.sampling import Sampler
+
+DEFAULT_MEM_FRACTION_STATIC = 0.85
+# CPU pool: a quarter of the available RAM, at most this much, at most CPU_MAX_POOL_TOKENS slots.
+CPU_POOL_BYTES_CAP = 2 << 30
+CPU_MAX_POOL_TOKENS = 1 << 20
+DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}
+# The default number of running requests leaves every one of them room to grow to this many tokens
+# (a 1k prompt and a 1k answer): admitting more only fills the pool and forces retractions, whose
+# recomputation costs more than the larger batch gains (H100 serving bench, docs/perf.md).
+TOKENS_PER_RUNNING_REQUEST = 2048
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerConfig:
+    model_path: str | None = None  # None: the default model (SmolLM2-135M-Instruct GGUF)
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tp_rank: int = 0
+    tp_size: int = 1
+    context_length: int | None = None  # None: the model's max_position_embeddings
+    max_total_tokens: int | None = None  # KV slots; None: sized from memory
+    max_running_requests: int | None = None
+    mem_fraction_static: float | None = None  # CUDA only
+    attention_backend: str = "auto"
+    random_seed: int = 0
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 160
+
+    @classmethod
+    def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
+        return cls(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype, device=args.device,
+                   tp_rank=tp_rank, tp_size=args.tp_size, context_length=args.context_length,
+                   max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
+                   mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
+                   random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
+                   cuda_graph_max_bs=args.cuda_graph_max_bs)
+
+
+@dataclass
+class PendingStep:
+    """A launched step whose sampled ids may still be on their way to the host."""
+
+    batch_id: int
+    token_ids: torch.Tensor  # host tensor (pinned on CUDA), valid once `done` has fired
+    done: torch.cuda.Event | None
+    started: torch.cuda.Event | None
+    forward_ms: float
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, config: ModelRunnerConfig):
+        if config.tp_size != 1:
+            raise NotImplementedError("tp_size > 1 needs a process group, which the worker does not set up yet")
+        self.config = config
+        self.device = _resolve_device(config.device, config.tp_rank)
+        self.tp = TensorParallel(config.tp_rank, config.tp_size)
+        checkpoint = locate_checkpoint(config.model_path, config.load_format)
+        self.model_config = read_model_config(checkpoint)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.context_length = self._context_length()
+        self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
+                                self.context_length, self.tp, config.random_seed)
+        self.attention_spec = self.model.attention_spec()
+
+        self.max_total_tokens = self._pool_size()
+        self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
+                              self.attention_spec.head_dim, self.dtype, self.device)
+        self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
+        use_cuda_graphs = self._cuda_graphs_possible()
+        self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
+        # with CUDA graphs, row max_running_requests is the dummy row of their padding rows (never handed out)
+        self.req_to_token = torch.zeros(self.max_running_requests + use_cuda_graphs, self.context_length,
+                                        dtype=torch.int32, device=self.device)
+        # The scheduler recycles future slots in a ring of this size.
+        self.future_tokens = torch.zeros(2 * self.max_running_requests + 2, dtype=torch.int64, device=self.device)
+        self.sampler = Sampler(self.max_running_requests, self.model_config.vocab_size,
+                               list(self.model_config.eos_token_ids), self.device, seed=config.random_seed)
+        # Rows that still owe prompt logprobs, and the last-position logits of their previous chunk.
+        self.prompt_logprob_rows: dict[int, LogprobOptions] = {}
+        self.prompt_carry: dict[int, torch.Tensor] = {}
+        self.graph_runner = self._capture_cuda_graphs() if use_cuda_graphs else None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(architecture=self.model_config.architecture, vocab_size=self.model_config.vocab_size,
+                         context_length=self.context_length, eos_token_ids=list(self.model_config.eos_token_ids),
+                         max_total_tokens=self.max_total_tokens, max_running_requests=self.max_running_requests,
+                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
+
+    # ---------------------------------------------------------------------------------------------
+    # Sizing
+    # ---------------------------------------------------------------------------------------------
+
+    def _context_length(self) -> int:
+        model_max = self.model_config.max_position_embeddings
+        wanted = self.config.context_length
+        if wanted is None:
+            return model_max
+        if wanted > model_max:
+            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}")
+        return wanted
+
+    def _pool_size(self) -> int:
+        """KV slots: on CUDA what fits in mem_fraction_static of the GPU after the weights (as SGLang:
+        free memory minus the (1 - fraction) share kept for activations); on the CPU a quarter of the
+        available RAM, capped. An explicit max_total_tokens is used as given on the CPU and as a cap on CUDA."""
+        spec = self.attention_spec
+        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype)
+        wanted = self.config.max_total_tokens
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            fraction = self.config.mem_fraction_static or DEFAULT_MEM_FRACTION_STATIC
+            budget = free - total * (1 - fraction)
+            fits = int(budget // per_token)
+            if fits < 1:
+                raise MemoryError(f"no GPU memory left for the KV cache after the weights ({free / 2**30:.1f} GiB free "
+                                  f"of {total / 2**30:.1f}); raise --mem-fraction-static")
+            return min(wanted, fits) if wanted else fits
+        if wanted:
+            return wanted
+        budget = min(psutil.virtual_memory().available // 4, CPU_POOL_BYTES_CAP)
+        return max(1, min(CPU_MAX_POOL_TOKENS, budget // per_token))
+
+    def _default_max_running(self, use_cuda_graphs: bool) -> int:
+        """As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens (at least 16, at most
+        half the slots), within the device's cap; with CUDA graphs no more than the largest captured
+        batch, so that every decode step replays a graph (an eager step of 200 rows ran at half the
+        speed of a replayed one on the H100)."""
+        running = max(self.max_total_tokens // TOKENS_PER_RUNNING_REQUEST, min(16, self.max_total_tokens // 2))
+        running = min(running, DEFAULT_MAX_RUNNING[self.device.type])
+        if use_cuda_graphs:
+            running = min(running, self.config.cuda_graph_max_bs)
+        return max(1, running)
+
+    def _cuda_graphs_possible(self) -> bool:
+        if self.device.type != "cuda" or self.config.disable_cuda_graph:
+            return False
+        from runtime.worker.attention.triton_backend import TritonAttentionBackend
+
+        if not isinstance(self.attention, TritonAttentionBackend):
+            log.info("CUDA graphs off: the %s attention backend is not capturable", type(self.attention).__name__)
+            return False
+        return True
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner:
+        runner = CudaGraphRunner(self.model, self.attention, self.req_to_token, self.future_tokens,
+                                 dummy_row=self.max_running_requests,
+                                 max_batch_size=min(self.config.cuda_graph_max_bs, self.max_running_requests),
+                                 context_length=self.context_length)
+        runner.capture()
+        return runner
+
+    # ---------------------------------------------------------------------------------------------
+    # Steps
+    # ---------------------------------------------------------------------------------------------
+
+    def step(self, plan: BatchPlan) -> BatchResult:
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: BatchPlan) -> PendingStep:
+        self._check_plan(plan)
+        on_cuda = self.device.type == "cuda"
+        started = None
+        if on_cuda:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
+        wall_start = time.perf_counter()
+        for new_row in plan.new_rows:
+            self._register(new_row)
+        pending = PendingStep(plan.batch_id, torch.empty(0, dtype=torch.int64), None, started, 0.0)
+        if self._graph_step(plan):
+            logits = self.graph_runner.replay(plan.input_ids, plan.out_slots, plan.rows,
+                                              [p + 1 for p in plan.prefix_lens])
+            self._sample(plan, logits, list(range(len(plan.rows))), pending)
+        else:
+            self._eager_step(plan, pending)
+        self._free_rows(plan)
+        if on_cuda:
+            pending.done = torch.cuda.Event(enable_timing=True)
+            pending.done.record()
+        else:
+            pending.forward_ms = (time.perf_counter() - wall_start) * 1e3
+        return pending
+
+    def _graph_step(self, plan: BatchPlan) -> bool:
+        """Decode steps the captured graphs cover: every row samples and none owes prompt logprobs."""
+        return (self.graph_runner is not None and self.graph_runner.can_run(plan.extend_lens) and all(plan.sample)
+                and not any(row in self.prompt_logprob_rows for row in plan.rows))
+
+    def _eager_step(self, plan: BatchPlan, pending: PendingStep) -> None:
+        num_tokens = len(plan.input_ids)
+        ids_and_slots = torch.tensor([plan.input_ids, plan.out_slots], dtype=torch.int64).to(self.device,
+                                                                                               non_blocking=True)
+        input_ids, out_slots = ids_and_slots[0], ids_and_slots[1]
+        if num_tokens and min(plan.input_ids) < 0:
+            input_ids = torch.where(input_ids < 0, self.future_tokens[(-input_ids - 1).clamp_(min=0)], input_ids)
+        batch = ForwardBatch.build(input_ids=input_ids, out_slots=out_slots, rows=plan.rows,
+                                   prefix_lens=plan.prefix_lens, extend_lens=plan.extend_lens,
+                                   req_to_token=self.req_to_token)
+        self.req_to_token[batch.rows[batch.token_batch_index], batch.positions] = out_slots.to(torch.int32)
+        if batch.batch_size:
+            self._forward_and_sample(plan, batch, pending)
+
+    def _free_rows(self, plan: BatchPlan) -> None:
+        reused = {new_row.row for new_row in plan.new_rows}
+        for row in plan.freed_rows:
+            if row in reused:  # freed and taken again by a new request in the same plan: keep the new state
+                continue
+            self.sampler.free_row(row)
+            self.prompt_logprob_rows.pop(row, None)
+            self.prompt_carry.pop(row, None)
+
+    def collect(self, pending: PendingStep) -> BatchResult:
+        if pending.done is not None:
+            pending.done.synchronize()
+            pending.forward_ms = pending.started.elapsed_time(pending.done)
+        return BatchResult(batch_id=pending.batch_id, next_token_ids=pending.token_ids.tolist(),
+                           logprobs=pending.logprobs, prompt_logprobs=pending.prompt_logprobs,
+                           forward_ms=pending.forward_ms)
+
+    def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
+        self.attention.prepare(batch)
+        hidden = self.model(batch, self.attention)
+
+        # Which token positions need logits: the last token of sampling rows, and every new token of
+        # rows owing prompt logprobs (those come first in `wanted`, then the sampling rows' last tokens).
+        starts = _running_sum(plan.extend_lens)
+        prompt_rows = [i for i, row in enumerate(plan.rows) if row in self.prompt_logprob_rows]
+        sample_rows = [i for i, s in enumerate(plan.sample) if s]
+        wanted = [t for i in prompt_rows for t in range(starts[i], starts[i] + plan.extend_lens[i])]
+        wanted += [starts[i] + plan.extend_lens[i] - 1 for i in sample_rows]
+        if not wanted:
+            return
+        index = torch.tensor(wanted, dtype=torch.int64).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden.index_select(0, index))
+
+        offset = 0
+        for i in prompt_rows:
+            count = plan.extend_lens[i]
+            pending.prompt_logprobs[i] = self._prompt_logprobs(plan, i, starts[i], logits[offset:offset + count])
+            offset += count
+        if sample_rows:
+            self._sample(plan, logits[offset:], sample_rows, pending)
+
+    def _sample(self, plan: BatchPlan, logits: torch.Tensor, sample_rows: list[int], pending: PendingStep) -> None:
+        """Sample the rows `sample_rows` (plan indices; logits [len(sample_rows), vocab] in that order), store the
+        samples in future_tokens and start their copy to the host."""
+        sampled = self.sampler.sample(logits, [plan.rows[i] for i in sample_rows])
+        future_slots = [plan.future_slots[i] for i in sample_rows]
+        keep = [j for j, slot in enumerate(future_slots) if slot >= 0]
+        if keep:
+            slots = torch.tensor([future_slots[j] for j in keep], dtype=torch.int64).to(self.device, non_blocking=True)
+            values = sampled.token_ids if len(keep) == len(sample_rows) else sampled.token_ids[keep]
+            self.future_tokens[slots] = values
+        pending.logprobs = {j: lp for j, lp in enumerate(sampled.logprobs) if lp is not None}
+        if self.device.type == "cuda":
+            pending.token_ids = torch.empty(len(sample_rows), dtype=torch.int64, pin_memory=True)
+            pending.token_ids.copy_(sampled.token_ids, non_blocking=True)
+        else:
+            pending.token_ids = sampled.token_ids
+        for i in sample_rows:
+            self.prompt_logprob_rows.pop(plan.rows[i], None)
+            self.prompt_carry.pop(plan.rows[i], None)
+
+    def _prompt_logprobs(self, plan: BatchPlan, i: int, start: int, logits: torch.Tensor) -> TokenLogprobs:
+        """Logprobs of the prompt tokens scored by this chunk (see the module docstring)."""
+        row, prefix, count = plan.rows[i], plan.prefix_lens[i], plan.extend_lens[i]
+        chunk_ids = plan.input_ids[start:start + count]
+        carry = self.prompt_carry.pop(row, None)
+        # logits[j] scores the token at position prefix + j + 1
+        scoring, next_ids, first_position = logits[:-1], chunk_ids[1:], prefix + 1
+        if carry is not None:
+            scoring, next_ids, first_position = torch.cat([carry[None], scoring]), chunk_ids, prefix
+        if not plan.sample[i]:
+            self.prompt_carry[row] = logits[-1]
+        options = self.prompt_logprob_rows[row]
+        skip = max(0, max(options.logprob_start_len, 1) - first_position)
+        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num)
+
+    def _register(self, new_row: NewRow) -> None:
+        if new_row.prefix_slots:
+            slots = torch.tensor(new_row.prefix_slots, dtype=torch.int32).to(self.device, non_blocking=True)
+            self.req_to_token[new_row.row, :len(new_row.prefix_slots)] = slots
+        self.sampler.add_row(new_row.row, new_row.sampling, new_row.logprobs, new_row.prior_output_ids)
+        self.prompt_carry.pop(new_row.row, None)
+        self.prompt_logprob_rows.pop(new_row.row, None)
+        if new_row.logprobs.logprob_start_len >= 0 and not new_row.prior_output_ids:
+            self.prompt_logprob_rows[new_row.row] = new_row.logprobs
+
+    def _check_plan(self, plan: BatchPlan) -> None:
+        """Cheap consistency checks (O(rows)), so a scheduler bug surfaces as a clear error, not a device fault."""
+        n = len(plan.rows)
+        for name in ("prefix_lens", "extend_lens", "sample", "future_slots"):
+            if len(getattr(plan, name)) != n:
+                raise ValueError(f"BatchPlan.{name} has {len(getattr(plan, name))} entries for {n} rows")
+        total = sum(plan.extend_lens)
+        if len(plan.input_ids) != total or len(plan.out_slots) != total:
+            raise ValueError(f"BatchPlan.input_ids ({len(plan.input_ids)}) and out_slots ({len(plan.out_slots)}) "
+                             f"must both hold sum(extend_lens) = {total} entries")
+        for row, prefix, extend in zip(plan.rows, plan.prefix_lens, plan.extend_lens):
+            if not 0 <= row < self.max_running_requests:
+                raise ValueError(f"BatchPlan.rows: row {row} is outside 0..{self.max_running_requests - 1}")
+            if extend < 1 or prefix < 0 or prefix + extend > self.context_length:
+                raise ValueError(f"BatchPlan row {row}: prefix_len {prefix} + extend_len {extend} must be within "
+                                 f"1..context_length {self.context_length}")
+        if total and not 0 < min(plan.out_slots) <= max(plan.out_slots) <= self.max_total_tokens:
+            raise ValueError(f"BatchPlan.out_slots must lie in 1..{self.max_total_tokens}")
+        vocab, futures = self.model_config.vocab_size, len(self.future_tokens)
+        if total and not -futures <= min(plan.input_ids) <= max(plan.input_ids) < vocab:
+            raise ValueError(f"BatchPlan.input_ids must be token ids below {vocab} or placeholders down to -{futures}")
+
+
+def _running_sum(lengths: list[int]) -> list[int]:
+    starts, offset = [], 0
+    for length in lengths:
+        starts.append(offset)
+        offset += length
+    return starts
+
+
+def _resolve_device(device: str, tp_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but no CUDA device is available")
+        if resolved.index is None:
+            resolved = torch.device("cuda", tp_rank % torch.cuda.device_count())
+        torch.cuda.set_device(resolved)
+    elif resolved.type != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda[:N]; got {device!r}")
+    return resolved
