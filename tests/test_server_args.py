@@ -44,3 +44,16 @@ def test_server_args_round_trip_as_json():
 
     args = parse_args(["--port", "31000", "--disable-radix-cache"])
     assert msgspec.json.decode(msgspec.json.encode(args), type=ServerArgs) == args
+
+
+def test_every_flag_has_one_documented_line_in_help_and_docs(capsys):
+    from runtime.server_args import FLAG_DOCS, build_parser
+    from scripts.gen_flags_doc import DOC, render
+
+    assert list(FLAG_DOCS) == list(ServerArgs.__struct_fields__)
+    build_parser().print_help()
+    help_text = "".join(capsys.readouterr().out.split())  # argparse wraps lines (at hyphens too)
+    for name, doc in FLAG_DOCS.items():
+        assert "--" + name.replace("_", "-") in help_text
+        assert "".join(f"{doc.meaning} (default: {doc.default})".split()) in help_text
+    assert render(DOC.read_text()) == DOC.read_text(), "docs/flags.md is stale: python scripts/gen_flags_doc.py"
