@@ -21,6 +21,17 @@ from actors.control import Shutdown
 # --------------------------------------------------------------------------------------------
 
 
+class GrammarSpec(Struct, frozen=True):
+    """A grammar that constrains a request's output (runtime/constrained/). `kind` is "json_schema",
+    "json_object", "regex", "ebnf" or "structural_tag"; `source` its text (a JSON schema, a regex, an EBNF
+    grammar, an xgrammar structural tag as JSON; empty for json_object). `key` names the pair: the
+    compile cache of the workers and the scheduler's readiness set are keyed by it."""
+
+    key: str
+    kind: str
+    source: str
+
+
 class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     """Validated sampling parameters (the ingress validates; everyone downstream trusts them)."""
 
@@ -42,6 +53,7 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] = {}
+    grammar: GrammarSpec | None = None  # constrained decoding: the sampler masks what the grammar forbids
 
 
 class LogprobOptions(Struct, frozen=True):
@@ -146,7 +158,14 @@ class BatchPlan(Struct, tag="plan"):
     freed_rows: list[int] = []
 
 
-SchedulerToWorker = BatchPlan | Shutdown
+class CompileGrammars(Struct, tag="compile_grammars"):
+    """Grammars of queued requests that the workers have not reported ready: compile them in the
+    background (a request is admitted only once its grammar is ready, so no step waits for a compile)."""
+
+    specs: list[GrammarSpec]
+
+
+SchedulerToWorker = BatchPlan | CompileGrammars | Shutdown
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +192,14 @@ class WorkerError(Struct, tag="worker_error"):
     message: str
 
 
-WorkerToScheduler = BatchResult | WorkerError
+class GrammarReady(Struct, tag="grammar_ready"):
+    """Rank 0 compiled (or failed to compile: `error` quotes the compiler) the grammar named `key`."""
+
+    key: str
+    error: str | None = None
+
+
+WorkerToScheduler = BatchResult | WorkerError | GrammarReady
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,6 +49,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
 
+    # Structured output, tool calls, reasoning
+    grammar_backend: str = "xgrammar"  # xgrammar | none
+    tool_call_parser: str | None = None  # llama3 | qwen25 | hermes | mistral | deepseekv3 | pythonic
+    reasoning_parser: str | None = None  # deepseek-r1 | qwen3
+
     # Operations
     log_level: str = "info"
     log_requests: bool = False
@@ -128,6 +133,18 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "largest decode batch captured in a graph (sizes 1, 2, 4, 8, then multiples of 8); larger "
                       "batches run "
                       "eagerly"),
+    # Structured output
+    "grammar_backend": FlagDoc("Structured output", "xgrammar",
+                      "`xgrammar` (JSON schema, regex, EBNF, structural tags, forced tool calls), or `none` "
+                      "(constrained requests are refused with a 400)"),
+    "tool_call_parser": FlagDoc("Structured output", "none",
+                      "how tool calls are written by the model: `llama3`, `qwen25` (= `hermes`), `mistral`, "
+                      "`deepseekv3`, `pythonic`; parses `tool_choice: auto` output into `tool_calls` and forces "
+                      "`required`/named calls in that format. Without it, `auto` returns the text as content and "
+                      "forced calls are written as JSON"),
+    "reasoning_parser": FlagDoc("Structured output", "none",
+                      "`deepseek-r1` or `qwen3`: `<think>...</think>` goes to `reasoning_content`, and grammars "
+                      "(response_format, forced tool calls) apply after the reasoning"),
     # Operations
     "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
     "log_requests": FlagDoc("Operations", "off",
@@ -162,7 +179,12 @@ CHOICES = {
     "attention_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cuda", "cpu"),
     "log_level": ("debug", "info", "warning", "error", "critical"),
+    "grammar_backend": ("xgrammar", "none"),
+    "tool_call_parser": ("llama3", "qwen25", "hermes", "mistral", "deepseekv3", "pythonic"),
+    "reasoning_parser": ("deepseek-r1", "qwen3"),
 }
+
+OPTIONAL_CHOICES = ("tool_call_parser", "reasoning_parser")  # None (not given) is valid too
 
 
 class ServerArgsError(ValueError):
@@ -209,7 +231,8 @@ def validate(args: ServerArgs) -> ServerArgs:
     dtype_alias = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
     args.dtype = dtype_alias.get(args.dtype, args.dtype)
     for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
+        value = getattr(args, name)
+        if value not in choices and not (value is None and name in OPTIONAL_CHOICES):
             raise ServerArgsError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
     if args.mem_fraction_static is not None and not 0.0 < args.mem_fraction_static < 1.0:
         raise ServerArgsError("--mem-fraction-static must be in (0, 1)")

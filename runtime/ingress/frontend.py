@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import msgspec
 
+from runtime.constrained.grammars import GrammarValidator
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
@@ -153,6 +154,7 @@ class Frontend:
         self._replies: dict[int, asyncio.Future] = {}
         self._reply_tokens = itertools.count(1)
         self._closed: RequestError | None = None
+        self.grammar_validator = GrammarValidator()  # each distinct grammar of a request is checked once
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):

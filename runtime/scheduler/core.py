@@ -28,6 +28,7 @@ from runtime.messages import (
     BatchResult,
     FinishReason,
     GenerateRequest,
+    GrammarReady,
     ModelInfo,
     NewRow,
     RequestMeta,
@@ -35,6 +36,7 @@ from runtime.messages import (
     TokenUpdate,
     WorkerError,
 )
+from runtime.scheduler.grammar_gate import GrammarGate
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
@@ -131,6 +133,7 @@ class SchedulerCore:
         self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
         self.released_rows: list[int] = []  # rows freed since the last plan (its freed_rows)
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.grammars = GrammarGate()  # constrained requests wait in the queue until their grammar is compiled
 
         # Counters for logs and server info
         self.num_retractions = 0
@@ -161,7 +164,25 @@ class SchedulerCore:
         req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals))
         self.reqs[msg.rid] = req
         self.waiting.append(req)
+        if msg.sampling.grammar is not None:
+            self.grammars.on_request(msg.sampling.grammar)
         return None
+
+    def grammar_ready(self, msg: GrammarReady) -> tuple[list[RequestRejected], StepUpdates]:
+        """A grammar is compiled: its requests become admissible. One the workers could not compile
+        refuses its queued requests (400 quoting the compiler; never reached: the ingress checks first)."""
+        self.grammars.on_ready(msg)
+        if msg.error is None:
+            return [], StepUpdates(updates=[])
+        rejected, updates = [], []
+        message = f"the grammar could not be compiled: {msg.error}"
+        for req in [r for r in self.waiting if r.sampling.grammar is not None and r.sampling.grammar.key == msg.key]:
+            self._finish(req, FinishReason(type="abort", message=message))
+            if req.admitted_once:  # it has streamed output: end it like an abort
+                updates.append(self._update(req))
+            else:
+                rejected.append(RequestRejected(rid=req.rid, status=400, message=message))
+        return rejected, StepUpdates(updates=updates, finished=len(updates))
 
     def abort(self, rid: str, message: str = "aborted by request") -> StepUpdates:
         """Abort a queued, prefilling or decoding request (unknown or finished rids: nothing)."""
@@ -297,6 +318,8 @@ class SchedulerCore:
                 break
             if req.pending:
                 continue  # retracted with a token still in flight: its input is not known yet
+            if not self.grammars.admissible(req.sampling.grammar):
+                continue  # its grammar is still compiling on the workers
             if available is None:
                 available = self._room() - self._reserved()
             fill = req.prompt_ids + req.output_ids
@@ -547,6 +570,9 @@ class SchedulerCore:
             "radix_cache": self.cache is not None,
             "schedule_policy": self.policy.name,
             "chunked_prefill_size": self.config.chunked_prefill_size,
+            "grammar_compiles": self.grammars.compiles,
+            "grammar_cache_hits": self.grammars.cache_hits,
+            "grammars_compiling": self.grammars.compiling,
         }
 
     def check_invariants(self) -> None:

@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Struct
 
 from httpd import HttpError
-from runtime.messages import SamplingParams
+from runtime.messages import GrammarSpec, SamplingParams
 
 MAX_N = 128  # completions per prompt; a guard against one request fanning out without bound
 MAX_OPENAI_TOP_LOGPROBS = 20  # OpenAI's own limit
@@ -42,14 +42,12 @@ class NativeSamplingParams(Struct, forbid_unknown_fields=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
-    # SGLang's grammar options: known, refused until constrained decoding exists.
-    json_schema: str | None = None
+    # SGLang's grammar options (runtime/constrained/grammars.py); json_schema and structural_tag are JSON
+    # strings as in SGLang, or the objects themselves.
+    json_schema: str | dict | None = None
     regex: str | None = None
     ebnf: str | None = None
-    structural_tag: str | None = None
-
-
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
+    structural_tag: str | dict | None = None
 
 
 class GenerateBody(Struct):
@@ -114,6 +112,10 @@ class _OpenAISampling(Struct):
 class ResponseFormat(Struct):
     type: str
     json_schema: Any = None
+    # type "structural_tag": xgrammar's `format`, or SGLang's `structures` and `triggers`
+    format: Any = None
+    structures: Any = None
+    triggers: Any = None
 
 
 class CompletionBody(_OpenAISampling):
@@ -153,6 +155,8 @@ class ChatBody(_OpenAISampling):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    separate_reasoning: bool | None = None  # SGLang's: false keeps <think>...</think> in the content
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
 
@@ -231,9 +235,6 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
             raise _bad(name("logit_bias"), f"key {token_id} is not a token id (vocabulary size {vocab_size})")
         if not (math.isfinite(bias) and -100 <= bias <= 100):
             raise _bad(name("logit_bias"), f"bias for token {token_id} must be in [-100, 100], got {bias}")
-    for field in GRAMMAR_FIELDS:
-        if getattr(p, field, None) is not None:
-            raise _bad(name(field), "grammar-constrained decoding is not supported yet")
 
 
 def check_prompt(input_ids: list[int], vocab_size: int, context_length: int, field: str) -> None:
@@ -250,7 +251,8 @@ def check_prompt(input_ids: list[int], vocab_size: int, context_length: int, fie
 
 
 def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length: int, name: FieldNames,
-                       default_max_new_tokens: int | None, seed_offset: int = 0) -> SamplingParams:
+                       default_max_new_tokens: int | None, seed_offset: int = 0,
+                       grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's SamplingParams for one prompt (n is fanned out by the caller, so n=1 here).
     An explicit max_new_tokens that does not fit the context is an error (as in SGLang); the
     default (None: all the room left) is clamped to it."""
@@ -284,6 +286,7 @@ def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length:
         n=1,
         seed=None if p.seed is None else (p.seed + seed_offset) % 2**63,
         logit_bias=dict(p.logit_bias or {}),
+        grammar=grammar,
     )
 
 
@@ -318,7 +321,7 @@ def openai_sampling(body: _OpenAISampling, max_tokens: int | None, temperature_d
         n=given(body.n, 1),
         seed=body.seed,
         logit_bias=body.logit_bias,
-        json_schema=None if body.json_schema is None else msgspec.json.encode(body.json_schema).decode(),
+        json_schema=body.json_schema,
         regex=body.regex,
         ebnf=body.ebnf,
     )
