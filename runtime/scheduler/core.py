@@ -9,18 +9,18 @@ to have finished in batch N may already sit in batch N+1: that extra token is dr
 KV slot is freed with the request, so it never reaches the user. Length limits are known when
 planning, so only EOS / stop finishes cost an extra token.
 
-Memory: admission keeps room for the decode tokens running requests are expected to produce:
-new_token_ratio * tokens_left per request (SGLang's idea). The ratio decays every decode step
-towards a floor and goes back up when decode runs out of KV slots and requests are retracted.
-Retracted requests go back to the front of the queue with their output kept; their computed KV
-stays in the radix cache (when enabled) and they resume with prompt + output as input.
+Memory: a request is admitted only if the pool can hold, at every future step, what the running requests
+and it will still write (runtime/scheduler/admission.py: exact for requests that cannot stop early, a learned
+and decaying new-token ratio for the others). When that estimate was too low, decode runs out of KV slots and
+the newest requests are retracted (counted, logged, and the ratio reset). Retracted requests go back to the
+front of the queue with their output kept; their computed KV stays in the radix cache (when enabled) and they
+resume with prompt + output as input.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import math
 from dataclasses import dataclass
 
 from runtime.messages import (
@@ -35,18 +35,12 @@ from runtime.messages import (
     TokenUpdate,
     WorkerError,
 )
+from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
 from runtime.scheduler.slot_allocator import ReqTable, SlotAllocator
 from runtime.scheduler.stop_checker import Decode, StopChecker
-
-# SGLang's defaults: reserve 70% of the remaining max_new_tokens at first, decaying over ~600
-# decode steps to 0.7 * 0.14.
-INIT_NEW_TOKEN_RATIO = 0.7
-MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
-NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
-
 
 
 @dataclass(slots=True)
@@ -130,10 +124,11 @@ class SchedulerCore:
         self.running: list[Req] = []  # admission order
         self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
         self.released_rows: list[int] = []  # rows freed since the last plan (its freed_rows)
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.new_token_ratio = NewTokenRatio()
 
         # Counters for logs and server info
-        self.num_retractions = 0
+        self.num_retractions = 0  # times a running request was retracted (a request may count more than once)
+        self.num_retracted_reqs = 0  # requests retracted at least once
         self.total_prompt_tokens = 0
         self.total_cached_tokens = 0
         self.total_generated_tokens = 0
@@ -209,8 +204,8 @@ class SchedulerCore:
                                                                     admit=not retracted)
         if not entries:
             return None
-        if decode_reqs:
-            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        if decode_reqs and not retracted:
+            self.new_token_ratio.decay()
 
         future_slots = []
         for entry in entries:
@@ -262,24 +257,37 @@ class SchedulerCore:
             if victim in decode_reqs:
                 need -= 1
         if retracted:
-            self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+            self.new_token_ratio.reset()
         return retracted
 
     def _room(self) -> int:
         """Slots obtainable now: free plus evictable cached ones."""
         return self.allocator.num_free + (self.cache.evictable_size if self.cache else 0)
 
-    def _reserved(self) -> int:
-        """Slots the running requests are expected to still need (rest of prefill, decode share)."""
-        return sum(max(0, len(r.fill_ids) - len(r.slots)) + math.ceil(self._tokens_left(r) * self.new_token_ratio)
-                   for r in self.running)
+    def _growth(self, req: Req, generated: int) -> int:
+        """KV slots the request is expected to still write while decoding, after `generated` tokens."""
+        sampling = req.sampling
+        left = self.stop_checker.tokens_left(sampling, len(req.prompt_ids), generated)
+        return self.new_token_ratio.growth(left, max(0, sampling.min_new_tokens - generated),
+                                           stops_only_at_length(sampling))
+
+    def _reservation(self) -> Reservation:
+        """The running requests' future demand: prefill still to do now, decode growth later; what each
+        gives back when it finishes (its slots beyond the prefix it found in the cache)."""
+        growth, freed, prefill_left = [], [], 0
+        for r in self.running:
+            planned = max(len(r.fill_ids), len(r.slots))
+            prefill_left += planned - len(r.slots)
+            growth.append(self._growth(r, len(r.output_ids) + r.pending))
+            freed.append(planned - r.prefix_hit)
+        return Reservation(self._room() - prefill_left, growth, freed)
 
     def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots,
                       admit: bool) -> tuple[list[NewRow], int, int, int]:
         budget = self.prefill_budget
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
-        available = None  # computed only when there is someone to admit
+        reservation = None  # built only when there is someone to admit
 
         # 1. The partly prefilled request continues (at most one exists: only the last request
         #    admitted in a step is cut).
@@ -297,15 +305,17 @@ class SchedulerCore:
                 break
             if req.pending:
                 continue  # retracted with a token still in flight: its input is not known yet
-            if available is None:
-                available = self._room() - self._reserved()
+            if reservation is None:
+                reservation = self._reservation()
             fill = req.prompt_ids + req.output_ids
             match_len = self._prefix_key_len(req, fill)
-            prefix_len = self.cache.prefix_len(fill[:match_len]) if self.cache else 0
+            prefix_len, unlocked = self.cache.peek_prefix(fill[:match_len]) if self.cache else (0, 0)
             extend = len(fill) - prefix_len
-            need = extend + prefix_len + math.ceil(self.new_token_ratio * self.stop_checker.tokens_left(
-                req.sampling, len(req.prompt_ids), len(req.output_ids)))
-            if need > available:
+            # Now: the new tokens, and the cached prefix the request locks (it stops being evictable).
+            need_now, growth = extend + unlocked, self._growth(req, len(req.output_ids))
+            if not self.running and not new_seqs:
+                reservation.available -= need_now  # alone it always fits: its length is bounded by the pool
+            elif not reservation.try_admit(need_now, growth, extend):
                 break
             n = min(extend, budget)
             if n < extend and not self.chunking:
@@ -314,7 +324,6 @@ class SchedulerCore:
                 n = extend
             new_rows.append(self._admit(req, fill, match_len))
             self._add_extend(req, n, entries, input_ids, out_slots)
-            available -= need
             budget -= n
             new_seqs += 1
             new_tokens += n
@@ -342,7 +351,7 @@ class SchedulerCore:
         req.row = row
         req.fill_ids = fill
         req.slots = list(match.slots) if match else []
-        req.tree_len = len(req.slots)
+        req.tree_len = req.prefix_hit = len(req.slots)
         req.tree_node = match.node if match else None
         if match:
             self.cache.lock(match.node)
@@ -407,6 +416,7 @@ class SchedulerCore:
             touched.append(req)
             reason = self.stop_checker.check(req.sampling, len(req.prompt_ids), req.output_ids)
             if reason is not None:
+                self._learn_length(req)
                 self._finish(req, reason)
                 finished += 1
         self.total_generated_tokens += accepted
@@ -468,9 +478,19 @@ class SchedulerCore:
         req.finish = reason
         del self.reqs[req.rid]
 
+    def _learn_length(self, req: Req) -> None:
+        """A request that could have stopped early finished: how much of its budget did it use?"""
+        sampling = req.sampling
+        if stops_only_at_length(sampling):
+            return
+        generated = len(req.output_ids)
+        budget = generated + self.stop_checker.tokens_left(sampling, len(req.prompt_ids), generated)
+        self.new_token_ratio.observe_finished(generated, budget)
+
     def _retract(self, req: Req) -> None:
         self._release(req)
         req.status = ReqStatus.WAITING
+        self.num_retracted_reqs += req.retractions == 0
         req.retractions += 1
         self.num_retractions += 1
         self.waiting.insert(0, req)
@@ -539,8 +559,9 @@ class SchedulerCore:
             "evictable_tokens": self.cache.evictable_size if self.cache else 0,
             "token_usage": round(self.token_usage(), 4),
             "cache_hit_rate": round(self.cache_hit_rate(), 4),
-            "new_token_ratio": round(self.new_token_ratio, 4),
+            "new_token_ratio": round(self.new_token_ratio.value, 4),
             "retractions": self.num_retractions,
+            "retracted_requests": self.num_retracted_reqs,
             "generated_tokens": self.total_generated_tokens,
             "forward_ms_total": round(self.total_forward_ms, 3),
             "batches": self.num_batches,

@@ -42,6 +42,7 @@ class Req:
     fill_ids: list[int] = field(default_factory=list)  # what this admission prefills: prompt + output so far
     tree_node: TreeNode | None = None
     tree_len: int = 0
+    prefix_hit: int = 0  # cached prefix found at admission: slots shared with the tree, not freed by this request
     dup_slots: list[int] = field(default_factory=list)
     kv_committed: int = 0  # positions whose KV a processed batch computed (safe to cache)
 
