@@ -231,7 +231,7 @@ class FakeFrontend:
     async def server_info(self) -> dict:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
-                "max_total_tokens": self.model_info.max_total_tokens}
+                "retractions": 2, "max_total_tokens": self.model_info.max_total_tokens}
 
 
 class ServerThread:

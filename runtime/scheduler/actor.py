@@ -208,6 +208,10 @@ class LoopStats:
         self.window_generated = 0
 
     def on_batch(self, batch: ScheduledBatch, core: SchedulerCore) -> None:
+        if batch.retracted:
+            self.log.warning("KV cache full: retracted %d running requests to the queue (%d retractions so far, %d "
+                             "requests); new_token_ratio back to %.2f", batch.retracted, core.num_retractions,
+                             core.num_retracted_reqs, core.new_token_ratio.value)
         if batch.new_tokens:
             self.log.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, cache hit rate: %.2f%%, "
                           "token usage: %.2f, #running-req: %d, #queue-req: %d", batch.new_seqs, batch.new_tokens,
@@ -220,4 +224,5 @@ class LoopStats:
                 rate = (self.generated - self.window_generated) / max(now - self.window_start, 1e-9)
                 self.window_start, self.window_generated = now, self.generated
                 self.log.info("Decode batch. #running-req: %d, token usage: %.2f, gen throughput (token/s): %.2f, "
-                              "#queue-req: %d", len(core.running), core.token_usage(), rate, len(core.waiting))
+                              "#queue-req: %d, #retracted-req: %d", len(core.running), core.token_usage(), rate,
+                              len(core.waiting), core.num_retracted_reqs)

@@ -90,6 +90,7 @@ class ScheduledBatch:
     new_seqs: int
     new_tokens: int  # extend tokens of prefill rows
     cached_tokens: int  # prefix-cache hits of the newly admitted requests
+    retracted: int = 0  # running requests retracted to make room for this batch's decode rows
 
 
 @dataclass
@@ -227,7 +228,7 @@ class SchedulerCore:
         self.num_batches += 1
         batch = ScheduledBatch(plan=plan, reqs=[e.req for e in entries], epochs=[e.req.retractions for e in entries],
                                num_decode=len(decode_reqs), new_seqs=new_seqs, new_tokens=new_tokens,
-                               cached_tokens=cached)
+                               cached_tokens=cached, retracted=retracted)
         self.in_flight.append(batch)
         return batch
 
@@ -242,18 +243,18 @@ class SchedulerCore:
         n = len(req.prompt_ids)
         return req.prompt_ids[pos] if pos < n else req.output_ids[pos - n]
 
-    def _make_room_for_decode(self, decode_reqs: list[Req]) -> bool:
-        """Retract the newest requests until every decode row gets a KV slot."""
+    def _make_room_for_decode(self, decode_reqs: list[Req]) -> int:
+        """Retract the newest requests until every decode row gets a KV slot; returns how many left."""
         need = len(decode_reqs)
         if self.allocator.num_free >= need:
-            return False
-        retracted = False
+            return 0
+        retracted = 0
         while self._room() < need:
             victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
             if victim is None or (len(self.running) == 1 and victim in decode_reqs):
                 break  # a lone request always fits: its length is bounded by the pool
             self._retract(victim)
-            retracted = True
+            retracted += 1
             if victim in decode_reqs:
                 need -= 1
         if retracted:

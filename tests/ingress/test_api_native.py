@@ -246,6 +246,7 @@ def test_metrics_count_requests_and_read_scheduler_state(url, fake):
     assert value(text, "sglang:token_usage") == 0.25
     assert value(text, "sglang:cache_hit_rate") == 0.5
     assert value(text, "sglang:num_queue_reqs") == 3
+    assert value(text, "sglang:num_retractions_total") == 2
     assert 'sglang:num_requests_total{finish_reason="length"' in text
 
 

@@ -1,12 +1,14 @@
 """Admission arithmetic (runtime/scheduler/admission.py): the peak of future KV demand against a step-by-step
 simulation, the reservation's decisions, the new-token ratio, and the core admitting by it."""
 
+import logging
 import random
 
 import numpy as np
 import pytest
 
 from runtime.messages import SamplingParams
+from runtime.scheduler.actor import LoopStats
 from runtime.scheduler.admission import (
     INIT_NEW_TOKEN_RATIO,
     MIN_NEW_TOKEN_RATIO,
@@ -145,3 +147,28 @@ def test_core_runs_more_requests_than_their_full_budgets_fit_and_never_retracts(
     assert core.num_retractions == 0
     assert most_running > 400 // 80
     assert_matches_reference(core, report, reqs)
+
+
+def test_retractions_are_logged_and_reported(caplog):
+    """The safety net shows: a warning per retracting batch, the count on the decode log line and in server info."""
+    core, runner = make_core(total=120, rows=6, context=120, chunk=16)
+    core.new_token_ratio = NewTokenRatio(init=0.1)
+    stats = LoopStats(logging.getLogger("test.scheduler"), decode_log_interval=1)
+    plan_next = core.plan_next
+
+    def plan_and_log():
+        batch = plan_next()
+        if batch is not None:
+            stats.on_batch(batch, core)
+        return batch
+
+    core.plan_next = plan_and_log
+    reqs = [make_request(f"r{i}", prompt(20 + i, 12), 40) for i in range(6)]
+    with caplog.at_level(logging.INFO, logger="test.scheduler"):
+        drive(core, runner, {0: reqs}, overlap=True)
+    assert core.num_retractions > 0
+    warnings = [r.getMessage() for r in caplog.records if "retracted" in r.getMessage() and r.levelname == "WARNING"]
+    assert warnings and all("KV cache full" in w for w in warnings)
+    decode_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Decode batch.")]
+    assert decode_lines[-1].endswith(f"#retracted-req: {core.num_retracted_reqs}")
+    assert core.server_info()["retracted_requests"] == core.num_retracted_reqs

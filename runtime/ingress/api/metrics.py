@@ -33,6 +33,10 @@ SCHEDULER_GAUGES = {
     "queued": ("sglang:num_queue_reqs", "Requests waiting in the scheduler's queue"),
     "token_usage": ("sglang:token_usage", "Fraction of the KV cache slots in use"),
     "cache_hit_rate": ("sglang:cache_hit_rate", "Prefix cache hit rate (cached / prompt tokens)"),
+    "new_token_ratio": ("sglang:new_token_ratio", "Share of their token budget admission expects requests to use"),
+}
+SCHEDULER_COUNTERS = {
+    "retractions": ("sglang:num_retractions", "Running requests sent back to the queue because the KV cache was full"),
 }
 
 
@@ -107,9 +111,10 @@ class Metrics:
         for reason, count in sorted(self.finished.items()):
             family.add_metric([self.model_name, reason], count)
         yield family
-        for key, (name, doc) in SCHEDULER_GAUGES.items():
-            value = self.scheduler_state.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                family = GaugeMetricFamily(name, doc, labels=["model_name"])
-                family.add_metric(labels, value)
-                yield family
+        for table, kind in ((SCHEDULER_GAUGES, GaugeMetricFamily), (SCHEDULER_COUNTERS, CounterMetricFamily)):
+            for key, (name, doc) in table.items():
+                value = self.scheduler_state.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family = kind(name, doc, labels=["model_name"])
+                    family.add_metric(labels, value)
+                    yield family
