@@ -82,8 +82,10 @@ def test_triton_backend_matches_torch_backend_over_steps(dtype, num_q_heads, num
     assert steps.step([3, 0], [1, 1], seed) == ForwardMode.DECODE
     steps.share_prefix(1, source=0, length=8)  # prefix-cache hit on the first 8 tokens of row 0
     assert steps.step([0, 1, 3], [1, 6, 1], seed) == ForwardMode.EXTEND  # mixed: decode rows beside a chunk
-    for _ in range(2):  # three decode rows: more than the backend's initial scratch (2 rows) holds
-        assert steps.step([1, 3, 0], [1, 1, 1], seed) == ForwardMode.DECODE
+    # mixed as the scheduler plans it: decode rows first (the decode kernel), then chunks (the extend kernel)
+    assert steps.step([3, 0, 1, 4], [1, 1, 5, 7], seed) == ForwardMode.EXTEND
+    for _ in range(2):  # four decode rows: more than the backend's initial scratch (2 rows) holds
+        assert steps.step([1, 3, 0, 4], [1, 1, 1, 1], seed) == ForwardMode.DECODE
 
 
 def test_triton_backend_rejects_a_spec_with_uneven_groups():
