@@ -33,8 +33,9 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 8192  # -1 disables chunking
-    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1 disables chunking
+    max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes
+    enable_mixed_chunk: bool = True  # decode rows ride in prefill chunks' batches (--no-enable-mixed-chunk: apart)
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
@@ -47,7 +48,10 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     # Kernels
     attention_backend: str = "auto"  # auto | triton | torch
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # None: from the running-request cap
+    cuda_graph_bs: list[int] | None = None  # the captured batch sizes (SGLang's flag); None: from cuda_graph_max_bs
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
 
     # Operations
     log_level: str = "info"
@@ -102,12 +106,16 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "max_total_tokens": FlagDoc("Memory and scheduling", "from memory",
                       "KV cache slots (CPU: a quarter of free RAM, at most 2 GiB)"),
     "max_running_requests": FlagDoc("Memory and scheduling",
-                      "pool tokens // 2048 (at least 16), at most 256 GPU / 64 CPU and at most `--cuda-graph-max-bs` "
-                      "with graphs",
-                      "request-table rows: requests decoded together"),
-    "chunked_prefill_size": FlagDoc("Memory and scheduling", "8192",
-                      "tokens per prefill chunk; `-1` disables chunking"),
-    "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384", "new tokens per prefill batch"),
+                      "from memory: pool tokens // 1024, at least 16, at most 1024 GPU / 64 CPU",
+                      "request-table rows: requests decoded together (admission keeps them within the KV pool)"),
+    "chunked_prefill_size": FlagDoc("Memory and scheduling", "512",
+                      "prompt tokens a step computes while requests are decoding (their streams wait for the step); "
+                      "longer prompts are prefilled in chunks; `-1` disables chunking"),
+    "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384",
+                      "prompt tokens a step computes while no request is decoding (and per step without chunking)"),
+    "enable_mixed_chunk": FlagDoc("Memory and scheduling", "on",
+                      "decode rows ride in the batch of a prefill chunk; `--no-enable-mixed-chunk`: steps with "
+                      "prefill work carry no decode rows (SGLang's default)"),
     "schedule_policy": FlagDoc("Memory and scheduling", "fcfs",
                       "`fcfs`, or `lpm` (longest cached prefix first; fcfs when the queue is long)"),
     "disable_radix_cache": FlagDoc("Memory and scheduling", "off", "no prefix cache"),
@@ -124,10 +132,16 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "`auto` (triton on GPU, torch on CPU), `triton`, `torch`"),
     "disable_cuda_graph": FlagDoc("Parallelism and kernels", "off",
                       "run decode eagerly instead of from CUDA graphs captured at start-up"),
-    "cuda_graph_max_bs": FlagDoc("Parallelism and kernels", "160",
-                      "largest decode batch captured in a graph (sizes 1, 2, 4, 8, then multiples of 8); larger "
-                      "batches run "
-                      "eagerly"),
+    "cuda_graph_max_bs": FlagDoc("Parallelism and kernels", "the running-request cap, at most 1024",
+                      "largest decode batch captured in a graph (sizes 1, 2, 4, 8, 12, 16, 24, then steps of 8 to "
+                      "256, 16 to 512, 32 beyond); larger batches run eagerly"),
+    "cuda_graph_bs": FlagDoc("Parallelism and kernels", "from `--cuda-graph-max-bs`",
+                      "the decode batch sizes to capture, e.g. `--cuda-graph-bs 1 2 4 8 16 32 64`; a batch runs "
+                      "the smallest graph that holds it"),
+    "enable_torch_compile": FlagDoc("Parallelism and kernels", "off",
+                      "compile the decode forward with torch.compile (inductor) for batches up to "
+                      "`--torch-compile-max-bs`; captured in the CUDA graphs on GPU"),
+    "torch_compile_max_bs": FlagDoc("Parallelism and kernels", "32", "largest decode batch that runs compiled"),
     # Operations
     "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
     "log_requests": FlagDoc("Operations", "off",
@@ -150,7 +164,6 @@ FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 NOT_YET_SUPPORTED = {
     "--quantization": "quantization is not implemented yet",
     "--kv-cache-dtype": "a KV cache dtype other than the model dtype is not implemented yet",
-    "--enable-torch-compile": "torch.compile of the decode step is not implemented yet",
     "--speculative-algorithm": "speculative decoding is not implemented yet",
     "--lora-paths": "LoRA adapters are not implemented yet",
 }
@@ -179,12 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         doc = FLAG_DOCS[name]
         help_text = f"{doc.meaning} (default: {doc.default})".replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, *aliases, dest=name, action="store_true", default=default, help=help_text)
+            # A flag that is on by default is turned off with --no-<flag>.
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, *aliases, dest=name, action=action, default=default, help=help_text)
             continue
         field_type = ServerArgs.__annotations__[name]
         kind = int if "int" in field_type else float if "float" in field_type else str
+        nargs = "+" if field_type.startswith("list") else None
         parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name),
-                            metavar=name.upper(), help=help_text)
+                            nargs=nargs, metavar=name.upper(), help=help_text)
     for flag in NOT_YET_SUPPORTED:
         parser.add_argument(flag, dest="unsupported__" + flag.strip("-").replace("-", "_"), nargs="?", const=True,
                             default=None, help=argparse.SUPPRESS)
@@ -234,8 +250,14 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--port must be in 1..65535")
     if args.watchdog_timeout <= 0:
         raise ServerArgsError("--watchdog-timeout must be positive")
-    if args.cuda_graph_max_bs < 1:
+    if args.cuda_graph_max_bs is not None and args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
+    if args.cuda_graph_bs is not None:
+        if not args.cuda_graph_bs or min(args.cuda_graph_bs) < 1:
+            raise ServerArgsError("--cuda-graph-bs must list batch sizes of at least 1")
+        args.cuda_graph_bs = sorted(set(args.cuda_graph_bs))
+    if args.torch_compile_max_bs < 1:
+        raise ServerArgsError("--torch-compile-max-bs must be at least 1")
     return args
 
 

@@ -5,8 +5,17 @@ from runtime.server_args import NOT_YET_SUPPORTED, ServerArgs, parse_args
 
 def test_defaults_are_sglangs():
     args = parse_args([])
-    assert (args.host, args.port, args.chunked_prefill_size, args.schedule_policy) == ("127.0.0.1", 30000, 8192, "fcfs")
-    assert args.cuda_graph_max_bs == 160 and not args.disable_radix_cache and not args.disable_overlap_schedule
+    assert (args.host, args.port, args.schedule_policy) == ("127.0.0.1", 30000, "fcfs")
+    assert args.cuda_graph_max_bs is None and not args.disable_radix_cache and not args.disable_overlap_schedule
+    assert args.enable_mixed_chunk and not args.enable_torch_compile and args.torch_compile_max_bs == 32
+
+
+def test_saturation_flags():
+    args = parse_args(["--cuda-graph-bs", "16", "1", "8", "8", "--no-enable-mixed-chunk", "--enable-torch-compile",
+                       "--torch-compile-max-bs", "8", "--chunked-prefill-size", "2048"])
+    assert args.cuda_graph_bs == [1, 8, 16] and not args.enable_mixed_chunk
+    assert args.enable_torch_compile and args.torch_compile_max_bs == 8 and args.chunked_prefill_size == 2048
+    assert parse_args(["--enable-mixed-chunk"]).enable_mixed_chunk
 
 
 def test_prefix_abbreviations_and_aliases_keep_working():
@@ -32,6 +41,8 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--dp-size", "2"], "--dp-size"),
     (["--schedule-policy", "lifo"], "--schedule-policy"),
     (["--stream-interval", "0"], "--stream-interval"),
+    (["--cuda-graph-bs", "0", "4"], "--cuda-graph-bs"),
+    (["--torch-compile-max-bs", "0"], "--torch-compile-max-bs"),
 ])
 def test_bad_values_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):

@@ -15,7 +15,7 @@ except ImportError:
 
 class SiluAndMul(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if gate_up.is_cuda and silu_and_mul is not None and gate_up.dim() == 2:
+        if gate_up.is_cuda and silu_and_mul is not None and gate_up.dim() == 2 and not torch.compiler.is_compiling():
             return silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); or, with `residual`, (norm(x + residual), x + residual). On CUDA the second form overwrites
         x and residual with its two results: callers must not reuse them."""
-        if x.is_cuda and rms_norm is not None:
+        if x.is_cuda and rms_norm is not None and not torch.compiler.is_compiling():
             if residual is None:
                 return rms_norm(x, self.weight, self.eps)
             return fused_add_rms_norm(x, residual, self.weight, self.eps)

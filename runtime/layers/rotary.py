@@ -91,7 +91,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D] -> rotated q and k (on CUDA rotated in place and returned)."""
-        if q.is_cuda and apply_rotary is not None:
+        if q.is_cuda and apply_rotary is not None and not torch.compiler.is_compiling():
             apply_rotary(positions, q, k, self.cos_sin)
             return q, k
         cos, sin = self.cos_sin[positions].unsqueeze(1).to(q.dtype).chunk(2, dim=-1)

@@ -59,8 +59,9 @@ class SchedulerConfig:
     max_running_requests: int  # request-table rows
     context_length: int
     eos_token_ids: list[int]
-    chunked_prefill_size: int = 8192  # -1: no chunking
-    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1: no chunking
+    max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes (and the budget without chunking)
+    enable_mixed_chunk: bool = True  # decode rows ride in the prefill chunk's batch (else prefill steps run alone)
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     stream_interval: int = 1
@@ -74,7 +75,8 @@ class SchedulerConfig:
             args.max_running_requests, info.max_running_requests)
         return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
                    eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
-                   max_prefill_tokens=args.max_prefill_tokens, schedule_policy=args.schedule_policy,
+                   max_prefill_tokens=args.max_prefill_tokens, enable_mixed_chunk=args.enable_mixed_chunk,
+                   schedule_policy=args.schedule_policy,
                    disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval)
 
 
@@ -112,8 +114,6 @@ class SchedulerCore:
         # A request can never hold more KV than the pool: the pool bounds its length like the context.
         self.context_limit = min(config.context_length, config.max_total_tokens)
         self.stop_checker = StopChecker(config.eos_token_ids, self.context_limit, decode)
-        self.prefill_budget = (config.chunked_prefill_size if config.chunked_prefill_size > 0
-                               else config.max_prefill_tokens)
         self.chunking = config.chunked_prefill_size > 0
         self.future_ring_size = 2 * config.max_running_requests + 2
         self._next_future = 0
@@ -183,12 +183,28 @@ class SchedulerCore:
     def plan_next(self) -> ScheduledBatch | None:
         """The next batch: a decode row for every running request that still has tokens to make,
         the next chunk of a partly prefilled request, and newly admitted requests, within the
-        prefill budget and KV memory. None when there is nothing to run."""
+        prefill budget and KV memory. None when there is nothing to run.
+
+        Prefill budget: while requests decode, every stream waits for the step, so a step computes at most
+        chunked_prefill_size prompt tokens; with none decoding, up to max_prefill_tokens. With mixed chunks (the
+        default) the decode rows ride in the prefill chunk's batch; without, a step with prefill work carries
+        no decode rows (SGLang's default: prefill first, decode rows wait)."""
         decode_reqs = self._decode_candidates()
+        if not self.chunking:
+            budget = self.config.max_prefill_tokens
+        else:
+            budget = self.config.chunked_prefill_size if decode_reqs else self.config.max_prefill_tokens
+        if decode_reqs and not self.config.enable_mixed_chunk:
+            batch = self._plan_batch([], budget, retracted=0)
+            if batch is not None:
+                return batch
+            budget = 0
         retracted = self._make_room_for_decode(decode_reqs)
         if retracted:
             decode_reqs = [r for r in decode_reqs if r.status is ReqStatus.RUNNING]
+        return self._plan_batch(decode_reqs, budget, retracted)
 
+    def _plan_batch(self, decode_reqs: list[Req], budget: int, retracted: int) -> ScheduledBatch | None:
         entries: list[PlanRow] = []
         input_ids: list[int] = []
         out_slots: list[int] = []
@@ -201,7 +217,7 @@ class SchedulerCore:
             entries.append(PlanRow(req, prefix_len, 1, True))
 
         # Right after a retraction the freed memory is not for new requests (they would thrash).
-        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots,
+        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots, budget,
                                                                     admit=not retracted)
         if not entries:
             return None
@@ -283,9 +299,8 @@ class SchedulerCore:
             freed.append(planned - r.prefix_hit)
         return Reservation(self._room() - prefill_left, growth, freed)
 
-    def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots,
+    def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots, budget: int,
                       admit: bool) -> tuple[list[NewRow], int, int, int]:
-        budget = self.prefill_budget
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
         reservation = None  # built only when there is someone to admit
@@ -569,6 +584,8 @@ class SchedulerCore:
             "radix_cache": self.cache is not None,
             "schedule_policy": self.policy.name,
             "chunked_prefill_size": self.config.chunked_prefill_size,
+            "max_prefill_tokens": self.config.max_prefill_tokens,
+            "enable_mixed_chunk": self.config.enable_mixed_chunk,
         }
 
     def check_invariants(self) -> None:

@@ -15,9 +15,18 @@ waits for it and builds the BatchResult. `step` is both. A worker that overlaps 
 before collecting N, so the GPU never waits for the host round trip.
 
 CUDA graphs (runtime/worker/cuda_graph_runner.py): on CUDA with the Triton attention backend, decode steps of up to
-cuda_graph_max_bs rows (capped by max_running_requests) replay graphs captured at start-up that run steps 2-4
-up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
+the largest captured size (by default the running-request cap) replay graphs captured at start-up that run steps
+2-4 up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
 request table has one row more than max_running_requests: the dummy row of the graphs' padding rows.
+
+Sizing from memory: the KV pool takes what mem_fraction_static leaves after the weights; the running-request cap
+gives every request room for min(context, TOKENS_PER_RUNNING_REQUEST) tokens (the scheduler's admission keeps the
+requests actually running within the pool); the graphs cover every batch up to that cap.
+
+torch.compile (--enable-torch-compile): decode forwards of up to torch_compile_max_bs rows run a torch.compile'd
+model (inductor, default mode: fused elementwise kernels around cuBLAS GEMMs); the attention backend stays outside
+the compiled code (a graph break per layer), and the layers trace their torch code instead of their Triton kernels.
+On CUDA the compiled forward is what the small graphs capture.
 
 Prompt logprobs: a row asks with logprobs.logprob_start_len >= 0 (only for a fresh request, not a
 re-admitted one with prior_output_ids). Each extend step of the row until its first sample returns,
@@ -41,8 +50,8 @@ from runtime.layers.parallel import TensorParallel
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
 from runtime.worker.attention import create_attention_backend
-from runtime.worker.cuda_graph_runner import CudaGraphRunner
-from runtime.worker.forward_batch import ForwardBatch
+from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
+from runtime.worker.forward_batch import ForwardBatch, ForwardMode
 from runtime.worker.kv_pool import KVPool
 from runtime.worker.sampling import Sampler
 
@@ -50,11 +59,11 @@ DEFAULT_MEM_FRACTION_STATIC = 0.85
 # CPU pool: a quarter of the available RAM, at most this much, at most CPU_MAX_POOL_TOKENS slots.
 CPU_POOL_BYTES_CAP = 2 << 30
 CPU_MAX_POOL_TOKENS = 1 << 20
-DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}
-# The default number of running requests leaves every one of them room to grow to this many tokens
-# (a 1k prompt and a 1k answer): admitting more only fills the pool and forces retractions, whose
-# recomputation costs more than the larger batch gains (H100 serving bench, docs/perf.md).
-TOKENS_PER_RUNNING_REQUEST = 2048
+DEFAULT_MAX_RUNNING = {"cuda": 1024, "cpu": 64}
+# The default running-request cap gives every request room for this many tokens. Admission (the scheduler) keeps the
+# requests actually running within the pool, so the cap only needs to be large enough: on an H200 with Llama-3-8B
+# (845k slots) it is 825 rows, and a 1k/1k workload settles near 550 running requests.
+TOKENS_PER_RUNNING_REQUEST = 1024
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +83,11 @@ class ModelRunnerConfig:
     attention_backend: str = "auto"
     random_seed: int = 0
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # None: the running-request cap
+    cuda_graph_bs: list[int] | None = None  # explicit captured sizes (SGLang's --cuda-graph-bs)
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
+    torch_compile_backend: str = "inductor"  # tests use "aot_eager": the same capture, without code generation
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
@@ -83,7 +96,8 @@ class ModelRunnerConfig:
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
-                   cuda_graph_max_bs=args.cuda_graph_max_bs)
+                   cuda_graph_max_bs=args.cuda_graph_max_bs, cuda_graph_bs=args.cuda_graph_bs,
+                   enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs)
 
 
 @dataclass
@@ -130,6 +144,7 @@ class ModelRunner:
         # Rows that still owe prompt logprobs, and the last-position logits of their previous chunk.
         self.prompt_logprob_rows: dict[int, LogprobOptions] = {}
         self.prompt_carry: dict[int, torch.Tensor] = {}
+        self.compiled_forward = self._compile() if config.enable_torch_compile else None
         self.graph_runner = self._capture_cuda_graphs() if use_cuda_graphs else None
 
     @property
@@ -174,15 +189,26 @@ class ModelRunner:
         return max(1, min(CPU_MAX_POOL_TOKENS, budget // per_token))
 
     def _default_max_running(self, use_cuda_graphs: bool) -> int:
-        """As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens (at least 16, at most
-        half the slots), within the device's cap; with CUDA graphs no more than the largest captured
-        batch, so that every decode step replays a graph (an eager step of 200 rows ran at half the
-        speed of a replayed one on the H100)."""
-        running = max(self.max_total_tokens // TOKENS_PER_RUNNING_REQUEST, min(16, self.max_total_tokens // 2))
+        """As many requests as can each hold min(context, TOKENS_PER_RUNNING_REQUEST) tokens (at least 16, at
+        most half the slots), within the device's cap; when the graphs are limited by --cuda-graph-max-bs or
+        --cuda-graph-bs, no more than the largest of them, so that every decode step replays a graph (an eager
+        step of 200 rows ran at half the speed of a replayed one on the H100)."""
+        per_request = min(self.context_length, TOKENS_PER_RUNNING_REQUEST)
+        running = max(self.max_total_tokens // per_request, min(16, self.max_total_tokens // 2))
         running = min(running, DEFAULT_MAX_RUNNING[self.device.type])
-        if use_cuda_graphs:
+        if use_cuda_graphs and self.config.cuda_graph_bs:
+            running = min(running, max(self.config.cuda_graph_bs))
+        elif use_cuda_graphs and self.config.cuda_graph_max_bs:
             running = min(running, self.config.cuda_graph_max_bs)
         return max(1, running)
+
+    def graph_batch_sizes(self) -> list[int]:
+        """The decode batch sizes to capture: --cuda-graph-bs, else the ladder up to --cuda-graph-max-bs, else up
+        to the running-request cap; never above that cap."""
+        cap = self.max_running_requests
+        if self.config.cuda_graph_bs:
+            return [s for s in self.config.cuda_graph_bs if s <= cap] or [cap]
+        return capture_batch_sizes(min(self.config.cuda_graph_max_bs or cap, cap))
 
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
@@ -196,11 +222,19 @@ class ModelRunner:
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner:
         runner = CudaGraphRunner(self.model, self.attention, self.req_to_token, self.future_tokens,
-                                 dummy_row=self.max_running_requests,
-                                 max_batch_size=min(self.config.cuda_graph_max_bs, self.max_running_requests),
-                                 context_length=self.context_length)
+                                 dummy_row=self.max_running_requests, batch_sizes=self.graph_batch_sizes(),
+                                 context_length=self.context_length, compiled_forward=self.compiled_forward,
+                                 compile_max_bs=self.config.torch_compile_max_bs)
         runner.capture()
         return runner
+
+    def _compile(self):
+        """The model forward under torch.compile, with the attention backend left out of the compiled code."""
+        self.attention.forward = torch.compiler.disable(self.attention.forward)
+        # One compiled variant per batch size (static shapes): let every captured size have its own.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                    2 * len(capture_batch_sizes(self.config.torch_compile_max_bs)))
+        return torch.compile(self.model, backend=self.config.torch_compile_backend, dynamic=False)
 
     # ---------------------------------------------------------------------------------------------
     # Steps
@@ -273,7 +307,9 @@ class ModelRunner:
 
     def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
         self.attention.prepare(batch)
-        hidden = self.model(batch, self.attention)
+        compiled = (self.compiled_forward is not None and batch.mode == ForwardMode.DECODE
+                    and batch.batch_size <= self.config.torch_compile_max_bs)
+        hidden = (self.compiled_forward if compiled else self.model)(batch, self.attention)
 
         # Which token positions need logits: the last token of sampling rows, and every new token of
         # rows owing prompt logprobs (those come first in `wanted`, then the sampling rows' last tokens).
