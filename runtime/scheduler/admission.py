@@ -100,14 +100,15 @@ class Reservation:
         self.freed = np.asarray(freed, dtype=np.int64)[order]
         self.available = available  # free + evictable slots not yet promised to prefill work
 
-    def try_admit(self, need_now: int, growth: int, freed: int) -> bool:
+    def try_admit(self, need_now: int, growth: int, freed: int, force: bool = False) -> bool:
         """Admit a request needing `need_now` slots at once and `growth` more while it decodes, freeing `freed`
-        when it finishes, if that fits at every future step; False (and nothing changed) otherwise."""
-        if need_now > self.available:
+        when it finishes, if that fits at every future step; False (and nothing changed) otherwise. `force`
+        admits it regardless (a request alone always fits: its length is bounded by the pool)."""
+        if need_now > self.available and not force:
             return False
         at = np.searchsorted(self.growth, growth, side="right")
         g, f = np.insert(self.growth, at, growth), np.insert(self.freed, at, freed)
-        if need_now + peak_demand(g, f) + RESERVE_PER_REQUEST * len(g) > self.available:
+        if not force and need_now + peak_demand(g, f) + RESERVE_PER_REQUEST * len(g) > self.available:
             return False
         self.growth, self.freed = g, f
         self.available -= need_now

@@ -329,9 +329,8 @@ class SchedulerCore:
             extend = len(fill) - prefix_len
             # Now: the new tokens, and the cached prefix the request locks (it stops being evictable).
             need_now, growth = extend + unlocked, self._growth(req, len(req.output_ids))
-            if not self.running and not new_seqs:
-                reservation.available -= need_now  # alone it always fits: its length is bounded by the pool
-            elif not reservation.try_admit(need_now, growth, extend):
+            alone = not self.running and not new_seqs
+            if not reservation.try_admit(need_now, growth, extend, force=alone):
                 break
             n = min(extend, budget)
             if n < extend and not self.chunking:

@@ -177,7 +177,7 @@ def test_requests_that_run_to_their_length_never_retract():
 
 def test_abort_queued_prefilling_and_decoding():
     for overlap in (False, True):
-        core, runner = make_core(rows=2, chunk=8)
+        core, runner = make_core(rows=2, chunk=8, max_prefill=8)
         decoding = make_request("decoding", prompt(1, 5), 50, ignore_eos=True)
         prefilling = make_request("prefilling", prompt(2, 80), 50, ignore_eos=True)
         queued = make_request("queued", prompt(3, 5), 50, ignore_eos=True)
@@ -276,7 +276,7 @@ def test_result_for_the_wrong_batch_is_refused():
 
 def test_random_workloads_leave_no_leak():
     """Seeded random workloads: shared prefixes, staggered arrivals, aborts at random times, pools
-    small enough to force eviction and retraction, every mode. Outputs of requests that were not
+    small enough to force eviction (and retraction, with a low new-token ratio), every mode. Outputs of requests that were not
     aborted equal the reference; aborted ones are a prefix of it; nothing leaks."""
     rng = random.Random(1234)
     retractions = 0
@@ -286,6 +286,8 @@ def test_random_workloads_leave_no_leak():
         total = rng.choice([96, 160, 400])
         core, runner = make_core(total=total, rows=rng.choice([2, 4, 8]), context=96, chunk=chunk, radix=radix,
                                  policy=rng.choice(["fcfs", "lpm"]), stream_interval=rng.choice([1, 3]))
+        # Half the trials admit as if answers were short: requests that may stop early then outgrow the pool.
+        core.new_token_ratio = NewTokenRatio(init=rng.choice([0.7, 0.05]))
         bases = [prompt(trial * 100 + i, rng.randrange(5, 40)) for i in range(3)]
         reqs, arrivals, aborts = [], {}, {}
         for i in range(rng.randrange(4, 14)):
@@ -315,3 +317,24 @@ def test_random_workloads_leave_no_leak():
 
 def test_next_token_double_is_sensitive_to_every_token():
     assert next_token([1, 2, 3]) != next_token([1, 2, 4]) or next_token([1, 2, 3]) != next_token([2, 2, 3])
+
+
+def test_prefill_budget_is_small_while_requests_decode():
+    """With nothing decoding a step prefills up to max_prefill_tokens; while requests decode (their streams wait
+    for the step) at most chunked_prefill_size prompt tokens."""
+    core, runner = make_core(total=2000, rows=8, context=512, chunk=16, max_prefill=64)
+    reqs = [make_request(f"r{i}", prompt(40 + i, 30), 20, ignore_eos=True) for i in range(5)]
+    steps = []
+    plan_next = core.plan_next
+
+    def plan_and_record():
+        batch = plan_next()
+        if batch is not None:
+            steps.append((batch.num_decode, batch.new_tokens))
+        return batch
+
+    core.plan_next = plan_and_record
+    report = drive(core, runner, {0: reqs[:3], 6: reqs[3:]}, overlap=True)
+    assert steps[0] == (0, 64)  # nothing decodes yet: 64 prompt tokens (two prompts and a chunk of the third)
+    assert all(new <= 16 for decode, new in steps if decode) and any(decode and new for decode, new in steps)
+    assert_matches_reference(core, report, reqs)
