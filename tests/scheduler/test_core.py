@@ -275,9 +275,9 @@ def test_result_for_the_wrong_batch_is_refused():
 
 
 def test_random_workloads_leave_no_leak():
-    """Seeded random workloads: shared prefixes, staggered arrivals, aborts at random times, pools
-    small enough to force eviction (and retraction, with a low new-token ratio), every mode. Outputs of requests that were not
-    aborted equal the reference; aborted ones are a prefix of it; nothing leaks."""
+    """Seeded random workloads: shared prefixes, staggered arrivals, aborts at random times, pools small
+    enough to force eviction (and retraction, with a low new-token ratio), every mode. Outputs of requests
+    that were not aborted equal the reference; aborted ones are a prefix of it; nothing leaks."""
     rng = random.Random(1234)
     retractions = 0
     for trial in range(12):
