@@ -8,8 +8,12 @@ poisoned with NaN), then times it. Two timings per side:
 - eager: triton.testing.do_bench median (L2 flushed between runs), Python launch overhead included.
 The floor is the bytes that must move over the measured copy bandwidth, for memory-bound kernels.
 --sweep also times the attention kernels under other tile shapes and split counts, to choose the defaults.
+Decode attention also runs at serving-at-saturation shapes (batch 256 and 512 at contexts 1k, 4k, 16k; batch 1 at
+32k); `--decode-shapes saturation` runs only those (their torch counterparts are skipped above 4 GB of KV: the gather
+would copy it all). "of copy" = GB/s over the copy bandwidth (the issue's bar: >= 85%).
 
     python3 scripts/gpu_kernels_bench.py [--table PATH] [--only decode,backend,extend,elementwise,sampling] [--sweep]
+        [--decode-shapes all|saturation]
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ class Row:
 @dataclass
 class Args:
     sweep: bool
+    decode_shapes: str = "all"
+
+
+DECODE_SHAPES = ((1, 1024), (1, 4096), (64, 1024), (64, 4096))
+SATURATION_DECODE_SHAPES = ((1, 32768), (256, 1024), (256, 4096), (256, 16384), (512, 1024), (512, 4096), (512, 16384))
+TORCH_DECODE_MAX_BYTES = 4 << 30
 
 
 DTYPE = torch.bfloat16
@@ -152,7 +162,9 @@ def case_decode(rows: list[Row], args: Args) -> None:
     s = LLAMA
     scale = s.head_dim**-0.5
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for batch, seq_len in ((1, 1024), (1, 4096), (64, 1024), (64, 4096)):
+    shapes = SATURATION_DECODE_SHAPES if args.decode_shapes == "saturation" else (
+        DECODE_SHAPES + SATURATION_DECODE_SHAPES)
+    for batch, seq_len in shapes:
         kv_bytes = 2 * batch * seq_len * s.num_kv_heads * s.head_dim * 2
         sets = num_sets(kv_bytes)
         k_pool = randn(batch * seq_len * sets + 1, s.num_kv_heads, s.head_dim)
@@ -173,7 +185,8 @@ def case_decode(rows: list[Row], args: Args) -> None:
         err = rel_err(out, decode_attention_ref(queries[0], k_pool, v_pool, tables_i32[0], rows_t, seq_lens, scale))
         torch_calls = [lambda i=i: torch_paged_decode(queries[i], k_pool, v_pool, tables[i], scale)
                        for i in range(sets)]
-        note = f"{sets} input sets; tiles {default_decode_tiles(s.head_dim)}"
+        with_torch = kv_bytes <= TORCH_DECODE_MAX_BYTES
+        note = f"{sets} input sets; tiles {default_decode_tiles(s.head_dim)}" + ("" if with_torch else "; no torch")
         if args.sweep:
             results = {(tiles, n): bench_graph(calls(n, tiles)) for tiles in DECODE_SWEEP for n in (1, 2, 4, 8, 16,
                                                                                                   32, 64)}
@@ -181,8 +194,8 @@ def case_decode(rows: list[Row], args: Args) -> None:
             per_split = " ".join(f"{n}:{results[(best[0], n)]:.0f}" for n in (1, 2, 4, 8, 16, 32, 64))
             note += f"; best {best[0]} splits={best[1]}: {results[best]:.1f} us; its splits {per_split}"
         rows.append(Row("decode_attention", f"B={batch} L={seq_len} splits={splits}", bench_graph(calls(splits)),
-                        bench_eager(calls(splits)[0]), bench_graph(torch_calls), bench_eager(torch_calls[0]), err,
-                        kv_bytes, note))
+                        bench_eager(calls(splits)[0]), bench_graph(torch_calls) if with_torch else math.nan,
+                        bench_eager(torch_calls[0]) if with_torch else math.nan, err, kv_bytes, note))
 
 
 def case_backend(rows: list[Row], args: Args) -> None:
@@ -375,17 +388,19 @@ CASES = {"decode": case_decode, "backend": case_backend, "extend": case_extend, 
 
 def format_table(rows: list[Row], bandwidth: float) -> str:
     lines = ["| kernel | case | triton graph us | torch graph us | speedup | triton eager us | torch eager us | "
-             "rel err | GB/s | floor us | note |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "rel err | GB/s | of copy | floor us | note |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         graph = not math.isnan(r.triton_graph_us)
         mine, theirs = (r.triton_graph_us, r.torch_graph_us) if graph else (r.triton_eager_us, r.torch_eager_us)
         speedup = f"{theirs / mine:.2f}x" if mine and not math.isnan(theirs) else ""
         gbs = f"{r.bytes_moved / (mine * 1e-6) / 1e9:.0f}" if r.bytes_moved else ""
+        of_copy = f"{r.bytes_moved / (mine * 1e-6) / bandwidth:.0%}" if r.bytes_moved else ""
         floor = f"{r.bytes_moved / bandwidth * 1e6:.1f}" if r.bytes_moved else ""
         err = "" if r.rel_err is None else f"{r.rel_err:.1e}"
         lines.append(f"| {r.kernel} | {r.case} | {r.triton_graph_us:.1f} | {r.torch_graph_us:.1f} | {speedup} | "
-                     f"{r.triton_eager_us:.1f} | {r.torch_eager_us:.1f} | {err} | {gbs} | {floor} | {r.note} |")
+                     f"{r.triton_eager_us:.1f} | {r.torch_eager_us:.1f} | {err} | {gbs} | {of_copy} | {floor} | "
+                     f"{r.note} |")
     return "\n".join(lines)
 
 
@@ -394,6 +409,8 @@ def main() -> int:
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes and split counts")
+    parser.add_argument("--decode-shapes", default="all", choices=("all", "saturation"),
+                        help="decode attention shapes: all, or only the serving-at-saturation ones")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_kernels_bench: no CUDA device", file=sys.stderr)
@@ -408,7 +425,7 @@ def main() -> int:
     failed = False
     for name in args.only.split(","):
         try:
-            CASES[name](rows, Args(sweep=args.sweep))
+            CASES[name](rows, Args(sweep=args.sweep, decode_shapes=args.decode_shapes))
         except Exception:  # one broken case must not hide the others' numbers
             failed = True
             traceback.print_exc()
