@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.messages import (
     BatchPlan,
@@ -44,14 +44,38 @@ from runtime.scheduler.stop_checker import Decode, StopChecker
 
 
 @dataclass(slots=True)
-class PlanRow:
-    """One row of the batch being planned: `extend_len` new tokens after `prefix_len` cached ones, and whether
-    the row samples a token this step (a prefill chunk that is not the prompt's last does not)."""
+class PlanColumns:
+    """The batch being planned, in the BatchPlan's columnar layout. Decode rows go in as whole columns (one list
+    operation per column, not a call per request); prefill rows one by one. A prefill chunk that is not the
+    prompt's last computes KV but does not sample."""
 
-    req: Req
-    prefix_len: int
-    extend_len: int
-    sample: bool
+    reqs: list[Req] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    prefix_lens: list[int] = field(default_factory=list)
+    extend_lens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)
+    out_slots: list[int] = field(default_factory=list)
+
+    def add_decode(self, reqs: list[Req], prefix_lens: list[int], input_ids: list[int], slots: list[int]) -> None:
+        n = len(reqs)
+        self.reqs += reqs
+        self.rows += [r.row for r in reqs]
+        self.prefix_lens += prefix_lens
+        self.extend_lens += [1] * n
+        self.sample += [True] * n
+        self.input_ids += input_ids
+        self.out_slots += slots
+
+    def add_extend(self, req: Req, prefix_len: int, input_ids: list[int], slots: list[int], sample: bool) -> None:
+        self.reqs.append(req)
+        self.rows.append(req.row)
+        self.prefix_lens.append(prefix_len)
+        self.extend_lens.append(len(slots))
+        self.sample.append(sample)
+        self.input_ids += input_ids
+        self.out_slots += slots
+
 
 @dataclass
 class SchedulerConfig:
@@ -154,7 +178,8 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the KV cache holds only {self.config.max_total_tokens} "
                 "(--max-total-tokens)"))
-        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals))
+        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals),
+                  length_limit=min(n + msg.sampling.max_new_tokens, self.context_limit))
         self.reqs[msg.rid] = req
         self.waiting.append(req)
         return None
@@ -205,55 +230,51 @@ class SchedulerCore:
         return self._plan_batch(decode_reqs, budget, retracted)
 
     def _plan_batch(self, decode_reqs: list[Req], budget: int, retracted: int) -> ScheduledBatch | None:
-        entries: list[PlanRow] = []
-        input_ids: list[int] = []
-        out_slots: list[int] = []
-        for req in decode_reqs:
-            prefix_len = len(req.slots)
-            slot = self._alloc_slots(1)
-            input_ids.append(-(req.last_future_slot + 1) if req.pending else self._token_at(req, prefix_len))
-            out_slots.extend(slot)
-            req.slots.extend(slot)
-            entries.append(PlanRow(req, prefix_len, 1, True))
+        cols = PlanColumns()
+        if decode_reqs:
+            slots = self._alloc_slots(len(decode_reqs))
+            prefix_lens = [len(r.slots) for r in decode_reqs]
+            input_ids = [-(r.last_future_slot + 1) if r.pending else self._token_at(r, p)
+                         for r, p in zip(decode_reqs, prefix_lens)]
+            for req, slot in zip(decode_reqs, slots):
+                req.slots.append(slot)
+            cols.add_decode(decode_reqs, prefix_lens, input_ids, slots)
 
         # Right after a retraction the freed memory is not for new requests (they would thrash).
-        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots, budget,
-                                                                    admit=not retracted)
-        if not entries:
+        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(cols, budget, admit=not retracted)
+        if not cols.reqs:
             return None
         if decode_reqs and not retracted:
             self.new_token_ratio.decay()
 
         future_slots = []
-        for entry in entries:
-            req = entry.req
-            if entry.sample:
-                req.last_future_slot = self._next_future
-                self._next_future = (self._next_future + 1) % self.future_ring_size
+        ring, slot = self.future_ring_size, self._next_future
+        for req, sample in zip(cols.reqs, cols.sample):
+            if sample:
+                req.last_future_slot = slot
                 req.pending += 1
-                future_slots.append(req.last_future_slot)
+                future_slots.append(slot)
+                slot = slot + 1 if slot + 1 < ring else 0
             else:
                 future_slots.append(-1)
+        self._next_future = slot
         reused = {row.row for row in new_rows}
         plan = BatchPlan(
-            batch_id=self.num_batches, rows=[e.req.row for e in entries], prefix_lens=[e.prefix_len for e in entries],
-            extend_lens=[e.extend_len for e in entries], input_ids=input_ids, out_slots=out_slots,
-            sample=[e.sample for e in entries], future_slots=future_slots, new_rows=new_rows,
-            freed_rows=[r for r in self.released_rows if r not in reused])
+            batch_id=self.num_batches, rows=cols.rows, prefix_lens=cols.prefix_lens, extend_lens=cols.extend_lens,
+            input_ids=cols.input_ids, out_slots=cols.out_slots, sample=cols.sample, future_slots=future_slots,
+            new_rows=new_rows, freed_rows=[r for r in self.released_rows if r not in reused])
         self.released_rows = []
         self.num_batches += 1
-        batch = ScheduledBatch(plan=plan, reqs=[e.req for e in entries], epochs=[e.req.retractions for e in entries],
+        batch = ScheduledBatch(plan=plan, reqs=cols.reqs, epochs=[r.retractions for r in cols.reqs],
                                num_decode=len(decode_reqs), new_seqs=new_seqs, new_tokens=new_tokens,
                                cached_tokens=cached, retracted=retracted)
         self.in_flight.append(batch)
         return batch
 
     def _decode_candidates(self) -> list[Req]:
-        return [r for r in self.running if not r.is_prefilling and self._tokens_left(r) > 0]
-
-    def _tokens_left(self, req: Req) -> int:
-        """Tokens the request may still be asked to produce, beyond those already in flight."""
-        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), len(req.output_ids) + req.pending)
+        """Running requests past their prefill that may still produce a token. While decoding, len(slots) is the
+        known length plus the tokens in flight, minus one (the last token is the next input)."""
+        return [r for r in self.running if len(r.slots) >= len(r.fill_ids) and len(r.slots) + 1 < r.length_limit]
 
     def _token_at(self, req: Req, pos: int) -> int:
         n = len(req.prompt_ids)
@@ -299,8 +320,7 @@ class SchedulerCore:
             freed.append(planned - r.prefix_hit)
         return Reservation(self._room() - prefill_left, growth, freed)
 
-    def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots, budget: int,
-                      admit: bool) -> tuple[list[NewRow], int, int, int]:
+    def _plan_prefill(self, cols: PlanColumns, budget: int, admit: bool) -> tuple[list[NewRow], int, int, int]:
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
         reservation = None  # built only when there is someone to admit
@@ -311,7 +331,7 @@ class SchedulerCore:
             if req.is_prefilling:
                 n = min(len(req.fill_ids) - len(req.slots), budget, self._room())
                 if n > 0:
-                    self._add_extend(req, n, entries, input_ids, out_slots)
+                    self._add_extend(req, n, cols)
                     budget -= n
                     new_tokens += n
 
@@ -334,11 +354,11 @@ class SchedulerCore:
                 break
             n = min(extend, budget)
             if n < extend and not self.chunking:
-                if new_seqs or any(e.extend_len > 1 for e in entries):
+                if new_seqs or any(e > 1 for e in cols.extend_lens):
                     break  # no chunking: a prompt over budget runs alone as its step's only prefill
                 n = extend
             new_rows.append(self._admit(req, fill, match_len))
-            self._add_extend(req, n, entries, input_ids, out_slots)
+            self._add_extend(req, n, cols)
             budget -= n
             new_seqs += 1
             new_tokens += n
@@ -379,13 +399,11 @@ class SchedulerCore:
         return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
                       prior_output_ids=list(req.output_ids))
 
-    def _add_extend(self, req: Req, n: int, entries: list[PlanRow], input_ids, out_slots) -> None:
+    def _add_extend(self, req: Req, n: int, cols: PlanColumns) -> None:
         start = len(req.slots)
         slots = self._alloc_slots(n)
-        input_ids.extend(req.fill_ids[start:start + n])
-        out_slots.extend(slots)
         req.slots.extend(slots)
-        entries.append(PlanRow(req, start, n, len(req.slots) == len(req.fill_ids)))
+        cols.add_extend(req, start, req.fill_ids[start:start + n], slots, len(req.slots) == len(req.fill_ids))
 
     def _alloc_slots(self, n: int) -> list[int]:
         if self.allocator.num_free < n and self.cache:

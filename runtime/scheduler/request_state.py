@@ -32,6 +32,7 @@ class Req:
     msg: GenerateRequest
     prompt_ids: list[int]
     arrival_seq: int  # admission order tie-breaker; retraction picks the highest
+    length_limit: int  # prompt + output tokens the request may reach (max_new_tokens, context, pool)
     status: ReqStatus = ReqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
