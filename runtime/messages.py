@@ -203,6 +203,7 @@ class TokenUpdate(Struct):
 
 class TokenUpdates(Struct, tag="tokens"):
     updates: list[TokenUpdate]
+    sent_at: float = 0.0  # with --enable-token-timestamps: time.monotonic() when the scheduler sent the batch
 
 
 SchedulerToDetokenizer = TokenUpdates | Shutdown
@@ -221,6 +222,8 @@ class TextUpdate(Struct):
     finish: FinishReason | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+    # with --enable-token-timestamps: time.monotonic() when the scheduler, then the detokenizer, sent these tokens
+    timestamps: list[float] = []
 
 
 class TextUpdates(Struct, tag="text"):

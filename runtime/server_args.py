@@ -61,6 +61,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     watchdog_timeout: float = 300.0
     cpu_affinity: str = "off"  # auto | off | "ROLE=CORES;..." (docs/flags.md)
     decode_log_interval: int = 40
+    enable_token_timestamps: bool = False
     ready_timeout: float = 600.0
 
 
@@ -154,6 +155,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "seconds a batch may stay on the workers before the server is stopped as hung"),
     "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
     "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
+    "enable_token_timestamps": FlagDoc("Operations", "off",
+                      "streamed native `/generate` chunks carry `meta_info.timestamps`: when the scheduler, the "
+                      "detokenizer and the ingress handled their tokens (CLOCK_MONOTONIC seconds); bench_serving "
+                      "then reports where inter-token gaps form"),
     "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}

@@ -72,6 +72,7 @@ class FakeFrontend:
     reject: RequestError | None = None  # raised by every generate() while set
     abort_after: int | None = None  # the engine "fails" requests after this many tokens
     flush_ok: bool = True
+    token_timestamps: list[float] = field(default_factory=list)  # every update's, as --enable-token-timestamps does
     record_calls: bool = True  # keep every GenerateCall in .calls (off for benchmarks: memory grows)
 
     def __post_init__(self):
@@ -95,6 +96,7 @@ class FakeFrontend:
         self.reject = None
         self.abort_after = None
         self.token_delay_s = 0.0
+        self.token_timestamps = []
         self.flush_ok = True
         self.calls.clear()
         self.chat_calls.clear()
@@ -219,7 +221,7 @@ class FakeFrontend:
         meta = RequestMeta(prompt_tokens=len(input_ids), completion_tokens=len(output),
                            cached_tokens=self.cached_tokens)
         return TextUpdate(rid=rid, text_delta=delta, new_token_ids=new_ids, meta=meta, finish=finish,
-                          logprobs=token_logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=token_logprobs, prompt_logprobs=prompt_logprobs, timestamps=self.token_timestamps)
 
     def abort(self, rid: str) -> None:
         if rid in self.running:

@@ -41,6 +41,9 @@ class RequestOutcome:
     start: float = 0.0
     generated_text: str = ""
     error: str = ""
+    # per chunk, with a server started with --enable-token-timestamps: when the scheduler, the detokenizer and
+    # the ingress handled its tokens, and when this client read it (all CLOCK_MONOTONIC)
+    stamps: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,6 +195,9 @@ async def send_one(session, base_url: str, backend: str, req: BenchRequest, args
                 out.output_len = completion_tokens(backend, chunk, out.output_len)
                 if backend == "sglang":
                     out.generated_text = chunk.get("text", out.generated_text)  # the text so far
+                    server = chunk.get("meta_info", {}).get("timestamps")
+                    if server:
+                        out.stamps.append((server["scheduler"], server["detokenizer"], server["ingress"], now))
                 elif chunk.get("choices"):
                     out.generated_text += chunk["choices"][0].get("text", "")
                 if out.ttft == 0.0:
@@ -307,7 +313,41 @@ def summarize(outcomes: list[RequestOutcome], duration: float, args, max_concurr
     errors = sorted({o.error for o in outcomes if not o.ok})
     if errors:
         result["errors"] = errors[:5]
+    gaps = token_gaps(done)
+    if gaps:
+        result["token_gaps"] = gaps
     return result
+
+
+STAGES = ("scheduler", "detokenizer", "ingress", "client")
+
+
+def token_gaps(outcomes: list[RequestOutcome]) -> dict | None:
+    """Where inter-token gaps form: for consecutive chunks of one stream, the gap between them as each stage
+    handled them (the scheduler's is the step time; a gap that shrinks to ~0 at a later stage is a burst made
+    there), and the median lag from one stage to the next."""
+    pairs = [(a, b) for o in outcomes for a, b in zip(o.stamps, o.stamps[1:])]
+    if not pairs:
+        return None
+    out = {}
+    for k, stage in enumerate(STAGES):
+        gaps = np.array([b[k] - a[k] for a, b in pairs]) * 1000
+        out[stage] = {"median_gap_ms": float(np.median(gaps)), "p99_gap_ms": float(np.percentile(gaps, 99)),
+                      "under_1ms": float(np.mean(gaps < 1.0))}
+    for k in range(1, len(STAGES)):
+        lags = np.array([s[k] - s[k - 1] for o in outcomes for s in o.stamps]) * 1000
+        out[STAGES[k]]["median_lag_ms"] = float(np.median(lags))
+    return out
+
+
+def print_token_gaps(gaps: dict) -> None:
+    print("Where inter-token gaps form (server stamps, --enable-token-timestamps):")
+    print("| stage | median gap ms | P99 gap ms | gaps under 1 ms | median lag after the previous stage ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for stage in STAGES:
+        g = gaps[stage]
+        lag = f"{g['median_lag_ms']:.3f}" if "median_lag_ms" in g else ""
+        print(f"| {stage} | {g['median_gap_ms']:.2f} | {g['p99_gap_ms']:.2f} | {g['under_1ms']:.1%} | {lag} |")
 
 
 def print_report(result: dict) -> None:
@@ -351,6 +391,8 @@ def print_report(result: dict) -> None:
     line("P99 ITL (ms)", result["p99_itl_ms"], ".2f")
     line("Max ITL (ms)", result["max_itl_ms"], ".2f")
     print("=" * 50)
+    if result.get("token_gaps"):
+        print_token_gaps(result["token_gaps"])
     if result["failed"]:
         print(f"Failed requests: {result['failed']}; first distinct errors:", *result.get("errors", []), sep="\n  ")
 

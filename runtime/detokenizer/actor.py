@@ -40,7 +40,8 @@ class Detokenizer:
             self.states[update.rid] = state
         return state
 
-    def handle(self, updates: list[TokenUpdate]) -> TextUpdates:
+    def handle(self, updates: list[TokenUpdate], sent_at: float = 0.0) -> TextUpdates:
+        """`sent_at`: the scheduler's timestamp of the batch (--enable-token-timestamps); 0 when off."""
         if self.decoder is None:  # --skip-tokenizer-init: ids only
             texts = [""] * len(updates)
         else:
@@ -48,8 +49,9 @@ class Detokenizer:
             for u in updates:
                 if u.finish is not None:
                     self.states.pop(u.rid, None)
-        return TextUpdates([TextUpdate(u.rid, text, u.new_token_ids, u.meta, u.finish, u.logprobs, u.prompt_logprobs)
-                            for u, text in zip(updates, texts)])
+        stamps = [sent_at, time.monotonic()] if sent_at else []
+        return TextUpdates([TextUpdate(u.rid, text, u.new_token_ids, u.meta, u.finish, u.logprobs, u.prompt_logprobs,
+                                       stamps) for u, text in zip(updates, texts)])
 
 
 class DetokenizerActor(Actor):
@@ -67,8 +69,8 @@ class DetokenizerActor(Actor):
             if timeout is not None and timeout <= 0:
                 return
             match self.receive(timeout):
-                case TokenUpdates(updates=updates):
-                    self.to_ingress.send(self.detokenizer.handle(updates))
+                case TokenUpdates(updates=updates, sent_at=sent_at):
+                    self.to_ingress.send(self.detokenizer.handle(updates, sent_at))
                 case Shutdown(grace_s=grace_s):
                     if grace_s <= 0:
                         return

@@ -136,6 +136,7 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
         finish=last.finish,
         logprobs=logprobs,
         prompt_logprobs=next((u.prompt_logprobs for u in updates if u.prompt_logprobs is not None), None),
+        timestamps=last.timestamps,
     )
 
 

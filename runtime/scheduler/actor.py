@@ -145,7 +145,8 @@ class SchedulerActor(Actor):
     def emit(self, step: StepUpdates) -> None:
         self.stats.generated += step.new_tokens
         if step.updates:
-            self.to_detokenizer.send(TokenUpdates(updates=step.updates))
+            stamp = time.monotonic() if self.args.enable_token_timestamps else 0.0
+            self.to_detokenizer.send(TokenUpdates(updates=step.updates, sent_at=stamp))
 
     # ---------------------------------------------------------------------------------------
     # watchdog and shutdown

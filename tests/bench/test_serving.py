@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -28,6 +29,7 @@ class FakeServer:
         self.bodies: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.timestamps = False  # stamp native chunks as --enable-token-timestamps does
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -86,10 +88,16 @@ class FakeServer:
                            {"choices": [{"text": "x" * n}], "usage": {"completion_tokens": n}})
                 return self._json(writer, 200, payload)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            start = time.monotonic()
             for i in range(n):
-                await asyncio.sleep(TOKEN_DELAY_S)
+                if not (self.timestamps and i % 2):
+                    await asyncio.sleep(TOKEN_DELAY_S)
                 chunk = ({"text": "x" * (i + 1), "meta_info": {"completion_tokens": i + 1}} if native else
                          {"choices": [{"text": "x"}]})
+                if native and self.timestamps:  # one step apart at the scheduler; two chunks land together
+                    chunk["meta_info"]["timestamps"] = {"scheduler": start + 0.005 * i,
+                                                        "detokenizer": start + 0.001 + 0.005 * i,
+                                                        "ingress": time.monotonic()}
                 self._chunk(writer, b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await writer.drain()
             self._chunk(writer, b"data: [DONE]\n\n")
@@ -246,3 +254,17 @@ def test_sharegpt_without_a_path_is_a_clear_error():
     args = bench_serving.parse_args(["--dataset-name", "sharegpt"])
     with pytest.raises(SystemExit, match="--dataset-path"):
         bench_serving.sample_sharegpt(None, args, None)
+
+
+def test_token_timestamps_show_where_gaps_form(tokenizer, capsys):
+    """Chunks stamped 5 ms apart at the scheduler but written in pairs: the report puts the bursts at the ingress."""
+    with FakeServer() as server:
+        server.timestamps = True
+        result = run(server, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "8",
+                     "--random-range-ratio", "1")
+    gaps = result["token_gaps"]
+    assert gaps["scheduler"]["median_gap_ms"] == pytest.approx(5.0, abs=0.01)
+    assert gaps["scheduler"]["under_1ms"] == 0.0
+    assert gaps["ingress"]["under_1ms"] >= 0.4  # every other chunk follows its predecessor at once
+    assert gaps["detokenizer"]["median_lag_ms"] == pytest.approx(1.0, abs=0.01)
+    assert "Where inter-token gaps form" in capsys.readouterr().out

@@ -5,6 +5,7 @@ client disconnects, and the service endpoints (/health*, /get_*_info, /flush_cac
 from __future__ import annotations
 
 import socket
+import time
 
 import msgspec
 import pytest
@@ -111,6 +112,21 @@ def test_stream_sends_cumulative_text_then_done(url, fake, tokenizer):
     assert [c["text"] for c in chunks] == [tokenizer.decode(ids[:k]) for k in range(1, 5)]
     assert [c["meta_info"]["finish_reason"] for c in chunks] == [None, None, None, {"type": "length", "length": 4}]
     assert fake.calls[-1].stream is True
+
+
+def test_stream_carries_token_timestamps_when_the_pipeline_stamps_them(url, fake):
+    """--enable-token-timestamps: the scheduler and the detokenizer stamp each update; the ingress adds its own when
+    it writes the chunk. Without stamps (the default) meta_info has no timestamps."""
+    body = {"input_ids": [5, 6, 7], "stream": True, "sampling_params": {"max_new_tokens": 2}}
+    chunks = sse_payloads(http_request(url, "POST", "/generate", body)[2])[:-1]
+    assert all("timestamps" not in c["meta_info"] for c in chunks)
+    fake.token_timestamps = [1.5, 1.75]
+    before = time.monotonic()
+    chunks = sse_payloads(http_request(url, "POST", "/generate", body)[2])[:-1]
+    for chunk in chunks:
+        stamps = chunk["meta_info"]["timestamps"]
+        assert stamps["scheduler"] == 1.5 and stamps["detokenizer"] == 1.75
+        assert before <= stamps["ingress"] <= time.monotonic()
 
 
 def test_stream_of_a_batch_tags_events_with_their_index(url, fake):

@@ -142,6 +142,9 @@ class NativeApi:
             "cached_tokens": counts.cached_tokens,
             "e2e_latency": time.perf_counter() - sequence.arrival,
         }
+        if sequence.timestamps:  # --enable-token-timestamps
+            scheduler, detokenizer = sequence.timestamps
+            meta["timestamps"] = {"scheduler": scheduler, "detokenizer": detokenizer, "ingress": time.monotonic()}
         if job.logprobs.return_logprob:
             decode = self._token_text if with_text else None
             prompt = sequence.prompt_logprobs or TokenLogprobs()

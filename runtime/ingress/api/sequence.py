@@ -30,6 +30,7 @@ class Sequence:
     prompt_logprobs: TokenLogprobs | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    timestamps: list[float] = field(default_factory=list)  # of the latest update (--enable-token-timestamps)
 
     def add(self, update: TextUpdate, now: float) -> None:
         self.text += update.text_delta
@@ -38,6 +39,8 @@ class Sequence:
             if self.first_token_time is None:
                 self.first_token_time = now
         self.meta = update.meta
+        if update.timestamps:
+            self.timestamps = update.timestamps
         if update.logprobs is not None:
             self.logprobs.token_ids += update.logprobs.token_ids
             self.logprobs.logprobs += update.logprobs.logprobs
