@@ -4,8 +4,10 @@
 #   bash scripts/gpu_saturation.sh
 #
 # Model: Llama-3-8B's config and tokenizer with dummy weights (bf16), from $GPU_MODEL, else .models/llama-3-8b-dummy
-# (an ignored folder; copied from shared/models/llama-3-8b-dummy when missing). Every run uses the server's default
-# flags. Sections, most important first; one is skipped (and says so) when it would end past $BUDGET_S:
+# (an ignored folder; copied from shared/models/llama-3-8b-dummy when missing). The server runs with its default
+# flags plus $SERVE_FLAGS, by default --enable-token-timestamps (observability only: three numbers more in each
+# streamed chunk, so the table can say where inter-token gaps form; SERVE_FLAGS= for the bare defaults).
+# Sections, most important first; one is skipped (and says so) when it would end past $BUDGET_S:
 #   serving      one server; bench_serving: 1000 x 1024/1024 at rate inf, 500 x <=4096/<=2048 (range ratio 0) at
 #                rate inf, 200 x 1024/1024 at 4 requests/s; server info (retractions) after each     ~5 min
 #   one-batch    bench_one_batch, batch 1 and 8, 128 in / 256 out (the batch-1 decode target)       ~25 s
@@ -21,6 +23,7 @@ mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 BUDGET_S="${BUDGET_S:-470}"
 MODEL="${GPU_MODEL:-.models/llama-3-8b-dummy}"
+SERVE_FLAGS="${SERVE_FLAGS---enable-token-timestamps}"
 if [ ! -d "$MODEL" ] && [ -d shared/models/llama-3-8b-dummy ]; then
   mkdir -p "$(dirname "$MODEL")" && cp -r shared/models/llama-3-8b-dummy "$MODEL"
 fi
@@ -32,7 +35,8 @@ PORT=30123
 URL="http://127.0.0.1:$PORT"
 
 section_serving() {
-  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $PORT >"$LOG_DIR/server.log" 2>&1 &
+  # shellcheck disable=SC2086
+  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $PORT $SERVE_FLAGS >"$LOG_DIR/server.log" 2>&1 &
   local server=$! status=0
   for _ in $(seq 400); do
     grep -q "Ready: serving" "$LOG_DIR/server.log" && break

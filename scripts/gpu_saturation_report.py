@@ -74,6 +74,12 @@ def serving_rows(log: Path) -> list[tuple]:
         if retracted is not None:
             rows.append((f"retractions, {what}", "server info", f"{retracted}", "< 1% of requests",
                          verdict(retracted < 0.01 * max(result["completed"], 1))))
+        gaps = result.get("token_gaps")
+        if gaps:
+            text = "; ".join(f"{stage} {g['median_gap_ms']:.2f} ms ({g['under_1ms']:.0%} < 1 ms)"
+                             for stage, g in gaps.items())
+            rows.append((f"inter-token gaps by stage, {what}", "server stamps (--enable-token-timestamps)",
+                         "median gap: " + text, "bursts located", ""))
     server_log = log / "server.log"
     text = server_log.read_text() if server_log.exists() else ""
     capture = re.search(r"captured (\d+) CUDA graphs \(batch sizes ([^)]*)\) in ([\d.]+) s", text)
