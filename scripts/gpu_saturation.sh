@@ -49,9 +49,10 @@ section_serving() {
   # name | prompts | in | out | range ratio | rate
   local runs=("inf_1k 1000 1024 1024 1.0 inf" "inf_4k 500 4096 2048 0.0 inf" "rate4_1k 200 1024 1024 1.0 4")
   for run in "${runs[@]}"; do
-    read -r name prompts in out ratio rate <<<"$run"
-    timeout 200 "${bench[@]}" --num-prompts "$prompts" --random-input-len "$in" --random-output-len "$out" \
-      --random-range-ratio "$ratio" --request-rate "$rate" --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
+    read -r name prompts input_len output_len ratio rate <<<"$run"
+    timeout 200 "${bench[@]}" --num-prompts "$prompts" --random-input-len "$input_len" \
+      --random-output-len "$output_len" --random-range-ratio "$ratio" --request-rate "$rate" \
+      --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
     curl -s "$URL/get_server_info" >"$LOG_DIR/info_$name.json"
   done
   grep -E "Decode batch|retracted" "$LOG_DIR/server.log" | tail -n 5
