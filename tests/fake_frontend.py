@@ -295,13 +295,17 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 
 
 def http_request(base_url: str, method: str, path: str, body=None, headers: dict | None = None):
-    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object."""
+    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object, sent as
+    application/json unless `headers` name another Content-Type."""
     host, _, port = base_url.removeprefix("http://").partition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        connection.request(method, path, body=body, headers=headers or {})
+        headers = dict(headers or {})
+        if body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
