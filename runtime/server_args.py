@@ -268,8 +268,8 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--request-timeout must be a positive number of seconds")
     if args.max_seqs_per_request < 1:
         raise ServerArgsError("--max-seqs-per-request must be at least 1")
-    if args.max_queued_requests < 0:
-        raise ServerArgsError("--max-queued-requests must be >= 0")
+    if args.max_queued_requests < 1:
+        raise ServerArgsError("--max-queued-requests must be at least 1")
     if not 0 <= args.graceful_shutdown_timeout < float("inf"):
         raise ServerArgsError("--graceful-shutdown-timeout must be >= 0 seconds")
     for origin in args.allowed_origins:

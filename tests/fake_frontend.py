@@ -120,6 +120,10 @@ class FakeFrontend:
     def health(self) -> str | None:
         return self.unhealthy
 
+    @property
+    def unfinished(self) -> int:
+        return len(self.running)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.tokenizer is None:
             texts = self._token_texts  # like a detokenizer's vocabulary table

@@ -32,6 +32,7 @@ from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
     AbortRequest,
+    EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
@@ -361,6 +362,8 @@ class Frontend:
                 state = self._streams.get(rid)
                 if state is not None:
                     state.fail(RequestError(status, message))
+            case EngineReady():
+                pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):
                 future = self._replies.get(token)
                 if future is not None and not future.done():

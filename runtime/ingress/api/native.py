@@ -210,7 +210,7 @@ class NativeApi:
         args = msgspec.to_builtins(self.frontend.args)
         if args.get("api_key"):
             args["api_key"] = "<redacted>"
-        state = await self._server_info()
+        state = {**await self._server_info(), "ingress_unfinished_sequences": self.frontend.unfinished}
         return json_response({**args, "model_info": msgspec.to_builtins(self.model_info),
                               "internal_states": [state], "version": _version()})
 
