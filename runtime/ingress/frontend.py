@@ -127,7 +127,8 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
     if runs:
         logprobs = TokenLogprobs(
             token_ids=[x for r in runs for x in r.token_ids], logprobs=[x for r in runs for x in r.logprobs],
-            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs])
+            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs],
+            ids_logprobs=[x for r in runs for x in r.ids_logprobs])
     return TextUpdate(
         rid=last.rid,
         text_delta="".join(u.text_delta for u in updates),

@@ -328,7 +328,8 @@ class ModelRunner:
             self.prompt_carry[row] = logits[-1]
         options = self.prompt_logprob_rows[row]
         skip = max(0, max(options.logprob_start_len, 1) - first_position)
-        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num)
+        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num,
+                                            options.token_ids_logprob)
 
     def _register(self, new_row: NewRow) -> None:
         if new_row.prefix_slots:
