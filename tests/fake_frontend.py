@@ -101,10 +101,10 @@ class FakeFrontend:
 
     # ------------------------------------------------------------------ tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise RequestError(400, "text: the server runs with --skip-tokenizer-init; send input_ids instead")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.tokenizer is None:
@@ -224,6 +224,9 @@ class FakeFrontend:
     def abort(self, rid: str) -> None:
         if rid in self.running:
             self._abort_requested.add(rid)
+
+    def abort_all(self) -> None:
+        self._abort_requested.update(self.running)
 
     async def flush_cache(self) -> tuple[bool, str]:
         return (True, "") if self.flush_ok else (False, "requests are running")

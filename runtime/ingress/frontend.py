@@ -161,14 +161,14 @@ class Frontend:
             raise RequestError(400, f"{what}: the server runs with --skip-tokenizer-init; send input_ids instead")
         return self.tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._need_tokenizer("text")
         if not isinstance(text, str):
             raise RequestError(400, f"text: expected a string, got {type(text).__name__}")
-        return tokenizer.encode(text)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._need_tokenizer("decode").decode(ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._need_tokenizer("decode").decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                             continue_final_message: bool) -> list[int]:
@@ -251,6 +251,10 @@ class Frontend:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish
         type "abort". Unknown (or already finished) ids are ignored."""
         if rid in self._streams:
+            self._sender.send(AbortRequest(rid))
+
+    def abort_all(self) -> None:
+        for rid in list(self._streams):
             self._sender.send(AbortRequest(rid))
 
     async def flush_cache(self) -> tuple[bool, str]:

@@ -462,7 +462,8 @@ class SchedulerCore:
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
-            stop=sampling.stop if req.sent_len == 0 else [], stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
+            stop=sampling.stop if req.sent_len == 0 else [],
+            stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update

@@ -14,6 +14,7 @@ from httpd import HttpServer, Router, ServerConfig
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
+from runtime.ingress.api.tokenize import TokenizeApi
 
 
 def build_router(frontend, metrics: Metrics | None) -> Router:
@@ -24,9 +25,17 @@ def build_router(frontend, metrics: Metrics | None) -> Router:
     router.add("POST", "/encode", native.encode)
     router.add("GET", "/health", native.health)
     router.add("GET", "/health_generate", native.health_generate)
-    router.add("GET", "/get_model_info", native.get_model_info)
-    router.add("GET", "/get_server_info", native.get_server_info)
+    # SGLang renamed these (0.5.10); clients of either name get the same answer.
+    for path in ("/model_info", "/get_model_info"):
+        router.add("GET", path, native.get_model_info)
+    for path in ("/server_info", "/get_server_info"):
+        router.add("GET", path, native.get_server_info)
     router.add(["GET", "POST"], "/flush_cache", native.flush_cache)
+    router.add("POST", "/abort_request", native.abort_request)
+    tokenize = TokenizeApi(frontend)
+    for prefix in ("", "/v1"):
+        router.add("POST", f"{prefix}/tokenize", tokenize.tokenize)
+        router.add("POST", f"{prefix}/detokenize", tokenize.detokenize)
     if metrics is not None:
         router.add("GET", "/metrics", native.metrics_text)
     router.add("GET", "/v1/models", openai.models)

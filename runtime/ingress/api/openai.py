@@ -11,10 +11,12 @@ from runtime.ingress.api.generation import Generation, abort_error, start_sse
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
     CHAT_FIELDS_MAX_COMPLETION,
+    CUSTOM_LOGIT_PROCESSOR_REFUSED,
     MAX_OPENAI_TOP_LOGPROBS,
     OPENAI_FIELDS,
     ChatBody,
     CompletionBody,
+    chat_message_dicts,
     check_prompt,
     check_sampling,
     decode_body,
@@ -27,7 +29,6 @@ from runtime.ingress.frontend import Frontend
 from runtime.messages import LogprobOptions, TokenLogprobs
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class OpenAIApi:
@@ -49,7 +50,7 @@ class OpenAIApi:
             "object": "model",
             "created": int(time.time()),
             "owned_by": "runtime",
-            "root": self.frontend.args.model_path,
+            "root": self.frontend.served_model_name,
             "max_model_len": self.model_info.context_length,
         }
 
@@ -58,6 +59,7 @@ class OpenAIApi:
     async def completions(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: CompletionBody = decode_body(request.body, CompletionBody)
+        _refuse_custom_logit_processor(body)
         if body.suffix:
             raise HttpError(400, "suffix: inserting text (suffix) is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -118,12 +120,13 @@ class OpenAIApi:
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: ChatBody = decode_body(request.body, ChatBody)
+        _refuse_custom_logit_processor(body)
         if body.response_format is not None:
             _refuse_response_format(body.response_format.type)
         if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
             raise HttpError(400, "tool_choice: only 'none' and 'auto' are supported (forcing a tool call needs "
                                  "grammar-constrained decoding)", "tool_choice")
-        messages = _chat_messages(body)
+        messages = chat_message_dicts(body.messages)
         continue_final = body.continue_final_message
         if continue_final is None:
             continue_final = messages[-1]["role"] == "assistant"  # assistant prefill: continue it
@@ -209,39 +212,15 @@ class OpenAIApi:
         return self.frontend.decode([token_id])
 
 
+def _refuse_custom_logit_processor(body) -> None:
+    if body.custom_logit_processor is not None:
+        raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
+
+
 def _refuse_response_format(kind: str) -> None:
     if kind != "text":
         raise HttpError(400, f"response_format: type {kind!r} is not supported yet (it needs grammar-constrained "
                              "decoding); only 'text' is accepted", "response_format")
-
-
-def _chat_messages(body: ChatBody) -> list[dict]:
-    if not body.messages:
-        raise HttpError(400, "messages: required, a non-empty list", "messages")
-    out = []
-    for i, message in enumerate(body.messages):
-        role = message.role.lower()
-        if role not in CHAT_ROLES:
-            raise HttpError(400, f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
-                            f"messages[{i}].role")
-        content = message.content
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    field = f"messages[{i}].content[{j}]"
-                    raise HttpError(400, f"{field}: only text parts are supported, got type {part.type!r}", field)
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry = {"role": role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            value = getattr(message, key)
-            if value is not None:
-                entry[key] = value
-        out.append(entry)
-    return out
 
 
 def _include_usage(body) -> bool:
