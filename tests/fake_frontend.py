@@ -204,10 +204,13 @@ class FakeFrontend:
         if options.return_logprob:
             positions = range(sent_tokens, len(output))
             top = options.top_logprobs_num
+            wanted = options.token_ids_logprob
             token_logprobs = TokenLogprobs(
                 token_ids=list(new_ids), logprobs=[fake_logprob(p) for p in positions],
                 top_ids=[[(t + k) % self.model_info.vocab_size for k in range(top)] for t in new_ids],
-                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions])
+                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions],
+                ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in positions] if wanted
+                else [])
             if sent_tokens == 0 and options.logprob_start_len >= 0:
                 start = options.logprob_start_len
                 ids = input_ids[start:]
@@ -215,7 +218,9 @@ class FakeFrontend:
                 prompt_logprobs = TokenLogprobs(
                     token_ids=ids, logprobs=[fake_logprob(p) for p in scored],
                     top_ids=[[input_ids[p]] * top for p in scored] if top else [],
-                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [])
+                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [],
+                    ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in scored] if wanted
+                    else [])
         meta = RequestMeta(prompt_tokens=len(input_ids), completion_tokens=len(output),
                            cached_tokens=self.cached_tokens)
         return TextUpdate(rid=rid, text_delta=delta, new_token_ids=new_ids, meta=meta, finish=finish,

@@ -21,8 +21,8 @@ from runtime.ingress.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
     CUSTOM_LOGIT_PROCESSOR_REFUSED,
-    AbortBody,
     NATIVE_FIELDS,
+    AbortBody,
     GenerateBody,
     NativeSamplingParams,
     check_prompt,
