@@ -11,9 +11,11 @@ The ingress actor does:
 from __future__ import annotations
 
 from httpd import HttpServer, Router, ServerConfig
+from runtime.ingress.api.anthropic import AnthropicApi
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
+from runtime.ingress.api.score import ScoreApi
 from runtime.ingress.api.tokenize import TokenizeApi
 
 
@@ -42,6 +44,10 @@ def build_router(frontend, metrics: Metrics | None) -> Router:
     router.add("GET", f"/v1/models/{frontend.served_model_name}", openai.model)
     router.add("POST", "/v1/completions", openai.completions)
     router.add("POST", "/v1/chat/completions", openai.chat_completions)
+    router.add("POST", "/v1/score", ScoreApi(frontend, metrics).score)
+    anthropic = AnthropicApi(frontend, metrics)
+    router.add("POST", "/v1/messages", anthropic.messages)
+    router.add("POST", "/v1/messages/count_tokens", anthropic.count_tokens)
     return router
 
 
