@@ -59,6 +59,9 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     decode_log_interval: int = 40
     ready_timeout: float = 600.0
 
+    # Storage
+    storage_dir: str | None = None  # None: runtime/store in the user's cache directory
+
 
 class FlagDoc(msgspec.Struct, frozen=True):
     """One flag's line in --help and in docs/flags.md (both generated from FLAG_DOCS)."""
@@ -141,6 +144,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
     "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
     "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
+    # Storage
+    "storage_dir": FlagDoc("Storage", "`$XDG_CACHE_HOME/runtime/store` (else `~/.cache/runtime/store`)",
+                      "the durable store: an SQLite database (WAL) and file bodies for `/v1/files`, `/v1/batches` "
+                      "and `/v1/responses`; survives restarts"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 
