@@ -11,6 +11,7 @@ The ingress actor does:
 from __future__ import annotations
 
 from httpd import HttpServer, Router, ServerConfig
+from runtime.ingress.api.embeddings import EmbeddingsApi
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
@@ -19,9 +20,10 @@ from runtime.ingress.api.openai import OpenAIApi
 def build_router(frontend, metrics: Metrics | None) -> Router:
     native = NativeApi(frontend, metrics)
     openai = OpenAIApi(frontend, metrics)
+    embeddings = EmbeddingsApi(frontend)
     router = Router()
     router.add("POST", "/generate", native.generate)
-    router.add("POST", "/encode", native.encode)
+    router.add("POST", "/encode", embeddings.encode)
     router.add("GET", "/health", native.health)
     router.add("GET", "/health_generate", native.health_generate)
     router.add("GET", "/get_model_info", native.get_model_info)
@@ -33,6 +35,7 @@ def build_router(frontend, metrics: Metrics | None) -> Router:
     router.add("GET", f"/v1/models/{frontend.served_model_name}", openai.model)
     router.add("POST", "/v1/completions", openai.completions)
     router.add("POST", "/v1/chat/completions", openai.chat_completions)
+    router.add("POST", "/v1/embeddings", embeddings.embeddings)
     return router
 
 
