@@ -89,6 +89,14 @@ class GenerateRequest(Struct, tag="generate"):
     logprobs: LogprobOptions = LogprobOptions()
     stream: bool = False
     arrival_time: float = 0.0  # time.time() at the ingress, for latency metrics
+    # Prefill only: no token is sampled; the final hidden states are pooled (ModelInfo.pooling) and the
+    # vector comes back to the ingress as an EmbeddingResult.
+    embed: bool = False
+    # Higher runs first. Interactive requests are 0; /v1/batches requests run below them (BATCH_PRIORITY).
+    priority: int = 0
+
+
+BATCH_PRIORITY = -1
 
 
 class AbortRequest(Struct, tag="abort"):
@@ -124,6 +132,7 @@ class NewRow(Struct):
     # Output tokens generated before a retraction: they seed the penalty counters and seed-based
     # sampling step counter, so a retracted request samples exactly as if it had never left.
     prior_output_ids: list[int] = []
+    embed: bool = False  # the row pools its hidden states from its first token on (an embedding request)
 
 
 class BatchPlan(Struct, tag="plan"):
@@ -152,6 +161,8 @@ class BatchPlan(Struct, tag="plan"):
     new_rows: list[NewRow] = []
     # Rows whose requests ended: the worker drops their sampling state (after this batch).
     freed_rows: list[int] = []
+    # Plan indices (into rows) whose chunk completes an embedding request: the worker returns its pooled vector.
+    pool: list[int] = []
 
 
 SchedulerToWorker = BatchPlan | Shutdown
@@ -172,6 +183,8 @@ class BatchResult(Struct, tag="result"):
     # Prompt logprobs for extend rows that asked (logprob_start_len >= 0), keyed by batch row index.
     prompt_logprobs: dict[int, TokenLogprobs] = {}
     forward_ms: float = 0.0  # device time of the step, for logs and the overlap benchmark
+    # Pooled vectors of the plan's `pool` indices, keyed by plan index: float32, little-endian, hidden_size values.
+    embeddings: dict[int, bytes] = {}
 
 
 class WorkerError(Struct, tag="worker_error"):
@@ -258,12 +271,35 @@ class RequestRejected(Struct, tag="rejected"):
     message: str
 
 
-SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected
+class EmbeddingResult(Struct):
+    rid: str
+    embedding: bytes  # float32 little-endian, ModelInfo.pooling.dimensions values (normalised if pooling says so)
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class EmbeddingResults(Struct, tag="embeddings"):
+    results: list[EmbeddingResult]
+
+
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EmbeddingResults
 
 
 # --------------------------------------------------------------------------------------------
 # Start-up facts reported with a worker's Ready message
 # --------------------------------------------------------------------------------------------
+
+
+class Pooling(Struct, frozen=True):
+    """How a sequence's final hidden states become one embedding vector."""
+
+    method: str = "last"  # last | mean | cls
+    normalize: bool = True  # L2-normalise the pooled vector
+    dimensions: int = 0  # length of the vector (the hidden size)
+    # Matryoshka models (config.json is_matryoshka / matryoshka_dimensions) may be truncated to `dimensions`
+    # chosen by the request; empty `matryoshka_dimensions` with `matryoshka` true: any length up to `dimensions`.
+    matryoshka: bool = False
+    matryoshka_dimensions: list[int] = []
 
 
 class ModelInfo(Struct):
@@ -278,3 +314,6 @@ class ModelInfo(Struct):
     max_running_requests: int  # rows of the request table
     dtype: str
     device: str
+    # --is-embedding: only embedding requests are served. Every server pools `pooling` for embedding requests.
+    is_embedding: bool = False
+    pooling: Pooling = Pooling()

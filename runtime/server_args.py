@@ -59,6 +59,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     decode_log_interval: int = 40
     ready_timeout: float = 600.0
 
+    # Storage
+    storage_dir: str | None = None  # None: runtime/store in the user's cache directory
+    file_max_bytes: int = 200 * 1024 * 1024  # OpenAI's limit per uploaded file
+    batch_max_requests: int = 50_000  # OpenAI's limit per batch
+
 
 class FlagDoc(msgspec.Struct, frozen=True):
     """One flag's line in --help and in docs/flags.md (both generated from FLAG_DOCS)."""
@@ -141,6 +146,14 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
     "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
     "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
+    # Storage
+    "storage_dir": FlagDoc("Storage", "`$XDG_CACHE_HOME/runtime/store` (else `~/.cache/runtime/store`)",
+                      "the durable store: an SQLite database (WAL) and file bodies for `/v1/files`, `/v1/batches` "
+                      "and `/v1/responses`; survives restarts"),
+    "file_max_bytes": FlagDoc("Storage", "200 MiB", "largest file `/v1/files` accepts (413 beyond); the HTTP body "
+                      "limit is raised to fit it"),
+    "batch_max_requests": FlagDoc("Storage", "50000", "most requests in one `/v1/batches` input file (the batch "
+                      "fails beyond)"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 
@@ -234,6 +247,8 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--port must be in 1..65535")
     if args.watchdog_timeout <= 0:
         raise ServerArgsError("--watchdog-timeout must be positive")
+    if args.file_max_bytes < 1 or args.batch_max_requests < 1:
+        raise ServerArgsError("--file-max-bytes and --batch-max-requests must be positive")
     if args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
     return args

@@ -5,8 +5,12 @@ It binds the listening socket while being built, so the Ready it reports means "
 already in use fails the start with a message naming --port. Ready carries an IngressInfo with the
 real port (useful with --port 0).
 
+It also opens the durable store (--storage-dir) while being built, so an unusable folder fails the start, and runs
+the BatchRunner of /v1/batches, which resumes the batches a previous server left unfinished.
+
 Mailbox: SchedulerToIngress and DetokenizerToIngress channels plus the control channel. Shutdown
-stops accepting connections and gives responses in progress grace_s seconds to finish."""
+stops the batches where they are (the next server resumes them), stops accepting connections and gives
+responses in progress grace_s seconds to finish."""
 
 from __future__ import annotations
 
@@ -19,10 +23,14 @@ import msgspec
 from actors.aio import AsyncActor, AsyncMailbox
 from httpd import ServerConfig
 from runtime.ingress.api.app import create_server
+from runtime.ingress.api.batch_runner import BatchRunner
 from runtime.ingress.frontend import Frontend
+from runtime.ingress.store import Store
 from runtime.messages import ModelInfo, Shutdown
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
+
+MULTIPART_SLACK_BYTES = 1 << 20
 
 
 class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -64,7 +72,10 @@ class IngressActor(AsyncActor):
         args = self.config.args
         self.tokenizer = load_tokenizer(args)
         self.to_scheduler = self.ref(self.config.to_scheduler)
-        self.server_config = ServerConfig.from_args(args)
+        # A file upload may be as large as --file-max-bytes plus its multipart framing.
+        self.server_config = ServerConfig.from_args(
+            args, max_body_bytes=max(args.max_body_bytes, args.file_max_bytes + MULTIPART_SLACK_BYTES))
+        self.store = Store.open(args.storage_dir)
         self.sock = listen(args.host, args.port, self.server_config.backlog)  # last: nothing fails after it
 
     def ready_info(self) -> bytes:
@@ -83,9 +94,13 @@ class IngressActor(AsyncActor):
                 frontend.on_message(msg)
 
         mailbox = AsyncMailbox(self.mailbox, on_message).start()
-        server = create_server(frontend, self.server_config)
+        # Batch requests may fill the running rows twice over: the scheduler always has the next ones queued.
+        batches = BatchRunner(frontend, self.store, args.batch_max_requests,
+                              window=2 * self.config.model_info.max_running_requests)
+        server = create_server(frontend, self.server_config, batches)
         try:
             await server.start(args.host, args.port, sock=self.sock)
+            batches.start()
             # Start-up objects (tokenizer, modules) never die: keep the collector from re-scanning them
             # on every request (about 2.5% of the ingress CPU when streaming).
             gc.freeze()
@@ -95,8 +110,11 @@ class IngressActor(AsyncActor):
                 mailbox.finished.result()  # the reader's error, if it failed
                 raise RuntimeError("the ingress mailbox stopped before a Shutdown")
             # The mailbox keeps reading while responses in progress finish.
+            await batches.close()
             await server.close(shutdown.result())
         finally:
+            await batches.close()
             frontend.close()
             await mailbox.close()
             await server.close()
+            self.store.close()

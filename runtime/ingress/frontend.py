@@ -25,6 +25,8 @@ from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
     AbortRequest,
+    EmbeddingResult,
+    EmbeddingResults,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
@@ -95,13 +97,18 @@ class _RequestStream:
     """Updates of one request waiting for its generate() iterator. A non-streamed request wakes its
     consumer only at the finish (or an error), so it costs one wake-up, not one per update."""
 
-    __slots__ = ("stream", "updates", "waiter", "error")
+    __slots__ = ("stream", "updates", "waiter", "error", "embedding")
 
     def __init__(self, stream: bool):
         self.stream = stream
         self.updates: list[TextUpdate] = []
         self.waiter: asyncio.Future | None = None
         self.error: RequestError | None = None
+        self.embedding: EmbeddingResult | None = None  # an embedding request's answer
+
+    def set_embedding(self, result: EmbeddingResult) -> None:
+        self.embedding = result
+        self._wake()
 
     def push(self, update: TextUpdate) -> None:
         self.updates.append(update)
@@ -186,7 +193,7 @@ class Frontend:
         return tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ requests
-    def _check_prompt(self, rid: str, input_ids: list[int]) -> list[int]:
+    def _check_prompt(self, rid: str, input_ids: list[int], generates: bool = True) -> list[int]:
         if not isinstance(rid, str) or not rid:
             raise RequestError(400, "rid: must be a non-empty string")
         if rid in self._streams:
@@ -203,17 +210,24 @@ class Frontend:
             bad = low if low < 0 else high
             raise RequestError(400, f"input_ids: token id {bad} at position {input_ids.index(bad)} is outside "
                                     f"the vocabulary (0..{vocab - 1})")
-        if len(input_ids) >= self.model_info.context_length:
+        if not generates and len(input_ids) > self.model_info.context_length:
+            raise RequestError(400, f"input: {len(input_ids)} tokens; the model's context length is "
+                                    f"{self.model_info.context_length}")
+        if generates and len(input_ids) >= self.model_info.context_length:
             raise RequestError(400, f"input_ids: the prompt has {len(input_ids)} tokens; the model's context length "
                                     f"is {self.model_info.context_length}, which leaves no room to generate")
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool) -> AsyncIterator[TextUpdate]:
+                       stream: bool, priority: int = 0) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
-        request, a single update); the last has .finish set. Leaving early aborts the request."""
+        request, a single update); the last has .finish set. Leaving early aborts the request.
+        Higher `priority` runs first (batch requests run below interactive ones)."""
         if self._closed is not None:
             raise self._closed
+        if self.model_info.is_embedding:
+            raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
+                                    "/encode")
         input_ids = self._check_prompt(rid, input_ids)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
@@ -221,7 +235,8 @@ class Frontend:
         self._streams[rid] = state
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time()))
+            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                              priority=priority))
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()
@@ -241,6 +256,37 @@ class Frontend:
                     yield update
                     return
                 yield update
+        finally:
+            if self._streams.get(rid) is state:
+                del self._streams[rid]
+            if not done and self._closed is None:
+                self._sender.send(AbortRequest(rid))
+
+    async def embed(self, rid: str, input_ids: list[int], priority: int = 0) -> EmbeddingResult:
+        """The pooled final hidden state of `input_ids` (ModelInfo.pooling), as a prefill-only request.
+        Cancelling the caller aborts the request."""
+        if self._closed is not None:
+            raise self._closed
+        input_ids = self._check_prompt(rid, input_ids, generates=False)
+        loop = asyncio.get_running_loop()
+        state = _RequestStream(False)
+        self._streams[rid] = state
+        done = False
+        try:
+            self._sender.send(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False, time.time(),
+                                              embed=True, priority=priority))
+            while state.embedding is None and state.error is None and not state.updates:
+                state.waiter = loop.create_future()
+                await state.waiter
+                state.waiter = None
+            done = True
+            if state.error is not None:
+                raise state.error
+            if state.embedding is None:  # an abort's finish came through the detokenizer
+                finish = state.updates[-1].finish
+                raise RequestError(500, f"the request was aborted by the engine: "
+                                        f"{(finish.message if finish else None) or 'no reason given'}")
+            return state.embedding
         finally:
             if self._streams.get(rid) is state:
                 del self._streams[rid]
@@ -289,6 +335,11 @@ class Frontend:
                     state = streams.get(update.rid)
                     if state is not None:  # else: aborted, its late updates are dropped
                         state.push(update)
+            case EmbeddingResults(results=results):
+                for result in results:
+                    state = self._streams.get(result.rid)
+                    if state is not None:
+                        state.set_embedding(result)
             case RequestRejected(rid=rid, status=status, message=message):
                 state = self._streams.get(rid)
                 if state is not None:

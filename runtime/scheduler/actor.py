@@ -25,6 +25,7 @@ from actors.actor import Actor
 from runtime.messages import (
     AbortRequest,
     BatchResult,
+    EmbeddingResults,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
@@ -146,6 +147,8 @@ class SchedulerActor(Actor):
         self.stats.generated += step.new_tokens
         if step.updates:
             self.to_detokenizer.send(TokenUpdates(updates=step.updates))
+        if step.embeddings:
+            self.to_ingress.send(EmbeddingResults(results=step.embeddings))
 
     # ---------------------------------------------------------------------------------------
     # watchdog and shutdown

@@ -224,11 +224,10 @@ def test_flush_cache(url, fake):
     assert status == 400 and b"requests are running" in body
 
 
-def test_encode_is_refused_until_embeddings_exist(url, fake):
-    status, out = post(url, "/encode", {"text": "hi"})
+def test_encode_wants_text_or_input_ids(url, fake):
+    status, out = post(url, "/encode", {"rid": "x"})
     assert status == 400
-    assert out["error"]["message"] == ("embedding models are not supported yet; start with --is-embedding once "
-                                       "supported")
+    assert out["error"]["message"] == "give exactly one of text or input_ids"
 
 
 def test_metrics_count_requests_and_read_scheduler_state(url, fake):

@@ -2,16 +2,23 @@
 
 The ingress actor does:
 
-    server = create_server(frontend)                 # frontend.args: --host/--port/--api-key/...
+    server = create_server(frontend, config, batches)  # limits and --api-key from frontend.args unless config
     await server.start(frontend.args.host, frontend.args.port)
     ...
     await server.close(grace_s)
+
+`batches` is the BatchRunner behind /v1/files and /v1/batches (the durable store's); without it those routes
+do not exist (the API tests' fake frontends).
 """
 
 from __future__ import annotations
 
 from httpd import HttpServer, Router, ServerConfig
 from runtime.ingress.api.anthropic import AnthropicApi
+from runtime.ingress.api.batch_runner import BatchRunner
+from runtime.ingress.api.batches import BatchesApi
+from runtime.ingress.api.embeddings import EmbeddingsApi
+from runtime.ingress.api.files import FilesApi
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
@@ -19,12 +26,13 @@ from runtime.ingress.api.score import ScoreApi
 from runtime.ingress.api.tokenize import TokenizeApi
 
 
-def build_router(frontend, metrics: Metrics | None) -> Router:
+def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None = None) -> Router:
     native = NativeApi(frontend, metrics)
     openai = OpenAIApi(frontend, metrics)
+    embeddings = EmbeddingsApi(frontend)
     router = Router()
     router.add("POST", "/generate", native.generate)
-    router.add("POST", "/encode", native.encode)
+    router.add("POST", "/encode", embeddings.encode)
     router.add("GET", "/health", native.health)
     router.add("GET", "/health_generate", native.health_generate)
     # SGLang renamed these (0.5.10); clients of either name get the same answer.
@@ -48,12 +56,29 @@ def build_router(frontend, metrics: Metrics | None) -> Router:
     anthropic = AnthropicApi(frontend, metrics)
     router.add("POST", "/v1/messages", anthropic.messages)
     router.add("POST", "/v1/messages/count_tokens", anthropic.count_tokens)
+    router.add("POST", "/v1/embeddings", embeddings.embeddings)
+    if batches is not None:
+        add_batch_routes(router, batches, frontend.args.file_max_bytes)
     return router
 
 
-def create_server(frontend, config: ServerConfig | None = None) -> HttpServer:
+def add_batch_routes(router: Router, batches: BatchRunner, file_max_bytes: int) -> None:
+    files = FilesApi(batches.files, file_max_bytes)
+    router.add("POST", "/v1/files", files.upload)
+    router.add("GET", "/v1/files", files.list)
+    router.add("GET", "/v1/files/{file_id}", files.retrieve)
+    router.add("DELETE", "/v1/files/{file_id}", files.delete)
+    router.add("GET", "/v1/files/{file_id}/content", files.content)
+    api = BatchesApi(batches)
+    router.add("POST", "/v1/batches", api.create)
+    router.add("GET", "/v1/batches", api.list)
+    router.add("GET", "/v1/batches/{batch_id}", api.retrieve)
+    router.add("POST", "/v1/batches/{batch_id}/cancel", api.cancel)
+
+
+def create_server(frontend, config: ServerConfig | None = None, batches: BatchRunner | None = None) -> HttpServer:
     """The HTTP server for `frontend` (not listening yet: call .start(host, port)). Limits and the
     API key come from frontend.args unless `config` is given; /metrics exists with --enable-metrics."""
     args = frontend.args
     metrics = Metrics(frontend.served_model_name) if args.enable_metrics else None
-    return HttpServer(build_router(frontend, metrics), config or ServerConfig.from_args(args))
+    return HttpServer(build_router(frontend, metrics, batches), config or ServerConfig.from_args(args))

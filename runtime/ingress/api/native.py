@@ -1,4 +1,4 @@
-"""The native API, SGLang's wire format: /generate, /encode, /health, /health_generate,
+"""The native API, SGLang's wire format: /generate, /health, /health_generate,
 /get_model_info, /get_server_info, /flush_cache, /metrics."""
 
 from __future__ import annotations
@@ -174,15 +174,14 @@ class NativeApi:
 
     # ------------------------------------------------------------------ the rest
 
-    def encode(self, request: Request) -> Response:
-        raise HttpError(400, "embedding models are not supported yet; start with --is-embedding once supported")
-
     def health(self, request: Request) -> Response:
         return _HEALTHY
 
     async def health_generate(self, request: Request) -> Response:
-        """Healthy when one token really comes out of the engine."""
+        """Healthy when one token really comes out of the engine (an embedding server: one vector)."""
         input_ids = _encode(self.frontend, "Hi") if self.frontend.tokenizer is not None else [0]
+        if self.model_info.is_embedding:
+            return await self._health_embed(input_ids)
         sequence = Sequence(Job(f"health-{uuid.uuid4().hex}", input_ids, SamplingParams(max_new_tokens=1),
                                 LogprobOptions()), time.perf_counter())
         generation = Generation(self.frontend, [sequence], None)
@@ -196,6 +195,16 @@ class NativeApi:
             raise HttpError(503, "the one-token health request was aborted")
         return _HEALTHY
 
+    async def _health_embed(self, input_ids: list[int]) -> Response:
+        try:
+            await asyncio.wait_for(self.frontend.embed(f"health-{uuid.uuid4().hex}", input_ids),
+                                   HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise HttpError(503, f"no embedding within {HEALTH_GENERATE_TIMEOUT_S:g} s") from None
+        except RequestError as err:
+            raise HttpError(503, f"the engine refused a one-vector request: {err.message}") from None
+        return _HEALTHY
+
     async def get_model_info(self, request: Request) -> Response:
         args, info = self.frontend.args, self.model_info
         model_path = args.model_path or default_model_path()  # the server runs, so the default model exists
@@ -204,7 +213,7 @@ class NativeApi:
             "model_path": model_id or model_path,  # a GGUF file: the id of its model (model_identity.py)
             "tokenizer_path": args.tokenizer_path or model_path,
             "gguf_file": model_path if model_id else None,
-            "is_generation": True,
+            "is_generation": not info.is_embedding,
             "served_model_name": self.frontend.served_model_name,
             "architectures": [info.architecture],
             "context_length": info.context_length,
