@@ -26,6 +26,7 @@ from runtime.ingress.api.app import create_server
 from runtime.ingress.api.batch_runner import BatchRunner
 from runtime.ingress.frontend import Frontend
 from runtime.ingress.store import Store
+from runtime.ingress.store.responses import ResponseStore
 from runtime.messages import ModelInfo, Shutdown
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
@@ -97,7 +98,7 @@ class IngressActor(AsyncActor):
         # Batch requests may fill the running rows twice over: the scheduler always has the next ones queued.
         batches = BatchRunner(frontend, self.store, args.batch_max_requests,
                               window=2 * self.config.model_info.max_running_requests)
-        server = create_server(frontend, self.server_config, batches)
+        server = create_server(frontend, self.server_config, batches, ResponseStore(self.store))
         try:
             await server.start(args.host, args.port, sock=self.sock)
             batches.start()

@@ -7,8 +7,8 @@ The ingress actor does:
     ...
     await server.close(grace_s)
 
-`batches` is the BatchRunner behind /v1/files and /v1/batches (the durable store's); without it those routes
-do not exist (the API tests' fake frontends).
+`batches` is the BatchRunner behind /v1/files and /v1/batches (the durable store's), `responses` the
+store of /v1/responses; without them those routes do not exist (the API tests' fake frontends).
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ from runtime.ingress.api.files import FilesApi
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
+from runtime.ingress.api.responses import ResponsesApi
 from runtime.ingress.api.score import ScoreApi
 from runtime.ingress.api.tokenize import TokenizeApi
+from runtime.ingress.store.responses import ResponseStore
 
 
-def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None = None) -> Router:
+def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None = None,
+                 responses: ResponseStore | None = None) -> Router:
     native = NativeApi(frontend, metrics)
     openai = OpenAIApi(frontend, metrics)
     embeddings = EmbeddingsApi(frontend)
@@ -59,6 +62,11 @@ def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None 
     router.add("POST", "/v1/embeddings", embeddings.embeddings)
     if batches is not None:
         add_batch_routes(router, batches, frontend.args.file_max_bytes)
+    if responses is not None:
+        api = ResponsesApi(frontend, responses, metrics)
+        router.add("POST", "/v1/responses", api.create)
+        router.add("GET", "/v1/responses/{response_id}", api.retrieve)
+        router.add("DELETE", "/v1/responses/{response_id}", api.delete)
     return router
 
 
@@ -76,9 +84,10 @@ def add_batch_routes(router: Router, batches: BatchRunner, file_max_bytes: int) 
     router.add("POST", "/v1/batches/{batch_id}/cancel", api.cancel)
 
 
-def create_server(frontend, config: ServerConfig | None = None, batches: BatchRunner | None = None) -> HttpServer:
+def create_server(frontend, config: ServerConfig | None = None, batches: BatchRunner | None = None,
+                  responses: ResponseStore | None = None) -> HttpServer:
     """The HTTP server for `frontend` (not listening yet: call .start(host, port)). Limits and the
     API key come from frontend.args unless `config` is given; /metrics exists with --enable-metrics."""
     args = frontend.args
     metrics = Metrics(frontend.served_model_name) if args.enable_metrics else None
-    return HttpServer(build_router(frontend, metrics, batches), config or ServerConfig.from_args(args))
+    return HttpServer(build_router(frontend, metrics, batches, responses), config or ServerConfig.from_args(args))
