@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 from runtime.layers.rotary import RopeConfig
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaModel", "MistralModel",
+                           "Qwen2Model")
+# The bare decoder (no LM head) of each causal LM: what --is-embedding serves, and what bare checkpoints name.
+EMBEDDING_ARCHITECTURES = {"LlamaForCausalLM": "LlamaModel", "MistralForCausalLM": "MistralModel",
+                           "Qwen2ForCausalLM": "Qwen2Model"}
 
 
 class ModelConfigError(ValueError):
@@ -45,6 +49,7 @@ class ModelConfig:
             raise ModelConfigError(f"unsupported architecture {architectures or '(none in config.json)'}; "
                                    f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         architecture = supported[0]
+        family = {bare: causal for causal, bare in EMBEDDING_ARCHITECTURES.items()}.get(architecture, architecture)
         if config.get("hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {config['hidden_act']!r} is not supported (only silu)")
         try:
@@ -64,10 +69,10 @@ class ModelConfig:
                 rope=RopeConfig.from_hf(config),
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=architecture == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
-                o_proj_bias=architecture != "Qwen2ForCausalLM" and bool(config.get("attention_bias", False)),
+                qkv_bias=family == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+                o_proj_bias=family != "Qwen2ForCausalLM" and bool(config.get("attention_bias", False)),
                 mlp_bias=bool(config.get("mlp_bias", False)),
-                sliding_window=_sliding_window(architecture, config),
+                sliding_window=_sliding_window(family, config),
                 torch_dtype=config.get("torch_dtype") or config.get("dtype"),
                 eos_token_ids=_eos_ids(config, generation_config),
             )
