@@ -30,6 +30,18 @@ def _new_param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
 
 
+class ReplicatedLinear(nn.Module):
+    """y = x W^T (+ b) with the whole W on every rank (MoE routers, small gates)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _new_param((out_features, in_features), dtype)
+        self.bias = _new_param((out_features,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's rows (output features) split over ranks; y holds this rank's features."""
 
