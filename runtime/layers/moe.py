@@ -52,6 +52,8 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), requires_grad=False)
         self.w13_weight.weight_loader = self.load_expert
         self.w2_weight.weight_loader = self.load_expert
+        self.w13_weight.expected_shards = frozenset((e, part) for e in range(num_experts) for part in ("gate", "up"))
+        self.w2_weight.expected_shards = frozenset((e, "down") for e in range(num_experts))
 
     def load_expert(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: tuple[int, str]) -> None:
         """One expert's gate ([I, H]), up ([I, H]) or down ([H, I]) projection, as the checkpoint stores it."""

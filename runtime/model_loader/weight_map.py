@@ -2,8 +2,10 @@
 
 A model names, for each checkpoint tensor, the parameter(s) it fills: `WeightTarget(param, tensor, shard_id)`.
 `load_mapped` copies every target through the parameter's `weight_loader` (which takes this rank's shard and checks
-shapes) or, for plain parameters, a checked copy, and returns the parameters it wrote for the loader's
-completeness check. The helpers below build targets for the layouts checkpoints use:
+shapes) or, for plain parameters, a checked copy, and returns the parameters it wrote completely for the loader's
+completeness check: a packed parameter (`expected_shards`: q/k/v, gate/up, every expert's projections) counts only
+once all its shards arrived, so a checkpoint missing one expert's tensor is refused, not served from uninitialized
+memory. The helpers below build targets for the layouts checkpoints use:
 - `packed_target`: separate q/k/v or gate/up tensors into our packed parameters, with their shard id;
 - `split_rows`: a tensor that packs several of them (Phi-3's qkv_proj, GLM's gate_up_proj, DBRX's Wqkv);
 - `expert_target`: per-expert projections (Mixtral's w1/w2/w3, Qwen-MoE's gate/up/down_proj) into FusedMoE;
@@ -45,6 +47,7 @@ TargetFn = Callable[[str, torch.Tensor], list[WeightTarget]]
 def load_mapped(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], targets: TargetFn) -> set[str]:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    shards: dict[str, set] = {}
     for name, tensor in weights:
         for target in targets(name, tensor):
             param = params.get(target.param)
@@ -58,8 +61,9 @@ def load_mapped(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], t
                 loader(param, target.tensor, name)
             else:
                 loader(param, target.tensor, name, target.shard_id)
+                shards.setdefault(target.param, set()).add(target.shard_id)
             loaded.add(target.param)
-    return loaded
+    return {name for name in loaded if getattr(params[name], "expected_shards", set()) <= shards.get(name, set())}
 
 
 def packed_target(name: str, tensor: torch.Tensor, packed: dict[str, tuple[str, object]]) -> WeightTarget:

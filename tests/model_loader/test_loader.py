@@ -207,6 +207,25 @@ def test_missing_tensor_is_named(tiny_llama, tmp_path):
         small_runner(folder)
 
 
+def test_a_missing_part_of_a_packed_parameter_is_named(tiny_llama, tmp_path):
+    """q/k/v and each expert's projections are packed into one parameter: it is complete only when every part came."""
+    folder = copy_folder(tiny_llama[0], tmp_path / "llama")
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks tensors for: model.layers.1.self_attn.qkv_proj.weight"):
+        small_runner(folder)
+    folder = str(tmp_path / "mixtral")
+    save_tiny_model("MixtralForCausalLM", folder)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.0.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks tensors for: model.layers.0.mlp.experts.w13_weight"):
+        small_runner(folder)
+
+
 def test_unsupported_rope_type_is_refused(tiny_llama, tmp_path):
     folder = copy_folder(tiny_llama[0], tmp_path / "m")
     edit_config(folder, rope_parameters={"rope_type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
