@@ -106,3 +106,16 @@ def interleaved_rotary_to_halves(tensor: torch.Tensor, num_heads: int, head_dim:
     attention, are unchanged."""
     order = rotary_halves_order(head_dim, rotary_dim)
     return tensor[(torch.arange(num_heads)[:, None] * head_dim + order[None, :]).reshape(-1)]
+
+
+def interleaved_qk_to_halves(name: str, tensor: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                             rotary_dim: int) -> torch.Tensor:
+    """A checkpoint tensor of a model with interleaved rotary pairs, in our layout: q_proj / k_proj rows (weights and
+    biases) reordered per head, per-head q/k norm weights ([heads, head_dim]) in the same order; others unchanged."""
+    if ".q_proj." in name:
+        return interleaved_rotary_to_halves(tensor, num_heads, head_dim, rotary_dim)
+    if ".k_proj." in name:
+        return interleaved_rotary_to_halves(tensor, num_kv_heads, head_dim, rotary_dim)
+    if ".q_norm." in name or ".k_norm." in name:
+        return tensor[..., rotary_halves_order(head_dim, rotary_dim)]
+    return tensor

@@ -12,9 +12,9 @@ from torch import nn
 
 from runtime.layers.mlp import GatedMLP
 from runtime.layers.norm import LayerNorm
-from runtime.model_loader.weight_map import WeightTarget, interleaved_rotary_to_halves, rotary_halves_order
+from runtime.model_loader.weight_map import WeightTarget, interleaved_qk_to_halves
 from runtime.models.llama import LlamaForCausalLM, llama_attention
-from runtime.models.stablelm import ParallelDecoderLayer
+from runtime.models.stablelm import ParallelDecoderLayer, add_head_layer_norms
 
 
 class CohereForCausalLM(LlamaForCausalLM):
@@ -26,11 +26,7 @@ class CohereForCausalLM(LlamaForCausalLM):
         config = self.config
         attention = llama_attention(config, layer_id, self.rotary, self.tp, self.dtype)
         if config.hf.get("use_qk_norm"):
-            starts = attention.qkv_proj.head_start
-            attention.q_norm = LayerNorm(config.head_dim, config.norm_eps, False, self.dtype,
-                                         heads=(starts["q"], attention.num_heads))
-            attention.k_norm = LayerNorm(config.head_dim, config.norm_eps, False, self.dtype,
-                                         heads=(starts["k"], attention.num_kv_heads))
+            add_head_layer_norms(attention, config, self.dtype)
         mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, False, self.tp, self.dtype)
         return ParallelDecoderLayer(self.build_norm(), attention, mlp)
 
@@ -38,15 +34,7 @@ class CohereForCausalLM(LlamaForCausalLM):
         return LayerNorm(self.config.hidden_size, self.config.norm_eps, False, self.dtype)
 
     def weight_targets(self, name: str, tensor: torch.Tensor) -> list[WeightTarget]:
-        return super().weight_targets(name, interleaved_to_halves(name, tensor, self.config))
-
-
-def interleaved_to_halves(name: str, tensor: torch.Tensor, config) -> torch.Tensor:
-    """q/k projection rows and q/k norm weights of a checkpoint with interleaved rotary pairs, in our layout."""
-    heads = {".q_proj.": config.num_heads, ".k_proj.": config.num_kv_heads}
-    for fragment, num_heads in heads.items():
-        if fragment in name:
-            return interleaved_rotary_to_halves(tensor, num_heads, config.head_dim, config.rotary_dim)
-    if ".q_norm." in name or ".k_norm." in name:  # [heads, head_dim]: the same order within each head
-        return tensor[..., rotary_halves_order(config.head_dim, config.rotary_dim)]
-    return tensor
+        config = self.config
+        tensor = interleaved_qk_to_halves(name, tensor, config.num_heads, config.num_kv_heads, config.head_dim,
+                                          config.rotary_dim)
+        return super().weight_targets(name, tensor)

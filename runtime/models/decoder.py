@@ -42,8 +42,9 @@ class DecoderModel(nn.Module):
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         if self.embed_scale is not None:
-            # transformers rounds the scale to the model dtype first (sqrt(3072) is 55.5 in bfloat16)
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+            # transformers rounds the scale to the model dtype first (sqrt(3072) is 55.5 in bfloat16); a host float
+            # keeps the step free of device syncs and capturable
+            hidden = hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, batch, attn)

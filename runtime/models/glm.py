@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from runtime.layers.mlp import GatedMLP
-from runtime.model_loader.weight_map import WeightTarget, split_rows
-from runtime.models.cohere import interleaved_to_halves
+from runtime.model_loader.weight_map import WeightTarget, interleaved_qk_to_halves, split_rows
 from runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM, llama_attention
 
 
@@ -32,4 +31,7 @@ class GlmForCausalLM(LlamaForCausalLM):
         if ".mlp.gate_up_proj." in name:
             size = self.config.intermediate_size
             return split_rows(name, tensor, [size, size], [0, 1])
-        return super().weight_targets(name, interleaved_to_halves(name, tensor, self.config))
+        config = self.config
+        tensor = interleaved_qk_to_halves(name, tensor, config.num_heads, config.num_kv_heads, config.head_dim,
+                                          config.rotary_dim)
+        return super().weight_targets(name, tensor)

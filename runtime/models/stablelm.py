@@ -14,6 +14,7 @@ from runtime.layers.attention import SelfAttention
 from runtime.layers.mlp import GatedMLP
 from runtime.layers.norm import LayerNorm
 from runtime.model_loader.weight_map import WeightTarget
+from runtime.models.config import ModelConfig
 from runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from runtime.worker.attention.base import AttentionBackend
 from runtime.worker.forward_batch import ForwardBatch
@@ -40,6 +41,15 @@ class ParallelDecoderLayer(nn.Module):
         return self.self_attn(hidden, batch, attn) + self.mlp(hidden), residual
 
 
+def add_head_layer_norms(attention: SelfAttention, config: ModelConfig, dtype: torch.dtype) -> None:
+    """Per-head LayerNorms (no bias) of q and k, each head with its own weights (StableLM 2 12B, Command-R+)."""
+    starts = attention.qkv_proj.head_start
+    attention.q_norm = LayerNorm(config.head_dim, config.norm_eps, False, dtype,
+                                 heads=(starts["q"], attention.num_heads))
+    attention.k_norm = LayerNorm(config.head_dim, config.norm_eps, False, dtype,
+                                 heads=(starts["k"], attention.num_kv_heads))
+
+
 class StableLmForCausalLM(LlamaForCausalLM):
     @staticmethod
     def standard_config(config: dict) -> dict:
@@ -50,11 +60,7 @@ class StableLmForCausalLM(LlamaForCausalLM):
         attention = SelfAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                   layer_id, self.rotary, self.tp, self.dtype, qkv_bias=config.qkv_bias)
         if config.hf.get("qk_layernorm"):
-            starts = attention.qkv_proj.head_start
-            attention.q_norm = LayerNorm(config.head_dim, config.norm_eps, False, self.dtype,
-                                         heads=(starts["q"], attention.num_heads))
-            attention.k_norm = LayerNorm(config.head_dim, config.norm_eps, False, self.dtype,
-                                         heads=(starts["k"], attention.num_kv_heads))
+            add_head_layer_norms(attention, config, self.dtype)
         mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, False, self.tp, self.dtype)
         if config.hf.get("use_parallel_residual"):
             return ParallelDecoderLayer(self.build_norm(), attention, mlp)
