@@ -165,11 +165,13 @@ class ModelRunner:
 
     def _context_length(self) -> int:
         model_max = self.model_config.max_position_embeddings
+        longest = self.model_config.longest_context_length
         wanted = self.config.context_length
         if wanted is None:
             return model_max
-        if wanted > model_max:
-            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}")
+        if wanted > longest:
+            scaled = f" (its rope scaling allows up to {longest})" if longest > model_max else ""
+            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}{scaled}")
         return wanted
 
     def _pool_size(self) -> int:
