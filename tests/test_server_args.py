@@ -43,7 +43,6 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--stream-interval", "0"], "--stream-interval"),
     (["--cuda-graph-bs", "0", "4"], "--cuda-graph-bs"),
     (["--torch-compile-max-bs", "0"], "--torch-compile-max-bs"),
-    (["--is-embedding"], "--is-embedding"),
     (["--allowed-origins", "evil.example"], "--allowed-origins"),
     (["--request-timeout", "0"], "--request-timeout"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),

@@ -32,6 +32,7 @@ from actors.actor import Actor
 from runtime.messages import (
     AbortRequest,
     BatchResult,
+    EmbeddingResults,
     EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
@@ -192,6 +193,8 @@ class SchedulerActor(Actor):
         if step.updates:
             stamp = time.monotonic() if self.args.enable_token_timestamps else 0.0
             self.to_detokenizer.send(TokenUpdates(updates=step.updates, sent_at=stamp))
+        if step.embeddings:
+            self.to_ingress.send(EmbeddingResults(results=step.embeddings))
 
     # ---------------------------------------------------------------------------------------
     # watchdog and shutdown

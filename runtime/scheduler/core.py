@@ -15,6 +15,14 @@ and decaying new-token ratio for the others). When that estimate was too low, de
 the newest requests are retracted (counted, logged, and the ratio reset). Retracted requests go back to the
 front of the queue with their output kept; their computed KV stays in the radix cache (when enabled) and they
 resume with prompt + output as input.
+
+Embedding requests (GenerateRequest.embed) are prefill only: their last chunk is named in the plan's `pool`, the
+worker returns the pooled vector, and they finish there (their KV goes to the radix cache like any other's).
+Mean and CLS pooling need every token's hidden state, so those requests never start from the prefix cache.
+
+Priority (GenerateRequest.priority, higher first): the queue is admitted in priority order, and a waiting request
+that finds no row or no memory retracts running requests of lower priority (the lowest, newest first), so batch
+work (/v1/batches) fills the idle capacity without making interactive requests wait for it.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ from dataclasses import dataclass, field
 from runtime.messages import (
     BatchPlan,
     BatchResult,
+    EmbeddingResult,
     FinishReason,
     GenerateRequest,
     ModelInfo,
     NewRow,
     RequestMeta,
     RequestRejected,
+    TokenLogprobs,
     TokenUpdate,
     WorkerError,
 )
@@ -47,7 +57,7 @@ from runtime.scheduler.stop_checker import Decode, StopChecker
 class PlanColumns:
     """The batch being planned, in the BatchPlan's columnar layout. Decode rows go in as whole columns (one list
     operation per column, not a call per request); prefill rows one by one. A prefill chunk that is not the
-    prompt's last computes KV but does not sample."""
+    prompt's last computes KV but does not sample; the last chunk of an embedding request is pooled."""
 
     reqs: list[Req] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
@@ -56,6 +66,7 @@ class PlanColumns:
     sample: list[bool] = field(default_factory=list)
     input_ids: list[int] = field(default_factory=list)
     out_slots: list[int] = field(default_factory=list)
+    pool: list[int] = field(default_factory=list)  # plan indices of rows whose pooled vector the worker returns
 
     def add_decode(self, reqs: list[Req], prefix_lens: list[int], input_ids: list[int], slots: list[int]) -> None:
         n = len(reqs)
@@ -67,7 +78,10 @@ class PlanColumns:
         self.input_ids += input_ids
         self.out_slots += slots
 
-    def add_extend(self, req: Req, prefix_len: int, input_ids: list[int], slots: list[int], sample: bool) -> None:
+    def add_extend(self, req: Req, prefix_len: int, input_ids: list[int], slots: list[int], sample: bool,
+                   pool: bool) -> None:
+        if pool:
+            self.pool.append(len(self.reqs))
         self.reqs.append(req)
         self.rows.append(req.row)
         self.prefix_lens.append(prefix_len)
@@ -89,6 +103,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     stream_interval: int = 1
+    pool_from_cache: bool = True  # embedding requests may start from a cached prefix (last-token pooling)
 
     @classmethod
     def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
@@ -100,8 +115,8 @@ class SchedulerConfig:
         return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
                    eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
                    max_prefill_tokens=args.max_prefill_tokens, enable_mixed_chunk=args.enable_mixed_chunk,
-                   schedule_policy=args.schedule_policy,
-                   disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval)
+                   schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
+                   stream_interval=args.stream_interval, pool_from_cache=info.pooling.method == "last")
 
 
 @dataclass
@@ -126,6 +141,7 @@ class StepUpdates:
     updates: list[TokenUpdate]
     finished: int = 0
     new_tokens: int = 0
+    embeddings: list[EmbeddingResult] = field(default_factory=list)  # for the ingress, not the detokenizer
 
 
 class SchedulerCore:
@@ -170,7 +186,10 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=f"rid {msg.rid!r} is already in use")
         if n == 0:
             return RequestRejected(rid=msg.rid, status=400, message="input_ids: the prompt is empty")
-        if n >= self.config.context_length:
+        if msg.embed and n > self.config.context_length:
+            return RequestRejected(rid=msg.rid, status=400, message=(
+                f"input: the input has {n} tokens; the context length is {self.config.context_length}"))
+        if not msg.embed and n >= self.config.context_length:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length} "
                 "(prompt plus at least one generated token)"))
@@ -178,8 +197,8 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the KV cache holds only {self.config.max_total_tokens} "
                 "(--max-total-tokens)"))
-        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals),
-                  length_limit=min(n + msg.sampling.max_new_tokens, self.context_limit))
+        limit = n if msg.embed else min(n + msg.sampling.max_new_tokens, self.context_limit)
+        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals), length_limit=limit)
         self.reqs[msg.rid] = req
         self.waiting.append(req)
         return None
@@ -214,22 +233,24 @@ class SchedulerCore:
         chunked_prefill_size prompt tokens; with none decoding, up to max_prefill_tokens. With mixed chunks (the
         default) the decode rows ride in the prefill chunk's batch; without, a step with prefill work carries
         no decode rows (SGLang's default: prefill first, decode rows wait)."""
+        preempted = self._preempt_for_priority()
         decode_reqs = self._decode_candidates()
         if not self.chunking:
             budget = self.config.max_prefill_tokens
         else:
             budget = self.config.chunked_prefill_size if decode_reqs else self.config.max_prefill_tokens
         if decode_reqs and not self.config.enable_mixed_chunk:
-            batch = self._plan_batch([], budget, retracted=0)
+            batch = self._plan_batch([], budget, retracted=0, preempted=preempted)
             if batch is not None:
                 return batch
             budget = 0
         retracted = self._make_room_for_decode(decode_reqs)
         if retracted:
             decode_reqs = [r for r in decode_reqs if r.status is ReqStatus.RUNNING]
-        return self._plan_batch(decode_reqs, budget, retracted)
+        return self._plan_batch(decode_reqs, budget, retracted, preempted)
 
-    def _plan_batch(self, decode_reqs: list[Req], budget: int, retracted: int) -> ScheduledBatch | None:
+    def _plan_batch(self, decode_reqs: list[Req], budget: int, retracted: int,
+                    preempted: bool) -> ScheduledBatch | None:
         cols = PlanColumns()
         if decode_reqs:
             slots = self._alloc_slots(len(decode_reqs))
@@ -240,8 +261,9 @@ class SchedulerCore:
                 req.slots.append(slot)
             cols.add_decode(decode_reqs, prefix_lens, input_ids, slots)
 
-        # Right after a retraction the freed memory is not for new requests (they would thrash).
-        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(cols, budget, admit=not retracted)
+        # Right after a retraction the freed memory is not for new requests (they would thrash), unless it was
+        # made for a request of higher priority.
+        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(cols, budget, admit=preempted or not retracted)
         if not cols.reqs:
             return None
         if decode_reqs and not retracted:
@@ -262,7 +284,7 @@ class SchedulerCore:
         plan = BatchPlan(
             batch_id=self.num_batches, rows=cols.rows, prefix_lens=cols.prefix_lens, extend_lens=cols.extend_lens,
             input_ids=cols.input_ids, out_slots=cols.out_slots, sample=cols.sample, future_slots=future_slots,
-            new_rows=new_rows, freed_rows=[r for r in self.released_rows if r not in reused])
+            new_rows=new_rows, freed_rows=[r for r in self.released_rows if r not in reused], pool=cols.pool)
         self.released_rows = []
         self.num_batches += 1
         batch = ScheduledBatch(plan=plan, reqs=cols.reqs, epochs=[r.retractions for r in cols.reqs],
@@ -276,6 +298,11 @@ class SchedulerCore:
         known length plus the tokens in flight, minus one (the last token is the next input)."""
         return [r for r in self.running if len(r.slots) >= len(r.fill_ids) and len(r.slots) + 1 < r.length_limit]
 
+    def _tokens_after(self, req: Req, generated: int) -> int:
+        if req.msg.embed:
+            return 0
+        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), generated)
+
     def _token_at(self, req: Req, pos: int) -> int:
         n = len(req.prompt_ids)
         return req.prompt_ids[pos] if pos < n else req.output_ids[pos - n]
@@ -287,7 +314,7 @@ class SchedulerCore:
             return 0
         retracted = 0
         while self._room() < need:
-            victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
+            victim = max(self.running, key=_retraction_order, default=None)
             if victim is None or (len(self.running) == 1 and victim in decode_reqs):
                 break  # a lone request always fits: its length is bounded by the pool
             self._retract(victim)
@@ -304,21 +331,22 @@ class SchedulerCore:
 
     def _growth(self, req: Req, generated: int) -> int:
         """KV slots the request is expected to still write while decoding, after `generated` tokens."""
-        sampling = req.sampling
-        left = self.stop_checker.tokens_left(sampling, len(req.prompt_ids), generated)
-        return self.new_token_ratio.growth(left, max(0, sampling.min_new_tokens - generated),
-                                           stops_only_at_length(sampling))
+        left = self._tokens_after(req, generated)
+        return self.new_token_ratio.growth(left, max(0, req.sampling.min_new_tokens - generated),
+                                           stops_only_at_length(req.sampling))
 
-    def _reservation(self) -> Reservation:
-        """The running requests' future demand: prefill still to do now, decode growth later; what each
-        gives back when it finishes (its slots beyond the prefix it found in the cache)."""
+    def _reservation(self, without: list[Req] = ()) -> Reservation:
+        """The running requests' future demand (all but `without`): prefill still to do now, decode growth later;
+        what each gives back when it finishes (its slots beyond the prefix it found in the cache)."""
         growth, freed, prefill_left = [], [], 0
         for r in self.running:
+            if r in without:
+                continue
             planned = max(len(r.fill_ids), len(r.slots))
             prefill_left += planned - len(r.slots)
             growth.append(self._growth(r, len(r.output_ids) + r.pending))
             freed.append(planned - r.prefix_hit)
-        return Reservation(self._room() - prefill_left, growth, freed)
+        return Reservation(self._room() + sum(len(r.slots) for r in without) - prefill_left, growth, freed)
 
     def _plan_prefill(self, cols: PlanColumns, budget: int, admit: bool) -> tuple[list[NewRow], int, int, int]:
         new_rows: list[NewRow] = []
@@ -335,8 +363,8 @@ class SchedulerCore:
                     budget -= n
                     new_tokens += n
 
-        # 2. New requests, in policy order, while rows, budget and memory last.
-        for req in self.policy.order(list(self.waiting)) if admit else []:
+        # 2. New requests, in priority then policy order, while rows, budget and memory last.
+        for req in self._admission_order() if admit else []:
             if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
                 break
             if req.pending:
@@ -371,6 +399,8 @@ class SchedulerCore:
         """How much of `fill` may come from the cache: all but the last token (its logits are
         needed), and while prompt logprobs are still wanted, nothing from the token before
         logprob_start_len on (its logits score the first token asked for)."""
+        if req.msg.embed and not self.config.pool_from_cache:
+            return 0
         n = len(fill) - 1
         opts = req.msg.logprobs
         if opts.return_logprob and opts.logprob_start_len >= 0 and not req.admitted_once:
@@ -397,13 +427,17 @@ class SchedulerCore:
             self.total_prompt_tokens += len(req.prompt_ids)
             self.total_cached_tokens += req.cached_tokens
         return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
-                      prior_output_ids=list(req.output_ids))
+                      prior_output_ids=list(req.output_ids), embed=req.msg.embed)
 
     def _add_extend(self, req: Req, n: int, cols: PlanColumns) -> None:
         start = len(req.slots)
         slots = self._alloc_slots(n)
         req.slots.extend(slots)
-        cols.add_extend(req, start, req.fill_ids[start:start + n], slots, len(req.slots) == len(req.fill_ids))
+        last_chunk = len(req.slots) == len(req.fill_ids)
+        embed = req.msg.embed
+        # max_new_tokens == 0 (a prefill only: cache a prefix, score a prompt) samples nothing.
+        sample = last_chunk and not embed and req.sampling.max_new_tokens > 0
+        cols.add_extend(req, start, req.fill_ids[start:start + n], slots, sample, last_chunk and embed)
 
     def _alloc_slots(self, n: int) -> list[int]:
         if self.allocator.num_free < n and self.cache:
@@ -423,6 +457,8 @@ class SchedulerCore:
         self.total_forward_ms += result.forward_ms
         plan = batch.plan
         touched: list[Req] = []
+        embeddings: list[EmbeddingResult] = []
+        pooled = set(plan.pool)
         finished = accepted = 0
         k = 0  # index into next_token_ids
         for i, req in enumerate(batch.reqs):
@@ -437,9 +473,17 @@ class SchedulerCore:
                 req.kv_committed = max(req.kv_committed, plan.prefix_lens[i] + plan.extend_lens[i])
                 if i in result.prompt_logprobs and req.retractions == 0 and not req.prompt_logprobs_sent:
                     req.prompt_logprobs = concat_logprobs(req.prompt_logprobs, result.prompt_logprobs[i])
+            if i in pooled and current:
+                self._finish_embedding(req, result.embeddings.get(i), embeddings, touched)
+                finished += 1
+                continue
             if not sampled:
-                if current:
+                if current and plan.prefix_lens[i] + plan.extend_lens[i] < len(req.fill_ids):
                     self._cache_unfinished(req)
+                elif current:  # the last chunk of a max_new_tokens == 0 request
+                    self._finish(req, FinishReason(type="length", length=0))
+                    touched.append(req)
+                    finished += 1
                 continue
             req.pending -= 1
             req.output_ids.append(token)
@@ -454,7 +498,17 @@ class SchedulerCore:
                 finished += 1
         self.total_generated_tokens += accepted
         updates = [self._update(r) for r in touched if self._should_send(r)]
-        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted)
+        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted, embeddings=embeddings)
+
+    def _finish_embedding(self, req: Req, vector: bytes | None, embeddings: list[EmbeddingResult],
+                          touched: list[Req]) -> None:
+        if vector is None:  # the worker must pool every index of plan.pool
+            self._finish(req, FinishReason(type="abort", message="the worker returned no embedding"))
+            touched.append(req)
+            return
+        self._finish(req, FinishReason(type="stop"))
+        embeddings.append(EmbeddingResult(rid=req.rid, embedding=vector, prompt_tokens=len(req.prompt_ids),
+                                          cached_tokens=req.cached_tokens))
 
     def process_error(self, error: WorkerError) -> StepUpdates:
         """A step failed on the worker: abort its requests with the worker's message."""
@@ -479,13 +533,18 @@ class SchedulerCore:
         if not req.msg.stream:
             return False
         unsent = len(req.output_ids) - req.sent_len
-        return req.sent_len == 0 or unsent >= self.config.stream_interval
+        return req.sent_len == 0 or unsent >= (req.sampling.stream_interval or self.config.stream_interval)
 
     def _update(self, req: Req) -> TokenUpdate:
         sampling = req.sampling
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+            if req.msg.logprobs.logprob_start_len == 0:  # the first prompt token: an entry without a logprob
+                prompt_logprobs = TokenLogprobs(
+                    token_ids=req.prompt_ids[:1] + prompt_logprobs.token_ids, logprobs=prompt_logprobs.logprobs,
+                    top_ids=prompt_logprobs.top_ids, top_logprobs=prompt_logprobs.top_logprobs,
+                    ids_logprobs=prompt_logprobs.ids_logprobs)
         update = TokenUpdate(
             rid=req.rid, new_token_ids=req.output_ids[req.sent_len:],
             meta=RequestMeta(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
@@ -493,7 +552,8 @@ class SchedulerCore:
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
-            stop=sampling.stop if req.sent_len == 0 else [])
+            stop=sampling.stop if req.sent_len == 0 else [],
+            stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update
@@ -510,6 +570,45 @@ class SchedulerCore:
         req.status = ReqStatus.FINISHED
         req.finish = reason
         del self.reqs[req.rid]
+
+    # ---------------------------------------------------------------------------------------
+    # priority
+    # ---------------------------------------------------------------------------------------
+
+    def _admission_order(self) -> list[Req]:
+        ordered = self.policy.order(list(self.waiting))
+        if len({r.msg.priority for r in ordered}) > 1:
+            ordered.sort(key=lambda r: -r.msg.priority)  # stable: policy order within a priority
+        return ordered
+
+    def _preempt_for_priority(self) -> bool:
+        """Retract lower-priority running requests while the most urgent waiting request finds no row or no
+        memory and they could give it that. True when something was retracted."""
+        if not self.waiting or not self.running:
+            return False
+        top = max(self.waiting, key=lambda r: r.msg.priority)
+        if top.pending or top.msg.priority <= min(r.msg.priority for r in self.running):
+            return False
+        victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+        if not self._fits(top, victims):
+            return False  # even without every lower-priority request it would not fit: keep them running
+        preempted = False
+        while not self._fits(top, []):
+            victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+            if not victims:
+                break
+            self._retract(max(victims, key=_retraction_order))
+            preempted = True
+        return preempted
+
+    def _fits(self, req: Req, without: list[Req]) -> bool:
+        """Whether `req` could be admitted as far as rows and memory go, once the running requests `without` left
+        (prefix cache hits ignored)."""
+        if min(self.table.num_free, self.config.max_running_requests - len(self.running)) + len(without) == 0:
+            return False
+        need = len(req.prompt_ids) + len(req.output_ids)
+        alone = all(r in without for r in self.running)  # a request alone always fits
+        return self._reservation(without).try_admit(need, self._growth(req, len(req.output_ids)), need, force=alone)
 
     def _learn_length(self, req: Req) -> None:
         """A request that could have stopped early finished: how much of its budget did it use?"""
@@ -631,3 +730,8 @@ class SchedulerCore:
                 assert self.cache.protected_size == 0, f"idle with {self.cache.protected_size} locked cache tokens"
             assert self._room() == n, f"idle: free + evictable = {self._room()} != pool {n}"
             assert self.table.num_free == self.config.max_running_requests
+
+
+def _retraction_order(req: Req) -> tuple[int, int]:
+    """The running request given up first: the lowest priority, then the newest."""
+    return -req.msg.priority, req.arrival_seq
