@@ -193,6 +193,8 @@ class Frontend:
 
     async def encode_async(self, text: str, field: str = "text") -> list[int]:
         """encode() off the event loop for long texts, after the length check."""
+        if self._closed is not None:
+            raise self._closed
         self._need_tokenizer(field)
         if not isinstance(text, str):
             raise RequestError(400, f"{field}: expected a string, got {type(text).__name__}")
@@ -204,6 +206,8 @@ class Frontend:
     async def apply_chat_template_async(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                                         continue_final_message: bool) -> list[int]:
         """apply_chat_template() off the event loop for long conversations, after the length check."""
+        if self._closed is not None:
+            raise self._closed
         self._need_tokenizer("messages")
         chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)
                     and isinstance(m.get("content"), str))
