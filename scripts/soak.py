@@ -324,7 +324,11 @@ async def _soak(host: str, port: int, args, with_tokenizer: bool, vocab: int, to
                 plan = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            outcome = await run_one(host, port, plan, args.api_key)
+            try:  # at the end of --duration the clients still waiting hang up (more disconnects, nothing else)
+                outcome = await asyncio.wait_for(run_one(host, port, plan, args.api_key),
+                                                 max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                outcome = Outcome("cut_by_client")
             totals.outcomes[outcome.kind] += 1
             if outcome.status:
                 totals.statuses[outcome.status] += 1
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = get_json(args.url + "/get_server_info", args.api_key)
     with_tokenizer = not server.get("skip_tokenizer_init", False)
     vocab = info["vocab_size"]
-    asyncio.run(soak(host, port, argparse.Namespace(**{**vars(args), "requests": min(8, args.requests),
+    asyncio.run(soak(host, port, argparse.Namespace(**{**vars(args), "requests": min(4, args.requests),
                                                        "concurrency": 4}), with_tokenizer, vocab, Totals()))
     wait_idle(args.url, args.api_key, args.idle_timeout)
     baseline = children_usage(args.launcher_pid) if args.launcher_pid else {}
