@@ -3,6 +3,7 @@
     sup = Supervisor()                       # run prefix rt<pid>_ for every segment of this run
     info = sup.start(worker_spec)            # blocks until the worker reported Ready (its info bytes)
     sup.start(scheduler_spec_using(info))    # later specs may use earlier infos
+    sup.start_together([rank0, rank1])       # actors that become ready only together
     sup.handle_signals(grace_s=5.0)          # SIGTERM/SIGINT: graceful stop
     sys.exit(sup.wait())                     # 0 after a graceful stop, 1 if an actor died
 
@@ -133,23 +134,34 @@ class Supervisor:
     def start(self, spec: ActorSpec, timeout: float | None = None) -> bytes:
         """Start one actor and wait for its Ready; returns its info bytes. Raises ActorStartError
         (after stopping every actor of the run) if it fails, dies or is not ready in time."""
+        return self.start_together([spec], timeout)[0]
+
+    def start_together(self, specs: list[ActorSpec], timeout: float | None = None) -> list[bytes]:
+        """Start several actors at once and wait until all are Ready; their info bytes, in spec order. For
+        actors that can only become ready together (ranks meeting in a process group): the first of
+        them to fail, die or time out fails the start, as with start()."""
         timeout = self.ready_timeout if timeout is None else timeout
+        children = []
         with self._lock:
             if self._state != "running":
-                raise RuntimeError(f"cannot start {spec.name!r}: the supervisor is {self._state} ({self.failure})")
-            self._check_new_actor(spec)
-            for cs in list(spec.inbound) + list(spec.outbound):
-                self._ensure_ring(cs)
-            child = self._spawn(spec)
-            self._children.append(child)
-        log.info("starting actor %r (pid %d)", spec.name, child.process.pid)
-        info = self._await_ready(child, timeout)
-        with self._lock:
-            child.ready = True
-            self._ensure_watcher()
-        self._wake_watcher()
-        log.info("actor %r is ready", spec.name)
-        return info
+                raise RuntimeError(f"cannot start {specs[0].name!r}: the supervisor is {self._state} "
+                                   f"({self.failure})")
+            for spec in specs:
+                self._check_new_actor(spec)
+                for cs in list(spec.inbound) + list(spec.outbound):
+                    self._ensure_ring(cs)
+                child = self._spawn(spec)
+                self._children.append(child)
+                children.append(child)
+                log.info("starting actor %r (pid %d)", spec.name, child.process.pid)
+        infos = self._await_ready(children, timeout)
+        for child in children:
+            with self._lock:
+                child.ready = True
+                self._ensure_watcher()
+            self._wake_watcher()
+            log.info("actor %r is ready", child.spec.name)
+        return infos
 
     def _check_new_actor(self, spec: ActorSpec) -> None:
         if not _ACTOR_NAME_RE.match(spec.name):
@@ -182,24 +194,33 @@ class Supervisor:
             Channel(f"{spec.name}.control_down", down_ring, ControlDown),
         )
 
-    def _await_ready(self, child: _Child, timeout: float) -> bytes:
+    def _await_ready(self, children: list[_Child], timeout: float) -> list[bytes]:
+        """Every child's Ready info; the first of them to fail, die or time out fails the start."""
         deadline = time.monotonic() + timeout
-        while True:
-            msg = child.control_up.get(timeout=0.05)
-            if msg is None and child.process.poll() is not None:
-                msg = child.control_up.try_get()  # it may have reported just before exiting
-                if msg is None:
-                    self._fail_start(child, f"its process {describe_exit(child.process.poll())} before reporting Ready")
-            match msg:
-                case Ready(info=info):
-                    return info
-                case Failed(error=error, traceback=tb):
-                    child.process.wait(self.term_timeout_s)
-                    self._fail_start(child, error, tb)
-            if self._state != "running":
-                self._fail_start(child, f"the run is stopping ({self.failure or 'stop requested'})")
-            if time.monotonic() > deadline:
-                self._fail_start(child, f"no Ready within {timeout:g} s")
+        infos: dict[int, bytes] = {}
+        while len(infos) < len(children):
+            pending = [(i, c) for i, c in enumerate(children) if i not in infos]
+            for i, child in pending:
+                wait_s = 0.05 if len(pending) == 1 else 0.0
+                msg = child.control_up.get(timeout=wait_s)
+                if msg is None and child.process.poll() is not None:
+                    msg = child.control_up.try_get()  # it may have reported just before exiting
+                    if msg is None:
+                        self._fail_start(child, f"its process {describe_exit(child.process.poll())} before reporting "
+                                                f"Ready")
+                match msg:
+                    case Ready(info=info):
+                        infos[i] = info
+                    case Failed(error=error, traceback=tb):
+                        child.process.wait(self.term_timeout_s)
+                        self._fail_start(child, error, tb)
+                if self._state != "running":
+                    self._fail_start(child, f"the run is stopping ({self.failure or 'stop requested'})")
+                if time.monotonic() > deadline:
+                    self._fail_start(child, f"no Ready within {timeout:g} s")
+            if len(pending) > 1:
+                time.sleep(0.05)
+        return [infos[i] for i in range(len(children))]
 
     def _fail_start(self, child: _Child, reason: str, traceback: str = ""):
         name = child.spec.name

@@ -131,7 +131,7 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool):
+                       stream: bool, group: str | None = None):
         if self.record_calls:
             self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
         if self.reject is not None:
@@ -232,6 +232,9 @@ class FakeFrontend:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
                 "max_total_tokens": self.model_info.max_total_tokens}
+
+    async def replica_states(self) -> list[dict]:
+        return [await self.server_info()]
 
 
 class ServerThread:

@@ -28,7 +28,8 @@ from runtime.tokenizer import load_tokenizer
 class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     model_info: ModelInfo
-    to_scheduler: str = "ingress_to_scheduler"  # name of the outbound channel in the ActorSpec
+    # names of the outbound channels in the ActorSpec: one per data-parallel replica's scheduler
+    to_schedulers: list[str] = msgspec.field(default_factory=lambda: ["ingress_to_scheduler"])
 
 
 class IngressInfo(msgspec.Struct):
@@ -63,7 +64,7 @@ class IngressActor(AsyncActor):
         super().__init__(context)
         args = self.config.args
         self.tokenizer = load_tokenizer(args)
-        self.to_scheduler = self.ref(self.config.to_scheduler)
+        self.to_schedulers = [self.ref(name).channel for name in self.config.to_schedulers]
         self.server_config = ServerConfig.from_args(args)
         self.sock = listen(args.host, args.port, self.server_config.backlog)  # last: nothing fails after it
 
@@ -72,7 +73,7 @@ class IngressActor(AsyncActor):
 
     async def main(self) -> None:
         args = self.config.args
-        frontend = Frontend(args, self.config.model_info, self.tokenizer, self.to_scheduler.channel)
+        frontend = Frontend(args, self.config.model_info, self.tokenizer, self.to_schedulers)
         shutdown: asyncio.Future = asyncio.get_running_loop().create_future()
 
         def on_message(msg) -> None:

@@ -53,6 +53,7 @@ IDLE_WAIT_S = 1.0
 class SchedulerActorConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     model_info: ModelInfo  # from worker rank 0's Ready
+    dp_rank: int = 0  # the data-parallel replica this scheduler drives
 
 
 class SchedulerActor(Actor):
@@ -127,7 +128,8 @@ class SchedulerActor(Actor):
                     self.log.info("radix cache flushed")
                 self.to_ingress.send(FlushCacheReply(token=token, ok=ok, message=message))
             case ServerInfoRequest(token=token):
-                info = {k: msgspec.Raw(msgspec.msgpack.encode(v)) for k, v in self.core.server_info().items()}
+                state = {"dp_rank": self.config.dp_rank, **self.core.server_info()}
+                info = {k: msgspec.Raw(msgspec.msgpack.encode(v)) for k, v in state.items()}
                 self.to_ingress.send(ServerInfoReply(token=token, info=info))
             case Shutdown(grace_s=grace_s):
                 if self.shutdown_deadline is None:

@@ -74,7 +74,7 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream)) as updates:
+                                                           stream, group=job.group)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:

@@ -14,6 +14,7 @@ class Job:
     input_ids: list[int]
     sampling: SamplingParams
     logprobs: LogprobOptions
+    group: str | None = None  # the n samples of one prompt share a group: one data-parallel replica serves them
 
 
 @dataclass(slots=True)
