@@ -208,7 +208,7 @@ class Deployment:
         this node's first rank). On failure every actor is stopped and ActorStartError (naming the actor, with its
         stderr tail) is raised."""
         local = self.layout.node_ranks(self.node)
-        log.info("layout: %s; this is node %d", self.layout.describe(), self.node)
+        log.info("this is node %d of the layout %s", self.node, self.layout.describe())
         if self.node != 0:
             infos = self.sup.start_together([self.worker_spec(s.global_rank) for s in local] + [self.relay_spec()])
             self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
