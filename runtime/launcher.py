@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -163,9 +164,16 @@ class Deployment:
         channels = self.replicas[slot.dp_rank]
         config = WorkerActorConfig(args=self.args, tp_rank=slot.tp_rank, dp_rank=slot.dp_rank, gpu_id=slot.gpu,
                                    dist_init_method=self.worker_init_methods[slot.dp_rank],
-                                   p2p_check_gpus=[s.gpu for s in local] if self.args.enable_p2p_check else [])
+                                   p2p_check_gpus=[s.gpu for s in local] if self.args.enable_p2p_check else [],
+                                   cpu_threads=self.cpu_threads_per_worker())
         return self._spec(slot.name, WORKER_CLASS, config, [channels.plans_for(local.index(slot))],
                           [channels.worker_to_scheduler] if slot.tp_rank == 0 else [])
+
+    def cpu_threads_per_worker(self) -> int:
+        """Several workers on one node share its cores: each gets its share of torch threads (more would
+        oversubscribe the cores, and a rank waiting in a collective would wait for a descheduled peer)."""
+        workers = len(self.layout.node_ranks(self.node))
+        return max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else 0
 
     def relay_spec(self) -> ActorSpec:
         from runtime.distributed.actor import RelayConfig

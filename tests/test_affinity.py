@@ -58,3 +58,16 @@ def test_read_topology_of_this_machine():
     for cores in topo.numa_nodes.values():
         assert cores and set(cores) <= set(topo.cpus)
     assert topo.gpu_numa == []
+
+
+def test_auto_pins_every_rank_of_every_replica_next_to_its_gpu():
+    from runtime.distributed.layout import Layout
+
+    topo = two_socket_topology()
+    plan = plan_affinity("auto", topo, Roles.for_node(Layout(dp_size=2, tp_size=2), 0))
+    node_of = {c: n for n, cores in topo.numa_nodes.items() for c in cores}
+    for rank in range(4):
+        assert [node_of[c] for c in plan[f"worker{rank}"]] == [topo.gpu_numa[rank]]
+    assert node_of[plan["scheduler0"][0]] == 0 and node_of[plan["scheduler1"][0]] == 1
+    dedicated = [plan[role][0] for role in ("worker0", "worker1", "worker2", "worker3", "scheduler0", "scheduler1")]
+    assert len(set(dedicated)) == 6 and not set(dedicated) & set(plan["ingress"])

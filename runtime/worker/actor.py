@@ -46,6 +46,7 @@ class WorkerActorConfig(msgspec.Struct, forbid_unknown_fields=True):
     gpu_id: int = 0  # device index on this node (runtime.distributed.layout)
     dist_init_method: str | None = None  # tp_size > 1: tcp://host:port where the replica's ranks meet
     p2p_check_gpus: list[int] = []  # --enable-p2p-check: this node's GPUs of the replica
+    cpu_threads: int = 0  # torch's intra-op threads; 0: torch's default (one worker on the node)
 
 
 def decode_model_info(info: bytes) -> ModelInfo:
@@ -60,6 +61,10 @@ class WorkerActor(Actor):
         from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig  # torch: only in worker processes
 
         config = self.config
+        if config.cpu_threads:
+            import torch
+
+            torch.set_num_threads(config.cpu_threads)
         self.rank = config.tp_rank
         self.tp_size = config.args.tp_size
         runner_config = ModelRunnerConfig.from_server_args(config.args, self.rank, config.gpu_id)

@@ -111,12 +111,12 @@ class ModelRunner:
         self.config = config
         self.device = _resolve_device(config.device, config.tp_rank if config.gpu_id is None else config.gpu_id)
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
-        if self.tp.size > 1:
-            join_tp_group(config.dist_init_method, self.tp, self.device, config.dist_timeout_s,
-                          config.p2p_check_gpus)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
         self.model_config = read_model_config(checkpoint)
         check_model_shards(self.model_config, config.tp_size)
+        if self.tp.size > 1:
+            join_tp_group(config.dist_init_method, self.tp, self.device, config.dist_timeout_s,
+                          config.p2p_check_gpus)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
