@@ -56,9 +56,18 @@ class Layout:
         return "scheduler" if self.dp_size == 1 else f"scheduler{dp_rank}"
 
     def describe(self) -> str:
-        """One line per replica: which worker holds which tp rank on which node and GPU."""
+        """One line per replica: where its scheduler runs, and per node which ranks, workers and GPUs it holds."""
+        def span(first: int, last: int) -> str:
+            return str(first) if first == last else f"{first}-{last}"
+
         lines = [f"dp {self.dp_size} x tp {self.tp_size} over {self.nnodes} node{'s' * (self.nnodes > 1)}"]
         for r in range(self.dp_size):
-            ranks = "; ".join(f"{s.name} tp{s.tp_rank} node{s.node} gpu{s.gpu}" for s in self.replica_ranks(r))
-            lines.append(f"  replica {r}: {self.scheduler_name(r)} on node0; {ranks}")
+            parts = []
+            for node in range(self.nnodes):
+                ranks = self.replica_ranks(r, node)
+                if ranks:
+                    a, b = ranks[0], ranks[-1]
+                    parts.append(f"node {node}: tp {span(a.tp_rank, b.tp_rank)} = worker"
+                                 f"{span(a.global_rank, b.global_rank)} on gpu {span(a.gpu, b.gpu)}")
+            lines.append(f"  replica {r} ({self.scheduler_name(r)} on node 0): {'; '.join(parts)}")
         return "\n".join(lines)

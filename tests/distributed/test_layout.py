@@ -18,7 +18,8 @@ def test_tensor_parallel_ranks_split_evenly_over_nodes():
     assert layout.ranks_per_node == 8
     node1 = layout.node_ranks(1)
     assert [s.tp_rank for s in node1] == list(range(8, 16)) and [s.gpu for s in node1] == list(range(8))
-    assert "worker15 tp15 node1 gpu7" in layout.describe()
+    assert layout.describe().splitlines()[1] == ("  replica 0 (scheduler on node 0): node 0: tp 0-7 = worker0-7 on gpu "
+                                                 "0-7; node 1: tp 8-15 = worker8-15 on gpu 0-7")
 
 
 def test_each_node_pins_its_own_roles():
@@ -29,3 +30,12 @@ def test_each_node_pins_its_own_roles():
     assert member.workers == {"worker2": 0, "worker3": 1} and member.schedulers == {} and member.shared == ("relay",)
     replicas = Roles.for_node(Layout(dp_size=2, tp_size=2), 0)
     assert replicas.schedulers == {"scheduler0": 0, "scheduler1": 2} and "relay" not in replicas.shared
+
+
+def test_show_placement_prints_the_plan_of_server_flags(capsys):
+    from scripts.show_placement import main
+
+    main(["--plan", "--dp", "2", "--tp", "2", "--base-gpu-id", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("dp 2 x tp 2 over 1 node\n")
+    assert "replica 1 (scheduler1 on node 0): node 0: tp 0-1 = worker2-3 on gpu 4-5" in out

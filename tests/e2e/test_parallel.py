@@ -148,7 +148,7 @@ def test_tp3_on_the_default_model_answers_as_one_rank(tmp_path):
         status, out = server.post("/generate", {"text": "The capital of France is",
                                                 "sampling_params": {"temperature": 0, "max_new_tokens": 4}})
         assert status == 200 and "Paris" in out["text"], out
-        assert "worker2 tp2 node0" in server.output()
+        assert "replica 0 (scheduler on node 0): node 0: tp 0-2 = worker0-2 on gpu 0-2" in server.output()
     finally:
         server.stop()
 
@@ -185,6 +185,14 @@ def test_dp2_tp2_serves_concurrent_requests_from_both_replicas(dp2tp2, tiny):
         assert new["unfinished"] == new["running"] == new["queued"] == 0
     status, metrics = dp2tp2.get("/metrics")
     assert 'sglang:num_running_reqs{dp_rank="0"' in metrics and 'sglang:token_usage{dp_rank="1"' in metrics
+
+
+def test_show_placement_lists_every_rank_of_every_replica(dp2tp2):
+    out = subprocess.run([sys.executable, "scripts/show_placement.py", "--pid", str(dp2tp2.proc.pid)], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:4] for line in out.splitlines()[1:]}
+    assert rows["worker3"] == ["1", "1", "0"] and rows["worker0"] == ["0", "0", "0"]  # dp, tp, node
+    assert rows["scheduler1"][0] == "1" and set(rows) >= {"ingress", "detokenizer", "scheduler0"}
 
 
 def test_the_samples_of_one_request_share_one_replica_and_flush_cache_flushes_all(dp2tp2, tiny):
