@@ -13,13 +13,26 @@ Topology of one replica (names are ChannelSpec names; the segment of each is `<r
 and once per run:
     detokenizer_to_ingress    Ring           detokenizer -> ingress
 
-Where each rank runs (replica, tp rank, node, GPU) is runtime.distributed.layout's. Start order on
-node 0: every local worker at once (the ranks of a replica become ready only together: they meet in a
-process group and agree on one KV pool size; Ready info of each replica's rank 0 is the msgspec-encoded
-ModelInfo), the relay with --nnodes > 1, each replica's scheduler (it sizes its pools from its replica's
-ModelInfo), the detokenizer, and last the ingress (Ready once it listens). Nodes > 0 start only their
-workers and their relay (runtime.distributed.actor), which writes node 0's plans into their plan ring.
-`runtime.Engine` starts node 0's actors minus the ingress and plays the ingress itself.
+Where each rank runs (replica, tp rank, node, GPU) is runtime.distributed.layout's. Node 0 runs its ranks of
+every replica, every replica's scheduler, the detokenizer, the ingress, and with --nnodes > 1 a relay; the other
+nodes run their ranks and a relay (runtime.distributed.actor), which writes node 0's plans into their plan ring.
+
+Start-up, everything at once: `python -m runtime` binds the HTTP port first (a busy port fails
+in well under a second, before anything loads), then starts every actor together, so the model
+load, the tokenizer loads and the imports overlap (the ranks of a replica must start together anyway:
+they meet in a process group and agree on one KV pool size). Only the schedulers need the model's
+facts: each waits for its replica's rank 0's WorkerReady on its ring, and tells the ingress with
+EngineReady (the ingress waits for every replica's; rank 0's Ready info is the msgspec-encoded
+ModelInfo too, for the launcher's log and the Engine).
+`runtime.Engine` starts the same actors minus the ingress and plays the ingress itself.
+
+Processes are titled `runtime: <role>` (ps, top); their configs (which hold the API key) travel in
+0600 shared memory, never on argv. The actors that need no torch (scheduler, detokenizer,
+ingress) block its import: transformers would load it for nothing (seconds and ~200 MB each).
+Every actor but the ingress beats a slot of the run's heartbeat segment, which /health reads.
+
+Stop: SIGTERM/SIGINT start a graceful drain of --graceful-shutdown-timeout seconds (see
+runtime.ingress.actor); the launcher exits 0 when every actor exited cleanly.
 """
 
 from __future__ import annotations
@@ -40,12 +53,14 @@ import msgspec
 from actors.channel import Channel
 from actors.spec import ActorSpec, ChannelSpec
 from actors.supervisor import ActorStartError, Supervisor
+from httpd import ServerConfig
+from httpd.listen import ListenError, open_listener
 from runtime.affinity import Roles, plan_affinity, read_topology
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.distributed.layout import Layout, RankSlot
 from runtime.messages import ModelInfo
 from runtime.server_args import ServerArgs
-from shm import sweep_stale
+from shm import Heartbeats, segment_name, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +68,7 @@ log = logging.getLogger(__name__)
 REQUEST_RING_BYTES = 4 << 20  # ingress -> scheduler: prompts
 PLAN_RING_BYTES = 8 << 20  # scheduler -> workers: one BatchPlan carries every new token's id and slot
 RESULT_RING_BYTES = 4 << 20  # worker -> scheduler, scheduler -> detokenizer, -> ingress
-SHUTDOWN_GRACE_S = 0.0  # SIGTERM/SIGINT: running requests are aborted, every actor exits cleanly
+NO_TORCH = ["torch"]  # blocked in the actors that need no torch (their tokenizer libraries would import it)
 
 WORKER_CLASS = "runtime.worker:WorkerActor"
 SCHEDULER_CLASS = "runtime.scheduler:SchedulerActor"
@@ -128,14 +143,16 @@ def dist_init_methods(args: ServerArgs, layout: Layout) -> tuple[list[str | None
 
 
 class Deployment:
-    """The actor processes of one engine on this node: node 0 runs every replica's local workers and scheduler,
-    the detokenizer, the HTTP ingress when `with_http`, and the relay with --nnodes > 1; other nodes run their
-    workers and their relay. Call start() from a thread that outlives the run (children die with it)."""
+    """The actor processes of one engine on this node. Node 0: every replica's local workers and scheduler, the
+    detokenizer, the HTTP ingress when `with_http` (on `listener`, a bound socket it inherits; None: it binds
+    --host/--port itself), and the relay with --nnodes > 1; other nodes: their workers and their relay. Call
+    start() from a thread that outlives the run (children die with it)."""
 
     def __init__(self, args: ServerArgs, with_http: bool, prefix: str | None = None,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None, listener: socket.socket | None = None):
         self.args = args
         self.with_http = with_http
+        self.listener = listener
         self.layout = Layout.from_args(args)
         self.node = args.node_rank
         self.cpus = plan_cpus(args, self.layout)
@@ -147,14 +164,24 @@ class Deployment:
         self.detokenizer_to_ingress = self.sup.channel("detokenizer_to_ingress",
                                                        "runtime.messages:DetokenizerToIngress", RESULT_RING_BYTES)
         self.worker_init_methods, self.relay_init_method = dist_init_methods(args, self.layout)
+        slots = [slot.name for slot in self.layout.node_ranks(self.node)]
+        if self.node == 0:
+            slots += [self.layout.scheduler_name(r) for r in range(self.layout.dp_size)] + ["detokenizer"]
+        slots += ["relay"] if self.relayed else []
+        self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
 
-    def _spec(self, name: str, actor_class: str, config: msgspec.Struct, inbound: list[ChannelSpec],
-              outbound: list[ChannelSpec]) -> ActorSpec:
+    def _spec(self, name: str, title: str, actor_class: str, config: msgspec.Struct, inbound: list[ChannelSpec],
+              outbound: list[ChannelSpec], blocked_imports: list[str] = ()) -> ActorSpec:
         return ActorSpec(name=name, actor_class=actor_class, config=msgspec.Raw(msgspec.json.encode(config)),
                          inbound=inbound, outbound=outbound, log_level=self.args.log_level,
-                         cpus=self.cpus.get(name, []))
+                         cpus=self.cpus.get(name, []), title=f"runtime: {title}", blocked_imports=list(blocked_imports))
+
+    @property
+    def parallel(self) -> bool:
+        """More than one rank, replica or node: process titles carry the placement (scripts/show_placement.py)."""
+        return len(self.layout.ranks) > 1 or self.relayed
 
     def worker_spec(self, global_rank: int) -> ActorSpec:
         from runtime.worker.actor import WorkerActorConfig
@@ -162,11 +189,15 @@ class Deployment:
         slot: RankSlot = self.layout.ranks[global_rank]
         local = self.layout.replica_ranks(slot.dp_rank, slot.node)
         channels = self.replicas[slot.dp_rank]
-        config = WorkerActorConfig(args=self.args, tp_rank=slot.tp_rank, dp_rank=slot.dp_rank, gpu_id=slot.gpu,
+        config = WorkerActorConfig(args=self.args, tp_rank=slot.tp_rank, heartbeat_segment=self.heartbeats.name,
+                                   dp_rank=slot.dp_rank, gpu_id=slot.gpu,
                                    dist_init_method=self.worker_init_methods[slot.dp_rank],
                                    p2p_check_gpus=[s.gpu for s in local] if self.args.enable_p2p_check else [],
                                    cpu_threads=self.cpu_threads_per_worker())
-        return self._spec(slot.name, WORKER_CLASS, config, [channels.plans_for(local.index(slot))],
+        title = f"worker {global_rank}"
+        if self.parallel:
+            title += f" [dp {slot.dp_rank} tp {slot.tp_rank} node {slot.node} gpu {slot.gpu}]"
+        return self._spec(slot.name, title, WORKER_CLASS, config, [channels.plans_for(local.index(slot))],
                           [channels.worker_to_scheduler] if slot.tp_rank == 0 else [])
 
     def cpu_threads_per_worker(self) -> int:
@@ -179,63 +210,68 @@ class Deployment:
         from runtime.distributed.actor import RelayConfig
 
         channels = self.replicas[0]  # --nnodes > 1 needs --dp-size 1
-        config = RelayConfig(args=self.args, init_method=self.relay_init_method)
+        config = RelayConfig(args=self.args, init_method=self.relay_init_method, heartbeat_segment=self.heartbeats.name)
+        title = f"relay [node {self.node}]"
         if self.node == 0:
             reader = len(self.layout.replica_ranks(0, 0))  # after the local ranks
-            return self._spec("relay", RELAY_CLASS, config, [channels.plans_for(reader)], [])
-        return self._spec("relay", RELAY_CLASS, config, [], [channels.scheduler_to_worker])
+            return self._spec("relay", title, RELAY_CLASS, config, [channels.plans_for(reader)], [])
+        return self._spec("relay", title, RELAY_CLASS, config, [], [channels.scheduler_to_worker])
 
-    def scheduler_spec(self, model_info: ModelInfo, dp_rank: int = 0) -> ActorSpec:
+    def scheduler_spec(self, model_info: ModelInfo | None = None, dp_rank: int = 0) -> ActorSpec:
+        """model_info None: the scheduler waits for its rank 0's WorkerReady (it starts while the model loads)."""
         from runtime.scheduler.actor import SchedulerActorConfig
 
         c = self.replicas[dp_rank]
-        config = SchedulerActorConfig(args=self.args, model_info=model_info, dp_rank=dp_rank)
-        return self._spec(self.layout.scheduler_name(dp_rank), SCHEDULER_CLASS, config,
+        config = SchedulerActorConfig(args=self.args, model_info=model_info, heartbeat_segment=self.heartbeats.name,
+                                      dp_rank=dp_rank)
+        title = "scheduler" if self.layout.dp_size == 1 else f"scheduler {dp_rank} [dp {dp_rank} node 0]"
+        return self._spec(self.layout.scheduler_name(dp_rank), title, SCHEDULER_CLASS, config,
                           [c.ingress_to_scheduler, c.worker_to_scheduler],
-                          [c.scheduler_to_worker, c.scheduler_to_detokenizer, c.scheduler_to_ingress])
+                          [c.scheduler_to_worker, c.scheduler_to_detokenizer, c.scheduler_to_ingress], NO_TORCH)
 
     def detokenizer_spec(self) -> ActorSpec:
         from runtime.detokenizer.actor import DetokenizerConfig
 
-        return self._spec("detokenizer", DETOKENIZER_CLASS,
-                          DetokenizerConfig(args=self.args, to_ingress=self.detokenizer_to_ingress.name),
-                          [c.scheduler_to_detokenizer for c in self.replicas], [self.detokenizer_to_ingress])
+        config = DetokenizerConfig(args=self.args, to_ingress=self.detokenizer_to_ingress.name,
+                                   heartbeat_segment=self.heartbeats.name)
+        return self._spec("detokenizer", "detokenizer", DETOKENIZER_CLASS, config,
+                          [c.scheduler_to_detokenizer for c in self.replicas], [self.detokenizer_to_ingress], NO_TORCH)
 
-    def ingress_spec(self, model_info: ModelInfo) -> ActorSpec:
+    def ingress_spec(self, model_info: ModelInfo | None = None) -> ActorSpec:
+        """model_info None: the ingress waits for every scheduler's EngineReady."""
         from runtime.ingress.actor import IngressConfig
 
         to_schedulers = [c.ingress_to_scheduler for c in self.replicas]
-        return self._spec("ingress", INGRESS_CLASS,
-                          IngressConfig(args=self.args, model_info=model_info,
-                                        to_schedulers=[c.name for c in to_schedulers]),
+        config = IngressConfig(args=self.args, model_info=model_info, to_schedulers=[c.name for c in to_schedulers],
+                               listen_fd=-1 if self.listener is None else self.listener.fileno(),
+                               heartbeat_segment=self.heartbeats.name)
+        return self._spec("ingress", "ingress", INGRESS_CLASS, config,
                           [self.detokenizer_to_ingress, *(c.scheduler_to_ingress for c in self.replicas)],
-                          to_schedulers)
+                          to_schedulers, NO_TORCH)
 
     def start(self) -> ModelInfo:
-        """Start every actor of this node in order; returns the ModelInfo of replica 0's rank 0 (on nodes > 0: of
+        """Start every actor of this node at once; returns the ModelInfo of replica 0's rank 0 (on nodes > 0: of
         this node's first rank). On failure every actor is stopped and ActorStartError (naming the actor, with its
         stderr tail) is raised."""
         local = self.layout.node_ranks(self.node)
         log.info("this is node %d of the layout %s", self.node, self.layout.describe())
-        if self.node != 0:
-            infos = self.sup.start_together([self.worker_spec(s.global_rank) for s in local] + [self.relay_spec()])
-            self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
-            return self.model_info
-        infos = self.sup.start_together([self.worker_spec(s.global_rank) for s in local])
-        replica_infos = [msgspec.msgpack.decode(infos[local.index(self.layout.replica_ranks(r)[0])], type=ModelInfo)
-                         for r in range(self.layout.dp_size)]
-        self.model_info = replica_infos[0]
+        specs = [self.worker_spec(slot.global_rank) for slot in local]
+        specs += [self.relay_spec()] if self.relayed else []
+        pass_fds = {}
+        if self.node == 0:
+            specs += [self.scheduler_spec(dp_rank=r) for r in range(self.layout.dp_size)]
+            specs.append(self.detokenizer_spec())
+            if self.with_http:
+                specs.append(self.ingress_spec())
+                if self.listener is not None:
+                    pass_fds["ingress"] = (self.listener.fileno(),)
+        infos = self.sup.start_many(specs, pass_fds=pass_fds)
+        self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
         log.info("model loaded: %s", msgspec.json.encode(self.model_info).decode())
-        if self.relayed:
-            self.sup.start(self.relay_spec())
-        for r, info in enumerate(replica_infos):
-            self.sup.start(self.scheduler_spec(info, r))
-        self.sup.start(self.detokenizer_spec())
-        if self.with_http:
+        if self.node == 0 and self.with_http:
             from runtime.ingress.actor import IngressInfo
 
-            info = self.sup.start(self.ingress_spec(self.model_info))
-            self.port = msgspec.msgpack.decode(info, type=IngressInfo).port
+            self.port = msgspec.msgpack.decode(infos[-1], type=IngressInfo).port
         return self.model_info
 
     def connect_as_ingress(self) -> tuple[list[Channel], list[Channel]]:
@@ -246,8 +282,19 @@ class Deployment:
                    *(self.sup.connect(c.scheduler_to_ingress) for c in self.replicas)]
         return to_schedulers, inbound
 
-    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> int:
-        return self.sup.stop(grace_s)
+    def stop(self, grace_s: float = 0.0) -> int:
+        status = self.sup.stop(grace_s)
+        self.close()
+        return status
+
+    def close(self) -> None:
+        """Once the run is over: our own mappings (the supervisor's sweep removed the segments)."""
+        if self.heartbeats is not None:
+            self.heartbeats.close()
+            self.heartbeats = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,22 +330,40 @@ def warm_up(args: ServerArgs, url: str, timeout: float) -> dict:
         return json.load(response)
 
 
+def set_launcher_title() -> None:
+    """`runtime: launcher` in ps instead of the command line, which may hold --api-key."""
+    import setproctitle
+
+    setproctitle.setproctitle("runtime: launcher")
+
+
 def serve(args: ServerArgs) -> int:
     """Run the server until SIGTERM/SIGINT or an actor's death; the exit status."""
+    started = time.monotonic()
     configure_logging(args.log_level)
+    set_launcher_title()
+    listener = None
+    try:  # first of all: a busy port must fail before anything loads (only node 0 serves HTTP)
+        if args.node_rank == 0:
+            listener = open_listener(args.host, args.port, ServerConfig.backlog)
+    except ListenError as err:
+        log.error("--%s %s: %s", err.what, args.host if err.what == "host" else args.port, err)
+        return 1
     stale = sweep_stale()
     if stale:
         log.info("removed %d shared-memory segments of server runs that died", len(stale))
     try:
-        deployment = Deployment(args, with_http=True)
+        deployment = Deployment(args, with_http=True, listener=listener)
     except ValueError as err:  # --cpu-affinity
+        if listener is not None:
+            listener.close()
         log.error("%s", err)
         return 2
-    deployment.sup.handle_signals(SHUTDOWN_GRACE_S)
-    started = time.monotonic()
+    deployment.sup.handle_signals(args.graceful_shutdown_timeout)
     try:
         deployment.start()
     except ActorStartError as err:
+        deployment.close()
         if deployment.sup.failure is None:  # SIGTERM/SIGINT while starting: a requested stop, not a failure
             log.info("stopped before the server was ready")
             return deployment.sup.wait()
@@ -309,12 +374,15 @@ def serve(args: ServerArgs) -> int:
                  ", ".join(s.name for s in deployment.layout.node_ranks(args.node_rank)), args.dist_init_addr,
                  time.monotonic() - started)
         return wait_until_stopped(deployment)
+    deployment.listener = None
+    listener.close()  # the ingress has its own copy now
     url = server_url(args.host, deployment.port)
     try:
         reply = warm_up(args, url, timeout=args.ready_timeout)
     except (urllib.error.URLError, OSError, ValueError) as err:
         status = deployment.sup.wait(STOP_SETTLE_S)
         if status is not None:  # the run ended meanwhile (a signal, an actor's death): that is why
+            deployment.close()
             return status
         log.error("the warm-up request to %s/generate failed: %s; stopping", url, err)
         deployment.stop()
@@ -326,6 +394,7 @@ def serve(args: ServerArgs) -> int:
 
 def wait_until_stopped(deployment: Deployment) -> int:
     status = deployment.sup.wait()
+    deployment.close()
     if deployment.sup.failure:
         log.error("server stopped: %s", deployment.sup.failure)
     else:

@@ -173,7 +173,13 @@ class WorkerError(Struct, tag="worker_error"):
     message: str
 
 
-WorkerToScheduler = BatchResult | WorkerError
+class WorkerReady(Struct, tag="worker_ready"):
+    """Rank 0's first message: the model facts the scheduler sizes itself by (it starts while the model loads)."""
+
+    model_info: ModelInfo
+
+
+WorkerToScheduler = BatchResult | WorkerError | WorkerReady
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +255,14 @@ class RequestRejected(Struct, tag="rejected"):
     message: str
 
 
-SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected
+class EngineReady(Struct, tag="engine_ready"):
+    """The scheduler's first message to the ingress: the engine serves this model (the ingress starts while it
+    loads, and validates requests with these facts)."""
+
+    model_info: ModelInfo
+
+
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EngineReady
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Show where a server's actors run: the dp x tp x node layout, and per process its role, replica, rank, node,
+"""Show where a server's actors run: the dp x tp x node layout, and per process its role, replica, tp rank, node,
 pid, cores, GPU and NUMA node.
 
     python scripts/show_placement.py                 # every server on this machine
@@ -6,16 +6,15 @@ pid, cores, GPU and NUMA node.
     python scripts/show_placement.py --plan --dp 2 --tp 4 --cpu-affinity auto
                                                      # the plan for these server flags, without starting anything
 
-Actors are found by their command line (`python -m actors.boot <spec>`) or, with setproctitle installed, their
-process title (`actors.boot <name>`); replica, tp rank, node and planned GPU follow from the name and the layout of
-their launcher's flags (runtime.distributed.layout). GPUs in use come from NVML (nvidia-ml-py) when it is installed
-and a driver is present.
+Actors are found by their process title (`runtime: <role> [<placement>]`, e.g. `runtime: worker 3 [dp 1 tp 1 node 0
+gpu 3]`, set at boot); the role is the actor name (`worker3`), replica, tp rank, node and planned GPU come from the
+bracket (runtime.distributed.layout). GPUs in use come from NVML (nvidia-ml-py) when it is installed and a driver is
+present.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,58 +26,27 @@ from runtime.affinity import Roles, plan_affinity, read_topology  # noqa: E402
 from runtime.distributed.layout import Layout  # noqa: E402
 from runtime.server_args import parse_args  # noqa: E402
 
-
-def actor_name(cmdline: list[str]) -> str | None:
-    """The actor name of an `actors.boot` process: from the spec on its command line, or from its process title
-    (`actors.boot <name>`, which replaces the command line when setproctitle is installed)."""
-    if "actors.boot" in cmdline and cmdline.index("actors.boot") + 1 < len(cmdline):
-        try:
-            return json.loads(cmdline[cmdline.index("actors.boot") + 1])["actor"]["name"]
-        except (ValueError, KeyError, TypeError):
-            return "?"
-    if cmdline and cmdline[0].startswith("actors.boot "):
-        return cmdline[0].split()[1]
-    return None
+TITLE_PREFIX = "runtime: "
 
 
-def launcher_layout(pid: int) -> tuple[Layout, int] | None:
-    """The layout and node rank of a `python -m runtime` launcher, from its flags (None for an Engine's process)."""
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-        module = cmdline.index("-m")
-    except (psutil.Error, ValueError):
+def parse_title(title: str) -> tuple[str, dict[str, str]] | None:
+    """`runtime: worker 3 [dp 1 tp 1 node 0 gpu 3]` -> ("worker3", {"dp": "1", "tp": "1", "node": "0", "gpu": "3"});
+    None for anything but an actor's title."""
+    if not title.startswith(TITLE_PREFIX) or title == TITLE_PREFIX + "launcher":
         return None
-    if cmdline[module + 1:module + 2] != ["runtime"]:
-        return None
-    flags = cmdline[module + 2:]
-    try:
-        server_args = parse_args(flags)
-    except SystemExit:
-        return None
-    return Layout.from_args(server_args), server_args.node_rank
+    role, _, bracket = title.removeprefix(TITLE_PREFIX).partition(" [")
+    words = bracket.rstrip("]").split()
+    return role.replace(" ", ""), dict(zip(words[::2], words[1::2]))
 
 
-def actor_processes(launcher_pid: int | None) -> list[tuple[psutil.Process, str]]:
+def actor_processes(launcher_pid: int | None) -> list[tuple[psutil.Process, str, dict[str, str]]]:
     found = []
     for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        name = actor_name(proc.info["cmdline"] or [])
-        if name is None or (launcher_pid is not None and proc.info["ppid"] != launcher_pid):
+        parsed = parse_title((proc.info["cmdline"] or [""])[0])
+        if parsed is None or (launcher_pid is not None and proc.info["ppid"] != launcher_pid):
             continue
-        found.append((proc, name))
+        found.append((proc, *parsed))
     return sorted(found, key=lambda item: (item[0].info["ppid"], item[1]))
-
-
-def placement_of(name: str, launcher: tuple[Layout, int] | None) -> tuple[str, str, str, str]:
-    """(replica, tp rank, node, planned GPU) of the actor `name` in its launcher's layout; "-" where none."""
-    if launcher is None:
-        return "-", "-", "-", "-"
-    layout, node = launcher
-    if name.startswith("worker") and name[6:].isdigit() and int(name[6:]) < len(layout.ranks):
-        slot = layout.ranks[int(name[6:])]
-        return str(slot.dp_rank), str(slot.tp_rank), str(slot.node), str(slot.gpu)
-    if name == "scheduler" or (name.startswith("scheduler") and name[9:].isdigit()):
-        return name[9:] or "0", "-", str(node), "-"
-    return "-", "-", str(node), "-"
 
 
 def gpus_by_pid() -> dict[int, list[int]]:
@@ -119,19 +87,15 @@ def show_running(launcher_pid: int | None) -> None:
     node_of = {c: n for n, cores in topo.numa_nodes.items() for c in cores}
     gpus = gpus_by_pid()
     rows = [("role", "dp", "tp", "node", "pid", "launcher", "cores", "gpu plan", "gpu used", "numa")]
-    layouts: dict[int, tuple[Layout, int] | None] = {}
-    for proc, name in actor_processes(launcher_pid):
+    for proc, role, placement in actor_processes(launcher_pid):
         try:
             cores = sorted(proc.cpu_affinity())
         except psutil.Error:
             continue
         numa = sorted({node_of.get(c, 0) for c in cores})
         pinned = "all" if set(cores) == set(topo.cpus) else ",".join(map(str, cores))
-        ppid = proc.info["ppid"]
-        if ppid not in layouts:
-            layouts[ppid] = launcher_layout(ppid)
-        replica, tp_rank, node, gpu = placement_of(name, layouts[ppid])
-        rows.append((name, replica, tp_rank, node, str(proc.pid), str(ppid), pinned, gpu,
+        rows.append((role, *(placement.get(key, "-") for key in ("dp", "tp", "node")), str(proc.pid),
+                     str(proc.info["ppid"]), pinned, placement.get("gpu", "-"),
                      ",".join(map(str, gpus.get(proc.pid, []))) or "-", ",".join(map(str, numa))))
     if len(rows) == 1:
         print("no actor processes found")

@@ -12,8 +12,10 @@ HEARTBEAT_S, and the group's collectives time out after PEER_TIMEOUT_S. A node t
 fails every other relay within PEER_TIMEOUT_S (a closed connection fails it at once): the relay logs which node it
 lost and exits non-zero, and its supervisor stops the node. A node stopped on purpose (SIGTERM, a failed actor) is
 seen the same way by the others. A clean stop of the server (a Shutdown reaching node 0's relay) is broadcast as STOP:
-the other relays then ask their launcher to stop (SIGTERM to it, the path of a user's signal), and those nodes stop
-cleanly too.
+the other relays then ask their launcher to stop (SIGTERM to it, the path of a user's signal) and, once that stop
+has begun (their own Shutdown), tell their workers to exit at once (Shutdown(0) on the plan ring, as the scheduler
+does on node 0): those nodes stop cleanly too. Node 0's relay beats its heartbeat slot (/health) at least every
+HEARTBEAT_S.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from actors.actor import Actor
 from runtime.messages import BatchPlan, Shutdown
 from runtime.server_args import ServerArgs
+from shm import Heartbeat
 
 TO_WORKERS = "scheduler_to_worker"  # nodes > 0: the outbound plan channel of this node's workers
 HEARTBEAT_S = 1.0
@@ -41,6 +44,7 @@ PLAN, BEAT, STOP = 0, 1, 2
 class RelayConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     init_method: str  # tcp://HOST:PORT+1 of --dist-init-addr
+    heartbeat_segment: str = ""  # the run's Heartbeats segment ("": none)
 
 
 class NodeLost(RuntimeError):
@@ -62,6 +66,8 @@ class RelayActor(Actor):
         self.header = torch.zeros(2, dtype=torch.int64)
         self.beat = torch.zeros(1, dtype=torch.int64)
         self.plans_out = self.ref(TO_WORKERS).channel.ring if self.node_rank else None
+        self.heartbeat = Heartbeat(self.config.heartbeat_segment, self.name) if self.config.heartbeat_segment \
+            else None
         self.log.info("relay of node %d: all %d nodes joined", self.node_rank, self.nnodes)
 
     def run(self) -> None:
@@ -76,12 +82,17 @@ class RelayActor(Actor):
                        f"node")
             self.log.error(message)
             raise NodeLost(message) from None
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.close()
 
     # ------------------------------------------------------------------ node 0
     def run_head(self) -> None:
         next_beat = time.monotonic() + HEARTBEAT_S
         deadline = None  # while a graceful Shutdown lets the scheduler finish
         while deadline is None or time.monotonic() < deadline:
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             now = time.monotonic()
             if now >= next_beat:
                 self._send_header(BEAT, 0)
@@ -119,7 +130,10 @@ class RelayActor(Actor):
                 self.log.info("node 0 stopped the server; stopping node %d", self.node_rank)
                 os.kill(os.getppid(), signal.SIGTERM)  # the launcher stops this node as on a user's SIGTERM
                 break
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             if isinstance(self.mailbox.try_get(), Shutdown):  # this node stops: the others see it leave
                 return
-        while not isinstance(self.receive(), Shutdown):
+        while not isinstance(self.receive(), Shutdown):  # the launcher's stop has begun
             pass
+        self.plans_out.send(msgspec.msgpack.encode(Shutdown(grace_s=0.0)))  # no plan will come: workers exit now

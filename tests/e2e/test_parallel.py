@@ -182,7 +182,7 @@ def test_dp2_tp2_serves_concurrent_requests_from_both_replicas(dp2tp2, tiny):
     for old, new in zip(before, after):
         assert new["dispatched"] - old["dispatched"] == len(prompts) // 2  # round robin
         assert new["generated_tokens"] - old["generated_tokens"] == len(prompts) // 2 * NEW_TOKENS
-        assert new["unfinished"] == new["running"] == new["queued"] == 0
+        assert new["ingress_unfinished_sequences"] == new["running"] == new["queued"] == 0
     status, metrics = dp2tp2.get("/metrics")
     assert 'sglang:num_running_reqs{dp_rank="0"' in metrics and 'sglang:token_usage{dp_rank="1"' in metrics
 
