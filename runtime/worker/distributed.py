@@ -25,9 +25,14 @@ class ShardingError(ValueError):
     """The model cannot be split over the asked number of ranks; names the dimension."""
 
 
+# config.json keys of expert MLP widths (Qwen2-MoE, Qwen3-MoE, DeepSeek ...); Mixtral's and OLMoE's is
+# intermediate_size
+EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "shared_expert_intermediate_size")
+
+
 def check_model_shards(config: ModelConfig, tp_size: int) -> None:
-    """Refuse a model whose attention heads, KV heads or MLP width do not split evenly over tp_size ranks. (The
-    vocabulary always does: each rank's slice is padded, runtime/layers/vocab.py.)"""
+    """Refuse a model whose attention heads, KV heads or MLP (or expert MLP) width do not split evenly over tp_size
+    ranks. (The vocabulary always does: each rank's slice is padded, runtime/layers/vocab.py.)"""
     if tp_size == 1:
         return
     if config.num_heads % tp_size:
@@ -40,6 +45,11 @@ def check_model_shards(config: ModelConfig, tp_size: int) -> None:
     if config.intermediate_size % tp_size:
         raise ShardingError(f"--tp-size {tp_size}: intermediate_size {config.intermediate_size} (the MLP width) does "
                             f"not divide by {tp_size}")
+    for key in EXPERT_WIDTH_KEYS:  # MoE families: each expert's MLP is split like the dense one
+        width = config.hf.get(key)
+        if isinstance(width, int) and width % tp_size:
+            raise ShardingError(f"--tp-size {tp_size}: {key} {width} (an expert's MLP width) does not divide by "
+                                f"{tp_size}")
 
 
 def check_peer_access(gpus: list[int], can_access: Callable[[int, int], bool]) -> None:

@@ -66,3 +66,53 @@ def test_merged_state_sums_counts_and_averages_ratios():
     assert merge_states(states) == {"running": 5, "queued": 1, "token_usage": 0.375, "radix_cache": True,
                                     "dp_size": 2}
     assert merge_states(states[:1]) == states[0]
+
+
+class RecordingChannel:
+    """A ring that always has room (what OrderedSender puts on)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def put(self, msg, timeout=None):
+        self.sent.append(msg)
+
+
+def test_frontend_spreads_embeddings_and_prioritised_requests_over_the_replicas():
+    import asyncio
+
+    from runtime.ingress.frontend import Frontend
+    from runtime.messages import EmbeddingResult, EmbeddingResults, LogprobOptions, ModelInfo
+    from runtime.server_args import ServerArgs
+
+    info = ModelInfo(architecture="LlamaModel", vocab_size=100, context_length=64, eos_token_ids=[2],
+                     max_total_tokens=4096, max_running_requests=4, dtype="float32", device="cpu")
+    channels = [RecordingChannel(), RecordingChannel()]
+    frontend = Frontend(ServerArgs(), info, None, channels)
+    assert frontend.max_unfinished == 2 * 4 + ServerArgs().max_queued_requests
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(frontend.embed(f"e{i}", [1, 2, 3], priority=5)) for i in range(2)]
+        await asyncio.sleep(0)
+        for channel in channels:
+            (sent,) = channel.sent
+            assert sent.embed and sent.priority == 5
+        for channel in channels:
+            rid = channel.sent[0].rid
+            frontend.on_message(EmbeddingResults([EmbeddingResult(rid, b"\0" * 4, 3, 0)]))
+        results = await asyncio.gather(*tasks)
+        assert [r.rid for r in results] == ["e0", "e1"]
+        assert [frontend.dispatcher.load(i)["unfinished"] for i in range(2)] == [0, 0]
+        stream = frontend.generate("g", [1, 2], SamplingParams(), LogprobOptions(), False, priority=-1)
+        pending = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        (request,) = channels[0].sent[1:]  # round robin: replica 0's turn again
+        assert request.rid == "g" and request.priority == -1
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()
+        assert isinstance(channels[0].sent[-1], AbortRequest)
+        assert frontend.dispatcher.load(0)["unfinished"] == 0
+
+    asyncio.run(scenario())
+    frontend.close()

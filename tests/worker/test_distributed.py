@@ -18,6 +18,8 @@ def config(**overrides) -> ModelConfig:
     ({}, 2, "num_attention_heads 9"),
     (dict(num_attention_heads=8, num_key_value_heads=3, hidden_size=512), 2, "num_key_value_heads 3"),
     (dict(intermediate_size=1537), 3, "intermediate_size 1537"),
+    (dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, moe_intermediate_size=100), 8,
+     "moe_intermediate_size 100"),
 ])
 def test_a_model_that_does_not_shard_is_refused_naming_the_dimension(overrides, tp_size, dimension):
     with pytest.raises(ShardingError, match=f"--tp-size {tp_size}: {dimension}"):
