@@ -94,6 +94,8 @@ def server_args_from(server_args: ServerArgs | None, kwargs: dict) -> ServerArgs
 class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
         self.server_args = server_args_from(server_args, kwargs)
+        if self.server_args.node_rank != 0:
+            raise ValueError("--node-rank > 0 runs only workers: start those nodes with `python -m runtime`")
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: list = []
@@ -116,12 +118,12 @@ class Engine:
             raise
 
     def _start_frontend(self, tokenizer) -> None:
-        to_scheduler, inbound = self._deployment.connect_as_ingress()
-        self._channels = [to_scheduler, *inbound]
+        to_schedulers, inbound = self._deployment.connect_as_ingress()
+        self._channels = [*to_schedulers, *inbound]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_scheduler)
+        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers)
 
         async def start_mailbox() -> AsyncMailbox:
             return AsyncMailbox(Mailbox(inbound), self.frontend.on_message).start()
@@ -165,9 +167,9 @@ class Engine:
 
     def get_server_info(self) -> dict:
         """Server args, the model facts and the scheduler's state (as GET /get_server_info)."""
-        state = self._call(self._frontend_call(self.frontend.server_info()))
+        states = self._call(self._frontend_call(self.frontend.replica_states()))
         return {**msgspec.to_builtins(self.server_args), "model_info": msgspec.to_builtins(self.model_info),
-                "internal_states": [state]}
+                "internal_states": states}
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; False (with nothing done) while requests are running."""
@@ -232,8 +234,8 @@ class Engine:
             for j in range(params.n):
                 sampling_j = to_sampling_params(params, len(ids), info.context_length, NATIVE_FIELDS,
                                                 NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
-                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options),
-                                          arrival))
+                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
+                                              group=rid if params.n > 1 else None), arrival))
         return sequences, is_batch or len(sequences) > 1
 
     def _output(self, sequence: Sequence) -> dict:

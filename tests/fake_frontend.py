@@ -149,7 +149,8 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None):
+                       stream: bool, deadline: float | None = None, group: str | None = None,
+                       priority: int = 0):
         if self.record_calls:
             self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline))
         if self.reject is not None:
@@ -258,6 +259,9 @@ class FakeFrontend:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
                 "max_total_tokens": self.model_info.max_total_tokens}
+
+    async def replica_states(self) -> list[dict]:
+        return [await self.server_info()]
 
 
 class ServerThread:

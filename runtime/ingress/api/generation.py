@@ -77,7 +77,7 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream, job.deadline)) as updates:
+                                                           stream, job.deadline, job.group)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:
