@@ -48,6 +48,7 @@ from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
 from runtime.messages import LogprobOptions, TokenLogprobs
+from runtime.model_loader.hub import resolve_model_paths
 from runtime.server_args import ServerArgs, ServerArgsError, validate
 from runtime.tokenizer import load_tokenizer
 from shm import run_prefix
@@ -84,7 +85,7 @@ def server_args_from(server_args: ServerArgs | None, kwargs: dict) -> ServerArgs
 
 class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
-        self.server_args = server_args_from(server_args, kwargs)
+        self.server_args = resolve_model_paths(server_args_from(server_args, kwargs))  # hub ids: HubError
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: list = []
