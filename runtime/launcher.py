@@ -234,14 +234,16 @@ def server_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def warm_up(args: ServerArgs, url: str, timeout: float) -> dict:
-    """One real generation through the HTTP server (compiles, fills caches, proves the path works)."""
-    body: dict = {"sampling_params": {"temperature": 0.0, "max_new_tokens": WARMUP_TOKENS}}
+def warm_up(args: ServerArgs, url: str, timeout: float, is_embedding: bool = False) -> dict:
+    """One real generation (an embedding model: one embedding) through the HTTP server (compiles, fills caches,
+    proves the path works)."""
+    body: dict = {} if is_embedding else {"sampling_params": {"temperature": 0.0, "max_new_tokens": WARMUP_TOKENS}}
     if args.skip_tokenizer_init:
         body["input_ids"] = [1, 2, 3, 4]
     else:
         body["text"] = WARMUP_PROMPT
-    request = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+    path = "/encode" if is_embedding else "/generate"
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     if args.api_key:
         request.add_header("Authorization", f"Bearer {args.api_key}")
@@ -295,13 +297,13 @@ def serve(args: ServerArgs) -> int:
     listener.close()  # the ingress has its own copy now
     url = server_url(args.host, deployment.port)
     try:
-        reply = warm_up(args, url, timeout=args.ready_timeout)
+        reply = warm_up(args, url, timeout=args.ready_timeout, is_embedding=deployment.model_info.is_embedding)
     except (urllib.error.URLError, OSError, ValueError) as err:
         status = deployment.sup.wait(STOP_SETTLE_S)
         if status is not None:  # the run ended meanwhile (a signal, an actor's death): that is why
             deployment.close()
             return status
-        log.error("the warm-up request to %s/generate failed: %s; stopping", url, err)
+        log.error("the warm-up request to %s failed: %s; stopping", url, err)
         deployment.stop()
         return 1
     log.debug("warm-up reply: %s", reply)

@@ -66,6 +66,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     ready_timeout: float = 600.0
     graceful_shutdown_timeout: float = 10.0
 
+    # Storage
+    storage_dir: str | None = None  # None: runtime/store in the user's cache directory
+    file_max_bytes: int = 200 * 1024 * 1024  # OpenAI's limit per uploaded file
+    batch_max_requests: int = 50_000  # OpenAI's limit per batch
+
 
 class FlagDoc(msgspec.Struct, frozen=True):
     """One flag's line in --help and in docs/flags.md (both generated from FLAG_DOCS)."""
@@ -96,7 +101,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`)"),
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
-    "is_embedding": FlagDoc("Model and tokenizer", "off", "embedding models: not supported yet (refused)"),
+    "is_embedding": FlagDoc("Model and tokenizer", "off",
+                      "serve an embedding model: /v1/embeddings and /encode, pooled as its sentence-transformers "
+                      "config says (last token, normalised, without one); generation requests are refused"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
     "revision": FlagDoc("Model and tokenizer", "the default branch",
                       "branch, tag or commit of a hub model id (`--model-path org/name`)"),
@@ -168,6 +175,14 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "graceful_shutdown_timeout": FlagDoc("Operations", "10",
                       "on SIGTERM/SIGINT: seconds running requests get to finish (new ones get 503) before the rest "
                       "are answered 503 and the server exits"),
+    # Storage
+    "storage_dir": FlagDoc("Storage", "`$XDG_CACHE_HOME/runtime/store` (else `~/.cache/runtime/store`)",
+                      "the durable store: an SQLite database (WAL) and file bodies for `/v1/files`, `/v1/batches` "
+                      "and `/v1/responses`; survives restarts"),
+    "file_max_bytes": FlagDoc("Storage", "200 MiB", "largest file `/v1/files` accepts (413 beyond); the HTTP body "
+                      "limit is raised to fit it"),
+    "batch_max_requests": FlagDoc("Storage", "50000", "most requests in one `/v1/batches` input file (the batch "
+                      "fails beyond)"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 
@@ -268,10 +283,10 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--port must be in 1..65535")
     if args.watchdog_timeout <= 0:
         raise ServerArgsError("--watchdog-timeout must be positive")
+    if args.file_max_bytes < 1 or args.batch_max_requests < 1:
+        raise ServerArgsError("--file-max-bytes and --batch-max-requests must be positive")
     if args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
-    if args.is_embedding:
-        raise ServerArgsError("--is-embedding: embedding models are not supported yet")
     if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
         raise ServerArgsError("--request-timeout must be a positive number of seconds")
     if args.max_seqs_per_request < 1:

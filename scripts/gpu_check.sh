@@ -46,9 +46,9 @@ section_kernel_sweep() {
 }
 
 section_gpu_tests() {
-  # Model vs transformers on CUDA (bf16/fp16), Triton vs torch attention, CUDA-graph vs eager decode, sampler kernel
-  # path, the 8B-dummy server answering curl and the openai client.
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/worker/test_gpu_sampling.py tests/e2e/test_gpu_server.py tests/worker/test_cuda_graph_runner.py
+  # Model vs transformers on CUDA (bf16/fp16; every family, so minutes), Triton vs torch attention, CUDA-graph vs
+  # eager decode, sampler kernel path, the 8B-dummy server answering curl and the openai client.
+  timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/worker/test_gpu_sampling.py tests/e2e/test_gpu_server.py tests/worker/test_cuda_graph_runner.py
 }
 
 section_profile_decode() {

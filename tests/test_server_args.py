@@ -32,7 +32,6 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--dp-size", "2"], "--dp-size"),
     (["--schedule-policy", "lifo"], "--schedule-policy"),
     (["--stream-interval", "0"], "--stream-interval"),
-    (["--is-embedding"], "--is-embedding"),
     (["--allowed-origins", "evil.example"], "--allowed-origins"),
     (["--request-timeout", "0"], "--request-timeout"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),

@@ -6,12 +6,15 @@ load the tokenizer, then wait for the scheduler's EngineReady (the model facts r
 checked against) unless the config carries them. Connections made meanwhile wait in the kernel's
 backlog. Ready carries an IngressInfo with the real port (useful with --port 0).
 
+It also opens the durable store (--storage-dir) while being built, so an unusable folder fails the start, and runs
+the BatchRunner of /v1/batches, which resumes the batches a previous server left unfinished.
+
 Mailbox: SchedulerToIngress and DetokenizerToIngress channels plus the control channel.
-Shutdown(grace_s), the graceful drain: new requests get 503 with `Connection: close` (the socket
-keeps listening, so clients see a clear refusal), requests in progress get grace_s seconds to
-finish, then every one still running is answered 503 (or an SSE error event), and the actor exits.
-SIGTERM (the supervisor tearing the run down after another actor died, or a stop that ran late):
-every request in progress is answered 503 at once, then the actor exits."""
+Shutdown(grace_s), the graceful drain: the batches stop where they are (the next server resumes them), new requests
+get 503 with `Connection: close` (the socket keeps listening, so clients see a clear refusal), requests in progress
+get grace_s seconds to finish, then every one still running is answered 503 (or an SSE error event), and the actor
+exits. SIGTERM (the supervisor tearing the run down after another actor died, or a stop that ran late): every request
+in progress is answered 503 at once, then the actor exits."""
 
 from __future__ import annotations
 
@@ -26,13 +29,17 @@ from actors.aio import AsyncActor, AsyncMailbox
 from httpd import ServerConfig
 from httpd.listen import ListenError, adopt_listener, open_listener
 from runtime.ingress.api.app import create_server
+from runtime.ingress.api.batch_runner import BatchRunner
 from runtime.ingress.frontend import Frontend
+from runtime.ingress.store import Store
+from runtime.ingress.store.responses import ResponseStore
 from runtime.messages import EngineReady, ModelInfo, Shutdown
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
 
 FINAL_ANSWERS_S = 2.0  # after the drain: time for the last answers (503s) to be written
 DRAIN_POLL_S = 0.05
+MULTIPART_SLACK_BYTES = 1 << 20
 
 
 class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,7 +75,10 @@ class IngressActor(AsyncActor):
     def __init__(self, context):
         super().__init__(context)
         args = self.config.args
-        self.server_config = ServerConfig.from_args(args)
+        # A file upload may be as large as --file-max-bytes plus its multipart framing.
+        self.server_config = ServerConfig.from_args(
+            args, max_body_bytes=max(args.max_body_bytes, args.file_max_bytes + MULTIPART_SLACK_BYTES))
+        self.store = Store.open(args.storage_dir)
         fd = self.config.listen_fd
         self.sock = adopt_listener(fd) if fd >= 0 else listen(args, self.server_config.backlog)
         self.tokenizer = load_tokenizer(args)
@@ -118,9 +128,13 @@ class IngressActor(AsyncActor):
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         mailbox = AsyncMailbox(self.mailbox, on_message).start()
-        server = create_server(frontend, self.server_config)
+        # Batch requests may fill the running rows twice over: the scheduler always has the next ones queued.
+        batches = BatchRunner(frontend, self.store, args.batch_max_requests,
+                              window=2 * self.model_info.max_running_requests)
+        server = create_server(frontend, self.server_config, batches, ResponseStore(self.store))
         try:
             await server.start(args.host, args.port, sock=self.sock)
+            batches.start()
             # Start-up objects (tokenizer, modules) never die: keep the collector from re-scanning them
             # on every request (about 2.5% of the ingress CPU when streaming).
             gc.freeze()
@@ -130,16 +144,19 @@ class IngressActor(AsyncActor):
                 self.log.warning("SIGTERM: answering the %d requests in progress with 503", frontend.unfinished)
                 await self._final_answers(server, frontend, "the server stopped while the request was running")
             elif shutdown.done():
+                await batches.close()
                 await self._drain(server, frontend, shutdown.result(), terminated)
             else:
                 mailbox.finished.result()  # the reader's error, if it failed
                 raise RuntimeError("the ingress mailbox stopped before a Shutdown")
         finally:
+            await batches.close()
             frontend.close()
             await mailbox.close()
             await server.close()
             if health is not None:
                 health.close()
+            self.store.close()
 
     async def _drain(self, server, frontend: Frontend, grace_s: float, terminated: asyncio.Future) -> None:
         """Refuse new requests, give the running ones grace_s, then answer the rest with 503."""

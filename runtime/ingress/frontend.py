@@ -32,6 +32,8 @@ from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
     AbortRequest,
+    EmbeddingResult,
+    EmbeddingResults,
     EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
@@ -104,7 +106,7 @@ class _RequestStream:
     """Updates of one request waiting for its generate() iterator. A non-streamed request wakes its
     consumer only at the finish (or an error), so it costs one wake-up, not one per update."""
 
-    __slots__ = ("stream", "updates", "waiter", "error", "timer")
+    __slots__ = ("stream", "updates", "waiter", "error", "timer", "embedding")
 
     def __init__(self, stream: bool):
         self.stream = stream
@@ -112,6 +114,11 @@ class _RequestStream:
         self.waiter: asyncio.Future | None = None
         self.error: RequestError | None = None
         self.timer: asyncio.TimerHandle | None = None  # the request's deadline, if it has one
+        self.embedding: EmbeddingResult | None = None  # an embedding request's answer
+
+    def set_embedding(self, result: EmbeddingResult) -> None:
+        self.embedding = result
+        self._wake()
 
     def push(self, update: TextUpdate) -> None:
         self.updates.append(update)
@@ -137,7 +144,8 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
     if runs:
         logprobs = TokenLogprobs(
             token_ids=[x for r in runs for x in r.token_ids], logprobs=[x for r in runs for x in r.logprobs],
-            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs])
+            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs],
+            ids_logprobs=[x for r in runs for x in r.ids_logprobs])
     return TextUpdate(
         rid=last.rid,
         text_delta="".join(u.text_delta for u in updates),
@@ -176,11 +184,11 @@ class Frontend:
             raise RequestError(400, f"{what}: the server runs with --skip-tokenizer-init; send input_ids instead")
         return self.tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._need_tokenizer("text")
         if not isinstance(text, str):
             raise RequestError(400, f"text: expected a string, got {type(text).__name__}")
-        return tokenizer.encode(text)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def check_text_fits(self, text: str, field: str) -> None:
         """Every token stands for at most max_chars_per_token characters, so a longer text cannot fit the
@@ -216,8 +224,8 @@ class Frontend:
             return self.apply_chat_template(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.apply_chat_template, *args)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._need_tokenizer("decode").decode(ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._need_tokenizer("decode").decode(ids, skip_special_tokens=skip_special_tokens)
 
     def health(self) -> str | None:
         """Why the engine cannot serve now (a stale heartbeat, a hung batch, shutdown), or None."""
@@ -243,7 +251,7 @@ class Frontend:
         return tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ requests
-    def _check_prompt(self, rid: str, input_ids: list[int]) -> list[int]:
+    def _check_prompt(self, rid: str, input_ids: list[int], generates: bool = True) -> list[int]:
         if not isinstance(rid, str) or not rid:
             raise RequestError(400, "rid: must be a non-empty string")
         if rid in self._streams:
@@ -260,20 +268,27 @@ class Frontend:
             bad = low if low < 0 else high
             raise RequestError(400, f"input_ids: token id {bad} at position {input_ids.index(bad)} is outside "
                                     f"the vocabulary (0..{vocab - 1})")
-        if len(input_ids) >= self.model_info.context_length:
+        if not generates and len(input_ids) > self.model_info.context_length:
+            raise RequestError(400, f"input: {len(input_ids)} tokens; the model's context length is "
+                                    f"{self.model_info.context_length}")
+        if generates and len(input_ids) >= self.model_info.context_length:
             raise RequestError(400, f"input_ids: the prompt has {len(input_ids)} tokens; the model's context length "
                                     f"is {self.model_info.context_length}, which leaves no room to generate")
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, priority: int = 0) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
         request, a single update); the last has .finish set. Leaving early aborts the request.
-        `deadline` (time.monotonic()): past it the request is aborted and fails with 504."""
+        `deadline` (time.monotonic()): past it the request is aborted and fails with 504. Higher `priority` runs
+        first (batch requests run below interactive ones)."""
         if self._closed is not None:
             raise self._closed
         if self.draining:
             raise RequestError(503, "the server is shutting down")
+        if self.model_info.is_embedding:
+            raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
+                                    "/encode")
         input_ids = self._check_prompt(rid, input_ids)
         if len(self._streams) >= self.max_unfinished:
             raise RequestError(429, f"the server is overloaded: {len(self._streams)} sequences are unfinished "
@@ -289,7 +304,8 @@ class Frontend:
                                                             f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time()))
+            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                              priority=priority))
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()
@@ -317,10 +333,47 @@ class Frontend:
             if not done and self._closed is None:
                 self._sender.send(AbortRequest(rid))
 
+    async def embed(self, rid: str, input_ids: list[int], priority: int = 0) -> EmbeddingResult:
+        """The pooled final hidden state of `input_ids` (ModelInfo.pooling), as a prefill-only request.
+        Cancelling the caller aborts the request."""
+        if self._closed is not None:
+            raise self._closed
+        if self.draining:
+            raise RequestError(503, "the server is shutting down")
+        input_ids = self._check_prompt(rid, input_ids, generates=False)
+        loop = asyncio.get_running_loop()
+        state = _RequestStream(False)
+        self._streams[rid] = state
+        done = False
+        try:
+            self._sender.send(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False, time.time(),
+                                              embed=True, priority=priority))
+            while state.embedding is None and state.error is None and not state.updates:
+                state.waiter = loop.create_future()
+                await state.waiter
+                state.waiter = None
+            done = True
+            if state.error is not None:
+                raise state.error
+            if state.embedding is None:  # an abort's finish came through the detokenizer
+                finish = state.updates[-1].finish
+                raise RequestError(500, f"the request was aborted by the engine: "
+                                        f"{(finish.message if finish else None) or 'no reason given'}")
+            return state.embedding
+        finally:
+            if self._streams.get(rid) is state:
+                del self._streams[rid]
+            if not done and self._closed is None:
+                self._sender.send(AbortRequest(rid))
+
     def abort(self, rid: str) -> None:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish
         type "abort". Unknown (or already finished) ids are ignored."""
         if rid in self._streams:
+            self._sender.send(AbortRequest(rid))
+
+    def abort_all(self) -> None:
+        for rid in list(self._streams):
             self._sender.send(AbortRequest(rid))
 
     async def flush_cache(self) -> tuple[bool, str]:
@@ -358,6 +411,11 @@ class Frontend:
                             state.fail(RequestError(503, "the server is shutting down"))  # the drain ran out
                         else:
                             state.push(update)
+            case EmbeddingResults(results=results):
+                for result in results:
+                    state = self._streams.get(result.rid)
+                    if state is not None:
+                        state.set_embedding(result)
             case RequestRejected(rid=rid, status=status, message=message):
                 state = self._streams.get(rid)
                 if state is not None:

@@ -32,6 +32,7 @@ from actors.actor import Actor
 from runtime.messages import (
     AbortRequest,
     BatchResult,
+    EmbeddingResults,
     EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
@@ -191,6 +192,8 @@ class SchedulerActor(Actor):
         self.stats.generated += step.new_tokens
         if step.updates:
             self.to_detokenizer.send(TokenUpdates(updates=step.updates))
+        if step.embeddings:
+            self.to_ingress.send(EmbeddingResults(results=step.embeddings))
 
     # ---------------------------------------------------------------------------------------
     # watchdog and shutdown

@@ -14,6 +14,14 @@ new_token_ratio * tokens_left per request (SGLang's idea). The ratio decays ever
 towards a floor and goes back up when decode runs out of KV slots and requests are retracted.
 Retracted requests go back to the front of the queue with their output kept; their computed KV
 stays in the radix cache (when enabled) and they resume with prompt + output as input.
+
+Embedding requests (GenerateRequest.embed) are prefill only: their last chunk is named in the plan's `pool`, the
+worker returns the pooled vector, and they finish there (their KV goes to the radix cache like any other's).
+Mean and CLS pooling need every token's hidden state, so those requests never start from the prefix cache.
+
+Priority (GenerateRequest.priority, higher first): the queue is admitted in priority order, and a waiting request
+that finds no row or no memory retracts running requests of lower priority (the lowest, newest first), so batch
+work (/v1/batches) fills the idle capacity without making interactive requests wait for it.
 """
 
 from __future__ import annotations
@@ -21,17 +29,19 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.messages import (
     BatchPlan,
     BatchResult,
+    EmbeddingResult,
     FinishReason,
     GenerateRequest,
     ModelInfo,
     NewRow,
     RequestMeta,
     RequestRejected,
+    TokenLogprobs,
     TokenUpdate,
     WorkerError,
 )
@@ -58,6 +68,7 @@ class PlanRow:
     prefix_len: int
     extend_len: int
     sample: bool
+    pool: bool = False  # the last chunk of an embedding request: the worker returns its vector
 
 @dataclass
 class SchedulerConfig:
@@ -70,6 +81,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     stream_interval: int = 1
+    pool_from_cache: bool = True  # embedding requests may start from a cached prefix (last-token pooling)
 
     @classmethod
     def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
@@ -81,7 +93,8 @@ class SchedulerConfig:
         return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
                    eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
                    max_prefill_tokens=args.max_prefill_tokens, schedule_policy=args.schedule_policy,
-                   disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval)
+                   disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval,
+                   pool_from_cache=info.pooling.method == "last")
 
 
 @dataclass
@@ -105,6 +118,7 @@ class StepUpdates:
     updates: list[TokenUpdate]
     finished: int = 0
     new_tokens: int = 0
+    embeddings: list[EmbeddingResult] = field(default_factory=list)  # for the ingress, not the detokenizer
 
 
 class SchedulerCore:
@@ -150,7 +164,10 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=f"rid {msg.rid!r} is already in use")
         if n == 0:
             return RequestRejected(rid=msg.rid, status=400, message="input_ids: the prompt is empty")
-        if n >= self.config.context_length:
+        if msg.embed and n > self.config.context_length:
+            return RequestRejected(rid=msg.rid, status=400, message=(
+                f"input: the input has {n} tokens; the context length is {self.config.context_length}"))
+        if not msg.embed and n >= self.config.context_length:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length} "
                 "(prompt plus at least one generated token)"))
@@ -188,6 +205,7 @@ class SchedulerCore:
         """The next batch: a decode row for every running request that still has tokens to make,
         the next chunk of a partly prefilled request, and newly admitted requests, within the
         prefill budget and KV memory. None when there is nothing to run."""
+        preempted = self._preempt_for_priority()
         decode_reqs = self._decode_candidates()
         retracted = self._make_room_for_decode(decode_reqs)
         if retracted:
@@ -206,7 +224,7 @@ class SchedulerCore:
 
         # Right after a retraction the freed memory is not for new requests (they would thrash).
         new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots,
-                                                                    admit=not retracted)
+                                                                    admit=preempted or not retracted)
         if not entries:
             return None
         if decode_reqs:
@@ -227,7 +245,8 @@ class SchedulerCore:
             batch_id=self.num_batches, rows=[e.req.row for e in entries], prefix_lens=[e.prefix_len for e in entries],
             extend_lens=[e.extend_len for e in entries], input_ids=input_ids, out_slots=out_slots,
             sample=[e.sample for e in entries], future_slots=future_slots, new_rows=new_rows,
-            freed_rows=[r for r in self.released_rows if r not in reused])
+            freed_rows=[r for r in self.released_rows if r not in reused],
+            pool=[i for i, e in enumerate(entries) if e.pool])
         self.released_rows = []
         self.num_batches += 1
         batch = ScheduledBatch(plan=plan, reqs=[e.req for e in entries], epochs=[e.req.retractions for e in entries],
@@ -241,7 +260,12 @@ class SchedulerCore:
 
     def _tokens_left(self, req: Req) -> int:
         """Tokens the request may still be asked to produce, beyond those already in flight."""
-        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), len(req.output_ids) + req.pending)
+        return self._tokens_after(req, len(req.output_ids) + req.pending)
+
+    def _tokens_after(self, req: Req, generated: int) -> int:
+        if req.msg.embed:
+            return 0
+        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), generated)
 
     def _token_at(self, req: Req, pos: int) -> int:
         n = len(req.prompt_ids)
@@ -254,7 +278,7 @@ class SchedulerCore:
             return False
         retracted = False
         while self._room() < need:
-            victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
+            victim = max(self.running, key=_retraction_order, default=None)
             if victim is None or (len(self.running) == 1 and victim in decode_reqs):
                 break  # a lone request always fits: its length is bounded by the pool
             self._retract(victim)
@@ -271,8 +295,10 @@ class SchedulerCore:
 
     def _reserved(self) -> int:
         """Slots the running requests are expected to still need (rest of prefill, decode share)."""
-        return sum(max(0, len(r.fill_ids) - len(r.slots)) + math.ceil(self._tokens_left(r) * self.new_token_ratio)
-                   for r in self.running)
+        return sum(self._reserved_by(r) for r in self.running)
+
+    def _reserved_by(self, req: Req) -> int:
+        return max(0, len(req.fill_ids) - len(req.slots)) + math.ceil(self._tokens_left(req) * self.new_token_ratio)
 
     def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots,
                       admit: bool) -> tuple[list[NewRow], int, int, int]:
@@ -291,8 +317,8 @@ class SchedulerCore:
                     budget -= n
                     new_tokens += n
 
-        # 2. New requests, in policy order, while rows, budget and memory last.
-        for req in self.policy.order(list(self.waiting)) if admit else []:
+        # 2. New requests, in priority then policy order, while rows, budget and memory last.
+        for req in self._admission_order() if admit else []:
             if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
                 break
             if req.pending:
@@ -303,8 +329,7 @@ class SchedulerCore:
             match_len = self._prefix_key_len(req, fill)
             prefix_len = self.cache.prefix_len(fill[:match_len]) if self.cache else 0
             extend = len(fill) - prefix_len
-            need = extend + prefix_len + math.ceil(self.new_token_ratio * self.stop_checker.tokens_left(
-                req.sampling, len(req.prompt_ids), len(req.output_ids)))
+            need = extend + prefix_len + math.ceil(self.new_token_ratio * self._tokens_after(req, len(req.output_ids)))
             if need > available:
                 break
             n = min(extend, budget)
@@ -327,6 +352,8 @@ class SchedulerCore:
         """How much of `fill` may come from the cache: all but the last token (its logits are
         needed), and while prompt logprobs are still wanted, nothing from the token before
         logprob_start_len on (its logits score the first token asked for)."""
+        if req.msg.embed and not self.config.pool_from_cache:
+            return 0
         n = len(fill) - 1
         opts = req.msg.logprobs
         if opts.return_logprob and opts.logprob_start_len >= 0 and not req.admitted_once:
@@ -353,7 +380,7 @@ class SchedulerCore:
             self.total_prompt_tokens += len(req.prompt_ids)
             self.total_cached_tokens += req.cached_tokens
         return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
-                      prior_output_ids=list(req.output_ids))
+                      prior_output_ids=list(req.output_ids), embed=req.msg.embed)
 
     def _add_extend(self, req: Req, n: int, entries: list[PlanRow], input_ids, out_slots) -> None:
         start = len(req.slots)
@@ -361,7 +388,11 @@ class SchedulerCore:
         input_ids.extend(req.fill_ids[start:start + n])
         out_slots.extend(slots)
         req.slots.extend(slots)
-        entries.append(PlanRow(req, start, n, len(req.slots) == len(req.fill_ids)))
+        last_chunk = len(req.slots) == len(req.fill_ids)
+        embed = req.msg.embed
+        # max_new_tokens == 0 (a prefill only: cache a prefix, score a prompt) samples nothing.
+        sample = last_chunk and not embed and req.sampling.max_new_tokens > 0
+        entries.append(PlanRow(req, start, n, sample, last_chunk and embed))
 
     def _alloc_slots(self, n: int) -> list[int]:
         if self.allocator.num_free < n and self.cache:
@@ -381,6 +412,8 @@ class SchedulerCore:
         self.total_forward_ms += result.forward_ms
         plan = batch.plan
         touched: list[Req] = []
+        embeddings: list[EmbeddingResult] = []
+        pooled = set(plan.pool)
         finished = accepted = 0
         k = 0  # index into next_token_ids
         for i, req in enumerate(batch.reqs):
@@ -395,9 +428,17 @@ class SchedulerCore:
                 req.kv_committed = max(req.kv_committed, plan.prefix_lens[i] + plan.extend_lens[i])
                 if i in result.prompt_logprobs and req.retractions == 0 and not req.prompt_logprobs_sent:
                     req.prompt_logprobs = concat_logprobs(req.prompt_logprobs, result.prompt_logprobs[i])
+            if i in pooled and current:
+                self._finish_embedding(req, result.embeddings.get(i), embeddings, touched)
+                finished += 1
+                continue
             if not sampled:
-                if current:
+                if current and plan.prefix_lens[i] + plan.extend_lens[i] < len(req.fill_ids):
                     self._cache_unfinished(req)
+                elif current:  # the last chunk of a max_new_tokens == 0 request
+                    self._finish(req, FinishReason(type="length", length=0))
+                    touched.append(req)
+                    finished += 1
                 continue
             req.pending -= 1
             req.output_ids.append(token)
@@ -411,7 +452,17 @@ class SchedulerCore:
                 finished += 1
         self.total_generated_tokens += accepted
         updates = [self._update(r) for r in touched if self._should_send(r)]
-        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted)
+        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted, embeddings=embeddings)
+
+    def _finish_embedding(self, req: Req, vector: bytes | None, embeddings: list[EmbeddingResult],
+                          touched: list[Req]) -> None:
+        if vector is None:  # the worker must pool every index of plan.pool
+            self._finish(req, FinishReason(type="abort", message="the worker returned no embedding"))
+            touched.append(req)
+            return
+        self._finish(req, FinishReason(type="stop"))
+        embeddings.append(EmbeddingResult(rid=req.rid, embedding=vector, prompt_tokens=len(req.prompt_ids),
+                                          cached_tokens=req.cached_tokens))
 
     def process_error(self, error: WorkerError) -> StepUpdates:
         """A step failed on the worker: abort its requests with the worker's message."""
@@ -436,13 +487,18 @@ class SchedulerCore:
         if not req.msg.stream:
             return False
         unsent = len(req.output_ids) - req.sent_len
-        return req.sent_len == 0 or unsent >= self.config.stream_interval
+        return req.sent_len == 0 or unsent >= (req.sampling.stream_interval or self.config.stream_interval)
 
     def _update(self, req: Req) -> TokenUpdate:
         sampling = req.sampling
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+            if req.msg.logprobs.logprob_start_len == 0:  # the first prompt token: an entry without a logprob
+                prompt_logprobs = TokenLogprobs(
+                    token_ids=req.prompt_ids[:1] + prompt_logprobs.token_ids, logprobs=prompt_logprobs.logprobs,
+                    top_ids=prompt_logprobs.top_ids, top_logprobs=prompt_logprobs.top_logprobs,
+                    ids_logprobs=prompt_logprobs.ids_logprobs)
         update = TokenUpdate(
             rid=req.rid, new_token_ids=req.output_ids[req.sent_len:],
             meta=RequestMeta(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
@@ -450,7 +506,8 @@ class SchedulerCore:
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
-            stop=sampling.stop if req.sent_len == 0 else [])
+            stop=sampling.stop if req.sent_len == 0 else [],
+            stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update
@@ -467,6 +524,47 @@ class SchedulerCore:
         req.status = ReqStatus.FINISHED
         req.finish = reason
         del self.reqs[req.rid]
+
+    # ---------------------------------------------------------------------------------------
+    # priority
+    # ---------------------------------------------------------------------------------------
+
+    def _admission_order(self) -> list[Req]:
+        ordered = self.policy.order(list(self.waiting))
+        if len({r.msg.priority for r in ordered}) > 1:
+            ordered.sort(key=lambda r: -r.msg.priority)  # stable: policy order within a priority
+        return ordered
+
+    def _preempt_for_priority(self) -> bool:
+        """Retract lower-priority running requests while the most urgent waiting request finds no row or no
+        memory and they could give it that. True when something was retracted."""
+        if not self.waiting or not self.running:
+            return False
+        top = max(self.waiting, key=lambda r: r.msg.priority)
+        if top.pending or top.msg.priority <= min(r.msg.priority for r in self.running):
+            return False
+        victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+        if not self._fits(top, victims):
+            return False  # even without every lower-priority request it would not fit: keep them running
+        preempted = False
+        while not self._fits(top, []):
+            victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+            if not victims:
+                break
+            self._retract(max(victims, key=_retraction_order))
+            preempted = True
+        return preempted
+
+    def _fits(self, req: Req, without: list[Req]) -> bool:
+        """Whether `req` could be admitted as far as rows and memory go, once the running requests `without` left
+        (prefix cache hits ignored)."""
+        if min(self.table.num_free, self.config.max_running_requests - len(self.running)) + len(without) == 0:
+            return False
+        need = len(req.prompt_ids) + len(req.output_ids) + math.ceil(
+            self.new_token_ratio * self._tokens_after(req, len(req.output_ids)))
+        freed = sum(len(r.slots) for r in without)
+        released = sum(self._reserved_by(r) for r in without)
+        return need <= self._room() + freed - (self._reserved() - released)
 
     def _retract(self, req: Req) -> None:
         self._release(req)
@@ -575,3 +673,8 @@ class SchedulerCore:
                 assert self.cache.protected_size == 0, f"idle with {self.cache.protected_size} locked cache tokens"
             assert self._room() == n, f"idle: free + evictable = {self._room()} != pool {n}"
             assert self.table.num_free == self.config.max_running_requests
+
+
+def _retraction_order(req: Req) -> tuple[int, int]:
+    """The running request given up first: the lowest priority, then the newest."""
+    return -req.msg.priority, req.arrival_seq

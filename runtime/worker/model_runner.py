@@ -19,6 +19,10 @@ cuda_graph_max_bs rows (capped by max_running_requests) replay graphs captured a
 up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
 request table has one row more than max_running_requests: the dummy row of the graphs' padding rows.
 
+Embeddings: rows of embedding requests (NewRow.embed) sample nothing; runtime/worker/pooling.py folds their final
+hidden states chunk by chunk, and the chunk named in plan.pool returns the pooled vector in BatchResult.embeddings.
+With is_embedding the model is the bare decoder (no LM head, no CUDA graphs): every request is an embedding one.
+
 Prompt logprobs: a row asks with logprobs.logprob_start_len >= 0 (only for a fresh request, not a
 re-admitted one with prior_output_ids). Each extend step of the row until its first sample returns,
 in BatchResult.prompt_logprobs[i], the logprobs of the prompt tokens whose predicting logits it
@@ -30,6 +34,7 @@ runs in order gives the whole list.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -40,10 +45,12 @@ import torch
 from runtime.layers.parallel import TensorParallel
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
+from runtime.models.config import EMBEDDING_ARCHITECTURES
 from runtime.worker.attention import create_attention_backend
 from runtime.worker.cuda_graph_runner import CudaGraphRunner
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.kv_pool import KVPool
+from runtime.worker.pooling import Pooler, read_pooling, vectors_to_bytes
 from runtime.worker.sampling import Sampler
 
 DEFAULT_MEM_FRACTION_STATIC = 0.85
@@ -75,6 +82,7 @@ class ModelRunnerConfig:
     random_seed: int = 0
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
+    is_embedding: bool = False  # serve the bare decoder: embedding requests only
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
@@ -83,7 +91,7 @@ class ModelRunnerConfig:
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
-                   cuda_graph_max_bs=args.cuda_graph_max_bs)
+                   cuda_graph_max_bs=args.cuda_graph_max_bs, is_embedding=args.is_embedding)
 
 
 @dataclass
@@ -97,6 +105,7 @@ class PendingStep:
     forward_ms: float
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # pooled vectors by plan index, on the device
 
 
 class ModelRunner:
@@ -108,6 +117,16 @@ class ModelRunner:
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
         self.model_config = read_model_config(checkpoint)
+        if config.is_embedding and self.model_config.architecture in EMBEDDING_ARCHITECTURES:
+            bare = EMBEDDING_ARCHITECTURES[self.model_config.architecture]
+            self.model_config = dataclasses.replace(self.model_config, architecture=bare)
+        # A bare checkpoint (no LM head) is an embedding model with or without the flag.
+        self.is_embedding = self.model_config.architecture in EMBEDDING_ARCHITECTURES.values()
+        if config.is_embedding and not self.is_embedding:
+            raise ValueError(f"--is-embedding: {self.model_config.architecture} has no embedding form (supported: "
+                             f"{', '.join(EMBEDDING_ARCHITECTURES)} and their bare decoders)")
+        folder = checkpoint.path if checkpoint.format == "safetensors" else None
+        self.pooler = Pooler(read_pooling(folder, self.model_config.hidden_size, self.is_embedding))
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
@@ -118,7 +137,7 @@ class ModelRunner:
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
                               self.attention_spec.head_dim, self.dtype, self.device)
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
-        use_cuda_graphs = self._cuda_graphs_possible()
+        use_cuda_graphs = self._cuda_graphs_possible() and not self.is_embedding  # graphs cover decode steps
         self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
         # with CUDA graphs, row max_running_requests is the dummy row of their padding rows (never handed out)
         self.req_to_token = torch.zeros(self.max_running_requests + use_cuda_graphs, self.context_length,
@@ -137,7 +156,8 @@ class ModelRunner:
         return ModelInfo(architecture=self.model_config.architecture, vocab_size=self.model_config.vocab_size,
                          context_length=self.context_length, eos_token_ids=list(self.model_config.eos_token_ids),
                          max_total_tokens=self.max_total_tokens, max_running_requests=self.max_running_requests,
-                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
+                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                         is_embedding=self.is_embedding, pooling=self.pooler.pooling)
 
     # ---------------------------------------------------------------------------------------------
     # Sizing
@@ -145,11 +165,13 @@ class ModelRunner:
 
     def _context_length(self) -> int:
         model_max = self.model_config.max_position_embeddings
+        longest = self.model_config.longest_context_length
         wanted = self.config.context_length
         if wanted is None:
             return model_max
-        if wanted > model_max:
-            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}")
+        if wanted > longest:
+            scaled = f" (its rope scaling allows up to {longest})" if longest > model_max else ""
+            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}{scaled}")
         return wanted
 
     def _pool_size(self) -> int:
@@ -262,6 +284,7 @@ class ModelRunner:
             self.sampler.free_row(row)
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)
+            self.pooler.free_row(row)
 
     def collect(self, pending: PendingStep) -> BatchResult:
         if pending.done is not None:
@@ -269,15 +292,16 @@ class ModelRunner:
             pending.forward_ms = pending.started.elapsed_time(pending.done)
         return BatchResult(batch_id=pending.batch_id, next_token_ids=pending.token_ids.tolist(),
                            logprobs=pending.logprobs, prompt_logprobs=pending.prompt_logprobs,
-                           forward_ms=pending.forward_ms)
+                           forward_ms=pending.forward_ms, embeddings=vectors_to_bytes(pending.embeddings))
 
     def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
         self.attention.prepare(batch)
         hidden = self.model(batch, self.attention)
+        starts = _running_sum(plan.extend_lens)
+        pending.embeddings = self.pooler.step(plan, hidden, starts)
 
         # Which token positions need logits: the last token of sampling rows, and every new token of
         # rows owing prompt logprobs (those come first in `wanted`, then the sampling rows' last tokens).
-        starts = _running_sum(plan.extend_lens)
         prompt_rows = [i for i, row in enumerate(plan.rows) if row in self.prompt_logprob_rows]
         sample_rows = [i for i, s in enumerate(plan.sample) if s]
         wanted = [t for i in prompt_rows for t in range(starts[i], starts[i] + plan.extend_lens[i])]
@@ -328,7 +352,8 @@ class ModelRunner:
             self.prompt_carry[row] = logits[-1]
         options = self.prompt_logprob_rows[row]
         skip = max(0, max(options.logprob_start_len, 1) - first_position)
-        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num)
+        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num,
+                                            options.token_ids_logprob)
 
     def _register(self, new_row: NewRow) -> None:
         if new_row.prefix_slots:
@@ -337,6 +362,9 @@ class ModelRunner:
         self.sampler.add_row(new_row.row, new_row.sampling, new_row.logprobs, new_row.prior_output_ids)
         self.prompt_carry.pop(new_row.row, None)
         self.prompt_logprob_rows.pop(new_row.row, None)
+        self.pooler.free_row(new_row.row)
+        if new_row.embed:
+            self.pooler.add_row(new_row.row)
         if new_row.logprobs.logprob_start_len >= 0 and not new_row.prior_output_ids:
             self.prompt_logprob_rows[new_row.row] = new_row.logprobs
 
@@ -356,6 +384,10 @@ class ModelRunner:
             if extend < 1 or prefix < 0 or prefix + extend > self.context_length:
                 raise ValueError(f"BatchPlan row {row}: prefix_len {prefix} + extend_len {extend} must be within "
                                  f"1..context_length {self.context_length}")
+        if plan.pool and not 0 <= min(plan.pool) <= max(plan.pool) < n:
+            raise ValueError(f"BatchPlan.pool must hold plan indices in 0..{n - 1}")
+        if self.is_embedding and any(plan.sample):
+            raise ValueError("BatchPlan.sample: an embedding model samples no tokens")
         if total and not 0 < min(plan.out_slots) <= max(plan.out_slots) <= self.max_total_tokens:
             raise ValueError(f"BatchPlan.out_slots must lie in 1..{self.max_total_tokens}")
         vocab, futures = self.model_config.vocab_size, len(self.future_tokens)

@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, log_path, *flags: str):
+    def __init__(self, log_path, *flags: str, ready_line: str = READY_LINE):
+        self.ready_line = ready_line
         self.port = free_port()
         self.log_path = log_path
         self.log = open(log_path, "w")
@@ -49,7 +50,7 @@ class Server:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if READY_LINE in self.output():
+            if self.ready_line in self.output():
                 self.children = psutil.Process(self.proc.pid).children(recursive=True)
                 return
             if self.proc.poll() is not None:

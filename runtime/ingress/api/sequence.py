@@ -44,6 +44,7 @@ class Sequence:
             self.logprobs.logprobs += update.logprobs.logprobs
             self.logprobs.top_ids += update.logprobs.top_ids
             self.logprobs.top_logprobs += update.logprobs.top_logprobs
+            self.logprobs.ids_logprobs += update.logprobs.ids_logprobs
         if update.prompt_logprobs is not None:
             self.prompt_logprobs = update.prompt_logprobs
         if update.finish is not None:
