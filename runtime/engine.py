@@ -57,6 +57,7 @@ from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
 from runtime.messages import TokenLogprobs
+from runtime.model_loader.hub import resolve_model_paths
 from runtime.server_args import ServerArgs, ServerArgsError, validate
 from runtime.tokenizer import load_tokenizer
 from shm import run_prefix
@@ -93,7 +94,7 @@ def server_args_from(server_args: ServerArgs | None, kwargs: dict) -> ServerArgs
 
 class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
-        self.server_args = server_args_from(server_args, kwargs)
+        self.server_args = resolve_model_paths(server_args_from(server_args, kwargs))  # hub ids: HubError
         if self.server_args.node_rank != 0:
             raise ValueError("--node-rank > 0 runs only workers: start those nodes with `python -m runtime`")
         self._closed = False

@@ -59,6 +59,7 @@ from runtime.affinity import Roles, plan_affinity, read_topology
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.distributed.layout import Layout, RankSlot
 from runtime.messages import ModelInfo
+from runtime.model_loader.hub import HubError, resolve_model_paths
 from runtime.server_args import ServerArgs
 from shm import Heartbeats, segment_name, sweep_stale
 
@@ -350,6 +351,12 @@ def serve(args: ServerArgs) -> int:
             listener = open_listener(args.host, args.port, ServerConfig.backlog)
     except ListenError as err:
         log.error("--%s %s: %s", err.what, args.host if err.what == "host" else args.port, err)
+        return 1
+    try:  # after the port (a busy one fails at once), before any actor: they all see a local folder
+        args = resolve_model_paths(args)
+    except HubError as err:
+        listener.close()
+        log.error("%s", err)
         return 1
     stale = sweep_stale()
     if stale:

