@@ -56,6 +56,7 @@ class GenerateCall:
     sampling: SamplingParams
     logprobs: LogprobOptions
     stream: bool
+    priority: int = 0
 
 
 def fake_logprob(position: int) -> float:
@@ -131,9 +132,9 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool):
+                       stream: bool, priority: int = 0):
         if self.record_calls:
-            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, priority))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:

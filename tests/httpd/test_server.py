@@ -13,7 +13,7 @@ import time
 import httptools
 import pytest
 
-from httpd import HttpError, HttpServer, Response, Router, ServerConfig, StreamingResponse
+from httpd import HttpError, HttpServer, Request, Response, Router, ServerConfig, StreamingResponse, path_segment
 from httpd.sse import DONE, sse_event
 from tests.fake_frontend import ServerThread, wait_until
 
@@ -428,3 +428,18 @@ def test_router_rejects_duplicate_and_relative_routes():
         router.add("GET", "/a", lambda r: Response())
     with pytest.raises(ValueError, match="must start with"):
         router.add("GET", "b", lambda r: Response())
+
+
+def test_router_templates_match_one_segment_and_exact_paths_win():
+    router = Router()
+    router.add("GET", "/v1/files", lambda r: None)
+    router.add("GET", "/v1/files/{file_id}", lambda r: None)
+    router.add("DELETE", "/v1/files/{file_id}", lambda r: None)
+    router.add("GET", "/v1/files/{file_id}/content", lambda r: None)
+    router.add("GET", "/v1/files/special", lambda r: None)
+    assert set(router.endpoints("/v1/files/file-1")) == {"GET", "DELETE"}
+    assert set(router.endpoints("/v1/files/file-1/content")) == {"GET"}
+    assert router.endpoints("/v1/files/special") is not router.endpoints("/v1/files/x")
+    assert router.endpoints("/v1/files/") is None and router.endpoints("/v1/files/a/b") is None
+    request = Request("GET", "/v1/files/file%2D1/content", "", [], b"", "1.1", True)
+    assert path_segment(request, 3) == "file-1"
