@@ -39,6 +39,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     stream_interval: int = 1
+    low_priority_prefill_tokens: int = 512  # per step, beside decoding requests of a higher priority
 
     # Parallelism
     tp_size: int = 1
@@ -119,6 +120,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "disable_overlap_schedule": FlagDoc("Memory and scheduling", "off",
                       "plan, send, wait, process: no CPU/GPU overlap"),
     "stream_interval": FlagDoc("Memory and scheduling", "1", "tokens between streamed updates"),
+    "low_priority_prefill_tokens": FlagDoc("Memory and scheduling", "512",
+                      "prefill tokens per step for requests of a lower priority (`/v1/batches` work) while "
+                      "higher-priority requests decode, so batch prompts do not slow interactive decoding "
+                      "(with chunked prefill)"),
     # Parallelism and kernels
     "tp_size": FlagDoc("Parallelism and kernels", "1",
                       "tensor-parallel ranks; only 1 for now (values above 1 are refused: the layers and loader shard, "
@@ -232,6 +237,8 @@ def validate(args: ServerArgs) -> ServerArgs:
             raise ServerArgsError(f"--{name.replace('_', '-')} must be positive")
     if args.chunked_prefill_size == 0 or args.chunked_prefill_size < -1:
         raise ServerArgsError("--chunked-prefill-size must be positive, or -1 to disable chunking")
+    if args.low_priority_prefill_tokens < 1:
+        raise ServerArgsError("--low-priority-prefill-tokens must be positive")
     if args.max_prefill_tokens <= 0:
         raise ServerArgsError("--max-prefill-tokens must be positive")
     if args.tp_size < 1 or args.dp_size < 1:

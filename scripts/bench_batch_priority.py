@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -96,7 +97,7 @@ async def batch_counts(session, url: str, batch_id: str) -> dict:
 
 
 async def run(args) -> list[dict]:
-    rows = []
+    rows = Table()
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         await probe(session, args.base_url, 2)  # warm-up
@@ -135,6 +136,21 @@ async def run(args) -> list[dict]:
     return rows
 
 
+class Table(list):
+    """The rows, each printed as soon as it is measured (a slow machine still shows the first ones)."""
+
+    def __init__(self):
+        super().__init__()
+        print(f"{'run':<10} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'e2e p50 ms':>11} {'e2e p90 ms':>11} "
+              f"{'background req/s':>17}", flush=True)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        rate = "-" if row["background_req_per_s"] is None else f"{row['background_req_per_s']:.2f}"
+        print(f"{row['run']:<10} {row['ttft_p50_ms']:>12.1f} {row['ttft_p90_ms']:>12.1f} {row['e2e_p50_ms']:>11.1f} "
+              f"{row['e2e_p90_ms']:>11.1f} {rate:>17}", flush=True)
+
+
 def summarize(name: str, samples: list[tuple[float, float]], background_rate: float | None) -> dict:
     ttft = sorted(s[0] for s in samples)
     e2e = sorted(s[1] for s in samples)
@@ -156,6 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-requests", type=int, default=200)
     parser.add_argument("--batch-tokens", type=int, default=64)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the server this script started
     proc = None
     with tempfile.TemporaryDirectory() as storage:
         if args.base_url is None:
@@ -166,12 +183,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-    print(f"{'run':<10} {'TTFT p50 ms':>12} {'TTFT p90 ms':>12} {'e2e p50 ms':>11} {'e2e p90 ms':>11} "
-          f"{'background req/s':>17}")
-    for row in rows:
-        rate = "-" if row["background_req_per_s"] is None else f"{row['background_req_per_s']:.2f}"
-        print(f"{row['run']:<10} {row['ttft_p50_ms']:>12.1f} {row['ttft_p90_ms']:>12.1f} {row['e2e_p50_ms']:>11.1f} "
-              f"{row['e2e_p90_ms']:>11.1f} {rate:>17}")
     return rows
 
 

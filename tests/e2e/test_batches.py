@@ -11,6 +11,7 @@ import base64
 import json
 import signal
 import sqlite3
+import subprocess
 import time
 
 import numpy as np
@@ -45,6 +46,17 @@ class Deployment:
     def client(self):
         return openai.OpenAI(base_url=self.server.url + "/v1", api_key="EMPTY")
 
+    def stop(self) -> None:
+        """SIGTERM, so the server removes its shared memory (a SIGKILLed one leaves it to the next start)."""
+        proc = self.server.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        self.server.kill()
+
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
@@ -53,7 +65,7 @@ def deployment(tmp_path_factory):
     try:
         yield deployment
     finally:
-        deployment.server.kill()
+        deployment.stop()
 
 
 def chat_line(custom_id: str, content: str, max_tokens: int = 8, **extra) -> str:
@@ -211,9 +223,11 @@ def test_cancel_keeps_what_finished(deployment, tmp_path):
     counts = batch.request_counts
     assert 1 <= counts.completed < counts.total == 40
     assert len(jsonl(client, batch.output_file_id)) == counts.completed
-    completed = next(b for b in client.batches.list().data if b.status == "completed")
+    done = client.batches.create(input_file_id=upload(client, tmp_path, "d.jsonl", [chat_line("d", "Hi", 1)]).id,
+                                 endpoint="/v1/chat/completions", completion_window="24h")
+    assert wait_batch(client, done.id).status == "completed"
     with pytest.raises(openai.ConflictError):
-        client.batches.cancel(completed.id)
+        client.batches.cancel(done.id)
 
 
 def finished_results(storage, batch_id: str) -> dict[int, bytes]:

@@ -9,10 +9,10 @@ from tests.scheduler.test_core import assert_matches_reference, prompt
 from tests.scheduler_fixtures import EOS, FakeRunner, drive, embedding_of, make_request
 
 
-def make_core(total=512, rows=8, context=256, chunk=8192, radix=True, pool_from_cache=True):
+def make_core(total=512, rows=8, context=256, chunk=8192, radix=True, pool_from_cache=True, low_prefill=512):
     config = SchedulerConfig(max_total_tokens=total, max_running_requests=rows, context_length=context,
                              eos_token_ids=[EOS], chunked_prefill_size=chunk, disable_radix_cache=not radix,
-                             pool_from_cache=pool_from_cache)
+                             pool_from_cache=pool_from_cache, low_priority_prefill_tokens=low_prefill)
     return SchedulerCore(config), FakeRunner(total, rows, context)
 
 
@@ -116,3 +116,30 @@ def test_no_preemption_among_equal_priorities():
     report = drive(core, runner, {0: reqs[:2], 4: reqs[2:]}, overlap=True)
     assert_matches_reference(core, report, reqs)
     assert core.num_retractions == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_low_priority_prefill_is_held_back_while_interactive_requests_decode(overlap):
+    core, runner = make_core(rows=6, chunk=64, low_prefill=8)
+    high = make_request("high", prompt(60, 4), 30, ignore_eos=True)
+    low = [msgspec.structs.replace(make_request(f"low{i}", prompt(61 + i, 50), 3, ignore_eos=True), priority=-1)
+           for i in range(3)]
+    low.append(embed_request("low-embed", prompt(70, 40), priority=-1))
+    low_prefill_beside_decode = []
+    original_plan_next = core.plan_next
+
+    def plan_next():
+        batch = original_plan_next()
+        if batch is not None:
+            plan, reqs = batch.plan, batch.reqs
+            if any(r.rid == "high" for r, e in zip(reqs, plan.extend_lens) if e == 1):
+                low_prefill_beside_decode.append(sum(e for r, e in zip(reqs, plan.extend_lens)
+                                                     if r.msg.priority < 0 and e > 1 or r.msg.embed))
+        return batch
+
+    core.plan_next = plan_next
+    report = drive(core, runner, {0: [high], 2: low}, overlap=overlap)
+    assert_matches_reference(core, report, [high, *low[:3]])
+    assert report.embeddings["low-embed"].embedding == embedding_of(low[3].input_ids)
+    assert low_prefill_beside_decode and max(low_prefill_beside_decode) <= 8
+    assert sum(low_prefill_beside_decode) > 0  # batch work still progressed beside the decoding request
