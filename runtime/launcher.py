@@ -10,15 +10,27 @@ Topology (names are ChannelSpec names; the segment of each is `<run prefix><name
     detokenizer_to_ingress    Ring           detokenizer -> ingress
     scheduler_to_ingress      Ring           scheduler -> ingress
 
-Start order: the workers (rank 0's Ready info is the msgspec-encoded ModelInfo), then the scheduler
-(it sizes its pools from ModelInfo), the detokenizer, and last the ingress (Ready once it listens).
+Start-up, everything at once: `python -m runtime` binds the HTTP port first (a busy port fails
+in well under a second, before anything loads), then starts every actor together, so the model
+load, the tokenizer loads and the imports overlap. Only the scheduler needs the model's facts: it
+waits for rank 0's WorkerReady on its ring, and tells the ingress with EngineReady (rank 0's
+Ready info is the msgspec-encoded ModelInfo too, for the launcher's log and the Engine).
 `runtime.Engine` starts the same actors minus the ingress and plays the ingress itself.
+
+Processes are titled `runtime: <role>` (ps, top); their configs (which hold the API key) travel in
+0600 shared memory, never on argv. The actors that need no torch (scheduler, detokenizer,
+ingress) block its import: transformers would load it for nothing (seconds and ~200 MB each).
+Every actor but the ingress beats a slot of the run's heartbeat segment, which /health reads.
+
+Stop: SIGTERM/SIGINT start a graceful drain of --graceful-shutdown-timeout seconds (see
+runtime.ingress.actor); the launcher exits 0 when every actor exited cleanly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 import urllib.error
@@ -31,11 +43,13 @@ import msgspec
 from actors.channel import Channel
 from actors.spec import ActorSpec, ChannelSpec
 from actors.supervisor import ActorStartError, Supervisor
+from httpd import ServerConfig
+from httpd.listen import ListenError, open_listener
 from runtime.affinity import plan_affinity, read_topology
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.messages import ModelInfo
 from runtime.server_args import ServerArgs
-from shm import sweep_stale
+from shm import Heartbeats, segment_name, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +57,7 @@ log = logging.getLogger(__name__)
 REQUEST_RING_BYTES = 4 << 20  # ingress -> scheduler: prompts
 PLAN_RING_BYTES = 8 << 20  # scheduler -> workers: one BatchPlan carries every new token's id and slot
 RESULT_RING_BYTES = 4 << 20  # worker -> scheduler, scheduler -> detokenizer, -> ingress
-SHUTDOWN_GRACE_S = 0.0  # SIGTERM/SIGINT: running requests are aborted, every actor exits cleanly
+NO_TORCH = ["torch"]  # blocked in the actors that need no torch (their tokenizer libraries would import it)
 
 WORKER_CLASS = "runtime.worker:WorkerActor"
 SCHEDULER_CLASS = "runtime.scheduler:SchedulerActor"
@@ -99,69 +113,83 @@ def plan_cpus(args: ServerArgs) -> dict[str, list[int]]:
 
 class Deployment:
     """The actor processes of one engine: workers, scheduler, detokenizer, and the HTTP ingress
-    when `with_http`. Call start() from a thread that outlives the run (children die with it)."""
+    when `with_http` (on `listener`, a bound socket it inherits; None: it binds --host/--port
+    itself). Call start() from a thread that outlives the run (children die with it)."""
 
     def __init__(self, args: ServerArgs, with_http: bool, prefix: str | None = None,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None, listener: socket.socket | None = None):
         self.args = args
         self.with_http = with_http
+        self.listener = listener
         self.cpus = plan_cpus(args)
         self.sup = Supervisor(prefix=prefix, ready_timeout=args.ready_timeout, on_failure=on_failure)
         self.topology = Topology.build(self.sup, args.tp_size)
+        slots = ["scheduler", "detokenizer", *(f"worker{rank}" for rank in range(args.tp_size))]
+        self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
 
-    def _spec(self, name: str, actor_class: str, config: msgspec.Struct, inbound: list[ChannelSpec],
-              outbound: list[ChannelSpec]) -> ActorSpec:
+    def _spec(self, name: str, title: str, actor_class: str, config: msgspec.Struct, inbound: list[ChannelSpec],
+              outbound: list[ChannelSpec], blocked_imports: list[str] = ()) -> ActorSpec:
         return ActorSpec(name=name, actor_class=actor_class, config=msgspec.Raw(msgspec.json.encode(config)),
                          inbound=inbound, outbound=outbound, log_level=self.args.log_level,
-                         cpus=self.cpus.get(name, []))
+                         cpus=self.cpus.get(name, []), title=f"runtime: {title}", blocked_imports=list(blocked_imports))
 
     def worker_spec(self, rank: int) -> ActorSpec:
         from runtime.worker.actor import WorkerActorConfig
 
         t = self.topology
-        return self._spec(f"worker{rank}", WORKER_CLASS, WorkerActorConfig(args=self.args, tp_rank=rank),
-                          [t.worker_plans(rank)], [t.worker_to_scheduler] if rank == 0 else [])
+        config = WorkerActorConfig(args=self.args, tp_rank=rank, heartbeat_segment=self.heartbeats.name)
+        return self._spec(f"worker{rank}", f"worker {rank}", WORKER_CLASS, config, [t.worker_plans(rank)],
+                          [t.worker_to_scheduler] if rank == 0 else [])
 
-    def scheduler_spec(self, model_info: ModelInfo) -> ActorSpec:
+    def scheduler_spec(self, model_info: ModelInfo | None = None) -> ActorSpec:
+        """model_info None: the scheduler waits for rank 0's WorkerReady (it starts while the model loads)."""
         from runtime.scheduler.actor import SchedulerActorConfig
 
         t = self.topology
-        return self._spec("scheduler", SCHEDULER_CLASS, SchedulerActorConfig(args=self.args, model_info=model_info),
+        config = SchedulerActorConfig(args=self.args, model_info=model_info, heartbeat_segment=self.heartbeats.name)
+        return self._spec("scheduler", "scheduler", SCHEDULER_CLASS, config,
                           [t.ingress_to_scheduler, t.worker_to_scheduler],
-                          [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress])
+                          [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress], NO_TORCH)
 
     def detokenizer_spec(self) -> ActorSpec:
         from runtime.detokenizer.actor import DetokenizerConfig
 
         t = self.topology
-        return self._spec("detokenizer", DETOKENIZER_CLASS,
-                          DetokenizerConfig(args=self.args, to_ingress=t.detokenizer_to_ingress.name),
-                          [t.scheduler_to_detokenizer], [t.detokenizer_to_ingress])
+        config = DetokenizerConfig(args=self.args, to_ingress=t.detokenizer_to_ingress.name,
+                                   heartbeat_segment=self.heartbeats.name)
+        return self._spec("detokenizer", "detokenizer", DETOKENIZER_CLASS, config, [t.scheduler_to_detokenizer],
+                          [t.detokenizer_to_ingress], NO_TORCH)
 
-    def ingress_spec(self, model_info: ModelInfo) -> ActorSpec:
+    def ingress_spec(self, model_info: ModelInfo | None = None) -> ActorSpec:
+        """model_info None: the ingress waits for the scheduler's EngineReady."""
         from runtime.ingress.actor import IngressConfig
 
         t = self.topology
-        return self._spec("ingress", INGRESS_CLASS,
-                          IngressConfig(args=self.args, model_info=model_info,
-                                        to_scheduler=t.ingress_to_scheduler.name),
-                          [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler])
+        config = IngressConfig(args=self.args, model_info=model_info, to_scheduler=t.ingress_to_scheduler.name,
+                               listen_fd=-1 if self.listener is None else self.listener.fileno(),
+                               heartbeat_segment=self.heartbeats.name)
+        return self._spec("ingress", "ingress", INGRESS_CLASS, config,
+                          [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler], NO_TORCH)
 
     def start(self) -> ModelInfo:
-        """Start every actor in order; returns rank 0's ModelInfo. On failure every actor is
+        """Start every actor at once; returns rank 0's ModelInfo. On failure every actor is
         stopped and ActorStartError (naming the actor, with its stderr tail) is raised."""
-        infos = [self.sup.start(self.worker_spec(rank)) for rank in range(self.args.tp_size)]
+        specs = [self.worker_spec(rank) for rank in range(self.args.tp_size)]
+        specs += [self.scheduler_spec(), self.detokenizer_spec()]
+        pass_fds = {}
+        if self.with_http:
+            specs.append(self.ingress_spec())
+            if self.listener is not None:
+                pass_fds["ingress"] = (self.listener.fileno(),)
+        infos = self.sup.start_many(specs, pass_fds=pass_fds)
         self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
         log.info("model loaded: %s", msgspec.json.encode(self.model_info).decode())
-        self.sup.start(self.scheduler_spec(self.model_info))
-        self.sup.start(self.detokenizer_spec())
         if self.with_http:
             from runtime.ingress.actor import IngressInfo
 
-            info = self.sup.start(self.ingress_spec(self.model_info))
-            self.port = msgspec.msgpack.decode(info, type=IngressInfo).port
+            self.port = msgspec.msgpack.decode(infos[-1], type=IngressInfo).port
         return self.model_info
 
     def connect_as_ingress(self) -> tuple[Channel, list[Channel]]:
@@ -172,8 +200,19 @@ class Deployment:
         inbound = [self.sup.connect(t.detokenizer_to_ingress), self.sup.connect(t.scheduler_to_ingress)]
         return to_scheduler, inbound
 
-    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> int:
-        return self.sup.stop(grace_s)
+    def stop(self, grace_s: float = 0.0) -> int:
+        status = self.sup.stop(grace_s)
+        self.close()
+        return status
+
+    def close(self) -> None:
+        """Once the run is over: our own mappings (the supervisor's sweep removed the segments)."""
+        if self.heartbeats is not None:
+            self.heartbeats.close()
+            self.heartbeats = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,33 +250,51 @@ def warm_up(args: ServerArgs, url: str, timeout: float, is_embedding: bool = Fal
         return json.load(response)
 
 
+def set_launcher_title() -> None:
+    """`runtime: launcher` in ps instead of the command line, which may hold --api-key."""
+    import setproctitle
+
+    setproctitle.setproctitle("runtime: launcher")
+
+
 def serve(args: ServerArgs) -> int:
     """Run the server until SIGTERM/SIGINT or an actor's death; the exit status."""
+    started = time.monotonic()
     configure_logging(args.log_level)
+    set_launcher_title()
+    try:  # first of all: a busy port must fail before anything loads
+        listener = open_listener(args.host, args.port, ServerConfig.backlog)
+    except ListenError as err:
+        log.error("--%s %s: %s", err.what, args.host if err.what == "host" else args.port, err)
+        return 1
     stale = sweep_stale()
     if stale:
         log.info("removed %d shared-memory segments of server runs that died", len(stale))
     try:
-        deployment = Deployment(args, with_http=True)
+        deployment = Deployment(args, with_http=True, listener=listener)
     except ValueError as err:  # --cpu-affinity
+        listener.close()
         log.error("%s", err)
         return 2
-    deployment.sup.handle_signals(SHUTDOWN_GRACE_S)
-    started = time.monotonic()
+    deployment.sup.handle_signals(args.graceful_shutdown_timeout)
     try:
         deployment.start()
     except ActorStartError as err:
+        deployment.close()
         if deployment.sup.failure is None:  # SIGTERM/SIGINT while starting: a requested stop, not a failure
             log.info("stopped before the server was ready")
             return deployment.sup.wait()
         log.error("%s", err)
         return 1
+    deployment.listener = None
+    listener.close()  # the ingress has its own copy now
     url = server_url(args.host, deployment.port)
     try:
         reply = warm_up(args, url, timeout=args.ready_timeout, is_embedding=deployment.model_info.is_embedding)
     except (urllib.error.URLError, OSError, ValueError) as err:
         status = deployment.sup.wait(STOP_SETTLE_S)
         if status is not None:  # the run ended meanwhile (a signal, an actor's death): that is why
+            deployment.close()
             return status
         log.error("the warm-up request to %s failed: %s; stopping", url, err)
         deployment.stop()
@@ -245,6 +302,7 @@ def serve(args: ServerArgs) -> int:
     log.debug("warm-up reply: %s", reply)
     log.info("Ready: serving %s at %s (started in %.1f s)", model_name(args), url, time.monotonic() - started)
     status = deployment.sup.wait()
+    deployment.close()
     if deployment.sup.failure:
         log.error("server stopped: %s", deployment.sup.failure)
     else:

@@ -186,7 +186,13 @@ class WorkerError(Struct, tag="worker_error"):
     message: str
 
 
-WorkerToScheduler = BatchResult | WorkerError
+class WorkerReady(Struct, tag="worker_ready"):
+    """Rank 0's first message: the model facts the scheduler sizes itself by (it starts while the model loads)."""
+
+    model_info: ModelInfo
+
+
+WorkerToScheduler = BatchResult | WorkerError | WorkerReady
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +279,14 @@ class EmbeddingResults(Struct, tag="embeddings"):
     results: list[EmbeddingResult]
 
 
-SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EmbeddingResults
+class EngineReady(Struct, tag="engine_ready"):
+    """The scheduler's first message to the ingress: the engine serves this model (the ingress starts while it
+    loads, and validates requests with these facts)."""
+
+    model_info: ModelInfo
+
+
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EngineReady | EmbeddingResults
 
 
 # --------------------------------------------------------------------------------------------

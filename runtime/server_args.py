@@ -27,6 +27,10 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_connections: int = 4096
+    allowed_origins: list[str] = []  # CORS: [] none, ["*"] any
+    request_timeout: float | None = None
+    max_seqs_per_request: int = 1024
+    max_queued_requests: int = 4096
 
     # Memory and scheduling
     device: str = "auto"  # auto | cuda | cpu
@@ -59,6 +63,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     cpu_affinity: str = "off"  # auto | off | "ROLE=CORES;..." (docs/flags.md)
     decode_log_interval: int = 40
     ready_timeout: float = 600.0
+    graceful_shutdown_timeout: float = 10.0
 
     # Storage
     storage_dir: str | None = None  # None: runtime/store in the user's cache directory
@@ -94,7 +99,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`)"),
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
-    "is_embedding": FlagDoc("Model and tokenizer", "off", "embedding models: not supported yet"),
+    "is_embedding": FlagDoc("Model and tokenizer", "off",
+                      "serve an embedding model: the bare decoder, pooled as its sentence-transformers config says "
+                      "(last token + normalise without one); generation requests are refused. Bare MistralModel / "
+                      "Qwen2Model checkpoints are embedding models without the flag"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
     # HTTP
     "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
@@ -102,6 +110,16 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "api_key": FlagDoc("HTTP", "none", "every path but `/health` needs `Authorization: Bearer <key>`"),
     "max_body_bytes": FlagDoc("HTTP", "64 MiB", "larger request bodies get 413"),
     "max_connections": FlagDoc("HTTP", "4096", "connections beyond get 503"),
+    "allowed_origins": FlagDoc("HTTP", "none",
+                      "CORS: origins (`https://app.example`, or `*`) whose web pages may call the server; by default "
+                      "no CORS header is sent, so browsers keep other sites' pages from reading responses"),
+    "request_timeout": FlagDoc("HTTP", "none",
+                      "seconds a request may take end to end; past it the request is aborted and answered 504 "
+                      "(a request's own `timeout` field may only shorten it)"),
+    "max_seqs_per_request": FlagDoc("HTTP", "1024",
+                      "sequences one request may ask for (prompts x `n`); beyond: 400 before any work"),
+    "max_queued_requests": FlagDoc("HTTP", "4096",
+                      "sequences waiting in the scheduler's queue; beyond, new requests get 429 with `Retry-After`"),
     # Memory and scheduling
     "device": FlagDoc("Memory and scheduling", "auto", "`auto` (CUDA when present), `cuda`, `cpu`"),
     "mem_fraction_static": FlagDoc("Memory and scheduling", "0.85", "GPU memory fraction for weights and the KV cache"),
@@ -147,10 +165,14 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "enable_metrics": FlagDoc("Operations", "off", "serve Prometheus metrics on `/metrics`"),
     "random_seed": FlagDoc("Operations", "0", "seed of weights for `--load-format dummy` and of unseeded sampling"),
     "watchdog_timeout": FlagDoc("Operations", "300",
-                      "seconds a batch may stay on the workers before the server is stopped as hung"),
+                      "seconds a batch may stay on the workers before `/health` answers 503 (hung device); it "
+                      "recovers by itself if the batch completes"),
     "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
     "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
     "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
+    "graceful_shutdown_timeout": FlagDoc("Operations", "10",
+                      "on SIGTERM/SIGINT: seconds running requests get to finish (new ones get 503) before the rest "
+                      "are answered 503 and the server exits"),
     # Storage
     "storage_dir": FlagDoc("Storage", "`$XDG_CACHE_HOME/runtime/store` (else `~/.cache/runtime/store`)",
                       "the durable store: an SQLite database (WAL) and file bodies for `/v1/files`, `/v1/batches` "
@@ -167,11 +189,13 @@ FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 # this message rather than silently ignored.
 NOT_YET_SUPPORTED = {
     "--quantization": "quantization is not implemented yet",
-    "--kv-cache-dtype": "a KV cache dtype other than the model dtype is not implemented yet",
+    "--kv-cache-dtype": "a KV cache dtype other than `auto` (the model dtype) is not implemented yet",
     "--enable-torch-compile": "torch.compile of the decode step is not implemented yet",
     "--speculative-algorithm": "speculative decoding is not implemented yet",
     "--lora-paths": "LoRA adapters are not implemented yet",
 }
+# SGLang's default values of those flags mean "what we do anyway": accepted.
+ACCEPTED_DEFAULTS = {("--kv-cache-dtype", "auto")}
 
 CHOICES = {
     "load_format": ("auto", "safetensors", "gguf", "dummy"),
@@ -200,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, *aliases, dest=name, action="store_true", default=default, help=help_text)
             continue
         field_type = ServerArgs.__annotations__[name]
+        if field_type.startswith("list"):
+            parser.add_argument(flag, *aliases, dest=name, nargs="+", default=default, metavar=name.upper()[:-1],
+                                help=help_text)
+            continue
         kind = int if "int" in field_type else float if "float" in field_type else str
         parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name),
                             metavar=name.upper(), help=help_text)
@@ -213,7 +241,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     for flag, why in NOT_YET_SUPPORTED.items():
-        if getattr(namespace, "unsupported__" + flag.strip("-").replace("-", "_")) is not None:
+        value = getattr(namespace, "unsupported__" + flag.strip("-").replace("-", "_"))
+        if value is not None and (flag, value) not in ACCEPTED_DEFAULTS:
             parser.error(f"{flag}: {why}")
     values = {k: v for k, v in vars(namespace).items() if not k.startswith("unsupported__")}
     try:
@@ -258,6 +287,17 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--file-max-bytes and --batch-max-requests must be positive")
     if args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
+    if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
+        raise ServerArgsError("--request-timeout must be a positive number of seconds")
+    if args.max_seqs_per_request < 1:
+        raise ServerArgsError("--max-seqs-per-request must be at least 1")
+    if args.max_queued_requests < 1:
+        raise ServerArgsError("--max-queued-requests must be at least 1")
+    if not 0 <= args.graceful_shutdown_timeout < float("inf"):
+        raise ServerArgsError("--graceful-shutdown-timeout must be >= 0 seconds")
+    for origin in args.allowed_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
     return args
 
 

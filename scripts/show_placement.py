@@ -3,14 +3,14 @@
     python scripts/show_placement.py            # every server on this machine
     python scripts/show_placement.py --pid 1234 # the server whose launcher has this pid
 
-Actors are found by their command line (`python -m actors.boot <spec>`); the role is the actor name
-in that spec. GPUs come from NVML (nvidia-ml-py) when it is installed and a driver is present.
+Actors are found by their process title (`runtime: <role>`, e.g. `runtime: worker 0`, set at boot);
+the role is the actor name (`worker0`). GPUs come from NVML (nvidia-ml-py) when it is installed and
+a driver is present.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,20 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runtime.affinity import read_topology  # noqa: E402
 
+TITLE_PREFIX = "runtime: "
+
 
 def actor_processes(launcher_pid: int | None) -> list[tuple[psutil.Process, str]]:
     found = []
     for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "actors.boot" not in cmd or cmd.index("actors.boot") + 1 >= len(cmd):
+        title = (proc.info["cmdline"] or [""])[0]
+        if not title.startswith(TITLE_PREFIX) or title == TITLE_PREFIX + "launcher":
             continue
         if launcher_pid is not None and proc.info["ppid"] != launcher_pid:
             continue
-        try:
-            role = json.loads(cmd[cmd.index("actors.boot") + 1])["actor"]["name"]
-        except (ValueError, KeyError, TypeError):
-            role = "?"
-        found.append((proc, role))
+        found.append((proc, title.removeprefix(TITLE_PREFIX).replace(" ", "")))
     return sorted(found, key=lambda item: item[1])
 
 

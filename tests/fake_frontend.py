@@ -56,6 +56,7 @@ class GenerateCall:
     sampling: SamplingParams
     logprobs: LogprobOptions
     stream: bool
+    deadline: float | None = None
     priority: int = 0
 
 
@@ -74,6 +75,7 @@ class FakeFrontend:
     abort_after: int | None = None  # the engine "fails" requests after this many tokens
     flush_ok: bool = True
     record_calls: bool = True  # keep every GenerateCall in .calls (off for benchmarks: memory grows)
+    unhealthy: str | None = None  # what health() reports
 
     def __post_init__(self):
         tokenizer = self.tokenizer
@@ -97,6 +99,7 @@ class FakeFrontend:
         self.abort_after = None
         self.token_delay_s = 0.0
         self.flush_ok = True
+        self.unhealthy = None
         self.calls.clear()
         self.chat_calls.clear()
 
@@ -106,6 +109,21 @@ class FakeFrontend:
         if self.tokenizer is None:
             raise RequestError(400, "text: the server runs with --skip-tokenizer-init; send input_ids instead")
         return self.tokenizer.encode(text)
+
+    async def encode_async(self, text: str, field: str = "text") -> list[int]:
+        if self.tokenizer is not None and len(text) > self.context_length * 64:
+            raise RequestError(400, f"{field}: {len(text)} characters cannot fit the model's context")
+        return self.encode(text)
+
+    async def apply_chat_template_async(self, *args) -> list[int]:
+        return self.apply_chat_template(*args)
+
+    def health(self) -> str | None:
+        return self.unhealthy
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.running)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.tokenizer is None:
@@ -132,9 +150,9 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, priority: int = 0):
+                       stream: bool, deadline: float | None = None, priority: int = 0):
         if self.record_calls:
-            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, priority))
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:
@@ -296,13 +314,17 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 
 
 def http_request(base_url: str, method: str, path: str, body=None, headers: dict | None = None):
-    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object."""
+    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object, sent as
+    application/json unless `headers` name another Content-Type."""
     host, _, port = base_url.removeprefix("http://").partition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        connection.request(method, path, body=body, headers=headers or {})
+        headers = dict(headers or {})
+        if body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:

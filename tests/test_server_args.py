@@ -32,6 +32,12 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--dp-size", "2"], "--dp-size"),
     (["--schedule-policy", "lifo"], "--schedule-policy"),
     (["--stream-interval", "0"], "--stream-interval"),
+    (["--low-priority-prefill-tokens", "0"], "--low-priority-prefill-tokens"),
+    (["--batch-max-requests", "0"], "--batch-max-requests"),
+    (["--allowed-origins", "evil.example"], "--allowed-origins"),
+    (["--request-timeout", "0"], "--request-timeout"),
+    (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),
+    (["--graceful-shutdown-timeout", "-1"], "--graceful-shutdown-timeout"),
 ])
 def test_bad_values_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
@@ -57,3 +63,16 @@ def test_every_flag_has_one_documented_line_in_help_and_docs(capsys):
         assert "--" + name.replace("_", "-") in help_text
         assert "".join(f"{doc.meaning} (default: {doc.default})".split()) in help_text
     assert render(DOC.read_text()) == DOC.read_text(), "docs/flags.md is stale: python scripts/gen_flags_doc.py"
+
+
+def test_sglangs_default_kv_cache_dtype_is_accepted():
+    assert parse_args(["--kv-cache-dtype", "auto"]) == ServerArgs()
+
+
+def test_hardening_flags():
+    args = parse_args(["--allowed-origins", "https://a.example", "http://b.example:8080", "--request-timeout", "30",
+                       "--max-queued-requests", "10", "--graceful-shutdown-timeout", "0"])
+    assert args.allowed_origins == ["https://a.example", "http://b.example:8080"]
+    assert (args.request_timeout, args.max_queued_requests, args.graceful_shutdown_timeout) == (30.0, 10, 0.0)
+    assert parse_args(["--allowed-origins", "*"]).allowed_origins == ["*"]
+    assert ServerArgs().allowed_origins == [] and ServerArgs().max_seqs_per_request == 1024

@@ -5,12 +5,19 @@ caller waiting on each request id.
 Threads: everything here runs on one asyncio loop. Incoming messages arrive through `on_message`,
 which the owner calls on that loop (actors.aio.AsyncMailbox: a reader thread hands batches over
 with loop.call_soon_threadsafe). Outgoing messages go through an OrderedSender, which
-never blocks the loop on a full ring."""
+never blocks the loop on a full ring. Long texts are tokenized (and long chats rendered) on a
+helper thread, so /health and small requests never wait behind a big prompt; a text too long to
+fit the context whatever its tokens is refused before any tokenizing.
+
+Limits: a request past its deadline (--request-timeout, or its own shorter `timeout`) is aborted
+and answered 504; past --max-running-requests + --max-queued-requests unfinished sequences, new
+ones get 429 at once (the scheduler enforces the exact queue bound too)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -27,6 +34,7 @@ from runtime.messages import (
     AbortRequest,
     EmbeddingResult,
     EmbeddingResults,
+    EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
@@ -51,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 60.0  # flush_cache / server_info: the scheduler answers between two steps
+INLINE_TOKENIZE_CHARS = 4096  # shorter texts are tokenized on the loop: a thread hop would cost more
 
 
 class OrderedSender:
@@ -97,13 +106,14 @@ class _RequestStream:
     """Updates of one request waiting for its generate() iterator. A non-streamed request wakes its
     consumer only at the finish (or an error), so it costs one wake-up, not one per update."""
 
-    __slots__ = ("stream", "updates", "waiter", "error", "embedding")
+    __slots__ = ("stream", "updates", "waiter", "error", "timer", "embedding")
 
     def __init__(self, stream: bool):
         self.stream = stream
         self.updates: list[TextUpdate] = []
         self.waiter: asyncio.Future | None = None
         self.error: RequestError | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the request's deadline, if it has one
         self.embedding: EmbeddingResult | None = None  # an embedding request's answer
 
     def set_embedding(self, result: EmbeddingResult) -> None:
@@ -157,9 +167,16 @@ class Frontend:
         self.served_model_name = args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
         self._sender = OrderedSender(to_scheduler)
         self._streams: dict[str, _RequestStream] = {}
+        self._background: set[str] = set()  # rids of _streams below interactive priority (batch work)
         self._replies: dict[int, asyncio.Future] = {}
         self._reply_tokens = itertools.count(1)
         self._closed: RequestError | None = None
+        self.draining = False  # shutdown has begun: engine aborts are the shutdown's (503)
+        self.max_chars_per_token = max_token_chars(tokenizer)
+        # One thread: an HF fast tokenizer releases the GIL while encoding, and one thread keeps its state unshared.
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.max_unfinished = model_info.max_running_requests + args.max_queued_requests
+        self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):
@@ -173,8 +190,50 @@ class Frontend:
             raise RequestError(400, f"text: expected a string, got {type(text).__name__}")
         return tokenizer.encode(text)
 
+    def check_text_fits(self, text: str, field: str) -> None:
+        """Every token stands for at most max_chars_per_token characters, so a longer text cannot fit the
+        context, whatever it tokenizes to: refused without tokenizing it."""
+        limit = self.model_info.context_length * self.max_chars_per_token
+        if len(text) > limit:
+            raise RequestError(400, f"{field}: {len(text)} characters cannot fit the model's context of "
+                                    f"{self.model_info.context_length} tokens (at most {limit} characters: no token "
+                                    f"is longer than {self.max_chars_per_token})")
+
+    async def encode_async(self, text: str, field: str = "text") -> list[int]:
+        """encode() off the event loop for long texts, after the length check."""
+        self._need_tokenizer(field)
+        if not isinstance(text, str):
+            raise RequestError(400, f"{field}: expected a string, got {type(text).__name__}")
+        self.check_text_fits(text, field)
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self.encode(text)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.encode, text)
+
+    async def apply_chat_template_async(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
+                                        continue_final_message: bool) -> list[int]:
+        """apply_chat_template() off the event loop for long conversations, after the length check."""
+        self._need_tokenizer("messages")
+        chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)
+                    and isinstance(m.get("content"), str))
+        limit = self.model_info.context_length * self.max_chars_per_token
+        if chars > limit:
+            raise RequestError(400, f"messages: {chars} characters of content cannot fit the model's context of "
+                                    f"{self.model_info.context_length} tokens (at most {limit} characters)")
+        args = (messages, tools, add_generation_prompt, continue_final_message)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return self.apply_chat_template(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.apply_chat_template, *args)
+
     def decode(self, ids: list[int]) -> str:
         return self._need_tokenizer("decode").decode(ids)
+
+    def health(self) -> str | None:
+        """Why the engine cannot serve now (a stale heartbeat, a hung batch, shutdown), or None."""
+        if self._closed is not None:
+            return self._closed.message
+        if self.draining:
+            return "the server is shutting down"
+        return None if self.health_check is None else self.health_check()
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                             continue_final_message: bool) -> list[int]:
@@ -218,20 +277,28 @@ class Frontend:
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, priority: int = 0) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, priority: int = 0) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
         request, a single update); the last has .finish set. Leaving early aborts the request.
-        Higher `priority` runs first (batch requests run below interactive ones)."""
+        `deadline` (time.monotonic()): past it the request is aborted and fails with 504. Higher `priority` runs
+        first (batch requests run below interactive ones)."""
         if self._closed is not None:
             raise self._closed
+        if self.draining:
+            raise RequestError(503, "the server is shutting down")
         if self.model_info.is_embedding:
             raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
                                     "/encode")
         input_ids = self._check_prompt(rid, input_ids)
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
+        if deadline is not None:
+            state.timer = loop.call_later(max(0.0, deadline - time.monotonic()), state.fail,
+                                          RequestError(504, f"the request did not finish within its timeout of "
+                                                            f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
             self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
@@ -242,7 +309,7 @@ class Frontend:
                     await state.waiter
                     state.waiter = None
                 if state.error is not None:
-                    done = True
+                    done = state.error.status != 504  # the scheduler's refusal; after a timeout it still runs it
                     raise state.error
                 update = merge_updates(state.updates)
                 state.updates = []
@@ -256,8 +323,9 @@ class Frontend:
                     return
                 yield update
         finally:
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            if state.timer is not None:
+                state.timer.cancel()
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
                 self._sender.send(AbortRequest(rid))
 
@@ -266,10 +334,13 @@ class Frontend:
         Cancelling the caller aborts the request."""
         if self._closed is not None:
             raise self._closed
+        if self.draining:
+            raise RequestError(503, "the server is shutting down")
         input_ids = self._check_prompt(rid, input_ids, generates=False)
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(False)
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
         done = False
         try:
             self._sender.send(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False, time.time(),
@@ -287,10 +358,30 @@ class Frontend:
                                         f"{(finish.message if finish else None) or 'no reason given'}")
             return state.embedding
         finally:
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
                 self._sender.send(AbortRequest(rid))
+
+    def _check_load(self, priority: int) -> None:
+        """429 past the bound of unfinished interactive sequences. Batch work (priority < 0) is bounded by its
+        runner's window instead, and does not count here: it must not crowd interactive requests out."""
+        if priority < 0:
+            return
+        interactive = len(self._streams) - len(self._background)
+        if interactive >= self.max_unfinished:
+            raise RequestError(429, f"the server is overloaded: {interactive} sequences are unfinished "
+                                    f"(--max-running-requests + --max-queued-requests = {self.max_unfinished}); "
+                                    "retry later")
+
+    def _add_stream(self, rid: str, state: _RequestStream, priority: int) -> None:
+        self._streams[rid] = state
+        if priority < 0:
+            self._background.add(rid)
+
+    def _remove_stream(self, rid: str, state: _RequestStream) -> None:
+        if self._streams.get(rid) is state:
+            del self._streams[rid]
+            self._background.discard(rid)
 
     def abort(self, rid: str) -> None:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish
@@ -329,7 +420,10 @@ class Frontend:
                 for update in updates:
                     state = streams.get(update.rid)
                     if state is not None:  # else: aborted, its late updates are dropped
-                        state.push(update)
+                        if self.draining and update.finish is not None and update.finish.type == "abort":
+                            state.fail(RequestError(503, "the server is shutting down"))  # the drain ran out
+                        else:
+                            state.push(update)
             case EmbeddingResults(results=results):
                 for result in results:
                     state = self._streams.get(result.rid)
@@ -339,6 +433,8 @@ class Frontend:
                 state = self._streams.get(rid)
                 if state is not None:
                     state.fail(RequestError(status, message))
+            case EngineReady():
+                pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):
                 future = self._replies.get(token)
                 if future is not None and not future.done():
@@ -346,14 +442,29 @@ class Frontend:
             case _:
                 raise TypeError(f"frontend: unexpected message {type(msg).__name__}")
 
+    @property
+    def unfinished(self) -> int:
+        """Sequences the engine is working on for this frontend."""
+        return len(self._streams)
+
     def close(self, message: str = "the server is shutting down") -> None:
         """Fail every waiting request and reply with 503; later calls fail at once."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._closed = RequestError(503, message)
         for state in self._streams.values():
             state.fail(self._closed)
         for future in self._replies.values():
             if not future.done():
                 future.set_exception(self._closed)
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (a byte-level BPE
+    entry has one character per byte, a SentencePiece entry one per character; special tokens
+    included). 1 without a tokenizer (ids only)."""
+    if tokenizer is None:
+        return 1
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def _normalize_messages(messages: list[dict]) -> list[dict]:

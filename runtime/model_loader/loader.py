@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +37,14 @@ class Checkpoint:
 
     format: str  # "safetensors" | "gguf"
     path: str  # the folder (safetensors) or the .gguf file
+    _gguf: list = field(default_factory=list, repr=False, compare=False)  # the parsed GGUF file, once opened
+
+    def gguf_reader(self):
+        """The GGUF file, parsed once for the config and the weights: parsing its metadata (the whole
+        vocabulary is in it) is most of a small model's start-up."""
+        if not self._gguf:
+            self._gguf.append(open_gguf(self.path))
+        return self._gguf[0]
 
 
 def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
@@ -73,7 +81,7 @@ def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
 
 def read_model_config(checkpoint: Checkpoint) -> ModelConfig:
     if checkpoint.format == "gguf":
-        return gguf_model_config(open_gguf(checkpoint.path))
+        return gguf_model_config(checkpoint.gguf_reader())
     return ModelConfig.from_hf_folder(checkpoint.path)
 
 
@@ -96,7 +104,7 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dt
         init_dummy_weights(model, seed)
         return model.eval()
     if checkpoint.format == "gguf":
-        weights = iterate_gguf_weights(open_gguf(checkpoint.path), config)
+        weights = iterate_gguf_weights(checkpoint.gguf_reader(), config)
     else:
         weights = iterate_safetensors(safetensors_files(checkpoint.path))
     loaded = model.load_weights(weights)

@@ -639,6 +639,8 @@ class SchedulerCore:
             "running": len(self.running),
             "queued": len(self.waiting),
             "free_slots": self.allocator.num_free,
+            "free_rows": self.table.num_free,
+            "unfinished_requests": len(self.reqs),
             "cached_tokens": self.cache.total_size if self.cache else 0,
             "evictable_tokens": self.cache.evictable_size if self.cache else 0,
             "token_usage": round(self.token_usage(), 4),

@@ -14,27 +14,37 @@ computes synchronously, so this reduces to step-by-step.
 Shutdown: Shutdown(grace_s > 0) (from the supervisor) keeps serving plans for up to grace_s so
 the scheduler can finish its running requests; Shutdown(grace_s == 0) (the scheduler's last
 message, or an immediate stop) exits at once.
+
+Start-up: rank 0's first message to the scheduler is WorkerReady(ModelInfo): the scheduler starts
+together with the workers and sizes itself once the model is loaded.
+Heartbeat: a thread beats the worker's slot of the run's heartbeat segment every
+HEARTBEAT_INTERVAL_S, also while a long step runs (torch releases the GIL), so /health tells a
+frozen process (SIGSTOP) from a busy one; a hung device shows as the scheduler's oldest batch.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import msgspec
 
 from actors.actor import Actor
-from runtime.messages import BatchPlan, ModelInfo, Shutdown, WorkerError
+from runtime.messages import BatchPlan, ModelInfo, Shutdown, WorkerError, WorkerReady
 from runtime.server_args import ServerArgs
+from shm import Heartbeat
 
 TO_SCHEDULER = "worker_to_scheduler"  # rank 0's outbound channel name
 GRACE_SLACK_S = 2.0  # beyond the grace period, for the scheduler's own Shutdown to arrive
 POLL_S = 2e-4  # mailbox wait while a launched step runs on the device
+HEARTBEAT_INTERVAL_S = 0.5
 
 
 class WorkerActorConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     tp_rank: int = 0
+    heartbeat_segment: str = ""  # the run's Heartbeats segment ("": none)
 
 
 def decode_model_info(info: bytes) -> ModelInfo:
@@ -58,6 +68,25 @@ class WorkerActor(Actor):
         return msgspec.msgpack.encode(self.runner.info)
 
     def run(self) -> None:
+        stop_beating = threading.Event()
+        if self.config.heartbeat_segment:
+            threading.Thread(target=self._beat, args=(stop_beating,), name="heartbeat", daemon=True).start()
+        if self.to_scheduler is not None:
+            self.to_scheduler.send(WorkerReady(self.runner.info))
+        try:
+            self._serve()
+        finally:
+            stop_beating.set()
+
+    def _beat(self, stop: threading.Event) -> None:
+        heartbeat = Heartbeat(self.config.heartbeat_segment, self.name)
+        try:
+            while not stop.wait(HEARTBEAT_INTERVAL_S):
+                heartbeat.beat()
+        finally:
+            heartbeat.close()
+
+    def _serve(self) -> None:
         deadline = None
         while deadline is None or time.monotonic() < deadline or self.launched:
             if self.launched and self._oldest_done():

@@ -92,9 +92,8 @@ def server(tmp_path_factory):
 
 def test_ready_line_names_the_model_and_url(server):
     assert f"{READY_LINE}{server.url}" in server.output()
-    roles = sorted(json.loads(p.cmdline()[p.cmdline().index("actors.boot") + 1])["actor"]["name"]
-                   for p in server.children if "actors.boot" in p.cmdline())
-    assert roles == ["detokenizer", "ingress", "scheduler", "worker0"]
+    titles = sorted(p.cmdline()[0] for p in server.children)
+    assert titles == ["runtime: detokenizer", "runtime: ingress", "runtime: scheduler", "runtime: worker 0"]
 
 
 def test_native_generate(server):

@@ -165,8 +165,8 @@ def test_engine_abort_is_an_error_and_an_error_event_in_a_stream(url, fake):
 def _raw_post(port: int, path: str, body: dict) -> socket.socket:
     payload = msgspec.json.encode(body)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (path.encode(), len(payload),
-                                                                                   payload))
+    sock.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                 % (path.encode(), len(payload), payload))
     return sock
 
 

@@ -119,7 +119,7 @@ def tokenizer():
     return load_tokenizer(ServerArgs())
 
 
-def run_with_frontend(rings, body, tokenizer=None, args=None):
+def run_with_frontend(rings, body, tokenizer=None, args=None, model_info=MODEL_INFO):
     """Run `body(frontend, peer)` on a fresh loop, the Frontend fed by an AsyncMailbox."""
     to_sched, sched_out, detok_out = rings
     peer = ScriptedPeer(Channel("in", Ring.attach(to_sched.name), IngressToScheduler),
@@ -128,7 +128,7 @@ def run_with_frontend(rings, body, tokenizer=None, args=None):
     peer.start()
 
     async def main():
-        frontend = Frontend(args or ServerArgs(), MODEL_INFO, tokenizer,
+        frontend = Frontend(args or ServerArgs(), model_info, tokenizer,
                             Channel("to_scheduler", to_sched, IngressToScheduler))
         mailbox = Mailbox([Channel("s2i", sched_out, SchedulerToIngress),
                            Channel("d2i", detok_out, DetokenizerToIngress)])

@@ -24,6 +24,8 @@ from runtime.messages import TextUpdate
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = b"1"  # seconds, in the Retry-After of a 429
+
 
 class Generation:
     """The sequences of one HTTP request, and their updates as they arrive.
@@ -42,7 +44,7 @@ class Generation:
     def updates(self, stream: bool) -> AsyncIterator[TextUpdate]:
         if len(self.sequences) == 1:
             job = self.sequences[0].job
-            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream)
+            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream, job.deadline)
         return self._merged(stream)
 
     def fold(self, update: TextUpdate) -> int:
@@ -74,7 +76,7 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream)) as updates:
+                                                           stream, job.deadline)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:
@@ -109,7 +111,7 @@ async def start_sse(generation: Generation, render: Callable[[int, TextUpdate], 
     try:
         await anext(body)  # runs up to the first update (or the refusal)
     except RequestError as err:
-        raise HttpError(err.status, err.message) from None
+        raise http_error(err) from None
     return StreamingResponse(body, headers=[(b"Cache-Control", b"no-cache")])
 
 
@@ -143,6 +145,12 @@ async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[b
             logger.exception("a streamed response failed")
             last += stream_error(500, f"internal error: {type(err).__name__}: {err}")
         yield last + DONE
+
+
+def http_error(err: RequestError) -> HttpError:
+    """A Frontend refusal as the HTTP error to answer; an overloaded server (429) says when to retry."""
+    headers = [(b"Retry-After", RETRY_AFTER_S)] if err.status == 429 else None
+    return HttpError(err.status, err.message, headers=headers)
 
 
 def stream_error(status: int, message: str) -> bytes:

@@ -14,17 +14,20 @@ import msgspec
 from httpd import HttpError, Request, Response, StreamingResponse, json_response, text_response
 from httpd.sse import sse_event
 from runtime.default_model import default_model_path
-from runtime.ingress.api.generation import Generation, abort_error, start_sse
+from runtime.ingress.api.generation import Generation, abort_error, http_error, start_sse
 from runtime.ingress.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
+    MAX_N,
     NATIVE_FIELDS,
     GenerateBody,
     NativeSamplingParams,
     check_prompt,
     check_sampling,
+    check_sequence_count,
     decode_body,
     per_prompt,
+    request_deadline,
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
@@ -51,10 +54,13 @@ class NativeApi:
     async def generate(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: GenerateBody = decode_body(request.body, GenerateBody)
+        args = self.frontend.args
+        deadline = request_deadline(body.timeout, args.request_timeout, time.monotonic())
         if body.return_text_in_logprobs and self.frontend.tokenizer is None:
             raise HttpError(400, "return_text_in_logprobs: needs the tokenizer; the server runs with "
                                  "--skip-tokenizer-init", "return_text_in_logprobs")
-        prompts, is_batch = self._prompts(body)
+        check_sequence_count(_sequence_count(body), args.max_seqs_per_request, "text or input_ids (prompts x n)")
+        prompts, is_batch = await self._prompts(body)
         count = len(prompts)
         sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)
         rids = per_prompt(body.rid, count, "rid", is_batch)
@@ -74,7 +80,7 @@ class NativeApi:
             for j in range(params.n):
                 params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
                                               NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
-                job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options)
+                job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline)
                 sequences.append(Sequence(job, arrival))
 
         if len({s.job.rid for s in sequences}) != len(sequences):
@@ -86,11 +92,11 @@ class NativeApi:
         try:
             await generation.run_to_end()
         except RequestError as err:
-            raise HttpError(err.status, err.message) from None
+            raise http_error(err) from None
         outputs = [self._output(s, body.return_text_in_logprobs) for s in sequences]
         return json_response(outputs if as_list else outputs[0])
 
-    def _prompts(self, body: GenerateBody) -> tuple[list[list[int]], bool]:
+    async def _prompts(self, body: GenerateBody) -> tuple[list[list[int]], bool]:
         for name in _UNSUPPORTED_INPUTS:
             if getattr(body, name) is not None:
                 raise HttpError(400, f"{name}: not supported yet by this server", name)
@@ -104,10 +110,10 @@ class NativeApi:
                 raise HttpError(400, "text: the batch is empty", "text")
             prompts = []
             for i, text in enumerate(texts):
+                field = f"text[{i}]" if isinstance(body.text, list) else "text"
                 if not text:
-                    field = f"text[{i}]" if isinstance(body.text, list) else "text"
                     raise HttpError(400, f"{field}: the prompt is empty", field)
-                prompts.append(_encode(self.frontend, text))
+                prompts.append(await _encode(self.frontend, text, field))
             return prompts, isinstance(body.text, list)
         ids = body.input_ids
         if not ids:
@@ -159,11 +165,15 @@ class NativeApi:
     # ------------------------------------------------------------------ the rest
 
     def health(self, request: Request) -> Response:
+        """200 while the engine's actors beat and no batch is stuck on the workers; else 503 with the reason."""
+        reason = self.frontend.health()
+        if reason is not None:
+            raise HttpError(503, f"unhealthy: {reason}")
         return _HEALTHY
 
     async def health_generate(self, request: Request) -> Response:
         """Healthy when one token really comes out of the engine (an embedding server: one vector)."""
-        input_ids = _encode(self.frontend, "Hi") if self.frontend.tokenizer is not None else [0]
+        input_ids = await _encode(self.frontend, "Hi", "text") if self.frontend.tokenizer is not None else [0]
         if self.model_info.is_embedding:
             return await self._health_embed(input_ids)
         sequence = Sequence(Job(f"health-{uuid.uuid4().hex}", input_ids, SamplingParams(max_new_tokens=1),
@@ -209,7 +219,7 @@ class NativeApi:
         args = msgspec.to_builtins(self.frontend.args)
         if args.get("api_key"):
             args["api_key"] = "<redacted>"
-        state = await self._server_info()
+        state = {**await self._server_info(), "ingress_unfinished_sequences": self.frontend.unfinished}
         return json_response({**args, "model_info": msgspec.to_builtins(self.model_info),
                               "internal_states": [state], "version": _version()})
 
@@ -217,7 +227,7 @@ class NativeApi:
         try:
             ok, message = await self.frontend.flush_cache()
         except RequestError as err:
-            raise HttpError(err.status, err.message) from None
+            raise http_error(err) from None
         if not ok:
             raise HttpError(400, f"cache not flushed: {message or 'requests are running'}")
         return text_response(f"Cache flushed.{' ' + message if message else ''}\n")
@@ -229,17 +239,33 @@ class NativeApi:
         try:
             return await self.frontend.server_info()
         except RequestError as err:
-            raise HttpError(err.status, err.message) from None
+            raise http_error(err) from None
 
 
 # ---------------------------------------------------------------------- helpers shared with openai.py
 
 
-def _encode(frontend, text: str) -> list[int]:
+async def _encode(frontend, text: str, field: str) -> list[int]:
     try:
-        return frontend.encode(text)
+        return await frontend.encode_async(text, field)
     except RequestError as err:
-        raise HttpError(err.status, err.message) from None
+        raise HttpError(err.status, err.message, field) from None
+
+
+def _sequence_count(body: GenerateBody) -> int:
+    """Prompts x n of a /generate body, counted before any tokenizing (n outside 1..MAX_N: 400 here)."""
+    if isinstance(body.text, list):
+        prompts = len(body.text)
+    elif body.input_ids and all(isinstance(x, list) for x in body.input_ids):
+        prompts = len(body.input_ids)
+    else:
+        prompts = 1
+    params = body.sampling_params
+    per_prompt_params = params if isinstance(params, list) else [params] * prompts
+    for p in per_prompt_params:
+        if p is not None and not 1 <= p.n <= MAX_N:
+            raise HttpError(400, f"sampling_params.n: must be in [1, {MAX_N}], got {p.n}", "sampling_params.n")
+    return sum(1 if p is None else p.n for p in per_prompt_params)
 
 
 def _logprob_options(return_logprob: bool, start_len: int, top_num: int, prompt_len: int,

@@ -16,7 +16,8 @@ from msgspec import Struct
 from httpd import HttpError
 from runtime.messages import SamplingParams
 
-MAX_N = 128  # completions per prompt; a guard against one request fanning out without bound
+MAX_N = 128  # completions per prompt (OpenAI's limit); a guard against one request fanning out without bound
+MAX_STOP_STRINGS = 64  # each is matched against the output tail at every step
 MAX_OPENAI_TOP_LOGPROBS = 20  # OpenAI's own limit
 
 
@@ -65,6 +66,7 @@ class GenerateBody(Struct):
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    timeout: float | None = None  # seconds; may only shorten --request-timeout
     # SGLang inputs we do not serve yet: refused with a clear message rather than ignored.
     input_embeds: Any = None
     image_data: Any = None
@@ -109,6 +111,7 @@ class _OpenAISampling(Struct):
     regex: str | None = None
     json_schema: Any = None
     ebnf: str | None = None
+    timeout: float | None = None  # seconds; may only shorten --request-timeout
 
 
 class ResponseFormat(Struct):
@@ -166,7 +169,13 @@ def decode_body(body: bytes, body_type: type):
     except msgspec.ValidationError as err:
         message = str(err)
         _, _, path = message.partition(" - at `")
-        param = path.rstrip("`").removeprefix("$").lstrip(".") or None
+        is_key = path.startswith("key` in `")  # "... - at `key` in `$.sampling_params.logit_bias`"
+        path = path.removeprefix("key` in `").rstrip("`").removeprefix("$").lstrip(".")
+        param = path.removesuffix("[...]") or None
+        if is_key:
+            problem, _, _ = message.partition(" - at `")
+            raise HttpError(400, f"invalid request: {param}: a key is not valid ({problem}); keys are token ids "
+                                 "written as strings, e.g. {\"1234\": -100}", param) from None
         raise HttpError(400, f"invalid request: {message}", param) from None
     except msgspec.DecodeError as err:
         raise HttpError(400, f"the request body is not valid JSON: {err}") from None
@@ -219,7 +228,10 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
         raise _bad(name("n"), f"must be in [1, {MAX_N}], got {p.n}")
     if p.seed is not None and not 0 <= p.seed < 2**63:
         raise _bad(name("seed"), f"must be in [0, 2**63), got {p.seed}")
-    for i, stop in enumerate(stop_list(p.stop)):
+    stops = stop_list(p.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _bad(name("stop"), f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    for i, stop in enumerate(stops):
         if not stop:
             raise _bad(name("stop"), f"stop strings must not be empty (entry {i})")
     for i, token_id in enumerate(p.stop_token_ids or ()):
@@ -339,3 +351,19 @@ def per_prompt(value, count: int, field: str, is_batch: bool) -> list:
         return value
     return [value] * count
 
+
+
+def request_deadline(timeout: float | None, server_timeout: float | None, arrival: float) -> float | None:
+    """The request's deadline (time.monotonic()), from its own `timeout` field and --request-timeout: the
+    shorter of the two (a client may not extend the server's limit). None: no deadline."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise HttpError(400, f"timeout: must be a positive number of seconds, got {timeout}", "timeout")
+    limits = [t for t in (timeout, server_timeout) if t is not None]
+    return arrival + min(limits) if limits else None
+
+
+def check_sequence_count(count: int, limit: int, what: str) -> None:
+    """One request may not fan out into more than --max-seqs-per-request sequences (prompts x n)."""
+    if count > limit:
+        raise HttpError(400, f"{what}: the request asks for {count} sequences; the server allows at most {limit} "
+                             "per request (--max-seqs-per-request)", what.partition(" ")[0])

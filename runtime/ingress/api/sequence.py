@@ -14,6 +14,7 @@ class Job:
     input_ids: list[int]
     sampling: SamplingParams
     logprobs: LogprobOptions
+    deadline: float | None = None  # time.monotonic() past which the request is aborted (504)
 
 
 @dataclass(slots=True)
