@@ -42,6 +42,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.children: list[psutil.Process] = []
 
+    ready_line = READY_LINE
+
     def output(self) -> str:
         with open(self.log_path) as f:
             return f.read()
@@ -49,7 +51,7 @@ class Server:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if READY_LINE in self.output():
+            if self.ready_line in self.output():
                 self.children = psutil.Process(self.proc.pid).children(recursive=True)
                 return
             if self.proc.poll() is not None:
@@ -64,6 +66,14 @@ class Server:
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, json.load(response)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+
+    def get(self, path: str) -> tuple[int, dict | bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=120) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else body
         except urllib.error.HTTPError as err:
             return err.code, json.load(err)
 

@@ -169,6 +169,7 @@ class BatchRunner:
         try:
             await self._work(batch_id)
         except asyncio.CancelledError:
+            watcher.cancel()  # it must not cancel the finalisation too
             record = self.batches.get(batch_id)
             if self.closing or record is None or record.status != "cancelling":
                 raise
