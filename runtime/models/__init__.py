@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.models.config import SUPPORTED_ARCHITECTURES
+from runtime.models.config import EMBEDDING_ARCHITECTURES, SUPPORTED_ARCHITECTURES
 from runtime.models.llama import LlamaForCausalLM
 from runtime.models.llama_embedding import LlamaEmbeddingModel
 
@@ -12,16 +12,20 @@ MODEL_REGISTRY = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+# The bare decoders (no LM head) of embedding checkpoints and of --is-embedding (EMBEDDING_ARCHITECTURES).
+EMBEDDING_MODEL_REGISTRY = {
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,
     "Qwen2Model": LlamaEmbeddingModel,
 }
-assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
+assert set(MODEL_REGISTRY) | set(EMBEDDING_MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES)
+assert set(EMBEDDING_ARCHITECTURES.values()) == set(EMBEDDING_MODEL_REGISTRY)
 
 
 def model_class(architecture: str) -> type[LlamaForCausalLM]:
-    try:
-        return MODEL_REGISTRY[architecture]
-    except KeyError:
+    found = MODEL_REGISTRY.get(architecture) or EMBEDDING_MODEL_REGISTRY.get(architecture)
+    if found is None:
         raise ValueError(f"unsupported architecture {architecture!r}; supported: "
-                         f"{', '.join(MODEL_REGISTRY)}") from None
+                         f"{', '.join([*MODEL_REGISTRY, *EMBEDDING_MODEL_REGISTRY])}")
+    return found
