@@ -42,12 +42,15 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] = {}
+    stop_regex: list[str] = []  # validated patterns; a match in the output's tail ends the request
+    stream_interval: int | None = None  # tokens between streamed updates; None: the server's --stream-interval
 
 
 class LogprobOptions(Struct, frozen=True):
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no prompt logprobs, only generated tokens
     top_logprobs_num: int = 0
+    token_ids_logprob: list[int] = []  # also the logprobs of these ids at every position (SGLang's)
 
 
 class FinishReason(Struct, frozen=True):
@@ -58,15 +61,20 @@ class FinishReason(Struct, frozen=True):
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
+    matched_text: str | None = None  # for a stop_regex finish (matched is the pattern): the text it matched
 
 
 class TokenLogprobs(Struct):
-    """Logprobs for a run of tokens, computed from raw logits (before penalties/temperature)."""
+    """Logprobs for a run of tokens, computed from raw logits (before penalties/temperature).
+
+    token_ids may be longer than the other lists: its leading entries then have no logprob (the
+    first prompt token, which nothing predicts)."""
 
     token_ids: list[int] = []
     logprobs: list[float] = []
     top_ids: list[list[int]] = []  # per position, top_logprobs_num alternatives
     top_logprobs: list[list[float]] = []
+    ids_logprobs: list[list[float]] = []  # per position, the logprobs of LogprobOptions.token_ids_logprob
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +226,7 @@ class TokenUpdate(Struct):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     stop: list[str] = []  # the request's stop strings: the detokenizer holds back text that may start one
+    stop_regex: list[str] = []  # the request's stop patterns (same hold-back, by their longest match)
 
 
 class TokenUpdates(Struct, tag="tokens"):
@@ -268,6 +277,15 @@ class RequestRejected(Struct, tag="rejected"):
     message: str
 
 
+class EngineReady(Struct, tag="engine_ready"):
+    """The scheduler's first message to the ingress: the engine serves this model (the ingress starts while it
+    loads, and validates requests with these facts)."""
+
+    model_info: ModelInfo
+
+
+
+
 class EmbeddingResult(Struct):
     rid: str
     embedding: bytes  # float32 little-endian, ModelInfo.pooling.dimensions values (normalised if pooling says so)
@@ -279,14 +297,7 @@ class EmbeddingResults(Struct, tag="embeddings"):
     results: list[EmbeddingResult]
 
 
-class EngineReady(Struct, tag="engine_ready"):
-    """The scheduler's first message to the ingress: the engine serves this model (the ingress starts while it
-    loads, and validates requests with these facts)."""
-
-    model_info: ModelInfo
-
-
-SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EngineReady | EmbeddingResults
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EmbeddingResults | EngineReady
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,10 +105,10 @@ class FakeFrontend:
 
     # ------------------------------------------------------------------ tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise RequestError(400, "text: the server runs with --skip-tokenizer-init; send input_ids instead")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def encode_async(self, text: str, field: str = "text") -> list[int]:
         if self.tokenizer is not None and len(text) > self.context_length * 64:
@@ -150,7 +150,8 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None, priority: int = 0):
+                       stream: bool, deadline: float | None = None, group: str | None = None,
+                       priority: int = 0):
         if self.record_calls:
             self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:
@@ -223,10 +224,13 @@ class FakeFrontend:
         if options.return_logprob:
             positions = range(sent_tokens, len(output))
             top = options.top_logprobs_num
+            wanted = options.token_ids_logprob
             token_logprobs = TokenLogprobs(
                 token_ids=list(new_ids), logprobs=[fake_logprob(p) for p in positions],
                 top_ids=[[(t + k) % self.model_info.vocab_size for k in range(top)] for t in new_ids],
-                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions])
+                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions],
+                ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in positions] if wanted
+                else [])
             if sent_tokens == 0 and options.logprob_start_len >= 0:
                 start = options.logprob_start_len
                 ids = input_ids[start:]
@@ -234,7 +238,9 @@ class FakeFrontend:
                 prompt_logprobs = TokenLogprobs(
                     token_ids=ids, logprobs=[fake_logprob(p) for p in scored],
                     top_ids=[[input_ids[p]] * top for p in scored] if top else [],
-                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [])
+                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [],
+                    ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in scored] if wanted
+                    else [])
         meta = RequestMeta(prompt_tokens=len(input_ids), completion_tokens=len(output),
                            cached_tokens=self.cached_tokens)
         return TextUpdate(rid=rid, text_delta=delta, new_token_ids=new_ids, meta=meta, finish=finish,
@@ -244,6 +250,9 @@ class FakeFrontend:
         if rid in self.running:
             self._abort_requested.add(rid)
 
+    def abort_all(self) -> None:
+        self._abort_requested.update(self.running)
+
     async def flush_cache(self) -> tuple[bool, str]:
         return (True, "") if self.flush_ok else (False, "requests are running")
 
@@ -251,6 +260,9 @@ class FakeFrontend:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
                 "max_total_tokens": self.model_info.max_total_tokens}
+
+    async def replica_states(self) -> list[dict]:
+        return [await self.server_info()]
 
 
 class ServerThread:

@@ -38,11 +38,8 @@ class Detokenizer:
     def _state(self, update: TokenUpdate) -> IncrementalDetokenizer:
         state = self.states.get(update.rid)
         if state is None:
-            # TokenUpdate has no stop strings yet (a contract change is proposed); without them a
-            # stop string is still trimmed, but streamed text may already hold its beginning.
-            stop = getattr(update, "stop", [])
             state = IncrementalDetokenizer.for_request(update.skip_special_tokens, update.spaces_between_special_tokens,
-                                                       update.no_stop_trim, stop)
+                                                       update.no_stop_trim, update.stop, update.stop_regex)
             self.states[update.rid] = state
         return state
 

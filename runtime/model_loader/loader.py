@@ -25,8 +25,8 @@ from runtime.layers.parallel import TensorParallel
 from runtime.model_loader.dummy import init_dummy_weights
 from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
 from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
-from runtime.models import model_class
-from runtime.models.config import ModelConfig
+from runtime.models import model_class, model_config_from_hf
+from runtime.models.config import ModelConfig, read_hf_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,7 +82,7 @@ def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
 def read_model_config(checkpoint: Checkpoint) -> ModelConfig:
     if checkpoint.format == "gguf":
         return gguf_model_config(checkpoint.gguf_reader())
-    return ModelConfig.from_hf_folder(checkpoint.path)
+    return model_config_from_hf(*read_hf_folder(checkpoint.path))
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:

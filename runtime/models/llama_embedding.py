@@ -8,21 +8,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 from runtime.layers.parallel import TensorParallel
 from runtime.models.config import ModelConfig
-from runtime.models.llama import LlamaForCausalLM, LlamaModel
+from runtime.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
 
 
-class LlamaEmbeddingModel(LlamaForCausalLM):
+class _BareDecoder:
+    """Mixed into a causal LM: the same decoder, its LM head dropped."""
+
     def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel, dtype: torch.dtype,
                  device: torch.device):
-        nn.Module.__init__(self)  # LlamaForCausalLM's parameters minus lm_head
-        self.config = config
-        self.tp = tp
-        with device:
-            self.model = LlamaModel(config, max_positions, tp, dtype, device)
+        super().__init__(config, max_positions, tp, dtype, device)
+        del self.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"{self.config.architecture} is an embedding model: it has no LM head to compute logits")
@@ -32,3 +30,11 @@ class LlamaEmbeddingModel(LlamaForCausalLM):
         renamed = ((name if name.startswith("model.") else "model." + name, tensor)
                    for name, tensor in weights if not name.startswith("lm_head."))
         return super().load_weights(renamed)
+
+
+class LlamaEmbeddingModel(_BareDecoder, LlamaForCausalLM):
+    pass
+
+
+class Qwen2EmbeddingModel(_BareDecoder, Qwen2ForCausalLM):
+    pass

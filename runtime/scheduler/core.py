@@ -43,6 +43,7 @@ from runtime.messages import (
     NewRow,
     RequestMeta,
     RequestRejected,
+    TokenLogprobs,
     TokenUpdate,
     WorkerError,
 )
@@ -408,7 +409,9 @@ class SchedulerCore:
         req.slots.extend(slots)
         last_chunk = len(req.slots) == len(req.fill_ids)
         embed = req.msg.embed
-        entries.append(PlanRow(req, start, n, last_chunk and not embed, last_chunk and embed))
+        # max_new_tokens == 0 (a prefill only: cache a prefix, score a prompt) samples nothing.
+        sample = last_chunk and not embed and req.sampling.max_new_tokens > 0
+        entries.append(PlanRow(req, start, n, sample, last_chunk and embed))
 
     def _alloc_slots(self, n: int) -> list[int]:
         if self.allocator.num_free < n and self.cache:
@@ -449,8 +452,12 @@ class SchedulerCore:
                 finished += 1
                 continue
             if not sampled:
-                if current:
+                if current and plan.prefix_lens[i] + plan.extend_lens[i] < len(req.fill_ids):
                     self._cache_unfinished(req)
+                elif current:  # the last chunk of a max_new_tokens == 0 request
+                    self._finish(req, FinishReason(type="length", length=0))
+                    touched.append(req)
+                    finished += 1
                 continue
             req.pending -= 1
             req.output_ids.append(token)
@@ -499,13 +506,18 @@ class SchedulerCore:
         if not req.msg.stream:
             return False
         unsent = len(req.output_ids) - req.sent_len
-        return req.sent_len == 0 or unsent >= self.config.stream_interval
+        return req.sent_len == 0 or unsent >= (req.sampling.stream_interval or self.config.stream_interval)
 
     def _update(self, req: Req) -> TokenUpdate:
         sampling = req.sampling
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+            if req.msg.logprobs.logprob_start_len == 0:  # the first prompt token: an entry without a logprob
+                prompt_logprobs = TokenLogprobs(
+                    token_ids=req.prompt_ids[:1] + prompt_logprobs.token_ids, logprobs=prompt_logprobs.logprobs,
+                    top_ids=prompt_logprobs.top_ids, top_logprobs=prompt_logprobs.top_logprobs,
+                    ids_logprobs=prompt_logprobs.ids_logprobs)
         update = TokenUpdate(
             rid=req.rid, new_token_ids=req.output_ids[req.sent_len:],
             meta=RequestMeta(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
@@ -513,7 +525,8 @@ class SchedulerCore:
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
-            stop=sampling.stop if req.sent_len == 0 else [])
+            stop=sampling.stop if req.sent_len == 0 else [],
+            stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update

@@ -88,4 +88,5 @@ def concat_logprobs(a: TokenLogprobs | None, b: TokenLogprobs) -> TokenLogprobs:
     if a is None:
         return b
     return TokenLogprobs(token_ids=a.token_ids + b.token_ids, logprobs=a.logprobs + b.logprobs,
-                         top_ids=a.top_ids + b.top_ids, top_logprobs=a.top_logprobs + b.top_logprobs)
+                         top_ids=a.top_ids + b.top_ids, top_logprobs=a.top_logprobs + b.top_logprobs,
+                         ids_logprobs=a.ids_logprobs + b.ids_logprobs)

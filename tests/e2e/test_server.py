@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, log_path, *flags: str):
+    def __init__(self, log_path, *flags: str, ready_line: str = READY_LINE):
+        self.ready_line = ready_line
         self.port = free_port()
         self.log_path = log_path
         self.log = open(log_path, "w")

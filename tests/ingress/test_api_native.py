@@ -203,9 +203,13 @@ def test_model_and_server_info(url, fake):
     assert status == 200 and info["is_generation"] is True
     assert info["context_length"] == fake.context_length and info["vocab_size"] == fake.model_info.vocab_size
     assert set(info) >= {"model_path", "tokenizer_path", "served_model_name", "architectures"}
-    # Without --model-path the paths name the default model's file, so clients (bench_serving) can load its tokenizer.
-    assert info["model_path"] == info["tokenizer_path"] == default_model_path()
-    status, _, raw = http_request(url, "GET", "/get_server_info")
+    # Without --model-path the tokenizer path names the default model's file, so clients (bench_serving) can load
+    # its tokenizer; model_path names the model the GGUF holds, so clients (SGLang's frontend) recognise its family.
+    assert info["tokenizer_path"] == info["gguf_file"] == default_model_path()
+    assert info["model_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert msgspec.json.decode(http_request(url, "GET", "/model_info")[2]) == info
+    status, _, raw = http_request(url, "GET", "/server_info")
+    assert http_request(url, "GET", "/get_server_info")[0] == 200
     info = msgspec.json.decode(raw)
     assert info["max_body_bytes"] == fake.args.max_body_bytes
     assert info["internal_states"][0]["token_usage"] == 0.25

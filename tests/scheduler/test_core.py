@@ -298,3 +298,38 @@ def test_random_workloads_leave_no_leak():
 
 def test_next_token_double_is_sensitive_to_every_token():
     assert next_token([1, 2, 3]) != next_token([1, 2, 4]) or next_token([1, 2, 3]) != next_token([2, 2, 3])
+
+
+def test_stop_regex_ends_the_request_on_the_token_that_completes_a_match():
+    decode = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)  # noqa: E731
+    p = prompt(3, 8)
+    full = reference_generate(p, SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.0), 10_000)
+    text = decode(full)
+    pattern = f"{text[12]}[a-z]{{2}}{text[15]}"  # matches text[12:16] (or an earlier look-alike)
+    import re
+    match = re.search(pattern, text)
+    core, runner = make_core(decode=decode)
+    request = make_request("x", p, 30, ignore_eos=True, stop_regex=[pattern])
+    report = drive(core, runner, {0: [request]}, overlap=True)
+    out = report.outcomes["x"]
+    assert out.finish.type == "stop" and out.finish.matched == pattern and out.finish.matched_text == match.group(0)
+    assert out.tokens == full[:match.end()]
+    assert out.updates[0].stop_regex == [pattern]
+
+
+def test_per_request_stream_interval_overrides_the_servers():
+    core, runner = make_core(stream_interval=1)
+    request = make_request("s", prompt(1, 5), 10, stream=True, ignore_eos=True, stream_interval=4)
+    report = drive(core, runner, {0: [request]}, overlap=True)
+    assert [len(u.new_token_ids) for u in report.outcomes["s"].updates] == [1, 4, 4, 1]
+
+
+@pytest.mark.parametrize("chunk", [-1, 4])
+def test_max_new_tokens_zero_prefills_and_generates_nothing(chunk):
+    core, runner = make_core(chunk=chunk)
+    p = prompt(5, 10)
+    report = drive(core, runner, {0: [make_request("z", p, 0)], 8: [make_request("y", p + [3], 4)]}, overlap=True)
+    zero = report.outcomes["z"]
+    assert zero.tokens == [] and zero.finish.type == "length" and zero.finish.length == 0
+    assert zero.updates[-1].meta.completion_tokens == 0
+    assert report.outcomes["y"].updates[-1].meta.cached_tokens == 10  # the zero-token request cached its prompt

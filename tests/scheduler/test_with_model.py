@@ -184,7 +184,9 @@ def test_tiny_model_logprobs_reach_the_updates(tiny, overlap):
     for u in updates:
         assert u.logprobs is not None and u.logprobs.token_ids == u.new_token_ids
         assert all(len(top) == 2 for top in u.logprobs.top_ids)
-    assert updates[0].prompt_logprobs.token_ids == prompt[1:]
+    # logprob_start_len 0: every prompt token, the first without a logprob (nothing predicts it)
+    assert updates[0].prompt_logprobs.token_ids == prompt
+    assert len(updates[0].prompt_logprobs.logprobs) == len(updates[0].prompt_logprobs.top_ids) == len(prompt) - 1
     assert all(u.prompt_logprobs is None for u in updates[1:])
 
 

@@ -7,13 +7,14 @@ The ingress actor does:
     ...
     await server.close(grace_s)
 
-`batches` is the BatchRunner behind /v1/files and /v1/batches (the durable store's); without it those routes
-do not exist (the API tests' fake frontends).
+`batches` is the BatchRunner behind /v1/files and /v1/batches (the durable store's), `responses` the
+store of /v1/responses; without them those routes do not exist (the API tests' fake frontends).
 """
 
 from __future__ import annotations
 
 from httpd import HttpServer, Router, ServerConfig
+from runtime.ingress.api.anthropic import AnthropicApi
 from runtime.ingress.api.batch_runner import BatchRunner
 from runtime.ingress.api.batches import BatchesApi
 from runtime.ingress.api.embeddings import EmbeddingsApi
@@ -21,9 +22,14 @@ from runtime.ingress.api.files import FilesApi
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.native import NativeApi
 from runtime.ingress.api.openai import OpenAIApi
+from runtime.ingress.api.responses import ResponsesApi
+from runtime.ingress.api.score import ScoreApi
+from runtime.ingress.api.tokenize import TokenizeApi
+from runtime.ingress.store.responses import ResponseStore
 
 
-def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None = None) -> Router:
+def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None = None,
+                 responses: ResponseStore | None = None) -> Router:
     native = NativeApi(frontend, metrics)
     openai = OpenAIApi(frontend, metrics)
     embeddings = EmbeddingsApi(frontend)
@@ -32,18 +38,35 @@ def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None 
     router.add("POST", "/encode", embeddings.encode)
     router.add("GET", "/health", native.health)
     router.add("GET", "/health_generate", native.health_generate)
-    router.add("GET", "/get_model_info", native.get_model_info)
-    router.add("GET", "/get_server_info", native.get_server_info)
+    # SGLang renamed these (0.5.10); clients of either name get the same answer.
+    for path in ("/model_info", "/get_model_info"):
+        router.add("GET", path, native.get_model_info)
+    for path in ("/server_info", "/get_server_info"):
+        router.add("GET", path, native.get_server_info)
     router.add(["GET", "POST"], "/flush_cache", native.flush_cache)
+    router.add("POST", "/abort_request", native.abort_request)
+    tokenize = TokenizeApi(frontend)
+    for prefix in ("", "/v1"):
+        router.add("POST", f"{prefix}/tokenize", tokenize.tokenize)
+        router.add("POST", f"{prefix}/detokenize", tokenize.detokenize)
     if metrics is not None:
         router.add("GET", "/metrics", native.metrics_text)
     router.add("GET", "/v1/models", openai.models)
     router.add("GET", f"/v1/models/{frontend.served_model_name}", openai.model)
     router.add("POST", "/v1/completions", openai.completions)
     router.add("POST", "/v1/chat/completions", openai.chat_completions)
+    router.add("POST", "/v1/score", ScoreApi(frontend, metrics).score)
+    anthropic = AnthropicApi(frontend, metrics)
+    router.add("POST", "/v1/messages", anthropic.messages)
+    router.add("POST", "/v1/messages/count_tokens", anthropic.count_tokens)
     router.add("POST", "/v1/embeddings", embeddings.embeddings)
     if batches is not None:
         add_batch_routes(router, batches, frontend.args.file_max_bytes)
+    if responses is not None:
+        api = ResponsesApi(frontend, responses, metrics)
+        router.add("POST", "/v1/responses", api.create)
+        router.add("GET", "/v1/responses/{response_id}", api.retrieve)
+        router.add("DELETE", "/v1/responses/{response_id}", api.delete)
     return router
 
 
@@ -61,9 +84,10 @@ def add_batch_routes(router: Router, batches: BatchRunner, file_max_bytes: int) 
     router.add("POST", "/v1/batches/{batch_id}/cancel", api.cancel)
 
 
-def create_server(frontend, config: ServerConfig | None = None, batches: BatchRunner | None = None) -> HttpServer:
+def create_server(frontend, config: ServerConfig | None = None, batches: BatchRunner | None = None,
+                  responses: ResponseStore | None = None) -> HttpServer:
     """The HTTP server for `frontend` (not listening yet: call .start(host, port)). Limits and the
     API key come from frontend.args unless `config` is given; /metrics exists with --enable-metrics."""
     args = frontend.args
     metrics = Metrics(frontend.served_model_name) if args.enable_metrics else None
-    return HttpServer(build_router(frontend, metrics, batches), config or ServerConfig.from_args(args))
+    return HttpServer(build_router(frontend, metrics, batches, responses), config or ServerConfig.from_args(args))

@@ -75,8 +75,9 @@ class PriorityFrontend:
     def __getattr__(self, name: str):
         return getattr(self._frontend, name)
 
-    def generate(self, rid, input_ids, sampling, logprobs, stream, deadline=None):
-        return self._frontend.generate(rid, input_ids, sampling, logprobs, stream, deadline, priority=self._priority)
+    def generate(self, rid, input_ids, sampling, logprobs, stream, deadline=None, group=None):
+        return self._frontend.generate(rid, input_ids, sampling, logprobs, stream, deadline, group,
+                                       priority=self._priority)
 
 
 def process_owner() -> str:

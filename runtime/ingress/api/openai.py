@@ -11,11 +11,13 @@ from runtime.ingress.api.generation import Generation, abort_error, http_error, 
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
     CHAT_FIELDS_MAX_COMPLETION,
+    CUSTOM_LOGIT_PROCESSOR_REFUSED,
     MAX_N,
     MAX_OPENAI_TOP_LOGPROBS,
     OPENAI_FIELDS,
     ChatBody,
     CompletionBody,
+    chat_message_dicts,
     check_prompt,
     check_sampling,
     check_sequence_count,
@@ -30,7 +32,6 @@ from runtime.ingress.frontend import Frontend
 from runtime.messages import LogprobOptions, TokenLogprobs
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class OpenAIApi:
@@ -52,7 +53,7 @@ class OpenAIApi:
             "object": "model",
             "created": int(time.time()),
             "owned_by": "runtime",
-            "root": self.frontend.args.model_path,
+            "root": self.frontend.served_model_name,
             "max_model_len": self.model_info.context_length,
         }
 
@@ -62,6 +63,7 @@ class OpenAIApi:
         arrival = time.perf_counter()
         body: CompletionBody = decode_body(request.body, CompletionBody)
         deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
+        _refuse_custom_logit_processor(body)
         if body.suffix:
             raise HttpError(400, "suffix: inserting text (suffix) is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -127,12 +129,13 @@ class OpenAIApi:
         body: ChatBody = decode_body(request.body, ChatBody)
         deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
         _check_n(body.n)
+        _refuse_custom_logit_processor(body)
         if body.response_format is not None:
             _refuse_response_format(body.response_format.type)
         if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
             raise HttpError(400, "tool_choice: only 'none' and 'auto' are supported (forcing a tool call needs "
                                  "grammar-constrained decoding)", "tool_choice")
-        messages = _chat_messages(body)
+        messages = chat_message_dicts(body.messages)
         continue_final = body.continue_final_message
         if continue_final is None:
             continue_final = messages[-1]["role"] == "assistant"  # assistant prefill: continue it
@@ -182,7 +185,8 @@ class OpenAIApi:
                                               default_max, seed_offset=j)
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
-                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline), arrival))
+                group = f"{base}/{i}" if params.n > 1 else None
+                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline, group), arrival))
         return sequences
 
     async def _run(self, sequences: list[Sequence]) -> None:
@@ -219,45 +223,15 @@ class OpenAIApi:
         return self.frontend.decode([token_id])
 
 
+def _refuse_custom_logit_processor(body) -> None:
+    if body.custom_logit_processor is not None:
+        raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
+
+
 def _refuse_response_format(kind: str) -> None:
     if kind != "text":
         raise HttpError(400, f"response_format: type {kind!r} is not supported yet (it needs grammar-constrained "
                              "decoding); only 'text' is accepted", "response_format")
-
-
-def _chat_messages(body: ChatBody) -> list[dict]:
-    if not body.messages:
-        raise HttpError(400, "messages: required, a non-empty list", "messages")
-    out = []
-    for i, message in enumerate(body.messages):
-        role = message.role.lower()
-        if role not in CHAT_ROLES:
-            raise HttpError(400, f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
-                            f"messages[{i}].role")
-        content = message.content
-        if content is None:
-            if role != "assistant" or not message.tool_calls:
-                field = f"messages[{i}].content"
-                raise HttpError(400, f"{field}: required for a {role} message (only an assistant message with "
-                                     "tool_calls may leave it out)", field)
-            content = ""
-        elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                field = f"messages[{i}].content[{j}]"
-                if part.type != "text":
-                    raise HttpError(400, f"{field}: only text parts are supported, got type {part.type!r}", field)
-                if part.text is None:
-                    raise HttpError(400, f"{field}.text: a text part needs a `text` string", f"{field}.text")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry = {"role": role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            value = getattr(message, key)
-            if value is not None:
-                entry[key] = value
-        out.append(entry)
-    return out
 
 
 def _check_n(n: int | None) -> None:

@@ -15,6 +15,7 @@ class Job:
     sampling: SamplingParams
     logprobs: LogprobOptions
     deadline: float | None = None  # time.monotonic() past which the request is aborted (504)
+    group: str | None = None  # the n samples of one prompt share a group: one data-parallel replica serves them
 
 
 @dataclass(slots=True)
@@ -44,6 +45,7 @@ class Sequence:
             self.logprobs.logprobs += update.logprobs.logprobs
             self.logprobs.top_ids += update.logprobs.top_ids
             self.logprobs.top_logprobs += update.logprobs.top_logprobs
+            self.logprobs.ids_logprobs += update.logprobs.ids_logprobs
         if update.prompt_logprobs is not None:
             self.prompt_logprobs = update.prompt_logprobs
         if update.finish is not None:

@@ -68,12 +68,13 @@ class TritonAttentionBackend:
         k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
         store_kv(k_pool, v_pool, batch.out_slots, k, v)
         spec = self.spec
+        window = spec.window(layer_id)
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
-                                   self.num_kv_splits, spec.sliding_window, part_o=self.part_o,
-                                   part_lse=self.part_lse)
+                                   self.num_kv_splits, window, part_o=self.part_o, part_lse=self.part_lse,
+                                   logit_cap=spec.logit_cap)
         else:
             out = extend_attention(q, k, v, k_pool, v_pool, batch.req_to_token, batch.rows, batch.prefix_lens,
                                    batch.extend_lens, batch.extend_start_loc, batch.max_extend_len, spec.scale,
-                                   spec.sliding_window)
+                                   window, logit_cap=spec.logit_cap)
         return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)
