@@ -31,7 +31,8 @@ import msgspec
 
 from actors.aio import AsyncMailbox
 from actors.mailbox import Mailbox
-from httpd import HttpError
+from httpd import HttpError, Request
+from runtime.ingress.api.embeddings import EmbeddingsApi
 from runtime.ingress.api.generation import Generation
 from runtime.ingress.api.native import (
     NATIVE_DEFAULT_MAX_NEW_TOKENS,
@@ -163,8 +164,15 @@ class Engine:
             return self._async_stream(self._stream(body))
         return await asyncio.wrap_future(self._submit(self._generate(body)))
 
-    def encode(self, prompt: str | list[str] | None = None, **kwargs: Any) -> dict:
-        raise ValueError("embedding models are not supported yet; start with --is-embedding once supported")
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               rid: str | list[str] | None = None) -> dict | list[dict]:
+        """The output of POST /encode ({"embedding": [...], "meta_info": {...}}) for one input, a list for a list.
+        Any model embeds: an --is-embedding model as its checkpoint pools, a generation model its last token."""
+        body = {key: value for key, value in (("text", prompt), ("input_ids", input_ids), ("rid", rid))
+                if value is not None}
+        request = Request("POST", "/encode", "", [], msgspec.json.encode(body), "1.1", True)
+        response = self._call(self._frontend_call(EmbeddingsApi(self.frontend).encode(request)))
+        return msgspec.json.decode(response.body)
 
     def get_server_info(self) -> dict:
         """Server args, the model facts and the scheduler's state (as GET /get_server_info)."""

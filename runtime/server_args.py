@@ -45,6 +45,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     stream_interval: int = 1
+    low_priority_prefill_tokens: int = 512  # per step, beside decoding requests of a higher priority
 
     # Parallelism
     tp_size: int = 1
@@ -108,8 +109,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
     "is_embedding": FlagDoc("Model and tokenizer", "off",
-                      "serve an embedding model: /v1/embeddings and /encode, pooled as its sentence-transformers "
-                      "config says (last token, normalised, without one); generation requests are refused"),
+                      "serve an embedding model: the bare decoder, pooled as its sentence-transformers config says "
+                      "(last token + normalise without one); generation requests are refused. Bare MistralModel / "
+                      "Qwen2Model checkpoints are embedding models without the flag"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
     "revision": FlagDoc("Model and tokenizer", "the default branch",
                       "branch, tag or commit of a hub model id (`--model-path org/name`)"),
@@ -150,6 +152,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "disable_overlap_schedule": FlagDoc("Memory and scheduling", "off",
                       "plan, send, wait, process: no CPU/GPU overlap"),
     "stream_interval": FlagDoc("Memory and scheduling", "1", "tokens between streamed updates"),
+    "low_priority_prefill_tokens": FlagDoc("Memory and scheduling", "512",
+                      "prefill tokens per step for requests of a lower priority (`/v1/batches` work) while "
+                      "higher-priority requests decode, so batch prompts do not slow interactive decoding "
+                      "(with chunked prefill)"),
     # Parallelism and kernels
     "tp_size": FlagDoc("Parallelism and kernels", "1",
                       "tensor-parallel ranks of one replica, one worker process (one GPU) each; over all nodes with "
@@ -291,6 +297,8 @@ def validate(args: ServerArgs) -> ServerArgs:
             raise ServerArgsError(f"--{name.replace('_', '-')} must be positive")
     if args.chunked_prefill_size == 0 or args.chunked_prefill_size < -1:
         raise ServerArgsError("--chunked-prefill-size must be positive, or -1 to disable chunking")
+    if args.low_priority_prefill_tokens < 1:
+        raise ServerArgsError("--low-priority-prefill-tokens must be positive")
     if args.max_prefill_tokens <= 0:
         raise ServerArgsError("--max-prefill-tokens must be positive")
     validate_parallelism(args)

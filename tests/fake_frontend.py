@@ -57,6 +57,7 @@ class GenerateCall:
     logprobs: LogprobOptions
     stream: bool
     deadline: float | None = None
+    priority: int = 0
 
 
 def fake_logprob(position: int) -> float:
@@ -152,7 +153,7 @@ class FakeFrontend:
                        stream: bool, deadline: float | None = None, group: str | None = None,
                        priority: int = 0):
         if self.record_calls:
-            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline))
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:

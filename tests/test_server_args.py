@@ -39,6 +39,8 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--load-balance-method", "random"], "--load-balance-method"),
     (["--schedule-policy", "lifo"], "--schedule-policy"),
     (["--stream-interval", "0"], "--stream-interval"),
+    (["--low-priority-prefill-tokens", "0"], "--low-priority-prefill-tokens"),
+    (["--batch-max-requests", "0"], "--batch-max-requests"),
     (["--allowed-origins", "evil.example"], "--allowed-origins"),
     (["--request-timeout", "0"], "--request-timeout"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),

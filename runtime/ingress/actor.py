@@ -147,11 +147,11 @@ class IngressActor(AsyncActor):
             gc.freeze()
             self.log.info("serving %s on http://%s:%d", frontend.served_model_name, args.host, server.port)
             await asyncio.wait([shutdown, mailbox.finished, terminated], return_when=asyncio.FIRST_COMPLETED)
+            await batches.close()  # first: a batch request cut off by the stop stays unfinished, not failed
             if terminated.done():
                 self.log.warning("SIGTERM: answering the %d requests in progress with 503", frontend.unfinished)
                 await self._final_answers(server, frontend, "the server stopped while the request was running")
             elif shutdown.done():
-                await batches.close()
                 await self._drain(server, frontend, shutdown.result(), terminated)
             else:
                 mailbox.finished.result()  # the reader's error, if it failed

@@ -181,6 +181,7 @@ class Frontend:
         channels = to_scheduler if isinstance(to_scheduler, list) else [to_scheduler]
         self.dispatcher = Dispatcher([OrderedSender(c) for c in channels], args.load_balance_method)
         self._streams: dict[str, _RequestStream] = {}
+        self._background: set[str] = set()  # rids of _streams below interactive priority (batch work)
         self._replies: dict[int, _Gather] = {}
         self._reply_tokens = itertools.count(1)
         self._closed: RequestError | None = None
@@ -309,15 +310,11 @@ class Frontend:
             raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
                                     "/encode")
         input_ids = self._check_prompt(rid, input_ids)
-        if len(self._streams) >= self.max_unfinished:
-            raise RequestError(429, f"the server is overloaded: {len(self._streams)} sequences are unfinished "
-                                    f"(--max-running-requests x {self.dispatcher.size} replicas + "
-                                    f"--max-queued-requests = {self.max_unfinished}); "
-                                    "retry later")
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
         if deadline is not None:
             state.timer = loop.call_later(max(0.0, deadline - time.monotonic()), state.fail,
                                           RequestError(504, f"the request did not finish within its timeout of "
@@ -348,8 +345,7 @@ class Frontend:
         finally:
             if state.timer is not None:
                 state.timer.cancel()
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
                 self.dispatcher.abort(rid)
             self.dispatcher.finished(rid)
@@ -362,9 +358,10 @@ class Frontend:
         if self.draining:
             raise RequestError(503, "the server is shutting down")
         input_ids = self._check_prompt(rid, input_ids, generates=False)
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(False)
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
         done = False
         try:
             self.dispatcher.submit(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False,
@@ -382,11 +379,31 @@ class Frontend:
                                         f"{(finish.message if finish else None) or 'no reason given'}")
             return state.embedding
         finally:
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
                 self.dispatcher.abort(rid)
             self.dispatcher.finished(rid)
+
+    def _check_load(self, priority: int) -> None:
+        """429 past the bound of unfinished interactive sequences. Batch work (priority < 0) is bounded by its
+        runner's window instead, and does not count here: it must not crowd interactive requests out."""
+        if priority < 0:
+            return
+        interactive = len(self._streams) - len(self._background)
+        if interactive >= self.max_unfinished:
+            raise RequestError(429, f"the server is overloaded: {interactive} sequences are unfinished "
+                                    f"(--max-running-requests x {self.dispatcher.size} replicas + "
+                                    f"--max-queued-requests = {self.max_unfinished}); retry later")
+
+    def _add_stream(self, rid: str, state: _RequestStream, priority: int) -> None:
+        self._streams[rid] = state
+        if priority < 0:
+            self._background.add(rid)
+
+    def _remove_stream(self, rid: str, state: _RequestStream) -> None:
+        if self._streams.get(rid) is state:
+            del self._streams[rid]
+            self._background.discard(rid)
 
     def abort(self, rid: str) -> None:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 ORPHAN_SCAN_S = 10.0
 CANCEL_POLL_S = 1.0
-RETRIES = 3  # a line the engine could not serve for a passing reason (503, an abort) is tried this often
+RETRIES = 3  # a line the engine could not serve for a passing reason (429, 503, an abort) is tried this often
 RETRY_DELAY_S = 1.0
 RESULT_PAGE = 1000
 
@@ -170,6 +170,7 @@ class BatchRunner:
         try:
             await self._work(batch_id)
         except asyncio.CancelledError:
+            watcher.cancel()  # it must not cancel the finalisation too
             record = self.batches.get(batch_id)
             if self.closing or record is None or record.status != "cancelling":
                 raise
@@ -270,7 +271,7 @@ class BatchRunner:
                 status, body = 500, error_response(500, f"internal error: {type(err).__name__}: {err}").body
             if self.closing:
                 return None
-            passing = status == 503 or (status == 500 and b"aborted by the engine" in body)
+            passing = status in (429, 503) or (status == 500 and b"aborted by the engine" in body)
             if not passing or attempt == RETRIES - 1:
                 break
             await asyncio.sleep(RETRY_DELAY_S)
