@@ -57,7 +57,7 @@ class Dispatcher:
                                   headers=[(b"Allow", allow.encode())])
         if self.require_json_body and method in _BODY_METHODS and request.body:
             content_type = request.header(b"content-type")
-            if not is_json_content_type(content_type):
+            if not is_json_content_type(content_type) and not self._form_allowed(endpoint, request, content_type):
                 got = "none" if content_type is None else repr(content_type.decode("latin-1"))
                 return error_response(415, f"Content-Type must be application/json (got {got}); with curl, add "
                                            "-H 'Content-Type: application/json'", "Content-Type")
@@ -83,6 +83,15 @@ class Dispatcher:
     def _log_failure(self, request: Request) -> None:
         self.log_limiter.log(logger, logging.ERROR, "handler for %s %s failed", request.method, request.path,
                              exc_info=True)
+
+    def _form_allowed(self, endpoint: Endpoint, request: Request, content_type: bytes | None) -> bool:
+        """A form upload to a route that takes one, from a client that is not a browser page of a foreign origin
+        (browsers send such a POST without a preflight, but always with its Origin)."""
+        if not endpoint.accepts_form or content_type is None:
+            return False
+        if content_type.partition(b";")[0].strip().lower() != b"multipart/form-data":
+            return False
+        return request.header(b"origin") is None or self.allowed_origin(request) is not None
 
     def allowed_origin(self, request: Request) -> bytes | None:
         """The Access-Control-Allow-Origin value for this request, or None (no CORS header)."""

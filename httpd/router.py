@@ -22,6 +22,9 @@ Handler = Callable[[Request], Result | Awaitable[Result]]
 class Endpoint:
     handler: Handler
     is_async: bool  # a coroutine function: run as a task; a plain function: answered inline
+    # Also takes multipart/form-data bodies (file uploads), except from a browser page of an origin that is not
+    # allowed (ServerConfig.require_json_body otherwise asks for JSON).
+    accepts_form: bool = False
 
 
 class Router:
@@ -29,7 +32,7 @@ class Router:
         self._routes: dict[str, dict[str, Endpoint]] = {}
         self._templates: list[tuple[list[str], dict[str, Endpoint]]] = []  # split template, its endpoints
 
-    def add(self, methods: str | Iterable[str], path: str, handler: Handler) -> None:
+    def add(self, methods: str | Iterable[str], path: str, handler: Handler, accepts_form: bool = False) -> None:
         if not path.startswith("/"):
             raise ValueError(f"route path must start with '/': {path!r}")
         endpoints = self._routes.setdefault(path, {})
@@ -39,7 +42,7 @@ class Router:
             method = method.upper()
             if method in endpoints:
                 raise ValueError(f"route {method} {path} is registered twice")
-            endpoints[method] = Endpoint(handler, inspect.iscoroutinefunction(handler))
+            endpoints[method] = Endpoint(handler, inspect.iscoroutinefunction(handler), accepts_form)
 
     def endpoints(self, path: str) -> dict[str, Endpoint] | None:
         found = self._routes.get(path)

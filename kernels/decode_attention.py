@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function reads must be a constexpr object
 
 
 @triton.jit

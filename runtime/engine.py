@@ -31,7 +31,8 @@ import msgspec
 
 from actors.aio import AsyncMailbox
 from actors.mailbox import Mailbox
-from httpd import HttpError
+from httpd import HttpError, Request
+from runtime.ingress.api.embeddings import EmbeddingsApi
 from runtime.ingress.api.generation import Generation
 from runtime.ingress.api.native import (
     NATIVE_DEFAULT_MAX_NEW_TOKENS,
@@ -57,6 +58,7 @@ from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
 from runtime.messages import TokenLogprobs
+from runtime.model_loader.hub import resolve_model_paths
 from runtime.server_args import ServerArgs, ServerArgsError, validate
 from runtime.tokenizer import load_tokenizer
 from shm import run_prefix
@@ -93,7 +95,9 @@ def server_args_from(server_args: ServerArgs | None, kwargs: dict) -> ServerArgs
 
 class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
-        self.server_args = server_args_from(server_args, kwargs)
+        self.server_args = resolve_model_paths(server_args_from(server_args, kwargs))  # hub ids: HubError
+        if self.server_args.node_rank != 0:
+            raise ValueError("--node-rank > 0 runs only workers: start those nodes with `python -m runtime`")
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: list = []
@@ -116,12 +120,12 @@ class Engine:
             raise
 
     def _start_frontend(self, tokenizer) -> None:
-        to_scheduler, inbound = self._deployment.connect_as_ingress()
-        self._channels = [to_scheduler, *inbound]
+        to_schedulers, inbound = self._deployment.connect_as_ingress()
+        self._channels = [*to_schedulers, *inbound]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_scheduler)
+        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers)
 
         async def start_mailbox() -> AsyncMailbox:
             return AsyncMailbox(Mailbox(inbound), self.frontend.on_message).start()
@@ -160,14 +164,21 @@ class Engine:
             return self._async_stream(self._stream(body))
         return await asyncio.wrap_future(self._submit(self._generate(body)))
 
-    def encode(self, prompt: str | list[str] | None = None, **kwargs: Any) -> dict:
-        raise ValueError("embedding models are not supported yet; start with --is-embedding once supported")
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               rid: str | list[str] | None = None) -> dict | list[dict]:
+        """The output of POST /encode ({"embedding": [...], "meta_info": {...}}) for one input, a list for a list.
+        Any model embeds: an --is-embedding model as its checkpoint pools, a generation model its last token."""
+        body = {key: value for key, value in (("text", prompt), ("input_ids", input_ids), ("rid", rid))
+                if value is not None}
+        request = Request("POST", "/encode", "", [], msgspec.json.encode(body), "1.1", True)
+        response = self._call(self._frontend_call(EmbeddingsApi(self.frontend).encode(request)))
+        return msgspec.json.decode(response.body)
 
     def get_server_info(self) -> dict:
         """Server args, the model facts and the scheduler's state (as GET /get_server_info)."""
-        state = self._call(self._frontend_call(self.frontend.server_info()))
+        states = self._call(self._frontend_call(self.frontend.replica_states()))
         return {**msgspec.to_builtins(self.server_args), "model_info": msgspec.to_builtins(self.model_info),
-                "internal_states": [state]}
+                "internal_states": states}
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; False (with nothing done) while requests are running."""
@@ -232,8 +243,8 @@ class Engine:
             for j in range(params.n):
                 sampling_j = to_sampling_params(params, len(ids), info.context_length, NATIVE_FIELDS,
                                                 NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
-                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options),
-                                          arrival))
+                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
+                                              group=rid if params.n > 1 else None), arrival))
         return sequences, is_batch or len(sequences) > 1
 
     def _output(self, sequence: Sequence) -> dict:

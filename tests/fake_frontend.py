@@ -57,6 +57,7 @@ class GenerateCall:
     logprobs: LogprobOptions
     stream: bool
     deadline: float | None = None
+    priority: int = 0
 
 
 def fake_logprob(position: int) -> float:
@@ -151,9 +152,10 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None):
+                       stream: bool, deadline: float | None = None, group: str | None = None,
+                       priority: int = 0):
         if self.record_calls:
-            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline))
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:
@@ -260,6 +262,9 @@ class FakeFrontend:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
                 "retractions": 2, "max_total_tokens": self.model_info.max_total_tokens}
+
+    async def replica_states(self) -> list[dict]:
+        return [await self.server_info()]
 
 
 class ServerThread:

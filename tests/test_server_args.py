@@ -37,12 +37,21 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--chunked-prefill-size", "0"], "--chunked-prefill-size"),
     (["--max-running-requests", "0"], "--max-running-requests"),
     (["--port", "70000"], "--port"),
-    (["--tp-size", "2"], "--tp-size"),
-    (["--dp-size", "2"], "--dp-size"),
+    (["--tp", "0"], "--tp-size"),
+    (["--dp", "0"], "--dp-size"),
+    (["--nnodes", "2", "--node-rank", "2", "--dist-init-addr", "h:5000"], "--node-rank"),
+    (["--nnodes", "2", "--tp", "2"], "--dist-init-addr"),
+    (["--nnodes", "2", "--tp", "3", "--nccl-init-addr", "h:5000"], "--nnodes"),
+    (["--nnodes", "2", "--tp", "2", "--dp", "2", "--nccl-init", "h:5000"], "--dp-size"),
+    (["--dist-init-addr", "nohost"], "--dist-init-addr"),
+    (["--base-gpu-id", "-1"], "--base-gpu-id"),
+    (["--load-balance-method", "random"], "--load-balance-method"),
     (["--schedule-policy", "lifo"], "--schedule-policy"),
     (["--stream-interval", "0"], "--stream-interval"),
     (["--cuda-graph-bs", "0", "4"], "--cuda-graph-bs"),
     (["--torch-compile-max-bs", "0"], "--torch-compile-max-bs"),
+    (["--low-priority-prefill-tokens", "0"], "--low-priority-prefill-tokens"),
+    (["--batch-max-requests", "0"], "--batch-max-requests"),
     (["--allowed-origins", "evil.example"], "--allowed-origins"),
     (["--request-timeout", "0"], "--request-timeout"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),
@@ -52,6 +61,15 @@ def test_bad_values_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_parallel_flags_take_sglangs_spellings():
+    args = parse_args(["--tp", "4", "--nccl-init", "sgl-dev-0:50000", "--nnodes", "2", "--node-rank", "1"])
+    assert (args.tp_size, args.dist_init_addr, args.nnodes, args.node_rank) == (4, "sgl-dev-0:50000", 2, 1)
+    args = parse_args(["--tensor-parallel-size", "2", "--data-parallel-size", "2", "--nccl-init-addr", "[::1]:20000",
+                       "--load-balance-method", "shortest_queue", "--base-gpu-id", "4", "--enable-p2p-check"])
+    assert (args.tp_size, args.dp_size, args.dist_init_addr) == (2, 2, "[::1]:20000")
+    assert args.load_balance_method == "shortest_queue" and args.base_gpu_id == 4 and args.enable_p2p_check
 
 
 def test_server_args_round_trip_as_json():

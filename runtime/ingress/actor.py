@@ -44,8 +44,9 @@ MULTIPART_SLACK_BYTES = 1 << 20
 
 class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
-    model_info: ModelInfo | None = None  # None: wait for the scheduler's EngineReady
-    to_scheduler: str = "ingress_to_scheduler"  # name of the outbound channel in the ActorSpec
+    model_info: ModelInfo | None = None  # None: wait for every scheduler's EngineReady
+    # names of the outbound channels in the ActorSpec: one per data-parallel replica's scheduler
+    to_schedulers: list[str] = msgspec.field(default_factory=lambda: ["ingress_to_scheduler"])
     listen_fd: int = -1  # a listening socket inherited from the launcher; -1: bind args.host:args.port here
     heartbeat_segment: str = ""  # the run's Heartbeats segment, read by /health ("": no heartbeat checks)
 
@@ -82,22 +83,27 @@ class IngressActor(AsyncActor):
         fd = self.config.listen_fd
         self.sock = adopt_listener(fd) if fd >= 0 else listen(args, self.server_config.backlog)
         self.tokenizer = load_tokenizer(args)
-        self.to_scheduler = self.ref(self.config.to_scheduler)
+        self.to_schedulers = [self.ref(name).channel for name in self.config.to_schedulers]
         self.model_info = self.config.model_info or self._wait_for_engine(args.ready_timeout)
 
     def _wait_for_engine(self, timeout: float) -> ModelInfo:
+        """Every replica's scheduler greets with EngineReady once its model is loaded; the first one's facts."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        infos: list[ModelInfo] = []
+        while len(infos) < len(self.to_schedulers):
+            if time.monotonic() >= deadline:
+                raise IngressStartError(f"{len(infos)} of {len(self.to_schedulers)} schedulers sent EngineReady "
+                                        f"within {timeout:g} s")
             match self.receive(min(1.0, max(0.0, deadline - time.monotonic()))):
                 case EngineReady(model_info=info):
-                    return info
+                    infos.append(info)
                 case Shutdown():
                     raise IngressStartError("stopped before the engine was ready")
                 case None:
                     pass
                 case other:
                     raise IngressStartError(f"expected the scheduler's EngineReady first, got {type(other).__name__}")
-        raise IngressStartError(f"no EngineReady from the scheduler within {timeout:g} s")
+        return infos[0]
 
     def ready_info(self) -> bytes:
         return msgspec.msgpack.encode(IngressInfo(self.config.args.host, self.sock.getsockname()[1]))
@@ -105,7 +111,7 @@ class IngressActor(AsyncActor):
     async def main(self) -> None:
         args = self.config.args
         loop = asyncio.get_running_loop()
-        frontend = Frontend(args, self.model_info, self.tokenizer, self.to_scheduler.channel)
+        frontend = Frontend(args, self.model_info, self.tokenizer, self.to_schedulers)
         health = None
         if self.config.heartbeat_segment:
             from runtime.ingress.health import HealthCheck
@@ -128,9 +134,10 @@ class IngressActor(AsyncActor):
 
         loop.add_signal_handler(signal.SIGTERM, on_sigterm)
         mailbox = AsyncMailbox(self.mailbox, on_message).start()
-        # Batch requests may fill the running rows twice over: the scheduler always has the next ones queued.
+        # Batch requests may fill every replica's running rows twice over: each scheduler always has the next ones
+        # queued.
         batches = BatchRunner(frontend, self.store, args.batch_max_requests,
-                              window=2 * self.model_info.max_running_requests)
+                              window=2 * self.model_info.max_running_requests * frontend.dispatcher.size)
         server = create_server(frontend, self.server_config, batches, ResponseStore(self.store))
         try:
             await server.start(args.host, args.port, sock=self.sock)
@@ -140,11 +147,11 @@ class IngressActor(AsyncActor):
             gc.freeze()
             self.log.info("serving %s on http://%s:%d", frontend.served_model_name, args.host, server.port)
             await asyncio.wait([shutdown, mailbox.finished, terminated], return_when=asyncio.FIRST_COMPLETED)
+            await batches.close()  # first: a batch request cut off by the stop stays unfinished, not failed
             if terminated.done():
                 self.log.warning("SIGTERM: answering the %d requests in progress with 503", frontend.unfinished)
                 await self._final_answers(server, frontend, "the server stopped while the request was running")
             elif shutdown.done():
-                await batches.close()
                 await self._drain(server, frontend, shutdown.result(), terminated)
             else:
                 mailbox.finished.result()  # the reader's error, if it failed

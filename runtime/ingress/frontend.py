@@ -29,9 +29,9 @@ import jinja2
 import msgspec
 
 from runtime.default_model import DEFAULT_MODEL_NAME
+from runtime.ingress.dispatcher import Dispatcher, merge_states
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
-    AbortRequest,
     EmbeddingResult,
     EmbeddingResults,
     EngineReady,
@@ -158,25 +158,39 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
     )
 
 
+class _Gather:
+    """The replies of every replica to one flush_cache / server_info request."""
+
+    __slots__ = ("expected", "replies", "future")
+
+    def __init__(self, expected: int, future: asyncio.Future):
+        self.expected = expected
+        self.replies: list = []
+        self.future = future
+
+
 class Frontend:
     def __init__(self, args: ServerArgs, model_info: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
-                 to_scheduler: Channel):
-        """`to_scheduler` is the Channel of IngressToScheduler messages; `tokenizer` is the HF
-        tokenizer from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
+                 to_scheduler: Channel | list[Channel]):
+        """`to_scheduler` is the Channel of IngressToScheduler messages, or one per data-parallel
+        replica (runtime.ingress.dispatcher picks one per request); `tokenizer` is the HF tokenizer
+        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
         self.args = args
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.served_model_name = args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
-        self._sender = OrderedSender(to_scheduler)
+        channels = to_scheduler if isinstance(to_scheduler, list) else [to_scheduler]
+        self.dispatcher = Dispatcher([OrderedSender(c) for c in channels], args.load_balance_method)
         self._streams: dict[str, _RequestStream] = {}
-        self._replies: dict[int, asyncio.Future] = {}
+        self._background: set[str] = set()  # rids of _streams below interactive priority (batch work)
+        self._replies: dict[int, _Gather] = {}
         self._reply_tokens = itertools.count(1)
         self._closed: RequestError | None = None
         self.draining = False  # shutdown has begun: engine aborts are the shutdown's (503)
         self.max_chars_per_token = max_token_chars(tokenizer)
         # One thread: an HF fast tokenizer releases the GIL while encoding, and one thread keeps its state unshared.
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self.max_unfinished = model_info.max_running_requests + args.max_queued_requests
+        self.max_unfinished = self.dispatcher.size * model_info.max_running_requests + args.max_queued_requests
         self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
 
     # ------------------------------------------------------------------ tokenizer
@@ -202,6 +216,8 @@ class Frontend:
 
     async def encode_async(self, text: str, field: str = "text") -> list[int]:
         """encode() off the event loop for long texts, after the length check."""
+        if self._closed is not None:
+            raise self._closed
         self._need_tokenizer(field)
         if not isinstance(text, str):
             raise RequestError(400, f"{field}: expected a string, got {type(text).__name__}")
@@ -213,6 +229,8 @@ class Frontend:
     async def apply_chat_template_async(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                                         continue_final_message: bool) -> list[int]:
         """apply_chat_template() off the event loop for long conversations, after the length check."""
+        if self._closed is not None:
+            raise self._closed
         self._need_tokenizer("messages")
         chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)
                     and isinstance(m.get("content"), str))
@@ -278,11 +296,13 @@ class Frontend:
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None, priority: int = 0) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0
+                       ) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
         request, a single update); the last has .finish set. Leaving early aborts the request.
-        `deadline` (time.monotonic()): past it the request is aborted and fails with 504. Higher `priority` runs
-        first (batch requests run below interactive ones)."""
+        `deadline` (time.monotonic()): past it the request is aborted and fails with 504.
+        Requests of one `group` (the n samples of a prompt) are served by one data-parallel replica.
+        Higher `priority` runs first (batch requests run below interactive ones)."""
         if self._closed is not None:
             raise self._closed
         if self.draining:
@@ -291,22 +311,19 @@ class Frontend:
             raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
                                     "/encode")
         input_ids = self._check_prompt(rid, input_ids)
-        if len(self._streams) >= self.max_unfinished:
-            raise RequestError(429, f"the server is overloaded: {len(self._streams)} sequences are unfinished "
-                                    f"(--max-running-requests + --max-queued-requests = {self.max_unfinished}); "
-                                    "retry later")
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
         if deadline is not None:
             state.timer = loop.call_later(max(0.0, deadline - time.monotonic()), state.fail,
                                           RequestError(504, f"the request did not finish within its timeout of "
                                                             f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
-                                              priority=priority))
+            self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                                   priority=priority), group)
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()
@@ -329,10 +346,10 @@ class Frontend:
         finally:
             if state.timer is not None:
                 state.timer.cancel()
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
-                self._sender.send(AbortRequest(rid))
+                self.dispatcher.abort(rid)
+            self.dispatcher.finished(rid)
 
     async def embed(self, rid: str, input_ids: list[int], priority: int = 0) -> EmbeddingResult:
         """The pooled final hidden state of `input_ids` (ModelInfo.pooling), as a prefill-only request.
@@ -342,13 +359,14 @@ class Frontend:
         if self.draining:
             raise RequestError(503, "the server is shutting down")
         input_ids = self._check_prompt(rid, input_ids, generates=False)
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(False)
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
         done = False
         try:
-            self._sender.send(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False, time.time(),
-                                              embed=True, priority=priority))
+            self.dispatcher.submit(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False,
+                                                   time.time(), embed=True, priority=priority))
             while state.embedding is None and state.error is None and not state.updates:
                 state.waiter = loop.create_future()
                 await state.waiter
@@ -362,38 +380,80 @@ class Frontend:
                                         f"{(finish.message if finish else None) or 'no reason given'}")
             return state.embedding
         finally:
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
-                self._sender.send(AbortRequest(rid))
+                self.dispatcher.abort(rid)
+            self.dispatcher.finished(rid)
+
+    def _check_load(self, priority: int) -> None:
+        """429 past the bound of unfinished interactive sequences. Batch work (priority < 0) is bounded by its
+        runner's window instead, and does not count here: it must not crowd interactive requests out."""
+        if priority < 0:
+            return
+        interactive = len(self._streams) - len(self._background)
+        if interactive >= self.max_unfinished:
+            raise RequestError(429, f"the server is overloaded: {interactive} sequences are unfinished "
+                                    f"(--max-running-requests x {self.dispatcher.size} replicas + "
+                                    f"--max-queued-requests = {self.max_unfinished}); retry later")
+
+    def _add_stream(self, rid: str, state: _RequestStream, priority: int) -> None:
+        self._streams[rid] = state
+        if priority < 0:
+            self._background.add(rid)
+
+    def _remove_stream(self, rid: str, state: _RequestStream) -> None:
+        if self._streams.get(rid) is state:
+            del self._streams[rid]
+            self._background.discard(rid)
 
     def abort(self, rid: str) -> None:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish
         type "abort". Unknown (or already finished) ids are ignored."""
         if rid in self._streams:
-            self._sender.send(AbortRequest(rid))
+            self.dispatcher.abort(rid)
 
     def abort_all(self) -> None:
         for rid in list(self._streams):
-            self._sender.send(AbortRequest(rid))
+            self.dispatcher.abort(rid)
 
     async def flush_cache(self) -> tuple[bool, str]:
-        reply = await self._ask(FlushCacheRequest, "flush_cache")
-        return reply.ok, reply.message
+        """Flushes every replica's cache; ok when all of them did."""
+        replies = await self._ask(FlushCacheRequest, "flush_cache")
+        if len(replies) == 1:
+            return replies[0].ok, replies[0].message
+        messages = [f"replica {i}: {r.message}" for i, r in enumerate(replies) if r.message]
+        return all(r.ok for r in replies), "; ".join(messages)
+
+    async def replica_states(self) -> list[dict]:
+        """Each replica's scheduler state, by dp rank, with the sequences this ingress has unfinished there
+        (and with --dp-size > 1 how many it dispatched there)."""
+        states = await self._scheduler_states()
+        for i, state in enumerate(states):
+            load = self.dispatcher.load(i)
+            state["ingress_unfinished_sequences"] = load["unfinished"]
+            if len(states) > 1:
+                state["dispatched"] = load["dispatched"]
+        return states
 
     async def server_info(self) -> dict:
-        reply = await self._ask(ServerInfoRequest, "server_info")
-        return {key: msgspec.msgpack.decode(value) for key, value in reply.info.items()}
+        """The scheduler state, summed over the replicas (runtime.ingress.dispatcher.merge_states)."""
+        return merge_states(await self._scheduler_states())
 
-    async def _ask(self, request_type, what: str) -> Any:
+    async def _scheduler_states(self) -> list[dict]:
+        replies = await self._ask(ServerInfoRequest, "server_info")
+        states = [{key: msgspec.msgpack.decode(value) for key, value in reply.info.items()} for reply in replies]
+        return sorted(states, key=lambda state: state.get("dp_rank", 0))
+
+    async def _ask(self, request_type, what: str) -> list[Any]:
+        """Every replica's reply to request_type(token)."""
         if self._closed is not None:
             raise self._closed
         token = next(self._reply_tokens)
-        future = asyncio.get_running_loop().create_future()
-        self._replies[token] = future
+        gather = _Gather(self.dispatcher.size, asyncio.get_running_loop().create_future())
+        self._replies[token] = gather
         try:
-            self._sender.send(request_type(token))
-            return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+            self.dispatcher.broadcast(request_type(token))
+            return await asyncio.wait_for(gather.future, REPLY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RequestError(503, f"{what}: the scheduler did not answer within {REPLY_TIMEOUT_S:.0f} s") from None
         finally:
@@ -424,9 +484,11 @@ class Frontend:
             case EngineReady():
                 pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):
-                future = self._replies.get(token)
-                if future is not None and not future.done():
-                    future.set_result(msg)
+                gather = self._replies.get(token)
+                if gather is not None and not gather.future.done():
+                    gather.replies.append(msg)
+                    if len(gather.replies) == gather.expected:
+                        gather.future.set_result(gather.replies)
             case _:
                 raise TypeError(f"frontend: unexpected message {type(msg).__name__}")
 
@@ -441,9 +503,9 @@ class Frontend:
         self._closed = RequestError(503, message)
         for state in self._streams.values():
             state.fail(self._closed)
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(self._closed)
+        for gather in self._replies.values():
+            if not gather.future.done():
+                gather.future.set_exception(self._closed)
 
 
 def max_token_chars(tokenizer) -> int:

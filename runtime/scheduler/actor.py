@@ -65,6 +65,7 @@ class SchedulerActorConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     model_info: ModelInfo | None = None  # None: wait for rank 0's WorkerReady
     heartbeat_segment: str = ""  # the run's Heartbeats segment ("": none)
+    dp_rank: int = 0  # the data-parallel replica this scheduler drives
 
 
 class SchedulerStartError(RuntimeError):
@@ -94,7 +95,7 @@ class SchedulerActor(Actor):
         self.shutdown_deadline: float | None = None
         self.sent_at: dict[int, float] = {}
         self.watchdog_reported: set[int] = set()
-        self.heartbeat = Heartbeat(self.config.heartbeat_segment, "scheduler") if self.config.heartbeat_segment \
+        self.heartbeat = Heartbeat(self.config.heartbeat_segment, self.name) if self.config.heartbeat_segment \
             else None
         self.log.info("scheduler: %d KV slots, %d request rows, context %d, overlap %s, radix cache %s, chunked "
                       "prefill %d, policy %s", self.core.config.max_total_tokens, self.core.config.max_running_requests,
@@ -170,7 +171,8 @@ class SchedulerActor(Actor):
                     self.log.info("radix cache flushed")
                 self.to_ingress.send(FlushCacheReply(token=token, ok=ok, message=message))
             case ServerInfoRequest(token=token):
-                info = {k: msgspec.Raw(msgspec.msgpack.encode(v)) for k, v in self.core.server_info().items()}
+                state = {"dp_rank": self.config.dp_rank, **self.core.server_info()}
+                info = {k: msgspec.Raw(msgspec.msgpack.encode(v)) for k, v in state.items()}
                 self.to_ingress.send(ServerInfoReply(token=token, info=info))
             case WorkerReady():
                 pass  # the model info came with the config

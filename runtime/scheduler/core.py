@@ -22,7 +22,9 @@ Mean and CLS pooling need every token's hidden state, so those requests never st
 
 Priority (GenerateRequest.priority, higher first): the queue is admitted in priority order, and a waiting request
 that finds no row or no memory retracts running requests of lower priority (the lowest, newest first), so batch
-work (/v1/batches) fills the idle capacity without making interactive requests wait for it.
+work (/v1/batches) fills the idle capacity without making interactive requests wait for it. While requests of a
+higher priority decode, lower-priority prefill is held to low_priority_prefill_tokens per step (with chunking), so
+batch prompts do not stretch the interactive decode steps either.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class SchedulerConfig:
     disable_radix_cache: bool = False
     stream_interval: int = 1
     pool_from_cache: bool = True  # embedding requests may start from a cached prefix (last-token pooling)
+    low_priority_prefill_tokens: int = 512  # per step, for requests below the priority of a decoding request
 
     @classmethod
     def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
@@ -116,7 +119,8 @@ class SchedulerConfig:
                    eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
                    max_prefill_tokens=args.max_prefill_tokens, enable_mixed_chunk=args.enable_mixed_chunk,
                    schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
-                   stream_interval=args.stream_interval, pool_from_cache=info.pooling.method == "last")
+                   stream_interval=args.stream_interval, pool_from_cache=info.pooling.method == "last",
+                   low_priority_prefill_tokens=args.low_priority_prefill_tokens)
 
 
 @dataclass
@@ -352,12 +356,22 @@ class SchedulerCore:
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
         reservation = None  # built only when there is someone to admit
+        # Beside decoding requests of a higher priority, lower-priority prefill gets a small share of the step, so
+        # batch work cannot stretch the interactive requests' decode steps.
+        urgent = max((r.msg.priority for r in self.running if not r.is_prefilling), default=None)
+        low_left = self.config.low_priority_prefill_tokens
+
+        def held_back(req: Req) -> bool:
+            return self.chunking and urgent is not None and req.msg.priority < urgent
 
         # 1. The partly prefilled request continues (at most one exists: only the last request
         #    admitted in a step is cut).
         for req in self.running:
             if req.is_prefilling:
                 n = min(len(req.fill_ids) - len(req.slots), budget, self._room())
+                if held_back(req):
+                    n = min(n, low_left)
+                    low_left -= max(n, 0)
                 if n > 0:
                     self._add_extend(req, n, cols)
                     budget -= n
@@ -381,6 +395,11 @@ class SchedulerCore:
             if not reservation.try_admit(need_now, growth, extend, force=alone):
                 break
             n = min(extend, budget)
+            if held_back(req):
+                if low_left <= 0:
+                    break  # the rest of the queue is of this priority or lower
+                n = min(n, low_left)
+                low_left -= n
             if n < extend and not self.chunking:
                 if new_seqs or any(e > 1 for e in cols.extend_lens):
                     break  # no chunking: a prompt over budget runs alone as its step's only prefill

@@ -57,6 +57,7 @@ from runtime.model_loader.loader import load_model, locate_checkpoint, read_mode
 from runtime.models.config import EMBEDDING_ARCHITECTURES
 from runtime.worker.attention import create_attention_backend
 from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
+from runtime.worker.distributed import agree_min, check_model_shards, join_tp_group
 from runtime.worker.forward_batch import ForwardBatch, ForwardMode
 from runtime.worker.kv_pool import KVPool
 from runtime.worker.pooling import Pooler, read_pooling, vectors_to_bytes
@@ -83,6 +84,12 @@ class ModelRunnerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tp_rank: int = 0
     tp_size: int = 1
+    gpu_id: int | None = None  # with device cuda: the GPU index; None: tp_rank
+    # tp_size > 1: where the ranks meet (tcp://host:port; None: the caller joined them) and which GPUs of this node
+    # must reach each other peer to peer (--enable-p2p-check; empty: not checked)
+    dist_init_method: str | None = None
+    dist_timeout_s: float = 600.0
+    p2p_check_gpus: list[int] = field(default_factory=list)
     context_length: int | None = None  # None: the model's max_position_embeddings
     max_total_tokens: int | None = None  # KV slots; None: sized from memory
     max_running_requests: int | None = None
@@ -98,9 +105,9 @@ class ModelRunnerConfig:
     is_embedding: bool = False  # serve the bare decoder: embedding requests only
 
     @classmethod
-    def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
+    def from_server_args(cls, args, tp_rank: int = 0, gpu_id: int | None = None) -> ModelRunnerConfig:
         return cls(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype, device=args.device,
-                   tp_rank=tp_rank, tp_size=args.tp_size, context_length=args.context_length,
+                   tp_rank=tp_rank, tp_size=args.tp_size, gpu_id=gpu_id, context_length=args.context_length,
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
@@ -125,10 +132,8 @@ class PendingStep:
 
 class ModelRunner:
     def __init__(self, config: ModelRunnerConfig):
-        if config.tp_size != 1:
-            raise NotImplementedError("tp_size > 1 needs a process group, which the worker does not set up yet")
         self.config = config
-        self.device = _resolve_device(config.device, config.tp_rank)
+        self.device = _resolve_device(config.device, config.tp_rank if config.gpu_id is None else config.gpu_id)
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
         self.model_config = read_model_config(checkpoint)
@@ -142,6 +147,10 @@ class ModelRunner:
                              f"{', '.join(EMBEDDING_ARCHITECTURES)} and their bare decoders)")
         folder = checkpoint.path if checkpoint.format == "safetensors" else None
         self.pooler = Pooler(read_pooling(folder, self.model_config.hidden_size, self.is_embedding))
+        check_model_shards(self.model_config, config.tp_size)
+        if self.tp.size > 1:
+            join_tp_group(config.dist_init_method, self.tp, self.device, config.dist_timeout_s,
+                          config.p2p_check_gpus)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
@@ -149,6 +158,8 @@ class ModelRunner:
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
+        if self.tp.size > 1:  # every rank holds its share of the same slots
+            self.max_total_tokens = agree_min(self.max_total_tokens, self.device)
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
                               self.attention_spec.head_dim, self.dtype, self.device)
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
@@ -440,7 +451,7 @@ def _running_sum(lengths: list[int]) -> list[int]:
     return starts
 
 
-def _resolve_device(device: str, tp_rank: int) -> torch.device:
+def _resolve_device(device: str, gpu_id: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -448,7 +459,10 @@ def _resolve_device(device: str, tp_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but no CUDA device is available")
         if resolved.index is None:
-            resolved = torch.device("cuda", tp_rank % torch.cuda.device_count())
+            if gpu_id >= torch.cuda.device_count():
+                raise ValueError(f"GPU {gpu_id} is not visible: {torch.cuda.device_count()} GPUs are (--base-gpu-id "
+                                 f"+ dp-size x tp-size ranks per node must fit)")
+            resolved = torch.device("cuda", gpu_id)
         torch.cuda.set_device(resolved)
     elif resolved.type != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda[:N]; got {device!r}")

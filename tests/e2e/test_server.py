@@ -43,6 +43,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.children: list[psutil.Process] = []
 
+    ready_line = READY_LINE
+
     def output(self) -> str:
         with open(self.log_path) as f:
             return f.read()
@@ -65,6 +67,14 @@ class Server:
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, json.load(response)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+
+    def get(self, path: str) -> tuple[int, dict | bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=120) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else body
         except urllib.error.HTTPError as err:
             return err.code, json.load(err)
 

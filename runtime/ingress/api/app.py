@@ -72,7 +72,7 @@ def build_router(frontend, metrics: Metrics | None, batches: BatchRunner | None 
 
 def add_batch_routes(router: Router, batches: BatchRunner, file_max_bytes: int) -> None:
     files = FilesApi(batches.files, file_max_bytes)
-    router.add("POST", "/v1/files", files.upload)
+    router.add("POST", "/v1/files", files.upload, accepts_form=True)
     router.add("GET", "/v1/files", files.list)
     router.add("GET", "/v1/files/{file_id}", files.retrieve)
     router.add("DELETE", "/v1/files/{file_id}", files.delete)

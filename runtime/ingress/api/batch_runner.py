@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 ORPHAN_SCAN_S = 10.0
 CANCEL_POLL_S = 1.0
-RETRIES = 3  # a line the engine could not serve for a passing reason (503, an abort) is tried this often
+RETRIES = 3  # a line the engine could not serve for a passing reason (429, 503, an abort) is tried this often
 RETRY_DELAY_S = 1.0
 RESULT_PAGE = 1000
 
@@ -75,8 +75,9 @@ class PriorityFrontend:
     def __getattr__(self, name: str):
         return getattr(self._frontend, name)
 
-    def generate(self, rid, input_ids, sampling, logprobs, stream):
-        return self._frontend.generate(rid, input_ids, sampling, logprobs, stream, priority=self._priority)
+    def generate(self, rid, input_ids, sampling, logprobs, stream, deadline=None, group=None):
+        return self._frontend.generate(rid, input_ids, sampling, logprobs, stream, deadline, group,
+                                       priority=self._priority)
 
 
 def process_owner() -> str:
@@ -169,6 +170,7 @@ class BatchRunner:
         try:
             await self._work(batch_id)
         except asyncio.CancelledError:
+            watcher.cancel()  # it must not cancel the finalisation too
             record = self.batches.get(batch_id)
             if self.closing or record is None or record.status != "cancelling":
                 raise
@@ -269,7 +271,7 @@ class BatchRunner:
                 status, body = 500, error_response(500, f"internal error: {type(err).__name__}: {err}").body
             if self.closing:
                 return None
-            passing = status == 503 or (status == 500 and b"aborted by the engine" in body)
+            passing = status in (429, 503) or (status == 500 and b"aborted by the engine" in body)
             if not passing or attempt == RETRIES - 1:
                 break
             await asyncio.sleep(RETRY_DELAY_S)

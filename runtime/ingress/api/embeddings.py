@@ -54,7 +54,7 @@ class EmbeddingsApi:
             raise HttpError(400, f"encoding_format: must be one of {', '.join(ENCODING_FORMATS)}, got "
                                  f"{body.encoding_format!r}", "encoding_format")
         dimensions = self._dimensions(body.dimensions)
-        prompts = self._inputs(body.input, "input")
+        prompts = await self._inputs(body.input, "input")
         results = await self._embed([f"embd-{os.urandom(12).hex()}-{i}" for i in range(len(prompts))], prompts)
         data = []
         for index, result in enumerate(results):
@@ -72,7 +72,7 @@ class EmbeddingsApi:
             raise HttpError(400, "give exactly one of text or input_ids", "text")
         field = "text" if body.text is not None else "input_ids"
         value = body.text if body.text is not None else body.input_ids
-        prompts = self._inputs(value, field)
+        prompts = await self._inputs(value, field)
         is_batch = isinstance(body.text, list) or bool(body.input_ids and isinstance(body.input_ids[0], list))
         rids = body.rid if isinstance(body.rid, list) else [body.rid] if body.rid is not None else None
         if rids is not None and len(rids) != len(prompts):
@@ -88,7 +88,7 @@ class EmbeddingsApi:
 
     # ------------------------------------------------------------------ shared
 
-    def _inputs(self, value, field: str) -> list[list[int]]:
+    async def _inputs(self, value, field: str) -> list[list[int]]:
         """A string, a list of strings, a list of token ids, or a list of token-id lists -> token-id lists."""
         if value is None:
             raise HttpError(400, f"{field}: required", field)
@@ -112,7 +112,7 @@ class EmbeddingsApi:
                 if not item:
                     raise HttpError(400, f"{name}: the input is empty", name)
                 try:
-                    item = self.frontend.encode(item)
+                    item = await self.frontend.encode_async(item, name)
                 except RequestError as err:
                     raise HttpError(err.status, err.message, name) from None
             if not item:

@@ -25,6 +25,7 @@ from runtime.messages import TextUpdate
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = b"1"  # seconds, in the Retry-After of a 429
+START_BATCH = 64  # sequences of one request started per event-loop turn
 
 
 class Generation:
@@ -76,7 +77,7 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream, job.deadline)) as updates:
+                                                           stream, job.deadline, job.group)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:
@@ -84,8 +85,12 @@ class Generation:
             else:
                 queue.put_nowait(finished)
 
-        tasks = [asyncio.create_task(pump(s.job)) for s in self.sequences]
+        tasks = []
         try:
+            for i, sequence in enumerate(self.sequences):
+                tasks.append(asyncio.create_task(pump(sequence.job)))
+                if i % START_BATCH == START_BATCH - 1:
+                    await asyncio.sleep(0)  # let other requests in: a big fan-out must not hold the loop
             running = len(tasks)
             while running:
                 item = await queue.get()

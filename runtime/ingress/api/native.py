@@ -90,7 +90,8 @@ class NativeApi:
             for j in range(params.n):
                 params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
                                               NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
-                job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline)
+                job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline,
+                          group=rid if params.n > 1 else None)
                 sequences.append(Sequence(job, arrival))
 
         if len({s.job.rid for s in sequences}) != len(sequences):
@@ -240,9 +241,9 @@ class NativeApi:
         args = msgspec.to_builtins(self.frontend.args)
         if args.get("api_key"):
             args["api_key"] = "<redacted>"
-        state = {**await self._server_info(), "ingress_unfinished_sequences": self.frontend.unfinished}
+        states = await self._replica_states()
         return json_response({**args, "model_info": msgspec.to_builtins(self.model_info),
-                              "internal_states": [state], "version": _version()})
+                              "internal_states": states, "version": _version()})
 
     def abort_request(self, request: Request) -> Response:
         """SGLang's POST /abort_request {"rid": ...}: end that request (its caller gets finish type
@@ -266,11 +267,12 @@ class NativeApi:
         return text_response(f"Cache flushed.{' ' + message if message else ''}\n")
 
     async def metrics_text(self, request: Request) -> Response:
-        return Response(200, self.metrics.render(await self._server_info()), METRICS_CONTENT_TYPE)
+        return Response(200, self.metrics.render(await self._replica_states()), METRICS_CONTENT_TYPE)
 
-    async def _server_info(self) -> dict:
+    async def _replica_states(self) -> list[dict]:
+        """One scheduler state per data-parallel replica (SGLang's internal_states)."""
         try:
-            return await self.frontend.server_info()
+            return await self.frontend.replica_states()
         except RequestError as err:
             raise http_error(err) from None
 

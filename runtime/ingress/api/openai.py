@@ -185,7 +185,8 @@ class OpenAIApi:
                                               default_max, seed_offset=j)
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
-                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline), arrival))
+                group = f"{base}/{i}" if params.n > 1 else None
+                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline, group), arrival))
         return sequences
 
     async def _run(self, sequences: list[Sequence]) -> None:

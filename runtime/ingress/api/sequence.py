@@ -15,6 +15,7 @@ class Job:
     sampling: SamplingParams
     logprobs: LogprobOptions
     deadline: float | None = None  # time.monotonic() past which the request is aborted (504)
+    group: str | None = None  # the n samples of one prompt share a group: one data-parallel replica serves them
 
 
 @dataclass(slots=True)
