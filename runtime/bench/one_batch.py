@@ -190,6 +190,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    parser.add_argument("--cuda-graph-bs", type=int, nargs="+", default=None,
+                        help="batch sizes to capture (default: up to the largest --batch-size)")
+    parser.add_argument("--enable-torch-compile", action="store_true",
+                        help="decode steps of up to --torch-compile-max-bs rows run a torch.compile'd model")
+    parser.add_argument("--torch-compile-max-bs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
@@ -219,8 +224,14 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     config = ModelRunnerConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
                                device=args.device, attention_backend=args.attention_backend,
                                max_total_tokens=max_tokens, max_running_requests=max_batch, random_seed=args.seed,
-                               context_length=None, disable_cuda_graph=args.disable_cuda_graph)
+                               context_length=None, disable_cuda_graph=args.disable_cuda_graph,
+                               cuda_graph_bs=args.cuda_graph_bs, enable_torch_compile=args.enable_torch_compile,
+                               torch_compile_max_bs=args.torch_compile_max_bs)
+    start = time.perf_counter()
     runner = ModelRunner(config)
+    print(f"runner ready in {time.perf_counter() - start:.1f} s (CUDA graphs captured in "
+          f"{runner.graph_runner.capture_s if runner.graph_runner else 0:.1f} s"
+          f"{', torch.compile up to ' + str(args.torch_compile_max_bs) if args.enable_torch_compile else ''})")
     if max(args.input_len) + max(args.output_len) > runner.context_length:
         raise SystemExit(f"input_len + output_len exceeds the context length {runner.context_length}")
     hf_model = load_hf_model(runner, config) if args.compare_hf else None
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     print(f"model {runner.info.architecture} ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}), "
           f"device {runner.info.device}, dtype {runner.info.dtype}, attention {type(runner.attention).__name__}, "
           f"CUDA graphs {'off' if runner.graph_runner is None else runner.graph_runner.sizes[-1]}, "
+          f"torch.compile {'up to ' + str(args.torch_compile_max_bs) if args.enable_torch_compile else 'off'}, "
           f"torch threads {torch.get_num_threads()}")
     print_table(rows)
     if args.output:

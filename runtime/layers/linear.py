@@ -3,7 +3,8 @@
 Column parallel: the output features are split over ranks (no communication in forward).
 Row parallel: the input features are split; partial outputs are summed with an all-reduce.
 Each parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's
-part of a full checkpoint tensor into it, checking shapes and naming the tensor on mismatch.
+part of a full checkpoint tensor into it, checking shapes and naming the tensor on mismatch. Packed parameters
+also carry `expected_shards`, the shard ids that must all arrive (runtime/model_loader/weight_map.py checks).
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 def _new_param(shape: tuple[int, ...], dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T (+ b) with the whole W on every rank (MoE routers, small gates)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _new_param((out_features, in_features), dtype)
+        self.bias = _new_param((out_features,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -65,10 +78,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             tp.shard_range(size)  # checks divisibility
         total = sum(self.part_sizes)
         self.weight = _new_param((total, in_features), dtype)
-        self.weight.weight_loader = self.load_part
         self.bias = _new_param((total,), dtype) if bias else None
-        if bias:
-            self.bias.weight_loader = self.load_part
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.load_part
+                param.expected_shards = frozenset(range(len(part_sizes)))
 
     def load_part(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: int) -> None:
         per_rank = self.part_sizes[shard_id]
@@ -105,10 +119,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.offset = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}
         total = self.q_size + 2 * self.kv_size
         self.weight = _new_param((total, hidden_size), dtype)
-        self.weight.weight_loader = self.load_qkv
         self.bias = _new_param((total,), dtype) if bias else None
-        if bias:
-            self.bias.weight_loader = self.load_qkv
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self.load_qkv
+                param.expected_shards = frozenset("qkv")
 
     def load_qkv(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: str) -> None:
         expected = (self.total_heads[shard_id] * self.head_dim,) + tuple(param.shape[1:])

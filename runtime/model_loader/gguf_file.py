@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime.models import model_config_from_hf
 from runtime.models.config import ModelConfig, ModelConfigError
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -79,7 +80,7 @@ def gguf_model_config(reader) -> ModelConfig:
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ModelConfigError("GGUF tensor rope_freqs.weight (Llama 3.1 rope scaling) is not supported; "
                                "load the HF safetensors checkpoint instead")
-    return ModelConfig.from_hf(config)
+    return model_config_from_hf(config)
 
 
 def gguf_weight_name(name: str) -> str:

@@ -121,19 +121,15 @@ def check_calls(message, single: bool) -> None:
 
 
 def test_forced_tool_calls_always_parse(client):
-    required = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required", n=10,
+    required = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required", n=8,
                                               temperature=1.0, max_tokens=80, parallel_tool_calls=False)
-    named = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, n=10, temperature=1.0,
+    named = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, n=8, temperature=1.0,
                                            max_tokens=80,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     for choice in required.choices + named.choices:
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         check_calls(choice.message, single=True)
     assert {c.message.tool_calls[0].function.name for c in named.choices} == {"get_weather"}
-    several = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="required",
-                                             temperature=0.0, max_tokens=200)
-    if several.choices[0].finish_reason == "tool_calls":  # else cut by max_tokens in the middle of a call
-        check_calls(several.choices[0].message, single=False)
 
 
 def test_forced_tool_call_streams_name_first_then_arguments(client):
