@@ -23,13 +23,16 @@ from actors.control import Shutdown
 
 class GrammarSpec(Struct, frozen=True):
     """A grammar that constrains a request's output (runtime/constrained/). `kind` is "json_schema",
-    "json_object", "regex", "ebnf" or "structural_tag"; `source` its text (a JSON schema, a regex, an EBNF
-    grammar, an xgrammar structural tag as JSON; empty for json_object). `key` names the pair: the
-    compile cache of the workers and the scheduler's readiness set are keyed by it."""
+    "json_object", "regex", "ebnf", "structural_tag", or one the ingress composes: "tool_calls" (forced calls
+    in a family's format), "reasoning" (a grammar after a think block); `source` its text (JSON for all but
+    regex and EBNF; empty for json_object). `key` names the pair: the compile cache of the workers and the
+    scheduler's readiness set are keyed by it. `field` is the request field it came from, for the 400 that
+    quotes the compiler when the workers cannot compile it (not part of the key)."""
 
     key: str
     kind: str
     source: str
+    field: str = ""
 
 
 class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
@@ -304,6 +307,7 @@ class RequestRejected(Struct, tag="rejected"):
     rid: str
     status: int  # HTTP status to answer with (400 or 503)
     message: str
+    param: str | None = None  # the request field at fault, when one is (a grammar the compiler refused)
 
 
 class EngineReady(Struct, tag="engine_ready"):

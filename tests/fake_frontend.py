@@ -23,7 +23,6 @@ import pytest
 import uvloop
 
 from httpd import HttpServer
-from runtime.constrained.grammars import GrammarValidator
 from runtime.ingress.api.app import create_server
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
@@ -94,7 +93,6 @@ class FakeFrontend:
         self.abort_seen = threading.Event()
         self.running: set[str] = set()
         self._abort_requested: set[str] = set()
-        self.grammar_validator = GrammarValidator()
 
     def reset(self) -> None:
         """Back to the defaults between tests that share one server."""

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import msgspec
 
-from runtime.constrained.grammars import GrammarValidator
 from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.ingress.dispatcher import Dispatcher, merge_states
 from runtime.ingress.errors import RequestError
@@ -193,7 +192,6 @@ class Frontend:
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.max_unfinished = self.dispatcher.size * model_info.max_running_requests + args.max_queued_requests
         self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
-        self.grammar_validator = GrammarValidator()  # each distinct grammar of a request is checked once
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):
@@ -479,10 +477,10 @@ class Frontend:
                     state = self._streams.get(result.rid)
                     if state is not None:
                         state.set_embedding(result)
-            case RequestRejected(rid=rid, status=status, message=message):
+            case RequestRejected(rid=rid, status=status, message=message, param=param):
                 state = self._streams.get(rid)
                 if state is not None:
-                    state.fail(RequestError(status, message))
+                    state.fail(RequestError(status, message, param))
             case EngineReady():
                 pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):

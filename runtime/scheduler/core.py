@@ -213,19 +213,20 @@ class SchedulerCore:
         return None
 
     def grammar_ready(self, msg: GrammarReady) -> tuple[list[RequestRejected], StepUpdates]:
-        """A grammar is compiled: its requests become admissible. One the workers could not compile
-        refuses its queued requests (400 quoting the compiler; never reached: the ingress checks first)."""
+        """A grammar is compiled: its requests become admissible. One the workers could not compile refuses its
+        queued requests: a 400 naming the request field it came from and quoting the compiler."""
         self.grammars.on_ready(msg)
         if msg.error is None:
             return [], StepUpdates(updates=[])
         rejected, updates = [], []
-        message = f"the grammar could not be compiled: {msg.error}"
         for req in [r for r in self.waiting if r.sampling.grammar is not None and r.sampling.grammar.key == msg.key]:
+            field = req.sampling.grammar.field or "grammar"
+            message = f"{field}: the grammar compiler refused it: {msg.error}"
             self._finish(req, FinishReason(type="abort", message=message))
             if req.admitted_once:  # it has streamed output: end it like an abort
                 updates.append(self._update(req))
             else:
-                rejected.append(RequestRejected(rid=req.rid, status=400, message=message))
+                rejected.append(RequestRejected(rid=req.rid, status=400, message=message, param=field))
         return rejected, StepUpdates(updates=updates, finished=len(updates))
 
     def abort(self, rid: str, message: str = "aborted by request") -> StepUpdates:

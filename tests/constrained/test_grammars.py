@@ -1,7 +1,8 @@
-"""Grammars from request fields (runtime/constrained/grammars.py): which spec each field gives, refusals
-naming the field and quoting the compiler, the reasoning block in front of a grammar, and forced tool
-calls: every text the forcing grammar allows (random walks over a character vocabulary) parses with the
-family's own parser into calls of the given tools with arguments that follow their schemas."""
+"""Grammars from request fields (runtime/constrained/grammars.py) and their compilation (backend.py): which
+spec each field gives, refusals naming the field, the compiler's messages, the reasoning block in front of a
+grammar, and forced tool calls: every text the forcing grammar allows (random walks over a character
+vocabulary) parses with the family's own parser into calls of the given tools with arguments that follow
+their schemas."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import random
 import jsonschema
 import pytest
 
+from runtime.constrained import backend
 from runtime.constrained.grammars import (
     GrammarError,
-    GrammarValidator,
     after_reasoning,
     from_fields,
     from_response_format,
     grammar_spec,
+    json_object_text,
     json_tool_calls_schema,
-    structural_tag_json,
     tool_calls_format,
 )
 from runtime.constrained.tool_parsers import PARSERS, JsonArrayParser, NamedArgumentsParser
@@ -47,20 +48,20 @@ def compiler():
 
 
 def test_each_field_gives_its_kind_and_keys_differ_by_source():
-    spec, field = from_fields(json.dumps(PERSON), None, None, None, native_name)
-    assert (spec.kind, field) == ("json_schema", "sampling_params.json_schema")
+    spec = from_fields(json.dumps(PERSON), None, None, None, native_name)
+    assert (spec.kind, spec.field) == ("json_schema", "sampling_params.json_schema")
     assert json.loads(spec.source) == PERSON
-    same, _ = from_fields(PERSON, None, None, None, native_name)  # an object works like its JSON text
+    same = from_fields(PERSON, None, None, None, native_name)  # an object works like its JSON text
     assert same.key == spec.key
-    regex, _ = from_fields(None, r"\d+", None, None, native_name)
-    ebnf, _ = from_fields(None, None, 'root ::= "a"', None, native_name)
+    regex = from_fields(None, r"\d+", None, None, native_name)
+    ebnf = from_fields(None, None, 'root ::= "a"', None, native_name)
     assert (regex.kind, ebnf.kind) == ("regex", "ebnf")
     assert len({spec.key, regex.key, ebnf.key, grammar_spec("regex", r"\d*").key}) == 4
     assert from_fields(None, None, None, None, native_name) is None
 
 
 def test_property_order_of_a_schema_is_kept(compiler):
-    spec, _ = from_fields(json.dumps(PERSON), None, None, None, native_name)
+    spec = from_fields(json.dumps(PERSON), None, None, None, native_name)
     assert matches(compiler, spec, '{"name": "Ann", "age": 7}')
     assert not matches(compiler, spec, '{"age": 7, "name": "Ann"}')
 
@@ -70,7 +71,7 @@ def test_property_order_of_a_schema_is_kept(compiler):
     (("{nope", None, None, None), "sampling_params.json_schema", "not valid JSON"),
     (("[1, 2]", None, None, None), "sampling_params.json_schema", "expected a JSON object"),
     ((None, "", None, None), "sampling_params.regex", "non-empty"),
-    ((None, None, None, {"format": {"type": "nonsense"}}), "sampling_params.structural_tag", "structural tag"),
+    ((None, None, None, "[1]"), "sampling_params.structural_tag", "expected a JSON object"),
 ])
 def test_malformed_fields_name_the_field(fields, field, words):
     with pytest.raises(GrammarError) as err:
@@ -82,16 +83,13 @@ def test_malformed_fields_name_the_field(fields, field, words):
     (grammar_spec("regex", "(ab"), "parenthesis is not closed"),
     (grammar_spec("ebnf", "root ::= missing"), 'Rule "missing" is not defined'),
     (grammar_spec("json_schema", '{"type": "nope"}'), 'Unsupported type "nope"'),
+    (grammar_spec("structural_tag", '{"format": {"type": "nonsense"}}'), "nonsense"),
 ])
-def test_the_validator_quotes_the_compiler_without_its_source_location(spec, words):
-    validator = GrammarValidator(capacity=2)
-    for _ in range(2):  # the second verdict comes from the cache
-        with pytest.raises(GrammarError) as err:
-            validator.check(spec, "regex")
-        assert words in err.value.message and ".cc:" not in err.value.message
-        assert err.value.message.startswith("regex: the grammar compiler refused it: ")
-    good = grammar_spec("regex", "a+")
-    assert validator.check(good, "regex") is good
+def test_compiler_messages_without_their_source_location(compiler, spec, words):
+    with pytest.raises((RuntimeError, ValueError)) as err:
+        backend.compile_grammar(compiler, spec)
+    message = backend.compiler_message(err.value)
+    assert words in message and ".cc:" not in message and "\n" not in message
 
 
 def test_response_formats(compiler):
@@ -111,7 +109,7 @@ def test_response_formats(compiler):
 
 def test_sglang_structural_tag_becomes_triggered_tags(compiler):
     legacy = {"structures": [{"begin": "<f>", "schema": PERSON, "end": "</f>"}], "triggers": ["<f>"]}
-    spec = grammar_spec("structural_tag", structural_tag_json(json.dumps(legacy), "structural_tag"))
+    spec = grammar_spec("structural_tag", json_object_text(json.dumps(legacy), "structural_tag"))
     assert matches(compiler, spec, 'Hi <f>{"name": "Bo", "age": 3}</f> bye')
     assert not matches(compiler, spec, 'Hi <f>{"name": 3}</f>')
 

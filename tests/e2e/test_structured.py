@@ -177,10 +177,17 @@ def test_constrained_and_free_requests_share_batches_with_logprobs_stop_and_cach
     assert again["text"] == a["text"] and again["meta_info"]["cached_tokens"] > 0
 
 
-def test_invalid_grammar_is_a_400_and_a_repeated_schema_is_a_cache_hit(server):
+def test_invalid_grammar_is_a_400_and_a_repeated_schema_is_a_cache_hit(server, client):
     status, out = post(server, "/generate", {"text": "x", "sampling_params": {"regex": "[a-"}})
     assert status == 400 and out["error"]["param"] == "sampling_params.regex"
-    assert "the grammar compiler refused it" in out["error"]["message"]
+    assert out["error"]["message"].startswith("sampling_params.regex: the grammar compiler refused it: ")
+    openai = pytest.importorskip("openai")
+    bad_schema = {"type": "object", "properties": {"a": {"type": "nope"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=ASK, stream=True, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": bad_schema}})
+    assert err.value.body["param"] == "response_format.json_schema.schema"
+    assert 'Unsupported type "nope"' in err.value.message
 
     def grammar_stats() -> tuple[int, int]:
         with urllib.request.urlopen(server.url + "/get_server_info", timeout=60) as response:

@@ -1,6 +1,7 @@
 """Constrained requests in the scheduler core: each new grammar is asked of the workers once, its
 requests wait in the queue (without holding back free requests) until it is ready, a repeated grammar is
-a cache hit, and a grammar the workers cannot compile refuses its requests with the compiler's words."""
+a cache hit, and a grammar the workers cannot compile refuses its requests with a 400 that names the request
+field and quotes the compiler."""
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.scheduler.test_core import assert_matches_reference, make_core, promp
 from tests.scheduler_fixtures import drive, make_request
 
 SCHEMA = GrammarSpec(key="json-object", kind="json_schema", source='{"type": "object"}')
-REGEX = GrammarSpec(key="lowercase", kind="regex", source="[a-z]+")
+REGEX = GrammarSpec(key="lowercase", kind="regex", source="[a-z]+", field="sampling_params.regex")
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -47,7 +48,8 @@ def test_a_grammar_the_workers_refuse_refuses_its_requests():
     runner.bad_grammars[REGEX.key] = "Regex parsing error at position 3"
     reqs = [make_request("bad", prompt(1, 6), 5, grammar=REGEX), make_request("ok", prompt(2, 6), 5)]
     report = drive(core, runner, {0: reqs}, overlap=True)
-    assert report.rejected == {"bad": "the grammar could not be compiled: Regex parsing error at position 3"}
+    assert report.rejected == {
+        "bad": "sampling_params.regex: the grammar compiler refused it: Regex parsing error at position 3"}
     assert report.outcomes["ok"].finish is not None and "bad" not in report.outcomes
 
 

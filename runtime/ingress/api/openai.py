@@ -176,8 +176,7 @@ class OpenAIApi:
         if grammar is not None and tools.grammar is not None:
             raise HttpError(400, "tool_choice: a forced tool call cannot be combined with response_format or another "
                                  "grammar", "tool_choice")
-        grammar = reasoning_grammar(self.frontend, grammar or tools.grammar, reasoning,
-                                    "tool_choice" if tools.grammar else "response_format")
+        grammar = reasoning_grammar(grammar or tools.grammar, reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline,
                                     grammar)

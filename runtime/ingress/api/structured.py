@@ -1,6 +1,6 @@
-"""Constrained decoding on the HTTP side: the grammar of a request from its fields (native
-`sampling_params`, OpenAI `response_format` and SGLang's extras), checked once per distinct grammar by
-the Frontend's validator. Every refusal is a 400 naming the field, quoting the grammar compiler."""
+"""Constrained decoding on the HTTP side: the grammar of a request from its fields (native `sampling_params`,
+OpenAI `response_format` and SGLang's extras). A malformed field is a 400 naming it here; a grammar the
+compiler refuses is refused by the workers' compile with a 400 naming the same field (GrammarSpec.field)."""
 
 from __future__ import annotations
 
@@ -13,26 +13,24 @@ from runtime.ingress.api.protocol import FieldNames, NativeSamplingParams, Respo
 from runtime.messages import GrammarSpec
 
 
-def check_grammar(frontend, spec: GrammarSpec, field: str) -> GrammarSpec:
-    """`spec` if this server can constrain with it, else HttpError(400) naming `field`."""
+def check_grammar(frontend, spec: GrammarSpec) -> GrammarSpec:
+    """`spec` if this server can constrain with it, else HttpError(400) naming its field."""
     if frontend.args.grammar_backend == "none":
-        raise HttpError(400, f"{field}: constrained decoding is off on this server (--grammar-backend none)", field)
+        raise HttpError(400, f"{spec.field}: constrained decoding is off on this server (--grammar-backend none)",
+                        spec.field)
     if frontend.tokenizer is None:
-        raise HttpError(400, f"{field}: constrained decoding needs the tokenizer; the server runs with "
-                             "--skip-tokenizer-init", field)
-    try:
-        return frontend.grammar_validator.check(spec, field)
-    except GrammarError as err:
-        raise HttpError(400, err.message, err.field) from None
+        raise HttpError(400, f"{spec.field}: constrained decoding needs the tokenizer; the server runs with "
+                             "--skip-tokenizer-init", spec.field)
+    return spec
 
 
 def sampling_grammar(frontend, params: NativeSamplingParams, name: FieldNames) -> GrammarSpec | None:
     """The grammar of SGLang's `json_schema` / `regex` / `ebnf` / `structural_tag` sampling fields."""
     try:
-        found = from_fields(params.json_schema, params.regex, params.ebnf, params.structural_tag, name)
+        spec = from_fields(params.json_schema, params.regex, params.ebnf, params.structural_tag, name)
     except GrammarError as err:
         raise HttpError(400, err.message, err.field) from None
-    return None if found is None else check_grammar(frontend, *found)
+    return None if spec is None else check_grammar(frontend, spec)
 
 
 def response_format_grammar(frontend, response_format: ResponseFormat | None) -> GrammarSpec | None:
@@ -43,7 +41,7 @@ def response_format_grammar(frontend, response_format: ResponseFormat | None) ->
         spec = from_response_format(fields)
     except GrammarError as err:
         raise HttpError(400, err.message, err.field) from None
-    return None if spec is None else check_grammar(frontend, spec, "response_format")
+    return None if spec is None else check_grammar(frontend, spec)
 
 
 def request_grammar(frontend, params: NativeSamplingParams, response_format: ResponseFormat | None,
@@ -57,9 +55,8 @@ def request_grammar(frontend, params: NativeSamplingParams, response_format: Res
     return from_format or from_extras
 
 
-def reasoning_grammar(frontend, spec: GrammarSpec | None, reasoning: ReasoningParser | None,
-                      field: str) -> GrammarSpec | None:
+def reasoning_grammar(spec: GrammarSpec | None, reasoning: ReasoningParser | None) -> GrammarSpec | None:
     """With a reasoning parser, a chat grammar starts after the model's think block."""
     if spec is None or reasoning is None:
         return spec
-    return check_grammar(frontend, after_reasoning(spec, reasoning.block_optional), field)
+    return after_reasoning(spec, reasoning.block_optional)

@@ -86,11 +86,6 @@ def chat_tools(frontend, tools: Any, tool_choice: Any, parallel_tool_calls: bool
     if choice == "auto":
         out.parser = family
         return out
-    for i, tool in enumerate(checked):  # a forced call's arguments follow the tool's schema
-        parameters = tool["function"].get("parameters")
-        if parameters is not None:
-            check_grammar(frontend, grammar_spec("json_schema", json.dumps(parameters, ensure_ascii=False)),
-                          f"tools[{i}].function.parameters")
     forced = checked if choice == "required" else [t for t in checked if t["function"]["name"] == function]
     single = choice == "named" or not out.parallel
     if family is not None and family.template is not None:
@@ -102,8 +97,8 @@ def chat_tools(frontend, tools: Any, tool_choice: Any, parallel_tool_calls: bool
     else:
         out.parser = NamedArgumentsParser(function)
         parameters = forced[0]["function"].get("parameters") or {"type": "object"}
-        out.grammar = grammar_spec("json_schema", json.dumps(parameters, ensure_ascii=False))
-    out.grammar = check_grammar(frontend, out.grammar, "tool_choice")
+        out.grammar = grammar_spec("json_schema", json.dumps(parameters, ensure_ascii=False), "tools")
+    out.grammar = check_grammar(frontend, out.grammar)
     return out
 
 
