@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -112,7 +113,8 @@ class GrammarCompileCache:
                                                   stop_token_ids=self.stop_token_ids)
         log.info("grammar compiler ready in %.2f s (vocabulary of %d tokens)", time.perf_counter() - start,
                  self.vocab_size)
-        return xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        threads = max(1, min(8, (os.cpu_count() or 2) // 2))  # one compile's mask precomputation, in parallel
+        return xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

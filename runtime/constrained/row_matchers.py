@@ -116,10 +116,9 @@ class RowMatchers:
                 state.unaccepted.append((tokens, i))
 
 
-
 def _catch_up(states: list[_RowState]) -> None:
-    """Feed each row's sampled tokens to its matcher, all rows at once (one call per round; a row has more
-    than one token waiting only if it sampled in several steps without being masked in between)."""
+    """Feed each row's sampled tokens to its matcher, all rows in one call (every sampling step of a row is
+    masked first, so a row has one token waiting; the rounds only keep the order if it had more)."""
     for round_ in range(max(len(s.unaccepted) for s in states)):
         matchers, tokens = [], []
         for state in states:
