@@ -21,6 +21,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     is_embedding: bool = False
     trust_remote_code: bool = False
 
+    # Quantization
+    quantization: str | None = None  # fp8 | fbgemm_fp8 | compressed-tensors (None: the checkpoint's own)
+    kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
+    torchao_config: str = ""  # int4wo-<group> | int8wo | int8dq | fp8wo | fp8dq-per_tensor | fp8dq-per_row
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000
@@ -90,6 +95,18 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
     "is_embedding": FlagDoc("Model and tokenizer", "off", "embedding models: not supported yet"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    # Quantization
+    "quantization": FlagDoc("Quantization", "the checkpoint's",
+                      "`fp8`: quantize a 16/32-bit checkpoint's linear layers to fp8 at load (per-channel weights, "
+                      "per-token activations); fp8 checkpoints (`fp8`, `fbgemm_fp8`, `compressed-tensors`) load with "
+                      "no flag, and a flag must name the checkpoint's own method (docs/quantization.md)"),
+    "kv_cache_dtype": FlagDoc("Quantization", "auto",
+                      "`auto` (the model dtype), `fp8_e5m2`, `fp8_e4m3`: an fp8 KV cache holds twice the tokens; "
+                      "per-layer k/v scales from the checkpoint, else 1.0"),
+    "torchao_config": FlagDoc("Quantization", "none",
+                      "quantize the linear layers with torchao after loading: `int4wo-<group>` (32, 64, 128, 256), "
+                      "`int8wo`, `int8dq`, `fp8wo`, `fp8dq-per_tensor`, `fp8dq-per_row` (fp8dq: CUDA, compute "
+                      "capability >= 8.9)"),
     # HTTP
     "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
     "port": FlagDoc("HTTP", "30000", "listen port"),
@@ -148,8 +165,6 @@ FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
 # Flags accepted by SGLang that a later issue implements. Until they work they are refused with
 # this message rather than silently ignored.
 NOT_YET_SUPPORTED = {
-    "--quantization": "quantization is not implemented yet",
-    "--kv-cache-dtype": "a KV cache dtype other than the model dtype is not implemented yet",
     "--enable-torch-compile": "torch.compile of the decode step is not implemented yet",
     "--speculative-algorithm": "speculative decoding is not implemented yet",
     "--lora-paths": "LoRA adapters are not implemented yet",
@@ -162,7 +177,13 @@ CHOICES = {
     "attention_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cuda", "cpu"),
     "log_level": ("debug", "info", "warning", "error", "critical"),
+    "kv_cache_dtype": ("auto", "fp8_e5m2", "fp8_e4m3"),
 }
+# Kept in sync with runtime.layers.quantization.QUANTIZATION_METHODS (tests/test_server_args.py checks it); this
+# module is imported by the scheduler, which must not import torch.
+QUANTIZATION_CHOICES = ("fp8", "fbgemm_fp8", "compressed-tensors")
+TORCHAO_VALUES = ("int8wo", "int8dq", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row")
+TORCHAO_INT4_GROUPS = (32, 64, 128, 256)
 
 
 class ServerArgsError(ValueError):
@@ -236,7 +257,30 @@ def validate(args: ServerArgs) -> ServerArgs:
         raise ServerArgsError("--watchdog-timeout must be positive")
     if args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
+    _validate_quantization(args)
     return args
+
+
+def _validate_quantization(args: ServerArgs) -> None:
+    """The quantization flags alone and together. What depends on the checkpoint or the GPU (a flag that does not
+    match the checkpoint, torchao's fp8 on an older GPU) is refused by the worker when it loads the model."""
+    if args.quantization is not None and args.quantization not in QUANTIZATION_CHOICES:
+        raise ServerArgsError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
+    value = args.torchao_config
+    if value:
+        group = value.removeprefix("int4wo-")
+        if value not in TORCHAO_VALUES and not (group != value and group.isdigit()
+                                                and int(group) in TORCHAO_INT4_GROUPS):
+            groups = ", ".join(map(str, TORCHAO_INT4_GROUPS))
+            raise ServerArgsError(f"--torchao-config must be int4wo-<group> (group {groups}) or one of "
+                                  f"{', '.join(TORCHAO_VALUES)}; got {value!r}")
+        if args.quantization is not None:
+            raise ServerArgsError(f"--quantization {args.quantization} and --torchao-config {value} both quantize the "
+                                  f"linear layers: choose one")
+        if value.startswith("fp8dq") and args.device == "cpu":
+            raise ServerArgsError(f"--torchao-config {value} with --device cpu: torchao's fp8 dynamic quantization "
+                                  f"needs a CUDA GPU of compute capability >= 8.9 (fp8wo, int8wo, int8dq and int4wo "
+                                  f"run on the CPU)")
 
 
 def flags_markdown() -> str:

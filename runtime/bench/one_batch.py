@@ -190,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
+    parser.add_argument("--quantization", default=None, help="as the server's flag (e.g. fp8)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e5m2", "fp8_e4m3"))
+    parser.add_argument("--torchao-config", default="", help="as the server's flag (e.g. int4wo-128)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
@@ -219,7 +222,9 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     config = ModelRunnerConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
                                device=args.device, attention_backend=args.attention_backend,
                                max_total_tokens=max_tokens, max_running_requests=max_batch, random_seed=args.seed,
-                               context_length=None, disable_cuda_graph=args.disable_cuda_graph)
+                               context_length=None, disable_cuda_graph=args.disable_cuda_graph,
+                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                               torchao_config=args.torchao_config)
     runner = ModelRunner(config)
     if max(args.input_len) + max(args.output_len) > runner.context_length:
         raise SystemExit(f"input_len + output_len exceeds the context length {runner.context_length}")
@@ -253,6 +258,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
                               f"{same}/{batch_size} greedy outputs identical to transformers")
     print(f"model {runner.info.architecture} ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}), "
           f"device {runner.info.device}, dtype {runner.info.dtype}, attention {type(runner.attention).__name__}, "
+          f"weights {args.quantization or args.torchao_config or 'as loaded'}, KV cache {runner.kv_cache_dtype}, "
           f"CUDA graphs {'off' if runner.graph_runner is None else runner.graph_runner.sizes[-1]}, "
           f"torch threads {torch.get_num_threads()}")
     print_table(rows)

@@ -38,6 +38,7 @@ import psutil
 import torch
 
 from runtime.layers.parallel import TensorParallel
+from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
 from runtime.worker.attention import create_attention_backend
@@ -75,6 +76,9 @@ class ModelRunnerConfig:
     random_seed: int = 0
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 160
+    quantization: str | None = None  # --quantization (None: the checkpoint's own, if any)
+    kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
+    torchao_config: str = ""
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
@@ -83,7 +87,8 @@ class ModelRunnerConfig:
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
-                   cuda_graph_max_bs=args.cuda_graph_max_bs)
+                   cuda_graph_max_bs=args.cuda_graph_max_bs, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config)
 
 
 @dataclass
@@ -110,13 +115,19 @@ class ModelRunner:
         self.model_config = read_model_config(checkpoint)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        kv_scales = KVCacheScales.ones(self.model_config.num_layers)
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
-                                self.context_length, self.tp, config.random_seed)
+                                self.context_length, self.tp, config.random_seed, quantization_flag=config.quantization,
+                                torchao_config=config.torchao_config, kv_scales=kv_scales)
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
-                              self.attention_spec.head_dim, self.dtype, self.device)
+                              self.attention_spec.head_dim, self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v)
+        log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
+                 f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
+                 if config.quantization or config.torchao_config else "")
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
         use_cuda_graphs = self._cuda_graphs_possible()
         self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
@@ -157,7 +168,7 @@ class ModelRunner:
         free memory minus the (1 - fraction) share kept for activations); on the CPU a quarter of the
         available RAM, capped. An explicit max_total_tokens is used as given on the CPU and as a cap on CUDA."""
         spec = self.attention_spec
-        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.kv_cache_dtype)
         wanted = self.config.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

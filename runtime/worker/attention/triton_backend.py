@@ -8,7 +8,8 @@ forward stores the new tokens' k/v with one `store_kv` launch, then:
   extend_len 1.
 `prepare` makes every host-side decision (kernel, number of kv splits) from the batch's host lists, and `forward`
 launches kernels on the ForwardBatch's device tensors and on preallocated scratch only, with no host sync, so a
-decode step can be captured in a CUDA graph.
+decode step can be captured in a CUDA graph. An fp8 pool's per-layer scales are host floats fixed at load, passed
+as kernel arguments (a captured graph keeps them).
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
-        store_kv(k_pool, v_pool, batch.out_slots, k, v)
+        k_scale, v_scale = self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id]
+        store_kv(k_pool, v_pool, batch.out_slots, k, v, k_scale, v_scale)
         spec = self.spec
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
                                    self.num_kv_splits, spec.sliding_window, part_o=self.part_o,
-                                   part_lse=self.part_lse)
+                                   part_lse=self.part_lse, k_scale=k_scale, v_scale=v_scale)
         else:
             out = extend_attention(q, k, v, k_pool, v_pool, batch.req_to_token, batch.rows, batch.prefix_lens,
                                    batch.extend_lens, batch.extend_start_loc, batch.max_extend_len, spec.scale,
-                                   spec.sliding_window)
+                                   spec.sliding_window, k_scale=k_scale, v_scale=v_scale)
         return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)
