@@ -55,6 +55,14 @@ def store_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k:
 
 
 def store_kv_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> None:
-    k_pool[slots.long()] = k.to(k_pool.dtype)
-    v_pool[slots.long()] = v.to(v_pool.dtype)
+                 v: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    k_pool[slots.long()] = to_pool_dtype(k, k_scale, k_pool.dtype)
+    v_pool[slots.long()] = to_pool_dtype(v, v_scale, v_pool.dtype)
+
+
+def to_pool_dtype(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """What a pool of `dtype` stores for x: x itself, or x / scale saturated to fp8."""
+    if not is_fp8(dtype):
+        return x.to(dtype)
+    limit = torch.finfo(dtype).max
+    return (x.float() * (1.0 / scale)).clamp_(-limit, limit).to(dtype)

@@ -19,16 +19,13 @@ attributes each parameter may carry:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runtime.layers.parallel import TensorParallel
-
-if TYPE_CHECKING:
-    from runtime.layers.quantization.base import LinearMethod
 
 
 class WeightShapeError(ValueError):
@@ -57,6 +54,22 @@ class OutputShard:
     size: int  # rows this rank takes
     offset: int  # where they go in the layer's packed output
     source_total: int  # rows of the checkpoint tensor
+
+
+class LinearMethod(Protocol):
+    """How a quantized layer stores its weight and computes its matmul (runtime/layers/quantization/)."""
+
+    def create_weights(self, layer: LinearBase, device: torch.device) -> None:
+        """Register the layer's parameters (layer.register_quant_param) in their checkpoint shapes."""
+        ...
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """Turn the loaded parameters into what `apply` reads (quantize online, merge per-shard scales)."""
+        ...
+
+    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> x W^T [T, out] in x's dtype, without bias."""
+        ...
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -4,34 +4,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-import torch
-
-if TYPE_CHECKING:
-    from runtime.layers.linear import LinearBase
+from runtime.layers.linear import LinearBase, LinearMethod
 
 # Our packed layers and the checkpoint modules packed into them (the HF names of every Llama-like model). A model
 # may name others in a `packed_modules_mapping` class attribute.
 DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
 
+__all__ = ["DEFAULT_PACKED_MODULES", "LinearMethod", "QuantConfig", "QuantizationConfigError", "checkpoint_names",
+           "is_skipped"]
+
+
 class QuantizationConfigError(ValueError):
     """A quantization config or flag that cannot be served, with the reason."""
-
-
-class LinearMethod(Protocol):
-    def create_weights(self, layer: LinearBase, device: torch.device) -> None:
-        """Register the layer's parameters (layer.register_quant_param) in their checkpoint shapes."""
-        ...
-
-    def process_weights_after_loading(self, layer: LinearBase) -> None:
-        """Turn the loaded parameters into what `apply` reads (quantize online, merge per-shard scales)."""
-        ...
-
-    def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] -> x W^T [T, out] in x's dtype, without bias."""
-        ...
 
 
 class QuantConfig(Protocol):
