@@ -130,4 +130,6 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dt
     quantization.finish(model)
     if torchao_config:
         apply_torchao(model, torchao_config, device, dtype)
+    if device.type == "cuda" and (quant_config is not None or torchao_config):
+        torch.cuda.empty_cache()  # the replaced 16-bit weights' memory goes back to the KV pool's sizing
     return model.eval()
