@@ -1,5 +1,7 @@
 """Perplexity of the served model on a fixed text, through ModelRunner (the paged KV cache, the attention backend
-and any quantization exactly as a server runs them): `python -m runtime.bench.perplexity`.
+and any quantization exactly as a server runs them): `python -m runtime.bench.perplexity`. scripts/quant_quality.py
+runs it for every quantization option against the model's own dtype (tests/bench/test_perplexity.py asserts the
+bounds of QUALITY_OPTIONS).
 
 The text is prefilled in chunks (so most tokens attend to keys read back from the KV cache, fp8 or not) with prompt
 logprobs on; perplexity = exp(-mean log p(token | previous tokens)) over every token but the first. The default
@@ -12,12 +14,36 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.messages import BatchPlan, LogprobOptions, NewRow, SamplingParams
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 
 DEFAULT_TEXT = Path(__file__).with_name("perplexity_text.txt")
+
+
+@dataclass(frozen=True)
+class QualityOption:
+    """A quantization option and the most its perplexity may rise over the model's own dtype."""
+
+    name: str
+    runner_options: dict
+    max_rise: float | None  # None: measured, not bounded
+
+
+QUALITY_OPTIONS = [
+    QualityOption("fp8 weights", {"quantization": "fp8"}, 0.03),
+    QualityOption("fp8_e4m3 KV", {"kv_cache_dtype": "fp8_e4m3"}, 0.03),
+    QualityOption("fp8_e5m2 KV", {"kv_cache_dtype": "fp8_e5m2"}, 0.05),  # 2 mantissa bits: see docs/quantization.md
+    QualityOption("int4wo-128", {"torchao_config": "int4wo-128"}, 0.10),
+    QualityOption("fp8 weights + fp8_e4m3 KV", {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3"}, None),
+    QualityOption("int4wo-64", {"torchao_config": "int4wo-64"}, None),
+    QualityOption("int8wo", {"torchao_config": "int8wo"}, None),
+    QualityOption("fp8wo", {"torchao_config": "fp8wo"}, None),
+]
+# The SRT page's quick-start prompts (greedy), and what a correct answer contains.
+QUICK_START = [("The capital of France is", "Paris"), ("Once upon a time,", None)]
 
 
 def perplexity(runner: ModelRunner, token_ids: list[int], chunk_size: int = 256) -> float:
@@ -40,6 +66,25 @@ def perplexity(runner: ModelRunner, token_ids: list[int], chunk_size: int = 256)
     if len(logprobs) != n - 1:
         raise RuntimeError(f"got {len(logprobs)} prompt logprobs for {n} tokens")
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def greedy(runner: ModelRunner, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` through the runner (row 0, slots from 1), one step at a time."""
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    tokens, out = list(prompt), []
+    new_rows = [NewRow(row=0, prefix_slots=[], sampling=sampling)]
+    prefix, extend = 0, len(prompt)
+    for step in range(max_new_tokens):
+        last = step == max_new_tokens - 1
+        plan = BatchPlan(batch_id=step, rows=[0], prefix_lens=[prefix], extend_lens=[extend],
+                         input_ids=tokens[prefix:], out_slots=list(range(prefix + 1, prefix + extend + 1)),
+                         sample=[True], future_slots=[0], new_rows=new_rows, freed_rows=[0] if last else [])
+        new_rows = []
+        token = runner.step(plan).next_token_ids[0]
+        out.append(token)
+        tokens.append(token)
+        prefix, extend = prefix + extend, 1
+    return out
 
 
 def encode_text(runner_config: ModelRunnerConfig, text: str) -> list[int]:

@@ -7,17 +7,23 @@
   compute capability >= 8.9 only (torchao refuses it elsewhere)
 
 Every linear layer (q/k/v, o, gate/up, down) is converted; embeddings, norms and lm_head stay in the model dtype.
+With int4wo-<group>, layers whose input features are not a multiple of the group stay in the model dtype, as
+torchao's own Int4WeightOnlyConfig does (SmolLM2-135M's hidden size 576 leaves only down_proj to int4wo-128); a
+warning says how many, and a model with no such layer is refused.
 torchao's int4 "plain" CUDA format needs the mslk kernels, so CUDA uses the tinygemm layout, which needs bf16.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 from torch import nn
 
 from runtime.layers.quantization.base import QuantizationConfigError
+
+log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 FIXED_VALUES = ("int8wo", "int8dq", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row")
@@ -70,4 +76,13 @@ def apply_torchao(model: nn.Module, value: str, device: torch.device, dtype: tor
     from runtime.layers.linear import LinearBase
 
     config = torchao_config(value, device, dtype)
-    quantize_(model, config, filter_fn=lambda module, _name: isinstance(module, LinearBase))
+    group = int(value.removeprefix("int4wo-")) if value.startswith("int4wo-") else 1
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    chosen = {id(m) for m in linears if m.in_features % group == 0}
+    if not chosen:
+        raise QuantizationConfigError(f"--torchao-config {value}: no linear layer's input features are a multiple of "
+                                      f"{group}; choose a smaller group")
+    if len(chosen) < len(linears):
+        log.warning("--torchao-config %s: %d of %d linear layers have input features that are not a multiple of %d "
+                    "and stay in %s", value, len(linears) - len(chosen), len(linears), group, dtype)
+    quantize_(model, config, filter_fn=lambda module, _name: id(module) in chosen)
