@@ -113,6 +113,10 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dt
                kv_scales: KVCacheScales | None = None) -> nn.Module:
     model = model_class(config.architecture)(config, max_positions, tp, dtype, device)
     quant_config = quantization.quant_config_for(quantization_flag, read_quantization_config(checkpoint))
+    if quant_config is not None and torchao_config:
+        raise quantization.QuantizationConfigError(
+            f"--torchao-config {torchao_config} cannot convert a model already quantized ({quant_config.name}"
+            f"{' from its checkpoint' if quantization_flag is None else ' by --quantization'})")
     if quant_config is not None:
         quantization.attach(model, quant_config)
     if load_format == "dummy":

@@ -266,7 +266,10 @@ def test_a_checkpoint_lacking_scales_or_mixing_a_packed_layer_is_refused(tiny, t
         runner(quantized)
 
 
-def test_torchao_refuses_what_it_cannot_run_on_the_cpu(tiny):
+def test_torchao_refuses_what_it_cannot_run_on_the_cpu(tiny, tmp_path):
+    write_quantized(tiny, "fbgemm_fp8", str(tmp_path / "q"), str(tmp_path / "ref"))
+    with pytest.raises(QuantizationConfigError, match="already quantized .fbgemm_fp8 from its checkpoint"):
+        runner(str(tmp_path / "q"), torchao_config="int8wo")
     with pytest.raises(QuantizationConfigError, match="compute capability >= 8.9"):
         runner(tiny, torchao_config="fp8dq-per_row")
     with pytest.raises(QuantizationConfigError, match="int4wo-<group>"):
