@@ -56,9 +56,9 @@ section_profile_decode() {
 }
 
 section_bench_one_batch() {
-  timeout 600 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --batch-size 1 --input-len 128 --output-len 256 --compare-hf --output "$LOG_DIR/one_batch_bs1.json" &&
-  timeout 600 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+  timeout 600 python3 -m runtime.bench_one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --batch-size 64 --input-len 1024 --output-len 128 --compare-hf --output "$LOG_DIR/one_batch_bs64.json"
 }
 
@@ -76,10 +76,10 @@ section_bench_serving() {
   grep -E "Ready: serving|captured|model loaded" "$LOG_DIR/server.log"
   local common=(--port $port --dataset-name random --random-input-len 1024 --random-output-len 1024
                 --random-range-ratio 1.0 --disable-tqdm --output-file "$LOG_DIR/serving.jsonl")
-  timeout 400 python3 -m runtime.bench.serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
+  timeout 400 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_PROMPTS" --request-rate inf ||
     status=1
   if [ "$SERVE_RATE_PROMPTS" -gt 0 ]; then
-    timeout 300 python3 -m runtime.bench.serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
+    timeout 300 python3 -m runtime.bench_serving "${common[@]}" --num-prompts "$SERVE_RATE_PROMPTS" --request-rate 4 \
       --seed 2 || status=1
   fi
   kill -TERM $server

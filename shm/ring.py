@@ -55,6 +55,16 @@ OFF_RPARK = 192
 OFF_RCUR = 512
 READER_LINE = 64
 BELL_SLOT = 128
+# The same header words as indices into the segment's u64 (_q) and u32 (_i) views.
+NREADERS_I = OFF_NREADERS // 4
+VERSION_I = NREADERS_I + 1
+CAPACITY_Q = OFF_CAPACITY // 8
+DATA_Q = OFF_DATA // 8
+WCUR_Q = OFF_WCUR // 8
+STREAM_OPEN_I = OFF_STREAM_OPEN // 4
+WPARK_I = OFF_WPARK // 4
+WAKE_AT_Q = OFF_WAKE_AT // 8
+RPARK_I = OFF_RPARK // 4  # reader 0's park word; reader i's is RPARK_I + i
 BELL_NAME_MAX = BELL_SLOT - 12
 
 KIND_WHOLE = 0
@@ -107,7 +117,7 @@ class _BellTarget:
         self._mm = mm
         self._view = memoryview(mm)
         self.words = self._view.cast("I")
-        self.park_index = OFF_RPARK // 4 + reader_index
+        self.park_index = RPARK_I + reader_index
         self.park_address = mapping_address(mm) + OFF_RPARK + 4 * reader_index
 
     def close(self) -> None:
@@ -147,14 +157,14 @@ class _RingSegment:
         if mapped < 4096:
             self.close()
             raise SegmentError(f"{name!r} is not a ring segment ({mapped} bytes)")
-        self.n_readers = self._i[OFF_NREADERS // 4]
-        self.capacity = q[OFF_CAPACITY // 8]
-        self._data = q[OFF_DATA // 8]
+        self.n_readers = self._i[NREADERS_I]
+        self.capacity = q[CAPACITY_Q]
+        self._data = q[DATA_Q]
         self._data_end = self._data + self.capacity
         self._mask = self.capacity - 1
         self._bell_off, data_off = _layout(max(self.n_readers, 1))
         problem = None
-        if q[0] != MAGIC or self._i[OFF_NREADERS // 4 + 1] != VERSION:
+        if q[0] != MAGIC or self._i[VERSION_I] != VERSION:
             problem = SegmentError(f"{name!r} is not a ring segment of version {VERSION}")
         elif not 1 <= self.n_readers <= MAX_READERS or self._data != data_off or mapped < self._data_end:
             problem = SegmentError(f"ring segment {name!r} has an inconsistent header ({mapped} bytes mapped)")
@@ -165,18 +175,18 @@ class _RingSegment:
             raise problem
 
         # writer state
-        self._wpos = q[OFF_WCUR // 8]
+        self._wpos = q[WCUR_Q]
         self._space_limit = 0  # slowest read cursor + capacity, as last seen
         self._refresh_space()
         # Largest record sent whole; 0 while a half-sent stream (our timeout, or a previous writer
         # that died) must first be cancelled with an ABORT record.
-        self._whole_limit = 0 if self._i[OFF_STREAM_OPEN // 4] else self.capacity // 2
+        self._whole_limit = 0 if self._i[STREAM_OPEN_I] else self.capacity // 2
         self._broadcast = self.n_readers > 1
         self._no_parked_readers = bytes(4 * self.n_readers)
 
         # reader state
         self._rcur_q = (OFF_RCUR + READER_LINE * reader_index) // 8
-        self._rpark_i = OFF_RPARK // 4 + reader_index
+        self._rpark_i = RPARK_I + reader_index
         self._rpos = q[self._rcur_q]
         self._wseen = self._rpos
         self._stream: bytearray | None = None
@@ -192,13 +202,13 @@ class _RingSegment:
             raise ValueError(f"n_readers must be an int in [1, {MAX_READERS}], got {n_readers!r}")
         capacity = _round_capacity(capacity_bytes)
         _, data_off = _layout(n_readers)
-        mm = create_segment(name, data_off + capacity)
+        mm = create_segment(name, data_off + capacity, populate=True)
         header = memoryview(mm)
         q, i = header.cast("Q"), header.cast("I")
-        i[OFF_NREADERS // 4] = n_readers
-        i[OFF_NREADERS // 4 + 1] = VERSION
-        q[OFF_CAPACITY // 8] = capacity
-        q[OFF_DATA // 8] = data_off
+        i[NREADERS_I] = n_readers
+        i[VERSION_I] = VERSION
+        q[CAPACITY_Q] = capacity
+        q[DATA_Q] = data_off
         q[0] = MAGIC  # last: an attacher that sees the magic sees the whole header
         del q, i
         header.release()
@@ -207,7 +217,7 @@ class _RingSegment:
     @classmethod
     def _attach(cls, name: str, reader_index: int, spin_s: float):
         Spinner(spin_s)
-        return cls(name, attach_segment(name), False, reader_index, spin_s)
+        return cls(name, attach_segment(name, populate=True), False, reader_index, spin_s)
 
     def close(self) -> None:
         """Unmap (idempotent). Does not remove the name: see unlink()."""
@@ -262,10 +272,10 @@ class _RingSegment:
             self._copy_in_wrapped(off, data, n)
         w += record
         self._wpos = w
-        q[8] = w  # OFF_WCUR // 8: the single 8-byte store that publishes the frame
+        q[WCUR_Q] = w  # the single 8-byte store that publishes the frame
         self._fence_acquire()
         self._fence_release()
-        if self._i[48] or self._broadcast:  # 48 = OFF_RPARK // 4: reader 0's park word
+        if self._i[RPARK_I] or self._broadcast:
             self._wake_parked_readers()
 
     def send_many(self, frames, timeout: float | None = None) -> None:
@@ -303,16 +313,16 @@ class _RingSegment:
 
     def _publish(self, w: int) -> None:
         self._wpos = w
-        self._q[8] = w
+        self._q[WCUR_Q] = w
         self._fence_acquire()
         self._fence_release()
-        if self._i[48] or self._broadcast:
+        if self._i[RPARK_I] or self._broadcast:
             self._wake_parked_readers()
 
     def _wake_parked_readers(self) -> None:
         if self._mm[OFF_RPARK:OFF_RPARK + 4 * self.n_readers] != self._no_parked_readers:
             for index in range(self.n_readers):
-                if self._i[OFF_RPARK // 4 + index]:
+                if self._i[RPARK_I + index]:
                     self._wake_reader(index)
 
     def _copy_in_wrapped(self, start: int, data, n: int) -> None:
@@ -339,8 +349,8 @@ class _RingSegment:
         # Parked, ask to be woken only once a quarter of the ring is free (or `record`, if more):
         # waking for every record the reader frees would cost a wake-up per frame while the
         # reader drains a full ring, and the frames queued ahead of ours must be read first anyway.
-        self._q[OFF_WAKE_AT // 8] = max(0, self._wpos + max(record, self.capacity // 4) - self.capacity)
-        park = OFF_WPARK // 4
+        self._q[WAKE_AT_Q] = max(0, self._wpos + max(record, self.capacity // 4) - self.capacity)
+        park = WPARK_I
         while True:
             self._i[park] = 1
             self._futex.fence()
@@ -366,7 +376,7 @@ class _RingSegment:
             self._wait_space(8, deadline)
             self._q[(self._data + (self._wpos & self._mask)) >> 3] = KIND_ABORT << 32
             self._publish(self._wpos + 8)
-            self._i[OFF_STREAM_OPEN // 4] = 0
+            self._i[STREAM_OPEN_I] = 0
             self._whole_limit = self.capacity // 2
         record = 8 + ((n + 7) & -8)
         if record > self._whole_limit:
@@ -403,7 +413,7 @@ class _RingSegment:
             w = self._wpos
             off = self._data + (w & self._mask)
             if prefix:
-                self._i[OFF_STREAM_OPEN // 4] = 1
+                self._i[STREAM_OPEN_I] = 1
                 self._q[off >> 3] = (KIND_START << 32) | (chunk + 8)
                 self._q[(self._data + ((w + 8) & self._mask)) >> 3] = n
             else:
@@ -416,10 +426,10 @@ class _RingSegment:
                 self._copy_in_wrapped(start, piece, chunk)
             sent += chunk
             self._publish(w + 8 + prefix + ((chunk + 7) & -8))
-        self._i[OFF_STREAM_OPEN // 4] = 0
+        self._i[STREAM_OPEN_I] = 0
 
     def _wake_reader(self, index: int) -> None:
-        self._i[OFF_RPARK // 4 + index] = 0
+        self._i[RPARK_I + index] = 0
         generation = self._i[(self._bell_off + BELL_SLOT * index) // 4]
         target = None
         if generation:
@@ -456,7 +466,7 @@ class _RingSegment:
         """The next whole frame, or None if none is complete yet."""
         r = self._rpos
         if r == self._wseen:
-            self._wseen = self._q[8]
+            self._wseen = self._q[WCUR_Q]
             if r == self._wseen:
                 return None
         off = self._data + (r & self._mask)
@@ -471,7 +481,7 @@ class _RingSegment:
             r += 8 + ((header + 7) & ~7)
             self._rpos = r
             self._q[self._rcur_q] = r
-            if self._i[32]:  # OFF_WPARK // 4: the writer waits for space
+            if self._i[WPARK_I]:  # the writer waits for space
                 self._wake_writer()
             return frame
         return self._recv_records()
@@ -479,8 +489,8 @@ class _RingSegment:
     def _wake_writer(self) -> None:
         """The writer is parked: wake it if our published read cursor reached its wake-at point
         (a reader that is about to park has read everything, so it always has)."""
-        if self._q[self._rcur_q] >= self._q[OFF_WAKE_AT // 8]:
-            self._i[OFF_WPARK // 4] = 0
+        if self._q[self._rcur_q] >= self._q[WAKE_AT_Q]:
+            self._i[WPARK_I] = 0
             self._futex.wake(self._base + OFF_WPARK)
 
     def _recv_records(self) -> bytes | None:
@@ -488,7 +498,7 @@ class _RingSegment:
         while True:
             r = self._rpos
             if r == self._wseen:
-                self._wseen = self._q[8]
+                self._wseen = self._q[WCUR_Q]
                 if r == self._wseen:
                     return None
             off = self._data + (r & self._mask)
@@ -516,7 +526,7 @@ class _RingSegment:
             r += 8 + ((length + 7) & ~7)
             self._rpos = r
             self._q[self._rcur_q] = r
-            if self._i[OFF_WPARK // 4]:
+            if self._i[WPARK_I]:
                 self._wake_writer()
             if frame is not None:
                 return frame
@@ -570,7 +580,7 @@ class _RingSegment:
             self.release_view()
         r = self._rpos
         if r == self._wseen:
-            self._wseen = self._q[8]
+            self._wseen = self._q[WCUR_Q]
             if r == self._wseen:
                 return None
         off = self._data + (r & self._mask)
@@ -585,7 +595,7 @@ class _RingSegment:
                 return self._mv[start:end].toreadonly()
             frame = self._mm[start:end]
             self._q[self._rcur_q] = r
-            if self._i[32]:  # OFF_WPARK // 4
+            if self._i[WPARK_I]:
                 self._wake_writer()
             return frame
         return self.try_recv()
@@ -600,14 +610,14 @@ class _RingSegment:
         self._view_out = False
         if self._q[self._rcur_q] != self._rpos:
             self._q[self._rcur_q] = self._rpos
-            if self._i[OFF_WPARK // 4]:
+            if self._i[WPARK_I]:
                 self._wake_writer()
 
     def readable(self) -> bool:
         """True if unread records are waiting (possibly only part of a chunked frame)."""
         if self._rpos != self._wseen:
             return True
-        self._wseen = self._q[8]
+        self._wseen = self._q[WCUR_Q]
         return self._rpos != self._wseen
 
     def _arm(self) -> None:
@@ -628,7 +638,7 @@ class _RingSegment:
 
     def _check_after_fence(self) -> bool:
         """Called armed and fenced: wake a writer waiting for the space we freed; True if readable."""
-        if self._i[OFF_WPARK // 4]:
+        if self._i[WPARK_I]:
             self._wake_writer()
         return self.readable()
 

@@ -9,10 +9,12 @@ and a scheduler favours tasks that slept over tasks that spun). Measured under l
 
 So: poll purely for PURE_SPIN_S, then poll with sched_yield() in between (it returns at once
 when nobody else wants the core, and lets a peer that was woken onto our core run), up to the
-current budget. A wait answered within QUICK_ANSWER_S grows the budget toward `max_s`; a slower
-one, or one that ends parked, halves it (down to 0: park at once). While the budget is below
-QUICK_ANSWER_S, every PROBE_EVERY-th wait spins QUICK_ANSWER_S anyway, so a machine that calms
-down, or a peer that spins again, is noticed.
+current budget. A wait answered within QUICK_ANSWER_S grows the budget toward `max_s`; one that
+ends parked halves it (down to 0: park at once); one answered later but while spinning leaves it
+(a peer that needs 30 us to decode and answer a 64 KiB frame is still worth spinning for). While
+the budget is below QUICK_ANSWER_S, every PROBE_EVERY-th wait spins the whole `max_s` anyway, so a
+machine that calms down is noticed, and so is a peer that was parked too (two sides that both
+park answer each other only after a futex wake-up each, which alone would never look quick).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections.abc import Callable
 
 PURE_SPIN_S = 5e-6
-QUICK_ANSWER_S = 20e-6
+QUICK_ANSWER_S = 100e-6
 MIN_BUDGET_S = 1e-6
 PROBE_EVERY = 16
 
@@ -52,7 +54,7 @@ class Spinner:
         budget = self.budget_s
         self._waits += 1
         if budget < QUICK_ANSWER_S and self._waits % PROBE_EVERY == 0:
-            budget = min(QUICK_ANSWER_S, self.max_s)
+            budget = self.max_s
         start = time.monotonic()
         end = start + budget
         if deadline is not None and deadline < end:
@@ -71,8 +73,9 @@ class Spinner:
                 os.sched_yield()
 
     def _adapt(self, answered_after_s: float | None) -> None:
-        if answered_after_s is not None and answered_after_s <= QUICK_ANSWER_S:
-            self.budget_s = min(self.max_s, 2 * self.budget_s + 2 * answered_after_s + MIN_BUDGET_S)
-        else:
+        if answered_after_s is None:  # parked: spinning did not pay
             half = self.budget_s / 2
             self.budget_s = half if half >= MIN_BUDGET_S else 0.0
+        elif answered_after_s <= QUICK_ANSWER_S:
+            self.budget_s = min(self.max_s, 2 * self.budget_s + 2 * answered_after_s + MIN_BUDGET_S)
+        # An answer later than QUICK_ANSWER_S but within the budget leaves it as it is.

@@ -45,10 +45,14 @@ def test_a_parked_spinner_probes_now_and_then():
     assert all(i % PROBE_EVERY == 0 for i in hits), f"only every {PROBE_EVERY}th wait may probe: {hits}"
 
 
-def test_slow_answers_shrink_the_budget_and_quick_ones_keep_it():
+def test_late_answers_keep_the_budget_parks_halve_it_and_quick_ones_grow_it():
+    """A peer that answers after QUICK_ANSWER_S but within the budget (a 64 KiB frame takes tens of microseconds to
+    decode and answer) is still worth spinning for: only a wait that ends parked shrinks the budget."""
     spinner = Spinner(200e-6)
     start = time.monotonic()
     assert spinner.spin(lambda: time.monotonic() - start > 2 * QUICK_ANSWER_S, None) is True
+    assert spinner.budget_s == pytest.approx(200e-6)
+    assert spinner.spin(lambda: False, None) is False
     assert spinner.budget_s == pytest.approx(100e-6)
     # Past the pure phase (yielding), but still quick: the budget grows back. A busy machine can
     # stretch one such wait beyond QUICK_ANSWER_S, so allow a few tries.
