@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from runtime.layers.linear import LinearBase, new_param
+from runtime.layers.linear import LinearBase, RowParallelLinear, new_param
 from runtime.layers.quantization.fp8_ops import (
     FP8,
     block_scaled_mm,
@@ -30,13 +30,17 @@ from runtime.layers.quantization.fp8_ops import (
 
 def _input_unit(layer: LinearBase, unit: int | None) -> int | None:
     """Row-parallel layers split parameters along the input; per-output ones are not split there."""
-    from runtime.layers.linear import RowParallelLinear
-
     return unit if isinstance(layer, RowParallelLinear) else 1
 
 
 def _replace(layer: LinearBase, name: str, value: torch.Tensor) -> None:
     setattr(layer, name, nn.Parameter(value, requires_grad=False))
+
+
+def _to_buffer(layer: LinearBase, name: str, value: torch.Tensor) -> None:
+    """Replace a loaded parameter by the tensor `apply` reads (a buffer: nothing loads it any more)."""
+    delattr(layer, name)
+    layer.register_buffer(name, value, persistent=False)
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,7 @@ class Fp8PerChannelMethod:
             _replace(layer, "weight", weight)
             layer.register_buffer("weight_scale", scale, persistent=False)
         else:
-            layer.register_buffer("weight_scale", layer._parameters.pop("weight_scale").data.float().reshape(-1),
-                                  persistent=False)
+            _to_buffer(layer, "weight_scale", layer.weight_scale.data.float().reshape(-1))
         ub = self.activation_scale_ub
         layer.register_buffer("activation_scale_ub",
                               None if ub is None else torch.tensor(ub, dtype=torch.float32,
@@ -81,13 +84,13 @@ class Fp8PerTensorMethod:
             layer.register_quant_param("input_scale", new_param((parts,), torch.float32, device, per_shard=True))
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        per_part = layer._parameters.pop("weight_scale").data
+        per_part = layer.weight_scale.data
         sizes = torch.tensor(layer.part_sizes, device=per_part.device)
-        layer.register_buffer("weight_scale", per_part.repeat_interleave(sizes), persistent=False)
+        _to_buffer(layer, "weight_scale", per_part.repeat_interleave(sizes))
         if self.static_activations:
             # the parts share one input, quantized once: with the largest of their scales, as the checkpoint's
             # calibration saw no larger value for any of them
-            layer.register_buffer("input_scale", layer._parameters.pop("input_scale").data.max(), persistent=False)
+            _to_buffer(layer, "input_scale", layer.input_scale.data.max())
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         x_fp8, x_scale = quantize_per_tensor(x, layer.input_scale if self.static_activations else None)
@@ -107,7 +110,9 @@ class Fp8BlockMethod:
                                                               input_unit=_input_unit(layer, bk)))
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        layer.register_buffer("block_scale", layer._parameters.pop(self.scale_name).data, persistent=False)
+        scale = getattr(layer, self.scale_name).data
+        delattr(layer, self.scale_name)
+        layer.register_buffer("block_scale", scale, persistent=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         return block_scaled_mm(x, layer.weight, layer.block_scale, self.block)
