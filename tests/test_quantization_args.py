@@ -34,3 +34,12 @@ def test_impossible_values_and_combinations_are_refused(argv, words, capsys):
     err = capsys.readouterr().err
     for word in words:
         assert word in err, err
+
+
+def test_the_flags_reach_the_worker_config():
+    from runtime.worker.model_runner import ModelRunnerConfig
+
+    args = parse_args(["--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"])
+    config = ModelRunnerConfig.from_server_args(args)
+    assert (config.quantization, config.kv_cache_dtype, config.torchao_config) == ("fp8", "fp8_e4m3", "")
+    assert ModelRunnerConfig.from_server_args(parse_args(["--torchao-config", "int8wo"])).torchao_config == "int8wo"
