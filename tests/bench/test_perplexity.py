@@ -12,6 +12,8 @@ from runtime.tokenizer import load_tokenizer
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 
 MAX_TOKENS = 512  # of the text's ~1,900: enough to tell a 3% rise apart, small enough for CI
+# the issue's three bounds; the script also checks fp8_e5m2's
+TESTED = ("fp8 weights", "fp8_e4m3 KV", "int4wo-128")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def baseline(text_ids) -> float:
     return perplexity(make_runner(), text_ids, chunk_size=128)
 
 
-@pytest.mark.parametrize("option", [o for o in QUALITY_OPTIONS if o.max_rise is not None], ids=lambda o: o.name)
+@pytest.mark.parametrize("option", [o for o in QUALITY_OPTIONS if o.name in TESTED], ids=lambda o: o.name)
 def test_quantized_perplexity_stays_within_its_bound(option, baseline, text_ids, tokenizer):
     runner = make_runner(**option.runner_options)
     value = perplexity(runner, text_ids, chunk_size=128)
