@@ -48,7 +48,7 @@ def main() -> int:
         bound_text = "" if bound is None else f"< {bound:.0%}" + (" FAILED" if over else "")
         rows.append(f"| {name} | {value:.3f} | {rise:+.2%} | {bound_text} | " + " | ".join(answers) + " |")
         print(rows[-1], flush=True)
-    print(f"\nperplexity over {len(ids)} tokens, chunks of 256 through the paged KV cache (torch backend, CPU)\n")
+    print(f"\nperplexity over {len(ids)} tokens, chunks of 512 through the paged KV cache (torch backend, CPU)\n")
     print("| option | perplexity | rise | bound | " + " | ".join(p for p, _ in QUICK_START) + " |")
     print("| --- | ---: | ---: | --- | " + " | ".join("---" for _ in QUICK_START) + " |")
     print("\n".join(rows))

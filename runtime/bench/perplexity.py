@@ -3,8 +3,8 @@ and any quantization exactly as a server runs them): `python -m runtime.bench.pe
 runs it for every quantization option against the model's own dtype (tests/bench/test_perplexity.py asserts the
 bounds of QUALITY_OPTIONS).
 
-The text is prefilled in chunks (so most tokens attend to keys read back from the KV cache, fp8 or not) with prompt
-logprobs on; perplexity = exp(-mean log p(token | previous tokens)) over every token but the first. The default
+The text is prefilled in chunks with prompt logprobs on (the torch backend reads every key and value back from the
+KV cache, fp8 or not, whatever the chunk size; the Triton one reads the earlier chunks' from it); perplexity = exp(-mean log p(token | previous tokens)) over every token but the first. The default
 text (perplexity_text.txt, about 1,900 SmolLM2 tokens) was written for this project.
 
     python -m runtime.bench.perplexity --quantization fp8 --kv-cache-dtype fp8_e4m3
@@ -46,7 +46,7 @@ QUALITY_OPTIONS = [
 QUICK_START = [("The capital of France is", "Paris"), ("Once upon a time,", None)]
 
 
-def perplexity(runner: ModelRunner, token_ids: list[int], chunk_size: int = 256) -> float:
+def perplexity(runner: ModelRunner, token_ids: list[int], chunk_size: int = 512) -> float:
     """Perplexity of `token_ids` (at least 2) under the runner's model; uses request row 0 and slots 1..n."""
     n = len(token_ids)
     if n < 2 or n > runner.max_total_tokens or n > runner.context_length:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--torchao-config", default="")
     parser.add_argument("--text-file", default=str(DEFAULT_TEXT))
     parser.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
-    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=512)
     args = parser.parse_args(argv)
     config = ModelRunnerConfig(model_path=args.model_path, dtype=args.dtype, device=args.device,
                                attention_backend=args.attention_backend, quantization=args.quantization,
