@@ -6,7 +6,7 @@ bounds of QUALITY_OPTIONS).
 The text is prefilled in chunks with prompt logprobs on (the torch backend reads every key and value back from the
 KV cache, fp8 or not, whatever the chunk size; the Triton one reads the earlier chunks' from it); perplexity =
 exp(-mean log p(token | previous tokens)) over every token but the first. The default text (perplexity_text.txt,
-about 1,900 SmolLM2 tokens) was written for this project.
+1,743 SmolLM2 tokens) was written for this project.
 
     python -m runtime.bench.perplexity --quantization fp8 --kv-cache-dtype fp8_e4m3
 """
