@@ -1,9 +1,12 @@
-"""Child entry point: `python -m actors.boot '<BootSpec JSON>'` turns a fresh interpreter into an actor.
+"""Child entry point: `python -m actors.boot <boot segment>` turns a fresh interpreter into an actor.
 
-Steps: die with the parent (PR_SET_PDEATHSIG=SIGKILL, then check the parent is still the one that
-started us, closing the race where it died before prctl), take the parent's sys.path, name the
-process, configure logging with the actor's name, pin cores, build the actor, report Ready (with
-the actor's info bytes) or Failed (error and traceback) on the control ring, then run it.
+Steps: read the BootSpec JSON from the 0600 shared-memory segment named on the command line and
+remove the segment (the spec may hold secrets: it never appears in argv or the environment), die
+with the parent (PR_SET_PDEATHSIG=SIGKILL, then check the parent is still the one that started us,
+closing the race where it died before prctl), take the parent's sys.path, set the process title,
+block the imports the spec forbids, configure logging with the actor's name, pin cores, build the
+actor, report Ready (with the actor's info bytes) or Failed (error and traceback) on the control
+ring, then run it.
 Exit status: 0 when run() returns, 1 when building or running the actor raised, 2 for a bad spec.
 """
 
@@ -30,12 +33,30 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def set_process_title(name: str) -> None:
+def set_process_title(title: str) -> None:
+    """What ps and top show instead of the command line (setproctitle rewrites argv's memory)."""
+    import setproctitle
+
+    setproctitle.setproctitle(title)
+
+
+def read_boot_segment(name: str) -> bytes:
+    """The BootSpec JSON, and the segment gone: nobody else may read it later."""
+    from shm.segment import attach_segment, unlink_segment
+
+    mm = attach_segment(name)
     try:
-        import setproctitle  # optional dependency
-    except ImportError:
-        return
-    setproctitle.setproctitle(f"actors.boot {name}")  # keeps "actors.boot" findable in ps/psutil
+        return bytes(mm)
+    finally:
+        mm.close()
+        unlink_segment(name)
+
+
+def block_imports(modules: list[str]) -> None:
+    """`import torch` raises ImportError and importlib.util.find_spec("torch") is None, so libraries that
+    import it only when present (transformers) leave it out."""
+    for module in modules:
+        sys.modules[module] = None
 
 
 def configure_logging(name: str, level: str) -> None:
@@ -51,17 +72,18 @@ def main(argv: list[str]) -> int:
     from actors.spec import BootSpec
 
     if len(argv) != 2:
-        print("usage: python -m actors.boot '<BootSpec JSON>'", file=sys.stderr)
+        print("usage: python -m actors.boot <boot segment name>", file=sys.stderr)
         return 2
     try:
-        boot = msgspec.json.decode(argv[1], type=BootSpec)
-    except msgspec.DecodeError as e:
-        print(f"actors.boot: invalid BootSpec: {e}", file=sys.stderr)
+        boot = msgspec.json.decode(read_boot_segment(argv[1]), type=BootSpec)
+    except Exception as e:  # a missing segment or a bad spec
+        print(f"actors.boot: cannot read the BootSpec from {argv[1]!r}: {e}", file=sys.stderr)
         return 2
     die_with_parent(boot.parent_pid)
     sys.path[:0] = [p for p in boot.sys_path if p not in sys.path]
     spec = boot.actor
-    set_process_title(spec.name)
+    set_process_title(spec.title or f"actors.boot {spec.name}")
+    block_imports(spec.blocked_imports)
     configure_logging(spec.name, spec.log_level)
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)

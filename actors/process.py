@@ -10,12 +10,8 @@ import sys
 import threading
 from typing import TextIO
 
-import msgspec
-
 import actors
-from actors.spec import BootSpec
 
-MAX_ARG_BYTES = 128 * 1024 - 1  # Linux MAX_ARG_STRLEN, including the trailing NUL
 STDERR_TAIL_LINES = 40
 
 
@@ -35,24 +31,23 @@ class ChildProcess:
     then stops the children in order) and not every actor at once. The child's stderr is copied
     line by line to `stderr_sink` by a thread that also keeps the last lines for error messages."""
 
-    def __init__(self, boot: BootSpec, stderr_sink: TextIO | None = None):
-        self.name = boot.actor.name
-        arg = msgspec.json.encode(boot).decode()
-        if len(arg.encode()) > MAX_ARG_BYTES:
-            raise ValueError(
-                f"actor {self.name!r}: its spec is {len(arg)} bytes of JSON, over the {MAX_ARG_BYTES}-byte argv limit"
-            )
+    def __init__(self, name: str, boot_segment: str, stderr_sink: TextIO | None = None,
+                 pass_fds: tuple[int, ...] = ()):
+        """`boot_segment`: the shared-memory segment holding the child's BootSpec (argv carries only its name);
+        `pass_fds`: file descriptors the child inherits (a listening socket)."""
+        self.name = name
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(actors.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self._sink = stderr_sink
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "actors.boot", arg],
+            [sys.executable, "-m", "actors.boot", boot_segment],
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         self.pid = self.proc.pid
         try:

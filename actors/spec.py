@@ -1,8 +1,10 @@
-"""What a child process needs to know to become an actor: plain msgspec Structs, JSON on argv.
+"""What a child process needs to know to become an actor: plain msgspec Structs, as JSON.
 
 The launcher describes each actor with an `ActorSpec` (class by import path, config as raw JSON,
 the channels it reads and writes). The supervisor wraps it in a `BootSpec` (control rings, parent
-pid, sys.path) and passes that as the single argument of `python -m actors.boot`.
+pid, sys.path), writes that to a 0600 shared-memory segment and passes only the segment's name to
+`python -m actors.boot`: configs hold secrets (an API key), and argv and the environment are
+readable by every local user (`ps`, /proc).
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ class ActorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outbound: list[ChannelSpec] = []
     log_level: str = "info"
     cpus: list[int] = []  # cores to pin the process to at boot (runtime.affinity plans them); [] = no pinning
+    title: str = ""  # process title shown by ps/top (setproctitle); "" = "actors.boot <name>"
+    # Modules this actor must never import (sys.modules[name] = None at boot): "torch" in a process whose
+    # libraries would otherwise import it for nothing (transformers does), seconds and 200 MB each.
+    blocked_imports: list[str] = []
 
 
 class BootSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Everything `python -m actors.boot` receives (as JSON in argv[1])."""
+    """Everything `python -m actors.boot` receives (as JSON in the segment named by argv[1])."""
 
     actor: ActorSpec
     control_up: RingSpec  # child -> supervisor: Ready / Failed

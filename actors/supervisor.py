@@ -1,8 +1,8 @@
-"""Supervisor: starts actor processes one by one, watches them, and stops them all together.
+"""Supervisor: starts actor processes (together or one by one), watches them, and stops them all together.
 
     sup = Supervisor()                       # run prefix rt<pid>_ for every segment of this run
-    info = sup.start(worker_spec)            # blocks until the worker reported Ready (its info bytes)
-    sup.start(scheduler_spec_using(info))    # later specs may use earlier infos
+    infos = sup.start_many([worker_spec, detokenizer_spec])  # all at once; each one's Ready info bytes
+    sup.start(scheduler_spec_using(infos[0]))                # later specs may use earlier infos
     sup.handle_signals(grace_s=5.0)          # SIGTERM/SIGINT: graceful stop
     sys.exit(sup.wait())                     # 0 after a graceful stop, 1 if an actor died
 
@@ -33,18 +33,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import msgspec
+
 from actors.channel import Channel
 from actors.control import CONTROL_DOWN_TYPE, CONTROL_RING_BYTES, ControlDown, ControlUp, Failed, Ready, Shutdown
 from actors.process import ChildProcess, describe_exit
 from actors.rings import attach_reader, attach_writer, create_ring
 from actors.spec import ActorSpec, BootSpec, ChannelSpec, RingSpec, resolve
 from shm import run_prefix, segment_name, sweep
-from shm.segment import unlink_segment
+from shm.segment import create_segment, unlink_segment
 
 log = logging.getLogger(__name__)
 
 _ACTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 POLL_WITHOUT_PIDFD_S = 0.2
+
+
+def write_boot_segment(name: str, data: bytes) -> None:
+    """A child's BootSpec in a 0600 segment it reads and removes at boot (never on argv: `ps` shows argv)."""
+    mm = create_segment(name, len(data))
+    try:
+        mm[:] = data
+    finally:
+        mm.close()
 
 
 class ActorStartError(RuntimeError):
@@ -130,26 +141,39 @@ class Supervisor:
         return Channel(cs.name, ring, resolve(cs.message_type))
 
     # ------------------------------------------------------------------ start
-    def start(self, spec: ActorSpec, timeout: float | None = None) -> bytes:
+    def start(self, spec: ActorSpec, timeout: float | None = None, pass_fds: tuple[int, ...] = ()) -> bytes:
         """Start one actor and wait for its Ready; returns its info bytes. Raises ActorStartError
         (after stopping every actor of the run) if it fails, dies or is not ready in time."""
+        return self.start_many([spec], timeout, {spec.name: pass_fds})[0]
+
+    def start_many(self, specs: list[ActorSpec], timeout: float | None = None,
+                   pass_fds: dict[str, tuple[int, ...]] | None = None) -> list[bytes]:
+        """Start every actor at once (their start-ups overlap) and wait until all reported Ready; their
+        info bytes in `specs` order. `pass_fds`: descriptors each named actor inherits. Any failure,
+        death or timeout stops the whole run and raises ActorStartError naming that actor."""
         timeout = self.ready_timeout if timeout is None else timeout
+        pass_fds = pass_fds or {}
+        children = []
         with self._lock:
             if self._state != "running":
-                raise RuntimeError(f"cannot start {spec.name!r}: the supervisor is {self._state} ({self.failure})")
-            self._check_new_actor(spec)
-            for cs in list(spec.inbound) + list(spec.outbound):
-                self._ensure_ring(cs)
-            child = self._spawn(spec)
-            self._children.append(child)
-        log.info("starting actor %r (pid %d)", spec.name, child.process.pid)
-        info = self._await_ready(child, timeout)
+                names = ", ".join(repr(spec.name) for spec in specs)
+                raise RuntimeError(f"cannot start {names}: the supervisor is {self._state} ({self.failure})")
+            for spec in specs:
+                self._check_new_actor(spec)
+                for cs in list(spec.inbound) + list(spec.outbound):
+                    self._ensure_ring(cs)
+            for spec in specs:
+                child = self._spawn(spec, pass_fds.get(spec.name, ()))
+                self._children.append(child)
+                children.append(child)
+                log.info("starting actor %r (pid %d)", spec.name, child.process.pid)
+        infos = self._await_ready(children, time.monotonic() + timeout, timeout)
         with self._lock:
-            child.ready = True
+            for child in children:
+                child.ready = True
             self._ensure_watcher()
         self._wake_watcher()
-        log.info("actor %r is ready", spec.name)
-        return info
+        return infos
 
     def _check_new_actor(self, spec: ActorSpec) -> None:
         if not _ACTOR_NAME_RE.match(spec.name):
@@ -164,7 +188,7 @@ class Supervisor:
         elif known[0] != cs.ring:
             raise ValueError(f"channel {cs.name!r}: ring {cs.ring.segment!r} was already declared as {known[0]}")
 
-    def _spawn(self, spec: ActorSpec) -> _Child:
+    def _spawn(self, spec: ActorSpec, pass_fds: tuple[int, ...]) -> _Child:
         up = self.ring(f"ctl.{spec.name}.up", CONTROL_RING_BYTES)
         down = ChannelSpec("control", self.ring(f"ctl.{spec.name}.down", CONTROL_RING_BYTES), CONTROL_DOWN_TYPE)
         up_ring = create_ring(up)
@@ -174,7 +198,9 @@ class Supervisor:
             up_ring.unlink()
             raise
         boot = BootSpec(spec, up, down, os.getpid(), list(sys.path))
-        process = ChildProcess(boot, self.stderr_sink)
+        boot_segment = segment_name(self.prefix, f"boot.{spec.name}")
+        write_boot_segment(boot_segment, msgspec.json.encode(boot))
+        process = ChildProcess(spec.name, boot_segment, self.stderr_sink, pass_fds)
         return _Child(
             spec,
             process,
@@ -182,24 +208,31 @@ class Supervisor:
             Channel(f"{spec.name}.control_down", down_ring, ControlDown),
         )
 
-    def _await_ready(self, child: _Child, timeout: float) -> bytes:
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = child.control_up.get(timeout=0.05)
-            if msg is None and child.process.poll() is not None:
-                msg = child.control_up.try_get()  # it may have reported just before exiting
-                if msg is None:
-                    self._fail_start(child, f"its process {describe_exit(child.process.poll())} before reporting Ready")
-            match msg:
-                case Ready(info=info):
-                    return info
-                case Failed(error=error, traceback=tb):
-                    child.process.wait(self.term_timeout_s)
-                    self._fail_start(child, error, tb)
-            if self._state != "running":
-                self._fail_start(child, f"the run is stopping ({self.failure or 'stop requested'})")
-            if time.monotonic() > deadline:
-                self._fail_start(child, f"no Ready within {timeout:g} s")
+    def _await_ready(self, children: list[_Child], deadline: float, timeout: float) -> list[bytes]:
+        infos: dict[str, bytes] = {}
+        poll_s = 0.05 / len(children)
+        while len(infos) < len(children):
+            for child in children:
+                if child.spec.name in infos:
+                    continue
+                msg = child.control_up.get(timeout=poll_s)
+                if msg is None and child.process.poll() is not None:
+                    msg = child.control_up.try_get()  # it may have reported just before exiting
+                    if msg is None:
+                        self._fail_start(child, f"its process {describe_exit(child.process.poll())} before "
+                                                "reporting Ready")
+                match msg:
+                    case Ready(info=info):
+                        infos[child.spec.name] = info
+                        log.info("actor %r is ready", child.spec.name)
+                    case Failed(error=error, traceback=tb):
+                        child.process.wait(self.term_timeout_s)
+                        self._fail_start(child, error, tb)
+                if self._state != "running":
+                    self._fail_start(child, f"the run is stopping ({self.failure or 'stop requested'})")
+                if time.monotonic() > deadline and child.spec.name not in infos:
+                    self._fail_start(child, f"no Ready within {timeout:g} s")
+        return [infos[child.spec.name] for child in children]
 
     def _fail_start(self, child: _Child, reason: str, traceback: str = ""):
         name = child.spec.name

@@ -6,10 +6,13 @@ handler or a streaming body runs in one task per request, which is cancelled whe
 goes away (that is how a disconnect aborts a generation at once).
 
 Limits: header bytes (431), body bytes (413, from Content-Length before reading, or counted for
-chunked bodies), a read deadline per request (408 when a request was partly read), an idle
+chunked bodies, at once when the count passes the limit), an absolute deadline for the request
+line and headers, a minimum average rate and a longest pause for the body (408), an idle
 keep-alive deadline (silent close), a cap on queued pipelined requests (reading pauses), a write
 timeout for clients that stop reading a response (cut off).
 Deadlines are plain floats checked by the server's ticker, so requests cost no timer handles.
+While the server drains (shutdown), every new request gets 503 and the connection closes after
+each response.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import httptools
 
 from httpd.config import ServerConfig
 from httpd.dispatch import Dispatcher
+from httpd.log_limit import LogLimiter
 from httpd.request import Request
 from httpd.response import Response, StreamingResponse, error_response
 
@@ -62,6 +66,8 @@ class ConnectionHost(Protocol):
     loop: asyncio.AbstractEventLoop
     dispatcher: Dispatcher
     connections: set[HttpConnection]
+    draining: bool
+    log_limiter: LogLimiter
 
     def plain_head(self, status: int, content_type: bytes | None, length: int) -> bytes: ...
 
@@ -92,6 +98,8 @@ class HttpConnection(asyncio.Protocol):
         self.flush_scheduled = False
         self.deadline: float | None = None
         self.deadline_status = 0  # 408 when the deadline ends a partly read request; 0: close silently
+        self.deadline_message = ""
+        self.body_started = 0.0  # loop time the headers of the request being read were complete
         # The request being parsed.
         self.in_message = False
         self.in_headers = False
@@ -149,16 +157,14 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(reject, _Reject):
                 self._stop_reading(_Fatal(reject.status, reject.message))
             else:
-                logger.exception("HTTP parser callback failed")
+                self.server.log_limiter.log(logger, logging.ERROR, "HTTP parser callback failed", exc_info=True)
                 self._stop_reading(_Fatal(500, "internal error while reading the request"))
         except httptools.HttpParserError as err:
             self._stop_reading(_Fatal(400, f"malformed HTTP request: {err}"))
         else:
             if self.in_message and not self.busy:
                 if not self.in_headers:
-                    self._set_deadline(self.config.read_timeout, 408)  # the body may pause this long
-                elif self.deadline_status != 408:
-                    self._set_deadline(self.config.read_timeout, 408)  # headers: counted from their first read
+                    self._set_body_deadline()
                 elif carried:
                     self.carried_header_bytes += len(data)
                     if self.carried_header_bytes > self.config.max_header_bytes:
@@ -179,7 +185,7 @@ class HttpConnection(asyncio.Protocol):
         self.carried_header_bytes = 0
         self.content_length = None
         self.expect_continue = False
-        self.deadline_status = 0  # the read deadline starts after this read (see data_received)
+        self._set_head_deadline()  # absolute: later bytes do not move it
 
     def on_url(self, url: bytes):
         self.url += url
@@ -200,6 +206,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self):
         self.in_headers = False
+        self.body_started = self.loop.time()
         if self.content_length is not None and self.content_length > self.config.max_body_bytes:
             raise _Reject(413, self._body_limit_message())
         if self.expect_continue and self.content_length != 0:
@@ -218,11 +225,17 @@ class HttpConnection(asyncio.Protocol):
         self.in_message = False
         self.continue_owed = False
         url = self.url
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            raise _Reject(405, "method CONNECT is not supported: this server is not a proxy")
         if url[:1] != b"/" and url != b"*":
-            url = httptools.parse_url(url).path or b"/"  # absolute form, as sent to proxies
+            try:
+                url = httptools.parse_url(url).path or b"/"  # absolute form, as sent to proxies
+            except httptools.HttpParserInvalidURLError:
+                raise _Reject(400, "malformed HTTP request: invalid request target") from None
         path, _, query = url.partition(b"?")
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        self.queue.append(Request(self.parser.get_method().decode(), path.decode("latin-1"), query.decode("latin-1"),
+        self.queue.append(Request(method.decode(), path.decode("latin-1"), query.decode("latin-1"),
                                   self.headers, body, self.parser.get_http_version(), self.parser.should_keep_alive()))
         self.deadline = None
         if len(self.queue) >= self.config.max_pipelined and not self.reading_paused:
@@ -231,12 +244,14 @@ class HttpConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- answering
 
-    def _process_queue(self):
+    def _process_queue(self, answered: bool = False):
         """Answer the queued requests in order: inline for a plain handler, else in a task (busy
-        until it ends)."""
+        until it ends). Then, if a response went out (`answered`: one just did), start the clock
+        of what comes next."""
         queue = self.queue
         while queue and not self.busy and not self.closed:
             request = queue.popleft()
+            answered = True
             if self.reading_paused and self.parser is not None and len(queue) < self.config.max_pipelined // 2:
                 self.reading_paused = False
                 self.transport.resume_reading()
@@ -245,18 +260,23 @@ class HttpConnection(asyncio.Protocol):
                     self._write_response(None, error_response(request.status, request.message), close=True)
                 self._close()
                 return
+            if self.server.draining:
+                self._write_response(request, error_response(503, "the server is shutting down"), close=True)
+                self._close()
+                return
             self.busy = True
             result = self.dispatch(request)
             if isinstance(result, Response):
-                self._write_response(request, result, close=not request.keep_alive)
+                close = not request.keep_alive or self.server.draining
+                self._write_response(request, result, close=close)
                 self.busy = False
-                if not request.keep_alive:
+                if close:
                     self._close()
             elif isinstance(result, StreamingResponse):
                 self.task = self.loop.create_task(self._stream(request, result))
             else:
                 self.task = self.loop.create_task(self._run(request, _awaited(result)))
-        if not self.busy and not self.closed:
+        if answered and not self.busy and not self.closed:  # (reading alone must not move a deadline)
             if self.in_message:
                 self._after_response()
             else:  # idle: the keep-alive clock starts
@@ -276,13 +296,13 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.closed:
             return
-        self._write_response(request, result, close=not request.keep_alive)
+        self._write_response(request, result, close=not request.keep_alive or self.server.draining)
         self._finish(request)
 
     async def _stream(self, request: Request, response: StreamingResponse):
         body = response.body
         chunked = request.http_version != "1.0"  # HTTP/1.0 has no chunks: the end is the close
-        keep_alive = request.keep_alive and chunked
+        keep_alive = request.keep_alive and chunked and not self.server.draining
         try:
             if self.closed:
                 return
@@ -337,10 +357,10 @@ class HttpConnection(asyncio.Protocol):
         """After an asynchronous response: move on to the next queued request."""
         self.task = None
         self.busy = False
-        if not request.keep_alive:
+        if not request.keep_alive or self.server.draining:
             self._close()
         if not self.closed:
-            self._process_queue()
+            self._process_queue(answered=True)
 
     def _after_response(self):
         """Idle again: owe a 100 Continue to the request being read, or start the idle clock."""
@@ -348,7 +368,11 @@ class HttpConnection(asyncio.Protocol):
             if self.continue_owed and not self.in_headers:
                 self.continue_owed = False
                 self.transport.write(_CONTINUE)
-            self._set_deadline(self.config.read_timeout, 408)
+            if self.in_headers:
+                self._set_head_deadline()  # the clock ran only while we were answering
+            else:
+                self.body_started = self.loop.time()
+                self._set_body_deadline()
         else:
             self._set_deadline(self.config.keepalive_timeout, 0)
 
@@ -359,7 +383,8 @@ class HttpConnection(asyncio.Protocol):
         try:
             await asyncio.wait_for(self.drain_waiter, self.config.write_timeout)
         except asyncio.TimeoutError:
-            logger.info("closing a connection whose client stopped reading for %g s", self.config.write_timeout)
+            self.server.log_limiter.log(logger, logging.INFO, "closing a connection whose client stopped reading "
+                                        "for %g s", self.config.write_timeout)
             self.closed = True
             self.transport.abort()
         finally:
@@ -369,7 +394,7 @@ class HttpConnection(asyncio.Protocol):
         body = response.body
         if (not close and request is not None and not response.headers and request.http_version == "1.1"
                 and request.method != "HEAD" and response.status not in _NO_BODY_STATUSES
-                and request.header(b"origin") is None):
+                and (not self.config.allowed_origins or request.header(b"origin") is None)):
             # The common case (keep-alive, no extra headers): the whole head comes from a cache.
             head = self.server.plain_head(response.status, response.content_type, len(body))
         else:
@@ -393,8 +418,10 @@ class HttpConnection(asyncio.Protocol):
             parts.append(_CHUNKED)
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
-        if request is not None and request.header(b"origin") is not None:
-            parts.append(b"Access-Control-Allow-Origin: *\r\n")
+        if request is not None and self.config.allowed_origins:
+            allowed = self.dispatch.allowed_origin(request)
+            if allowed is not None:
+                parts += (b"Access-Control-Allow-Origin: ", allowed, b"\r\nVary: Origin\r\n")
         if close:
             parts.append(b"Connection: close\r\n")
         elif request is not None and request.http_version == "1.0":
@@ -404,17 +431,37 @@ class HttpConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- limits and closing
 
-    def _set_deadline(self, seconds: float, status: int):
+    def _set_deadline(self, seconds: float, status: int, message: str = ""):
         self.deadline = self.loop.time() + seconds
         self.deadline_status = status
+        self.deadline_message = message
+
+    def _set_head_deadline(self):
+        self._set_deadline(self.config.header_timeout, 408,
+                           f"request line and headers not received within {self.config.header_timeout:g} s")
+
+    def _set_body_deadline(self):
+        """The earlier of: the body falling behind the minimum rate (after the grace period), and a pause
+        longer than read_timeout."""
+        config = self.config
+        now = self.loop.time()
+        by_rate = self.body_started + config.body_grace + self.body_size / config.body_min_rate
+        by_pause = now + config.read_timeout
+        if by_rate < by_pause:
+            self.deadline = by_rate
+            self.deadline_message = (f"request body arriving slower than {config.body_min_rate / 1024:g} KiB/s "
+                                     f"(after the first {config.body_grace:g} s)")
+        else:
+            self.deadline = by_pause
+            self.deadline_message = f"request body paused for more than {config.read_timeout:g} s"
+        self.deadline_status = 408
 
     def check_deadline(self, now: float):
         """Called by the server's ticker."""
         if self.deadline is None or now < self.deadline or self.busy or self.closed:
             return
         if self.deadline_status and self.in_message:
-            message = f"request not received within {self.config.read_timeout:g} s"
-            self._write_response(None, error_response(self.deadline_status, message), close=True)
+            self._write_response(None, error_response(self.deadline_status, self.deadline_message), close=True)
         self._close()
 
     def _stop_reading(self, fatal: _Fatal):

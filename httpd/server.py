@@ -1,5 +1,9 @@
 """The listening server: the live connections, and one ticker that checks
-every connection's deadline and refreshes the cached Date header."""
+every connection's deadline and refreshes the cached Date header.
+
+Shutdown in two steps: drain() keeps listening but answers every new request with 503 and
+`Connection: close` (a load balancer sees a clear refusal, not a refused connection), while
+responses in progress finish; close(grace_s) then stops listening and cuts what is left."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from email.utils import formatdate
 from httpd.config import ServerConfig
 from httpd.connection import HttpConnection
 from httpd.dispatch import Dispatcher
+from httpd.log_limit import LogLimiter
 from httpd.response import status_line
 from httpd.router import Router
 
@@ -20,8 +25,10 @@ _PLAIN_HEADS_CACHED = 256  # response heads kept per second (keyed by status, co
 class HttpServer:
     def __init__(self, router: Router, config: ServerConfig = ServerConfig()):
         self.config = config
-        self.dispatcher = Dispatcher(router, config.api_key, config.public_paths)
+        self.log_limiter = LogLimiter()
+        self.dispatcher = Dispatcher(router, config, self.log_limiter)
         self.connections: set[HttpConnection] = set()
+        self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.date_header = b""
         self._date_second = -1
@@ -30,7 +37,8 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._ticker: asyncio.TimerHandle | None = None
         # Deadlines are checked this often: a fraction of the shortest timeout, within [20 ms, 1 s].
-        self._tick_s = min(1.0, max(0.02, min(config.read_timeout, config.keepalive_timeout) / 4))
+        shortest = min(config.header_timeout, config.read_timeout, config.keepalive_timeout)
+        self._tick_s = min(1.0, max(0.02, shortest / 4))
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen on host:port (port 0: any free port; see .port), or on an already bound socket."""
@@ -47,6 +55,16 @@ class HttpServer:
     @property
     def port(self) -> int:
         return self._server.sockets[0].getsockname()[1]
+
+    def drain(self) -> None:
+        """Refuse new requests (503, then close) and close idle connections; responses in progress go on."""
+        self.draining = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(1 for connection in self.connections if connection.busy)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop accepting; close idle connections; give responses in progress up to grace_s."""

@@ -6,7 +6,8 @@ walks its share of the row's tokens through req_to_token, and writes a partial o
 sum plus the log-sum-exp of its scores. Stage 2 (`_decode_merge_kernel`): one program per (row, q head) merges the
 splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have long contexts.
 
-Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2.
+Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2. With a logit cap c (Gemma 2), scaled
+scores s become c * tanh(s / c) first.
 
 An fp8 pool is read as fp8 * scale: K and V tiles are converted to q's dtype, k_scale is folded into the score
 scale and v_scale into the partial outputs (both scales are per layer).
@@ -21,7 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function reads must be a constexpr object
+
+
+@triton.jit
+def tanh(x):
+    # 2 * sigmoid(2x) - 1: exact in float32 and available everywhere (the interpreter included)
+    return 2 * tl.sigmoid(2 * x) - 1
+
+
+@triton.jit
+def scaled_scores(qk, sm_scale, logit_cap, SOFTCAP: tl.constexpr):
+    """Raw q.k products -> scores in base 2 (times log2(e)), soft-capped when SOFTCAP."""
+    if SOFTCAP:
+        return logit_cap * tanh(qk * (sm_scale / logit_cap)) * LOG2E
+    return qk * (sm_scale * LOG2E)
 
 
 @dataclass(frozen=True)
@@ -43,14 +58,14 @@ def default_decode_tiles(head_dim: int) -> DecodeTiles:
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
     part_o_ptr, part_lse_ptr,
-    qk_scale, v_scale, sliding_window, num_splits,
+    sm_scale, logit_cap, v_scale, sliding_window, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
     stride_rtt,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -82,7 +97,7 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -146,11 +161,13 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
-                     tiles: DecodeTiles | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                     tiles: DecodeTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
     Pools may be fp8 (read as fp8 * k_scale, fp8 * v_scale).
 
-    Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]]. `part_o` [>=B, Hq, num_kv_splits, D]
+    Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]] (the last `sliding_window` of them when
+    given); `logit_cap` soft-caps the scaled scores. `part_o` [>=B, Hq, num_kv_splits, D]
     and `part_lse` [>=B, Hq, num_kv_splits] (float32) may be passed preallocated (CUDA graphs)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
@@ -175,11 +192,11 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     tiles = tiles or default_decode_tiles(block_d)
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
-        scale * k_scale * LOG2E, v_scale, sliding_window or 0, num_kv_splits,
+        scale * k_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim,
+        GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap),
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -195,7 +212,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
                          rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                         sliding_window: int | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
     """Torch reference of `decode_attention`, one row at a time, in float32."""
     group = q.shape[1] // k_pool.shape[1]
     out = torch.empty_like(q)
@@ -206,5 +224,7 @@ def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         k = (k_pool[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, Hq, D]
         v = (v_pool[slots].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        if logit_cap:
+            scores = logit_cap * torch.tanh(scores / logit_cap)
         out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
     return out

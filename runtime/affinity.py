@@ -1,9 +1,11 @@
 """CPU placement of the actor processes (`--cpu-affinity auto|off|LIST`).
 
-Roles are "ingress", "detokenizer", "scheduler" and "worker<rank>". `auto` keeps the scheduler and
-each worker on the NUMA node of its GPU, each on cores of its own, and puts the ingress and the
-detokenizer on the cores left over (they are I/O and tokenizer bound and must not steal the
-scheduler's core). With fewer than 4 usable cores there is nothing to separate: auto pins nothing.
+Roles are the actor names of this node (`Roles.for_node`): "ingress", "detokenizer", "scheduler" ("scheduler<r>"
+per replica with --dp-size > 1), "worker<g>" for global rank g of every replica (runtime.distributed.layout), and
+"relay" with --nnodes > 1. `auto` keeps each scheduler and each worker on the NUMA node of its GPU, each on a core of
+its own, and puts the ingress, the detokenizer and the relay on the cores left over (they are I/O and tokenizer bound
+and must not steal a scheduler's core). With too few usable cores for that (fewer than the dedicated roles + 2 on
+node 0) there is nothing to separate: auto pins nothing.
 
 The plan is applied by the actors themselves: the launcher puts each role's cores in its ActorSpec.cpus
 and actors.boot pins the process before building the actor.
@@ -18,7 +20,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-ROLES_FIXED = ("ingress", "detokenizer", "scheduler")
+from runtime.distributed.layout import Layout
 
 
 @dataclass
@@ -26,6 +28,29 @@ class Topology:
     cpus: list[int]  # usable cores of this process
     numa_nodes: dict[int, list[int]] = field(default_factory=dict)  # node -> cores (usable ones only)
     gpu_numa: list[int | None] = field(default_factory=list)  # per GPU rank: its NUMA node, if known
+
+
+@dataclass(frozen=True)
+class Roles:
+    """This node's actors to place: each worker and each scheduler with the GPU it sits next to, and the roles that
+    share the cores left over."""
+
+    workers: dict[str, int]  # actor name -> GPU index on this node
+    schedulers: dict[str, int]  # actor name -> GPU of its replica's first rank
+    shared: tuple[str, ...] = ("ingress", "detokenizer")
+
+    @classmethod
+    def for_node(cls, layout: Layout, node: int) -> Roles:
+        workers = {slot.name: slot.gpu for slot in layout.node_ranks(node)}
+        relay = ("relay",) if layout.nnodes > 1 else ()
+        if node != 0:
+            return cls(workers, {}, relay)
+        schedulers = {layout.scheduler_name(r): layout.replica_ranks(r)[0].gpu for r in range(layout.dp_size)}
+        return cls(workers, schedulers, ("ingress", "detokenizer", *relay))
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.workers) | set(self.schedulers) | set(self.shared)
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -71,38 +96,38 @@ def gpu_numa_node(index: int) -> int | None:
         return None
 
 
-def plan_affinity(mode: str, topo: Topology, n_workers: int) -> dict[str, list[int]]:
+def plan_affinity(mode: str, topo: Topology, roles: Roles) -> dict[str, list[int]]:
     """Cores per role; a role missing from the result is not pinned."""
     if mode == "off":
         return {}
     if mode == "auto":
-        return plan_auto(topo, n_workers)
-    return parse_affinity_list(mode, topo, n_workers)
+        return plan_auto(topo, roles)
+    return parse_affinity_list(mode, topo, roles)
 
 
-def plan_auto(topo: Topology, n_workers: int) -> dict[str, list[int]]:
-    if len(topo.cpus) < n_workers + 3:
+def plan_auto(topo: Topology, roles: Roles) -> dict[str, list[int]]:
+    dedicated = {**roles.workers, **roles.schedulers}
+    if len(topo.cpus) < len(dedicated) + (2 if roles.schedulers else 1):
         return {}
     free_by_node = {node: list(cores) for node, cores in topo.numa_nodes.items()} or {0: list(topo.cpus)}
     plan: dict[str, list[int]] = {}
 
-    def take(node: int | None) -> int:
+    def take(gpu: int) -> int:
+        node = topo.gpu_numa[gpu] if gpu < len(topo.gpu_numa) else None
         if node not in free_by_node or not free_by_node[node]:
             node = max(free_by_node, key=lambda n: len(free_by_node[n]))
         return free_by_node[node].pop(0)
 
-    for rank in range(n_workers):
-        node = topo.gpu_numa[rank] if rank < len(topo.gpu_numa) else None
-        plan[f"worker{rank}"] = [take(node)]
-    plan["scheduler"] = [take(topo.gpu_numa[0] if topo.gpu_numa else None)]
+    for name, gpu in dedicated.items():
+        plan[name] = [take(gpu)]
     rest = sorted(c for cores in free_by_node.values() for c in cores)
-    plan["ingress"] = rest
-    plan["detokenizer"] = rest
+    for name in roles.shared:
+        plan[name] = rest
     return plan
 
 
-def parse_affinity_list(text: str, topo: Topology, n_workers: int) -> dict[str, list[int]]:
-    roles = set(ROLES_FIXED) | {f"worker{r}" for r in range(n_workers)}
+def parse_affinity_list(text: str, topo: Topology, roles: Roles) -> dict[str, list[int]]:
+    roles = roles.names
     plan: dict[str, list[int]] = {}
     for item in filter(None, (s.strip() for s in text.split(";"))):
         role, sep, cores = item.partition("=")

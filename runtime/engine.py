@@ -31,10 +31,20 @@ import msgspec
 
 from actors.aio import AsyncMailbox
 from actors.mailbox import Mailbox
-from httpd import HttpError
+from httpd import HttpError, Request
+from runtime.ingress.api.embeddings import EmbeddingsApi
 from runtime.ingress.api.generation import Generation
-from runtime.ingress.api.native import NATIVE_DEFAULT_MAX_NEW_TOKENS, finish_dict, logprob_triples, top_logprob_triples
+from runtime.ingress.api.native import (
+    NATIVE_DEFAULT_MAX_NEW_TOKENS,
+    finish_dict,
+    ids_logprob_triples,
+    logprob_options,
+    logprob_triples,
+    token_ids_logprob_per_prompt,
+    top_logprob_triples,
+)
 from runtime.ingress.api.protocol import (
+    CUSTOM_LOGIT_PROCESSOR_REFUSED,
     NATIVE_FIELDS,
     GenerateBody,
     NativeSamplingParams,
@@ -47,12 +57,13 @@ from runtime.ingress.api.sequence import Job, Sequence
 from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
-from runtime.messages import LogprobOptions, TokenLogprobs
+from runtime.messages import TokenLogprobs
+from runtime.model_loader.hub import resolve_model_paths
 from runtime.server_args import ServerArgs, ServerArgsError, validate
 from runtime.tokenizer import load_tokenizer
 from shm import run_prefix
 
-_UNSUPPORTED = ("image_data", "lora_path", "custom_logit_processor")
+_UNSUPPORTED = ("image_data", "lora_path")
 
 
 class EngineError(RuntimeError):
@@ -84,7 +95,9 @@ def server_args_from(server_args: ServerArgs | None, kwargs: dict) -> ServerArgs
 
 class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any):
-        self.server_args = server_args_from(server_args, kwargs)
+        self.server_args = resolve_model_paths(server_args_from(server_args, kwargs))  # hub ids: HubError
+        if self.server_args.node_rank != 0:
+            raise ValueError("--node-rank > 0 runs only workers: start those nodes with `python -m runtime`")
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: list = []
@@ -107,12 +120,12 @@ class Engine:
             raise
 
     def _start_frontend(self, tokenizer) -> None:
-        to_scheduler, inbound = self._deployment.connect_as_ingress()
-        self._channels = [to_scheduler, *inbound]
+        to_schedulers, inbound = self._deployment.connect_as_ingress()
+        self._channels = [*to_schedulers, *inbound]
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_scheduler)
+        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers)
 
         async def start_mailbox() -> AsyncMailbox:
             return AsyncMailbox(Mailbox(inbound), self.frontend.on_message).start()
@@ -124,12 +137,13 @@ class Engine:
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool | list[bool] = False,
                  logprob_start_len: int | list[int] | None = None, top_logprobs_num: int | list[int] | None = None,
-                 stream: bool = False, **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
+                 stream: bool = False, token_ids_logprob: list[int] | list[list[int]] | None = None,
+                 custom_logit_processor: Any = None, **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """The output dict of POST /generate ({"text", "output_ids", "meta_info"}) for one prompt, a
         list of them for a list of prompts (or n > 1). With stream=True an iterator of such dicts
         with the text so far (each with "index" when there are several sequences)."""
         body = self._body(prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-                          stream, unsupported)
+                          stream, token_ids_logprob, custom_logit_processor, unsupported)
         if stream:
             return self._sync_stream(self._stream(body))
         return self._call(self._generate(body))
@@ -140,22 +154,31 @@ class Engine:
                              return_logprob: bool | list[bool] = False,
                              logprob_start_len: int | list[int] | None = None,
                              top_logprobs_num: int | list[int] | None = None, stream: bool = False,
+                             token_ids_logprob: list[int] | list[list[int]] | None = None,
+                             custom_logit_processor: Any = None,
                              **unsupported: Any) -> dict | list[dict] | AsyncIterator[dict]:
         """generate() for asyncio callers (any loop). With stream=True, an async iterator."""
         body = self._body(prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
-                          stream, unsupported)
+                          stream, token_ids_logprob, custom_logit_processor, unsupported)
         if stream:
             return self._async_stream(self._stream(body))
         return await asyncio.wrap_future(self._submit(self._generate(body)))
 
-    def encode(self, prompt: str | list[str] | None = None, **kwargs: Any) -> dict:
-        raise ValueError("embedding models are not supported yet; start with --is-embedding once supported")
+    def encode(self, prompt: str | list[str] | None = None, input_ids: list[int] | list[list[int]] | None = None,
+               rid: str | list[str] | None = None) -> dict | list[dict]:
+        """The output of POST /encode ({"embedding": [...], "meta_info": {...}}) for one input, a list for a list.
+        Any model embeds: an --is-embedding model as its checkpoint pools, a generation model its last token."""
+        body = {key: value for key, value in (("text", prompt), ("input_ids", input_ids), ("rid", rid))
+                if value is not None}
+        request = Request("POST", "/encode", "", [], msgspec.json.encode(body), "1.1", True)
+        response = self._call(self._frontend_call(EmbeddingsApi(self.frontend).encode(request)))
+        return msgspec.json.decode(response.body)
 
     def get_server_info(self) -> dict:
         """Server args, the model facts and the scheduler's state (as GET /get_server_info)."""
-        state = self._call(self._frontend_call(self.frontend.server_info()))
+        states = self._call(self._frontend_call(self.frontend.replica_states()))
         return {**msgspec.to_builtins(self.server_args), "model_info": msgspec.to_builtins(self.model_info),
-                "internal_states": [state]}
+                "internal_states": states}
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; False (with nothing done) while requests are running."""
@@ -165,16 +188,18 @@ class Engine:
     # ------------------------------------------------------------------ request building (as /generate)
 
     def _body(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, stream,
-              unsupported: dict) -> GenerateBody:
+              token_ids_logprob, custom_logit_processor, unsupported: dict) -> GenerateBody:
         for name, value in unsupported.items():
             if name not in _UNSUPPORTED:
                 raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
             if value is not None:
                 raise ValueError(f"{name}: not supported yet by this engine")
+        if custom_logit_processor is not None:
+            raise ValueError(CUSTOM_LOGIT_PROCESSOR_REFUSED)
         if self._closed:
             raise EngineError("the engine was shut down")
         raw = {"text": prompt, "input_ids": input_ids, "sampling_params": sampling_params,
-               "return_logprob": return_logprob, "stream": stream,
+               "return_logprob": return_logprob, "stream": stream, "token_ids_logprob": token_ids_logprob,
                "logprob_start_len": -1 if logprob_start_len is None else logprob_start_len,
                "top_logprobs_num": 0 if top_logprobs_num is None else top_logprobs_num}
         try:
@@ -206,18 +231,20 @@ class Engine:
         return_logprob = per_prompt(body.return_logprob, count, "return_logprob", is_batch)
         start_lens = per_prompt(body.logprob_start_len, count, "logprob_start_len", is_batch)
         top_nums = per_prompt(body.top_logprobs_num, count, "top_logprobs_num", is_batch)
+        id_lists = token_ids_logprob_per_prompt(body.token_ids_logprob, count, is_batch)
         sequences = []
         for i, ids in enumerate(prompts):
             params = sampling[i] or NativeSamplingParams()
             check_sampling(params, info.vocab_size, NATIVE_FIELDS)
             check_prompt(ids, info.vocab_size, info.context_length, f"input_ids[{i}]" if is_batch else "input_ids")
-            options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(ids), info.vocab_size)
+            options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(ids), info.vocab_size,
+                                      id_lists[i])
             rid = uuid.uuid4().hex
             for j in range(params.n):
                 sampling_j = to_sampling_params(params, len(ids), info.context_length, NATIVE_FIELDS,
                                                 NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
-                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options),
-                                          arrival))
+                sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
+                                              group=rid if params.n > 1 else None), arrival))
         return sequences, is_batch or len(sequences) > 1
 
     def _output(self, sequence: Sequence) -> dict:
@@ -239,6 +266,10 @@ class Engine:
             meta["output_token_logprobs"] = logprob_triples(out.token_ids, out.logprobs, None)
             meta["input_top_logprobs"] = top_logprob_triples(prompt, len(prompt.token_ids), None)
             meta["output_top_logprobs"] = top_logprob_triples(out, len(out.token_ids), None)
+            wanted = sequence.job.logprobs.token_ids_logprob
+            if wanted:
+                meta["input_token_ids_logprobs"] = ids_logprob_triples(prompt, wanted, None)
+                meta["output_token_ids_logprobs"] = ids_logprob_triples(out, wanted, None)
         return {"text": sequence.text, "output_ids": list(sequence.output_ids), "meta_info": meta}
 
     # ------------------------------------------------------------------ on the Engine's loop
@@ -362,15 +393,3 @@ async def _anext(iterator: AsyncIterator, default):
 
 async def _aclose(iterator) -> None:
     await iterator.aclose()
-
-
-def logprob_options(return_logprob: bool, start_len: int, top_num: int, prompt_len: int,
-                    vocab_size: int) -> LogprobOptions:
-    if not return_logprob:
-        return LogprobOptions()
-    if not -1 <= start_len < prompt_len:
-        raise ValueError(f"logprob_start_len: must be -1 (no prompt logprobs) or in [0, {prompt_len}) for a prompt "
-                         f"of {prompt_len} tokens, got {start_len}")
-    if not 0 <= top_num <= vocab_size:
-        raise ValueError(f"top_logprobs_num: must be in [0, {vocab_size}], got {top_num}")
-    return LogprobOptions(True, start_len, top_num)

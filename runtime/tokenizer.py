@@ -11,6 +11,8 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,8 @@ def _find_gguf(flag: str, path: str) -> str | None:
 
 
 def _from_pretrained(flag: str, path: str, **kwargs):
+    if sys.modules.get("torch", False) is None:  # an actor that keeps torch out: not worth a warning each start
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # slow import; only processes that load a tokenizer pay it
 
     try:
@@ -93,6 +97,12 @@ def _load_gguf_tokenizer(flag: str, gguf_file: str, cache_root: Path):
             return _from_pretrained(flag, str(cache_dir))
         except TokenizerLoadError as err:
             logger.warning("ignoring a broken tokenizer cache (%s); converting the GGUF again", err)
+    if sys.modules.get("torch", False) is None:
+        # This actor keeps torch out (actors.spec.ActorSpec.blocked_imports) and transformers' GGUF reader needs it:
+        # convert in a fresh interpreter, once per machine; later starts read the cache.
+        subprocess.run([sys.executable, "-m", "runtime.tokenizer", gguf_file, str(cache_root)], check=False)
+        if cache_dir.is_dir():
+            return _from_pretrained(flag, str(cache_dir))
     directory, name = os.path.split(os.path.abspath(gguf_file))
     tokenizer = _from_pretrained(flag, directory, gguf_file=name)
     _save_to_cache(tokenizer, cache_dir)
@@ -115,3 +125,7 @@ def _save_to_cache(tokenizer, cache_dir: Path) -> None:
         os.rename(staging, cache_dir)
     except OSError:  # another process renamed its copy first
         shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":  # python -m runtime.tokenizer <gguf file> <cache root>: fill the cache
+    _load_gguf_tokenizer("--model-path", sys.argv[1], Path(sys.argv[2]))

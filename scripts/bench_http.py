@@ -117,12 +117,12 @@ def bare_asgi_app(frontend):
 def api_asgi_app(frontend):
     """uvicorn-api: our own routes and handlers (runtime.ingress.api) behind a thin ASGI adapter, so the
     application work is identical and only the HTTP server differs."""
-    from httpd import Request, Response
+    from httpd import Request, Response, ServerConfig
     from httpd.dispatch import Dispatcher
     from runtime.ingress.api.app import build_router
     from runtime.ingress.api.metrics import Metrics
 
-    dispatch = Dispatcher(build_router(frontend, Metrics(frontend.served_model_name)))
+    dispatch = Dispatcher(build_router(frontend, Metrics(frontend.served_model_name)), ServerConfig())
 
     async def app(scope, receive, send):
         request = Request(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),

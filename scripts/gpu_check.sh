@@ -16,7 +16,8 @@ LOG_DIR="${OUT:-/tmp/gpu_check}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 ALL=(env kernel-tests kernel-bench)
-OPTIONAL=(kernel-sweep gpu-tests profile-decode bench-one-batch bench-serving bench-overlap)
+OPTIONAL=(kernel-sweep gpu-tests profile-decode bench-one-batch bench-serving bench-overlap
+          parallel-allreduce parallel-tp parallel-dp)  # parallel-*: 2 GPUs (nvidia-h200-x2), issue 13
 # The H100 bar runs on the Llama-3-8B architecture with dummy weights (config + real tokenizer, an ignored folder).
 MODEL="${GPU_MODEL:-.models/llama-3-8b-dummy}"
 SERVE_PROMPTS="${SERVE_PROMPTS:-500}"        # bench-serving at request rate inf
@@ -46,9 +47,9 @@ section_kernel_sweep() {
 }
 
 section_gpu_tests() {
-  # Model vs transformers on CUDA (bf16/fp16), Triton vs torch attention, CUDA-graph vs eager decode, sampler kernel
-  # path, the 8B-dummy server answering curl and the openai client.
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/worker/test_gpu_sampling.py tests/e2e/test_gpu_server.py tests/worker/test_cuda_graph_runner.py
+  # Model vs transformers on CUDA (bf16/fp16; every family, so minutes), Triton vs torch attention, CUDA-graph vs
+  # eager decode, sampler kernel path, the 8B-dummy server answering curl and the openai client.
+  timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/worker/test_gpu_sampling.py tests/e2e/test_gpu_server.py tests/worker/test_cuda_graph_runner.py
 }
 
 section_profile_decode() {
@@ -87,6 +88,21 @@ section_bench_serving() {
   return $status
 }
 
+section_parallel_allreduce() {
+  # The collectives of one TP=2 decode step, eager and captured in a CUDA graph (~1 min).
+  python3 scripts/bench_parallel.py allreduce
+}
+
+section_parallel_tp() {
+  # Batch-1 decode tok/s, TP=1 vs TP=2 on the 8B dummy model (~4 min; target >= 1.6x).
+  python3 scripts/bench_parallel.py tp --model-path "$MODEL" --log-dir "$LOG_DIR"
+}
+
+section_parallel_dp() {
+  # 1000 x 1024/1024 at rate inf, DP=1 vs DP=2 on the 8B dummy model (~7 min; target >= 1.9x).
+  python3 scripts/bench_parallel.py dp --model-path "$MODEL" --log-dir "$LOG_DIR"
+}
+
 section_bench_overlap() {
   timeout 500 python3 scripts/bench_overlap.py --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
     --num-prompts 64 --max-running-requests 64 --input-len 1024 --output-len 256 --vocab-limit 120000 \
@@ -122,8 +138,8 @@ if [ -f "$LOG_DIR/kernels_bench.md" ]; then
   echo
   cat "$LOG_DIR/kernels_bench.md"
 fi
-for name in profile-decode bench-one-batch bench-overlap; do
-  [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model|^runner|greedy' "$LOG_DIR/$name.log"; }
+for name in profile-decode bench-one-batch bench-overlap parallel-allreduce parallel-tp parallel-dp; do
+  [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model|^runner|greedy|^target' "$LOG_DIR/$name.log"; }
 done
 if [ -f "$LOG_DIR/bench-serving.log" ]; then
   echo; echo "--- bench-serving"

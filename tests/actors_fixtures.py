@@ -103,6 +103,33 @@ class EchoActor(Actor):
                         return
 
 
+class ProbeConfig(msgspec.Struct, forbid_unknown_fields=True):
+    secret: str = ""
+    fd: int = -1  # a descriptor it should have inherited
+
+
+class ProbeActor(Actor):
+    """Reports, as its Ready info, what its process looks like from the inside."""
+
+    config_type = ProbeConfig
+
+    def ready_info(self) -> bytes:
+        import setproctitle
+
+        try:
+            os.fstat(self.config.fd)
+            has_fd = True
+        except OSError:
+            has_fd = False
+        return msgspec.json.encode({"title": setproctitle.getproctitle(), "has_fd": has_fd,
+                                    "torch_blocked": "torch" in sys.modules and sys.modules["torch"] is None,
+                                    "secret_seen": self.config.secret})
+
+    def run(self) -> None:
+        while not isinstance(self.receive(), Shutdown):
+            pass
+
+
 class PingConfig(msgspec.Struct, forbid_unknown_fields=True):
     count: int
 

@@ -56,6 +56,8 @@ class GenerateCall:
     sampling: SamplingParams
     logprobs: LogprobOptions
     stream: bool
+    deadline: float | None = None
+    priority: int = 0
 
 
 def fake_logprob(position: int) -> float:
@@ -72,7 +74,9 @@ class FakeFrontend:
     reject: RequestError | None = None  # raised by every generate() while set
     abort_after: int | None = None  # the engine "fails" requests after this many tokens
     flush_ok: bool = True
+    token_timestamps: list[float] = field(default_factory=list)  # every update's, as --enable-token-timestamps does
     record_calls: bool = True  # keep every GenerateCall in .calls (off for benchmarks: memory grows)
+    unhealthy: str | None = None  # what health() reports
 
     def __post_init__(self):
         tokenizer = self.tokenizer
@@ -95,16 +99,33 @@ class FakeFrontend:
         self.reject = None
         self.abort_after = None
         self.token_delay_s = 0.0
+        self.token_timestamps = []
         self.flush_ok = True
+        self.unhealthy = None
         self.calls.clear()
         self.chat_calls.clear()
 
     # ------------------------------------------------------------------ tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise RequestError(400, "text: the server runs with --skip-tokenizer-init; send input_ids instead")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def encode_async(self, text: str, field: str = "text") -> list[int]:
+        if self.tokenizer is not None and len(text) > self.context_length * 64:
+            raise RequestError(400, f"{field}: {len(text)} characters cannot fit the model's context")
+        return self.encode(text)
+
+    async def apply_chat_template_async(self, *args) -> list[int]:
+        return self.apply_chat_template(*args)
+
+    def health(self) -> str | None:
+        return self.unhealthy
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.running)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.tokenizer is None:
@@ -131,9 +152,10 @@ class FakeFrontend:
         return [input_ids[k % len(input_ids)] for k in range(count)]
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool):
+                       stream: bool, deadline: float | None = None, group: str | None = None,
+                       priority: int = 0):
         if self.record_calls:
-            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream))
+            self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:
             raise self.reject
         if rid in self.running:
@@ -204,10 +226,13 @@ class FakeFrontend:
         if options.return_logprob:
             positions = range(sent_tokens, len(output))
             top = options.top_logprobs_num
+            wanted = options.token_ids_logprob
             token_logprobs = TokenLogprobs(
                 token_ids=list(new_ids), logprobs=[fake_logprob(p) for p in positions],
                 top_ids=[[(t + k) % self.model_info.vocab_size for k in range(top)] for t in new_ids],
-                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions])
+                top_logprobs=[[fake_logprob(p) - k for k in range(top)] for p in positions],
+                ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in positions] if wanted
+                else [])
             if sent_tokens == 0 and options.logprob_start_len >= 0:
                 start = options.logprob_start_len
                 ids = input_ids[start:]
@@ -215,15 +240,20 @@ class FakeFrontend:
                 prompt_logprobs = TokenLogprobs(
                     token_ids=ids, logprobs=[fake_logprob(p) for p in scored],
                     top_ids=[[input_ids[p]] * top for p in scored] if top else [],
-                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [])
+                    top_logprobs=[[fake_logprob(p)] * top for p in scored] if top else [],
+                    ids_logprobs=[[fake_logprob(p) - 1 - k for k in range(len(wanted))] for p in scored] if wanted
+                    else [])
         meta = RequestMeta(prompt_tokens=len(input_ids), completion_tokens=len(output),
                            cached_tokens=self.cached_tokens)
         return TextUpdate(rid=rid, text_delta=delta, new_token_ids=new_ids, meta=meta, finish=finish,
-                          logprobs=token_logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=token_logprobs, prompt_logprobs=prompt_logprobs, timestamps=self.token_timestamps)
 
     def abort(self, rid: str) -> None:
         if rid in self.running:
             self._abort_requested.add(rid)
+
+    def abort_all(self) -> None:
+        self._abort_requested.update(self.running)
 
     async def flush_cache(self) -> tuple[bool, str]:
         return (True, "") if self.flush_ok else (False, "requests are running")
@@ -231,7 +261,10 @@ class FakeFrontend:
     async def server_info(self) -> dict:
         # The keys of runtime.scheduler.core.SchedulerCore.server_info() that the HTTP layer reads.
         return {"running": len(self.running), "queued": 3, "token_usage": 0.25, "cache_hit_rate": 0.5,
-                "max_total_tokens": self.model_info.max_total_tokens}
+                "retractions": 2, "max_total_tokens": self.model_info.max_total_tokens}
+
+    async def replica_states(self) -> list[dict]:
+        return [await self.server_info()]
 
 
 class ServerThread:
@@ -295,13 +328,17 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 
 
 def http_request(base_url: str, method: str, path: str, body=None, headers: dict | None = None):
-    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object."""
+    """(status, headers, body bytes) of one request; `body` may be bytes or a JSON-able object, sent as
+    application/json unless `headers` name another Content-Type."""
     host, _, port = base_url.removeprefix("http://").partition(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        connection.request(method, path, body=body, headers=headers or {})
+        headers = dict(headers or {})
+        if body and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
+        connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:

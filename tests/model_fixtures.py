@@ -195,28 +195,133 @@ TINY_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hi
                    bos_token_id=0)
 
 
-def tiny_configs():
-    """One transformers config per registered architecture, each exercising its peculiarity."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+@dataclass(frozen=True)
+class TinyCase:
+    """A tiny random checkpoint of one architecture: the transformers config that builds it (its `architectures`
+    name is the one served), runner settings it needs, and for architectures transformers cannot build (their
+    modeling code lives in the checkpoint repository) a rewrite of the saved folder into that layout."""
 
-    return {
-        "LlamaForCausalLM": LlamaConfig(**TINY_COMMON, rope_scaling={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-        "MistralForCausalLM": MistralConfig(**TINY_COMMON, sliding_window=8),
-        "Qwen2ForCausalLM": Qwen2Config(**TINY_COMMON, tie_word_embeddings=True),
-    }
+    architecture: str
+    config: object  # a transformers PretrainedConfig
+    context_length: int | None = None
+    layout: str | None = None  # "exaone": a Llama checkpoint rewritten in EXAONE 3's names and config keys
 
 
-def save_tiny_model(architecture: str, folder: str, generation_eos: list[int] | None = None):
-    """Build a random-weight transformers model, save it as safetensors in `folder`, return it."""
+def _rope(rope_type: str, **params) -> dict:
+    return {"rope_type": rope_type, "rope_theta": 10000.0, **params}
+
+
+def tiny_cases() -> dict[str, TinyCase]:
+    """One case per architecture (and per rope type), each exercising the architecture's peculiarities."""
+    import transformers as tf
+
+    common = dict(TINY_COMMON)
+    moe = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+    pad = dict(pad_token_id=0)  # for configs whose default pad id lies past the tiny vocabulary
+    cases = [
+        TinyCase("LlamaForCausalLM", tf.LlamaConfig(**common, rope_scaling=_rope(
+            "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
+        TinyCase("LlamaForCausalLM", tf.LlamaConfig(**common, rope_scaling=_rope("linear", factor=2.0))),
+        # dynamic NTK grows the base past max_position_embeddings: the decode runs past it
+        TinyCase("LlamaForCausalLM", tf.LlamaConfig(**{**common, "max_position_embeddings": 32},
+                                                    rope_scaling=_rope("dynamic", factor=2.0)), context_length=64),
+        TinyCase("LlamaForCausalLM", tf.LlamaConfig(**common, rope_scaling=_rope(
+            "yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0))),
+        TinyCase("MistralForCausalLM", tf.MistralConfig(**common, sliding_window=8)),
+        TinyCase("MistralForCausalLM", tf.MistralConfig(**common, head_dim=32, sliding_window=None)),  # NeMo's
+        TinyCase("Qwen2ForCausalLM", tf.Qwen2Config(**common, tie_word_embeddings=True)),
+        TinyCase("ExaoneForCausalLM", tf.LlamaConfig(**common), layout="exaone"),
+        TinyCase("Qwen3ForCausalLM", tf.Qwen3Config(**common, head_dim=16)),
+        TinyCase("MixtralForCausalLM", tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)),
+        TinyCase("Qwen2MoeForCausalLM", tf.Qwen2MoeConfig(**common, **moe, num_experts=4, norm_topk_prob=False,
+                                                          shared_expert_intermediate_size=48)),
+        TinyCase("Qwen3MoeForCausalLM", tf.Qwen3MoeConfig(**common, **moe, num_experts=4, norm_topk_prob=True,
+                                                          head_dim=16, mlp_only_layers=[1])),
+        TinyCase("OlmoeForCausalLM", tf.OlmoeConfig(**{**common, "intermediate_size": 32}, num_experts=4,
+                                                    num_experts_per_tok=2, clip_qkv=1.0, **pad)),
+        TinyCase("DbrxForCausalLM", tf.DbrxConfig(
+            vocab_size=128, d_model=64, n_heads=4, n_layers=2, max_seq_len=256, initializer_range=0.2,
+            eos_token_id=1, bos_token_id=0, attn_config=dict(kv_n_heads=2, clip_qkv=1.0, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))),
+        TinyCase("GemmaForCausalLM", tf.GemmaConfig(**common, head_dim=16)),
+        TinyCase("Gemma2ForCausalLM", tf.Gemma2Config(**common, head_dim=16, sliding_window=8,
+                                                      query_pre_attn_scalar=24, attn_logit_softcapping=10.0,
+                                                      final_logit_softcapping=10.0)),
+        TinyCase("Gemma3ForCausalLM", tf.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": _rope("default"),
+                             "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}})),
+        TinyCase("StableLmForCausalLM", tf.StableLmConfig(**common, use_qkv_bias=True)),  # StableLM 2 1.6B
+        TinyCase("StableLmForCausalLM", tf.StableLmConfig(**common, qk_layernorm=True,  # StableLM 2 12B
+                                                          use_parallel_residual=True)),
+        TinyCase("CohereForCausalLM", tf.CohereConfig(**common, use_qk_norm=True, logit_scale=0.25, **pad)),
+        TinyCase("GlmForCausalLM", tf.GlmConfig(**common, head_dim=16, **pad)),
+        TinyCase("Glm4ForCausalLM", tf.Glm4Config(**common, head_dim=16, **pad)),
+        TinyCase("Phi3ForCausalLM", tf.Phi3Config(
+            **common, **pad, original_max_position_embeddings=32, partial_rotary_factor=0.5,
+            rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+                          "long_factor": [1.5, 3.0, 5.0, 8.0]})),
+    ]
+    names: dict[str, TinyCase] = {}
+    for case in cases:
+        suffix = {"LlamaForCausalLM": lambda c: c.config.rope_scaling["rope_type"],
+                  "MistralForCausalLM": lambda c: "sliding" if c.config.sliding_window else "nemo",
+                  "StableLmForCausalLM": lambda c: "12b" if c.config.qk_layernorm else "1.6b"}.get(case.architecture)
+        names[case.architecture + (f"-{suffix(case)}" if suffix else "")] = case
+    return names
+
+
+def save_tiny_model(case_name: str, folder: str, generation_eos: list[int] | None = None):
+    """Build a random-weight transformers model of a tiny case (an architecture name serves for its first case),
+    save it as safetensors in `folder`, return it. Norm weights and biases are perturbed: transformers initialises
+    them to constants, which would hide a norm applied wrongly."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_configs()[architecture]
+    cases = tiny_cases()
+    case = cases.get(case_name) or next(c for name, c in cases.items() if name.startswith(case_name + "-"))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(case.config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
+    if case.layout == "exaone":
+        _rewrite_as_exaone(folder)
     if generation_eos is not None:
         with open(os.path.join(folder, "generation_config.json"), "w") as f:
             json.dump({"eos_token_id": generation_eos}, f)
     return model
+
+
+EXAONE_NAMES = (("model.embed_tokens.", "transformer.wte."), ("model.norm.", "transformer.ln_f."),
+                ("model.layers.", "transformer.h."), (".input_layernorm.", ".ln_1."),
+                (".post_attention_layernorm.", ".ln_2."), (".self_attn.o_proj.", ".attn.attention.out_proj."),
+                (".self_attn.", ".attn.attention."), (".mlp.gate_proj.", ".mlp.c_fc_0."),
+                (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."))
+
+
+def _rewrite_as_exaone(folder: str) -> None:
+    """A saved Llama checkpoint -> EXAONE 3's layout (LGAI-EXAONE/EXAONE-3.0-7.8B-Instruct: tensor names of its
+    modeling_exaone.py, config keys num_layers, layer_norm_epsilon, activation_function)."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(folder, "model.safetensors")
+    tensors = {}
+    for name, tensor in load_file(path).items():
+        for ours, theirs in EXAONE_NAMES:
+            name = name.replace(ours, theirs)
+        tensors[name] = tensor
+    save_file(tensors, path, metadata={"format": "pt"})
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
+        llama = json.load(f)
+    exaone = {"architectures": ["ExaoneForCausalLM"], "model_type": "exaone", "activation_function": "silu",
+              "num_layers": llama["num_hidden_layers"], "layer_norm_epsilon": llama["rms_norm_eps"],
+              "rope_theta": llama["rope_parameters"]["rope_theta"], "rope_scaling": None,
+              **{key: llama[key] for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                             "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings",
+                                             "bos_token_id", "eos_token_id")}}
+    with open(config_path, "w") as f:
+        json.dump(exaone, f)

@@ -12,6 +12,7 @@ while still referenced, or a wrong placeholder changes the output and fails the 
 from __future__ import annotations
 
 import collections
+import struct
 from dataclasses import dataclass, field
 
 import msgspec
@@ -19,6 +20,7 @@ import msgspec
 from runtime.messages import (
     BatchPlan,
     BatchResult,
+    EmbeddingResult,
     FinishReason,
     GenerateRequest,
     SamplingParams,
@@ -60,7 +62,8 @@ class FakeRunner:
             self.req_to_token[new.row][:len(new.prefix_slots)] = new.prefix_slots
             self.live_rows.add(new.row)
             self.prior_output_ids[new.row] = list(new.prior_output_ids)
-        out, offset = [], 0
+        out, offset, embeddings = [], 0, {}
+        pooled = set(plan.pool)
         for i, row in enumerate(plan.rows):
             assert row in self.live_rows, f"plan uses row {row} that is not registered"
             p, e = plan.prefix_lens[i], plan.extend_lens[i]
@@ -74,6 +77,10 @@ class FakeRunner:
                 self.req_to_token[row][p + j] = slot
                 self.kv[slot] = token
             offset += e
+            if i in pooled:  # an embedding: a function of the whole sequence read back from the cache
+                assert not plan.sample[i], "an embedding row samples"
+                seq = [self.kv[self.req_to_token[row][q]] for q in range(p + e)]
+                embeddings[i] = embedding_of(seq)
             if plan.sample[i]:
                 seq = [self.kv[self.req_to_token[row][q]] for q in range(p + e)]
                 token = next_token(seq, self.vocab)
@@ -84,7 +91,12 @@ class FakeRunner:
             self.live_rows.discard(row)
         if plan.batch_id in self.fail_batches:  # fails late: device buffers hold whatever was written
             return WorkerError(batch_id=plan.batch_id, message="simulated out of memory")
-        return BatchResult(batch_id=plan.batch_id, next_token_ids=out)
+        return BatchResult(batch_id=plan.batch_id, next_token_ids=out, embeddings=embeddings)
+
+
+def embedding_of(seq: list[int]) -> bytes:
+    """The double's pooled vector of a sequence: two float32s from its hash and its length."""
+    return struct.pack("<2f", float(next_token(seq, 1 << 20)), float(len(seq)))
 
 
 def reference_generate(prompt: list[int], sampling: SamplingParams, context_limit: int, eos=(EOS,)) -> list[int]:
@@ -112,6 +124,7 @@ class DriveReport:
     rejected: dict[str, str]
     steps: int
     batches: int
+    embeddings: dict[str, EmbeddingResult] = field(default_factory=dict)
 
 
 def make_request(rid: str, prompt: list[int], max_new_tokens: int = 16, stream: bool = False,
@@ -129,6 +142,7 @@ def drive(core: SchedulerCore, runner, arrivals: dict[int, list[GenerateRequest]
     aborts = {k: list(v) for k, v in (aborts or {}).items()}
     outcomes: dict[str, Outcome] = collections.defaultdict(Outcome)
     rejected: dict[str, str] = {}
+    embeddings: dict[str, EmbeddingResult] = {}
     results: collections.deque = collections.deque()
     batches = 0
 
@@ -146,7 +160,11 @@ def drive(core: SchedulerCore, runner, arrivals: dict[int, list[GenerateRequest]
         if isinstance(result, WorkerError):
             deliver(core.process_error(result).updates)
         else:
-            deliver(core.process_result(result).updates)
+            step_updates = core.process_result(result)
+            deliver(step_updates.updates)
+            for embedding in step_updates.embeddings:
+                assert embedding.rid not in embeddings and embedding.rid not in outcomes
+                embeddings[embedding.rid] = embedding
 
     for step in range(max_steps):
         for msg in arrivals.pop(step, []):
@@ -169,5 +187,6 @@ def drive(core: SchedulerCore, runner, arrivals: dict[int, list[GenerateRequest]
             core.check_invariants()
         if not arrivals and not aborts and core.is_idle and not results:
             core.check_invariants()
-            return DriveReport(outcomes=dict(outcomes), rejected=rejected, steps=step + 1, batches=batches)
+            return DriveReport(outcomes=dict(outcomes), rejected=rejected, steps=step + 1, batches=batches,
+                               embeddings=embeddings)
     raise AssertionError(f"workload did not finish in {max_steps} steps")

@@ -14,7 +14,7 @@ import runtime
 
 PACKAGES = ("runtime", "shm", "actors", "httpd", "kernels")
 ACTORS = {"ingress": "IngressActor", "scheduler": "SchedulerActor", "worker": "WorkerActor",
-          "detokenizer": "DetokenizerActor"}
+          "detokenizer": "DetokenizerActor", "distributed": "RelayActor"}
 
 
 def module_cycles(graph: grimp.ImportGraph) -> list[list[str]]:

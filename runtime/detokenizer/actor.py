@@ -2,7 +2,8 @@
 message for one message. Each request's decoding state lives from its first update to its finish.
 
 Spawned by the launcher with an ActorSpec whose inbound channel carries SchedulerToDetokenizer and
-whose outbound channel (named by DetokenizerConfig.to_ingress) carries DetokenizerToIngress."""
+whose outbound channel (named by DetokenizerConfig.to_ingress) carries DetokenizerToIngress.
+It wakes at least once a second to beat its slot of the run's heartbeat segment (/health)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ from runtime.detokenizer.incremental import IncrementalDetokenizer, TokenTextDec
 from runtime.messages import Shutdown, TextUpdate, TextUpdates, TokenUpdate, TokenUpdates
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
+from shm import Heartbeat
+
+HEARTBEAT_INTERVAL_S = 1.0
+GRACE_SLACK_S = 2.0  # beyond the grace period, for the scheduler's last updates and its Shutdown to arrive
 
 
 class DetokenizerConfig(msgspec.Struct, forbid_unknown_fields=True):
     args: ServerArgs
     to_ingress: str = "detokenizer_to_ingress"  # name of the outbound channel in the ActorSpec
+    heartbeat_segment: str = ""  # the run's Heartbeats segment ("": none)
 
 
 class Detokenizer:
@@ -32,15 +38,13 @@ class Detokenizer:
     def _state(self, update: TokenUpdate) -> IncrementalDetokenizer:
         state = self.states.get(update.rid)
         if state is None:
-            # TokenUpdate has no stop strings yet (a contract change is proposed); without them a
-            # stop string is still trimmed, but streamed text may already hold its beginning.
-            stop = getattr(update, "stop", [])
             state = IncrementalDetokenizer.for_request(update.skip_special_tokens, update.spaces_between_special_tokens,
-                                                       update.no_stop_trim, stop)
+                                                       update.no_stop_trim, update.stop, update.stop_regex)
             self.states[update.rid] = state
         return state
 
-    def handle(self, updates: list[TokenUpdate]) -> TextUpdates:
+    def handle(self, updates: list[TokenUpdate], sent_at: float = 0.0) -> TextUpdates:
+        """`sent_at`: the scheduler's timestamp of the batch (--enable-token-timestamps); 0 when off."""
         if self.decoder is None:  # --skip-tokenizer-init: ids only
             texts = [""] * len(updates)
         else:
@@ -48,8 +52,9 @@ class Detokenizer:
             for u in updates:
                 if u.finish is not None:
                     self.states.pop(u.rid, None)
-        return TextUpdates([TextUpdate(u.rid, text, u.new_token_ids, u.meta, u.finish, u.logprobs, u.prompt_logprobs)
-                            for u, text in zip(updates, texts)])
+        stamps = [sent_at, time.monotonic()] if sent_at else []
+        return TextUpdates([TextUpdate(u.rid, text, u.new_token_ids, u.meta, u.finish, u.logprobs, u.prompt_logprobs,
+                                       stamps) for u, text in zip(updates, texts)])
 
 
 class DetokenizerActor(Actor):
@@ -61,15 +66,19 @@ class DetokenizerActor(Actor):
         self.to_ingress = self.ref(self.config.to_ingress)
 
     def run(self) -> None:
+        heartbeat = Heartbeat(self.config.heartbeat_segment, self.name) if self.config.heartbeat_segment else None
         deadline = None  # after Shutdown(grace_s): the scheduler may still finish requests until then
         while True:
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
+            if heartbeat is not None:
+                heartbeat.beat()
+            timeout = HEARTBEAT_INTERVAL_S if deadline is None else min(HEARTBEAT_INTERVAL_S,
+                                                                        deadline - time.monotonic())
+            if timeout <= 0:
                 return
             match self.receive(timeout):
-                case TokenUpdates(updates=updates):
-                    self.to_ingress.send(self.detokenizer.handle(updates))
+                case TokenUpdates(updates=updates, sent_at=sent_at):
+                    self.to_ingress.send(self.detokenizer.handle(updates, sent_at))
                 case Shutdown(grace_s=grace_s):
-                    if grace_s <= 0:
+                    if grace_s <= 0:  # the scheduler's last word (after its last updates), or a stop now
                         return
-                    deadline = time.monotonic() + grace_s
+                    deadline = time.monotonic() + grace_s + GRACE_SLACK_S

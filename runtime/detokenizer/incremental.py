@@ -10,7 +10,9 @@ offsets only move to positions where the text ended on a whole character.
 Stop strings: the scheduler ends a request on the token that completes a stop string and reports the
 string in FinishReason.matched; the text from its first occurrence on is cut (unless no_stop_trim).
 Since that occurrence may begin several tokens earlier, a request with stop strings keeps its last
-(longest stop string - 1) characters back until the next step or the finish.
+(longest stop string - 1) characters back until the next step or the finish. stop_regex patterns work
+alike: the scheduler reports the text the pattern matched (FinishReason.matched_text), which is cut,
+and the hold-back covers the widest match (runtime/stop_regex.py).
 
 All requests of one TokenUpdates message are decoded in one batched call (`detokenize_batch`)."""
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime import stop_regex
 from runtime.messages import FinishReason
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -96,8 +99,9 @@ class IncrementalDetokenizer:
 
     @classmethod
     def for_request(cls, skip_special_tokens: bool, spaces_between_special_tokens: bool, no_stop_trim: bool,
-                    stop: list[str]) -> IncrementalDetokenizer:
-        hold = 0 if no_stop_trim or not stop else max(len(s) for s in stop) - 1
+                    stop: list[str], stop_patterns: list[str] = ()) -> IncrementalDetokenizer:
+        longest = max([len(s) for s in stop] + [stop_regex.window(list(stop_patterns))])
+        hold = 0 if no_stop_trim or longest == 0 else longest - 1
         return cls(skip_special_tokens, spaces_between_special_tokens, no_stop_trim, hold)
 
     def windows(self, new_ids: list[int], finish: FinishReason | None) -> tuple[list[int], list[int]]:
@@ -128,7 +132,7 @@ class IncrementalDetokenizer:
             return text
         # The occurrence the scheduler stopped at is the first one not yet emitted: the hold-back
         # kept enough characters for it to start inside `text`.
-        index = text.find(finish.matched)
+        index = text.find(finish.matched if finish.matched_text is None else finish.matched_text)
         return text if index < 0 else text[:index]
 
 

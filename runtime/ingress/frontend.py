@@ -5,12 +5,19 @@ caller waiting on each request id.
 Threads: everything here runs on one asyncio loop. Incoming messages arrive through `on_message`,
 which the owner calls on that loop (actors.aio.AsyncMailbox: a reader thread hands batches over
 with loop.call_soon_threadsafe). Outgoing messages go through an OrderedSender, which
-never blocks the loop on a full ring."""
+never blocks the loop on a full ring. Long texts are tokenized (and long chats rendered) on a
+helper thread, so /health and small requests never wait behind a big prompt; a text too long to
+fit the context whatever its tokens is refused before any tokenizing.
+
+Limits: a request past its deadline (--request-timeout, or its own shorter `timeout`) is aborted
+and answered 504; past --max-running-requests + --max-queued-requests unfinished sequences, new
+ones get 429 at once (the scheduler enforces the exact queue bound too)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -22,9 +29,12 @@ import jinja2
 import msgspec
 
 from runtime.default_model import DEFAULT_MODEL_NAME
+from runtime.ingress.dispatcher import Dispatcher, merge_states
 from runtime.ingress.errors import RequestError
 from runtime.messages import (
-    AbortRequest,
+    EmbeddingResult,
+    EmbeddingResults,
+    EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
@@ -49,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 60.0  # flush_cache / server_info: the scheduler answers between two steps
+INLINE_TOKENIZE_CHARS = 4096  # shorter texts are tokenized on the loop: a thread hop would cost more
 
 
 class OrderedSender:
@@ -95,13 +106,19 @@ class _RequestStream:
     """Updates of one request waiting for its generate() iterator. A non-streamed request wakes its
     consumer only at the finish (or an error), so it costs one wake-up, not one per update."""
 
-    __slots__ = ("stream", "updates", "waiter", "error")
+    __slots__ = ("stream", "updates", "waiter", "error", "timer", "embedding")
 
     def __init__(self, stream: bool):
         self.stream = stream
         self.updates: list[TextUpdate] = []
         self.waiter: asyncio.Future | None = None
         self.error: RequestError | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the request's deadline, if it has one
+        self.embedding: EmbeddingResult | None = None  # an embedding request's answer
+
+    def set_embedding(self, result: EmbeddingResult) -> None:
+        self.embedding = result
+        self._wake()
 
     def push(self, update: TextUpdate) -> None:
         self.updates.append(update)
@@ -127,7 +144,8 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
     if runs:
         logprobs = TokenLogprobs(
             token_ids=[x for r in runs for x in r.token_ids], logprobs=[x for r in runs for x in r.logprobs],
-            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs])
+            top_ids=[x for r in runs for x in r.top_ids], top_logprobs=[x for r in runs for x in r.top_logprobs],
+            ids_logprobs=[x for r in runs for x in r.ids_logprobs])
     return TextUpdate(
         rid=last.rid,
         text_delta="".join(u.text_delta for u in updates),
@@ -136,23 +154,44 @@ def merge_updates(updates: list[TextUpdate]) -> TextUpdate:
         finish=last.finish,
         logprobs=logprobs,
         prompt_logprobs=next((u.prompt_logprobs for u in updates if u.prompt_logprobs is not None), None),
+        timestamps=last.timestamps,
     )
+
+
+class _Gather:
+    """The replies of every replica to one flush_cache / server_info request."""
+
+    __slots__ = ("expected", "replies", "future")
+
+    def __init__(self, expected: int, future: asyncio.Future):
+        self.expected = expected
+        self.replies: list = []
+        self.future = future
 
 
 class Frontend:
     def __init__(self, args: ServerArgs, model_info: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
-                 to_scheduler: Channel):
-        """`to_scheduler` is the Channel of IngressToScheduler messages; `tokenizer` is the HF
-        tokenizer from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
+                 to_scheduler: Channel | list[Channel]):
+        """`to_scheduler` is the Channel of IngressToScheduler messages, or one per data-parallel
+        replica (runtime.ingress.dispatcher picks one per request); `tokenizer` is the HF tokenizer
+        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
         self.args = args
         self.model_info = model_info
         self.tokenizer = tokenizer
         self.served_model_name = args.served_model_name or args.model_path or DEFAULT_MODEL_NAME
-        self._sender = OrderedSender(to_scheduler)
+        channels = to_scheduler if isinstance(to_scheduler, list) else [to_scheduler]
+        self.dispatcher = Dispatcher([OrderedSender(c) for c in channels], args.load_balance_method)
         self._streams: dict[str, _RequestStream] = {}
-        self._replies: dict[int, asyncio.Future] = {}
+        self._background: set[str] = set()  # rids of _streams below interactive priority (batch work)
+        self._replies: dict[int, _Gather] = {}
         self._reply_tokens = itertools.count(1)
         self._closed: RequestError | None = None
+        self.draining = False  # shutdown has begun: engine aborts are the shutdown's (503)
+        self.max_chars_per_token = max_token_chars(tokenizer)
+        # One thread: an HF fast tokenizer releases the GIL while encoding, and one thread keeps its state unshared.
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.max_unfinished = self.dispatcher.size * model_info.max_running_requests + args.max_queued_requests
+        self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):
@@ -160,14 +199,60 @@ class Frontend:
             raise RequestError(400, f"{what}: the server runs with --skip-tokenizer-init; send input_ids instead")
         return self.tokenizer
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         tokenizer = self._need_tokenizer("text")
         if not isinstance(text, str):
             raise RequestError(400, f"text: expected a string, got {type(text).__name__}")
-        return tokenizer.encode(text)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._need_tokenizer("decode").decode(ids)
+    def check_text_fits(self, text: str, field: str) -> None:
+        """Every token stands for at most max_chars_per_token characters, so a longer text cannot fit the
+        context, whatever it tokenizes to: refused without tokenizing it."""
+        limit = self.model_info.context_length * self.max_chars_per_token
+        if len(text) > limit:
+            raise RequestError(400, f"{field}: {len(text)} characters cannot fit the model's context of "
+                                    f"{self.model_info.context_length} tokens (at most {limit} characters: no token "
+                                    f"is longer than {self.max_chars_per_token})")
+
+    async def encode_async(self, text: str, field: str = "text") -> list[int]:
+        """encode() off the event loop for long texts, after the length check."""
+        if self._closed is not None:
+            raise self._closed
+        self._need_tokenizer(field)
+        if not isinstance(text, str):
+            raise RequestError(400, f"{field}: expected a string, got {type(text).__name__}")
+        self.check_text_fits(text, field)
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self.encode(text)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.encode, text)
+
+    async def apply_chat_template_async(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
+                                        continue_final_message: bool) -> list[int]:
+        """apply_chat_template() off the event loop for long conversations, after the length check."""
+        if self._closed is not None:
+            raise self._closed
+        self._need_tokenizer("messages")
+        chars = sum(len(m.get("content") or "") for m in messages if isinstance(m, dict)
+                    and isinstance(m.get("content"), str))
+        limit = self.model_info.context_length * self.max_chars_per_token
+        if chars > limit:
+            raise RequestError(400, f"messages: {chars} characters of content cannot fit the model's context of "
+                                    f"{self.model_info.context_length} tokens (at most {limit} characters)")
+        args = (messages, tools, add_generation_prompt, continue_final_message)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return self.apply_chat_template(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.apply_chat_template, *args)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._need_tokenizer("decode").decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def health(self) -> str | None:
+        """Why the engine cannot serve now (a stale heartbeat, a hung batch, shutdown), or None."""
+        if self._closed is not None:
+            return self._closed.message
+        if self.draining:
+            return "the server is shutting down"
+        return None if self.health_check is None else self.health_check()
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                             continue_final_message: bool) -> list[int]:
@@ -185,7 +270,7 @@ class Frontend:
         return tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ requests
-    def _check_prompt(self, rid: str, input_ids: list[int]) -> list[int]:
+    def _check_prompt(self, rid: str, input_ids: list[int], generates: bool = True) -> list[int]:
         if not isinstance(rid, str) or not rid:
             raise RequestError(400, "rid: must be a non-empty string")
         if rid in self._streams:
@@ -202,32 +287,50 @@ class Frontend:
             bad = low if low < 0 else high
             raise RequestError(400, f"input_ids: token id {bad} at position {input_ids.index(bad)} is outside "
                                     f"the vocabulary (0..{vocab - 1})")
-        if len(input_ids) >= self.model_info.context_length:
+        if not generates and len(input_ids) > self.model_info.context_length:
+            raise RequestError(400, f"input: {len(input_ids)} tokens; the model's context length is "
+                                    f"{self.model_info.context_length}")
+        if generates and len(input_ids) >= self.model_info.context_length:
             raise RequestError(400, f"input_ids: the prompt has {len(input_ids)} tokens; the model's context length "
                                     f"is {self.model_info.context_length}, which leaves no room to generate")
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0
+                       ) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
-        request, a single update); the last has .finish set. Leaving early aborts the request."""
+        request, a single update); the last has .finish set. Leaving early aborts the request.
+        `deadline` (time.monotonic()): past it the request is aborted and fails with 504.
+        Requests of one `group` (the n samples of a prompt) are served by one data-parallel replica.
+        Higher `priority` runs first (batch requests run below interactive ones)."""
         if self._closed is not None:
             raise self._closed
+        if self.draining:
+            raise RequestError(503, "the server is shutting down")
+        if self.model_info.is_embedding:
+            raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
+                                    "/encode")
         input_ids = self._check_prompt(rid, input_ids)
+        self._check_load(priority)
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
-        self._streams[rid] = state
+        self._add_stream(rid, state, priority)
+        if deadline is not None:
+            state.timer = loop.call_later(max(0.0, deadline - time.monotonic()), state.fail,
+                                          RequestError(504, f"the request did not finish within its timeout of "
+                                                            f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            self._sender.send(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time()))
+            self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                                   priority=priority), group)
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()
                     await state.waiter
                     state.waiter = None
                 if state.error is not None:
-                    done = True
+                    done = state.error.status != 504  # the scheduler's refusal; after a timeout it still runs it
                     raise state.error
                 update = merge_updates(state.updates)
                 state.updates = []
@@ -241,34 +344,116 @@ class Frontend:
                     return
                 yield update
         finally:
-            if self._streams.get(rid) is state:
-                del self._streams[rid]
+            if state.timer is not None:
+                state.timer.cancel()
+            self._remove_stream(rid, state)
             if not done and self._closed is None:
-                self._sender.send(AbortRequest(rid))
+                self.dispatcher.abort(rid)
+            self.dispatcher.finished(rid)
+
+    async def embed(self, rid: str, input_ids: list[int], priority: int = 0) -> EmbeddingResult:
+        """The pooled final hidden state of `input_ids` (ModelInfo.pooling), as a prefill-only request.
+        Cancelling the caller aborts the request."""
+        if self._closed is not None:
+            raise self._closed
+        if self.draining:
+            raise RequestError(503, "the server is shutting down")
+        input_ids = self._check_prompt(rid, input_ids, generates=False)
+        self._check_load(priority)
+        loop = asyncio.get_running_loop()
+        state = _RequestStream(False)
+        self._add_stream(rid, state, priority)
+        done = False
+        try:
+            self.dispatcher.submit(GenerateRequest(rid, input_ids, SamplingParams(), LogprobOptions(), False,
+                                                   time.time(), embed=True, priority=priority))
+            while state.embedding is None and state.error is None and not state.updates:
+                state.waiter = loop.create_future()
+                await state.waiter
+                state.waiter = None
+            done = True
+            if state.error is not None:
+                raise state.error
+            if state.embedding is None:  # an abort's finish came through the detokenizer
+                finish = state.updates[-1].finish
+                raise RequestError(500, f"the request was aborted by the engine: "
+                                        f"{(finish.message if finish else None) or 'no reason given'}")
+            return state.embedding
+        finally:
+            self._remove_stream(rid, state)
+            if not done and self._closed is None:
+                self.dispatcher.abort(rid)
+            self.dispatcher.finished(rid)
+
+    def _check_load(self, priority: int) -> None:
+        """429 past the bound of unfinished interactive sequences. Batch work (priority < 0) is bounded by its
+        runner's window instead, and does not count here: it must not crowd interactive requests out."""
+        if priority < 0:
+            return
+        interactive = len(self._streams) - len(self._background)
+        if interactive >= self.max_unfinished:
+            raise RequestError(429, f"the server is overloaded: {interactive} sequences are unfinished "
+                                    f"(--max-running-requests x {self.dispatcher.size} replicas + "
+                                    f"--max-queued-requests = {self.max_unfinished}); retry later")
+
+    def _add_stream(self, rid: str, state: _RequestStream, priority: int) -> None:
+        self._streams[rid] = state
+        if priority < 0:
+            self._background.add(rid)
+
+    def _remove_stream(self, rid: str, state: _RequestStream) -> None:
+        if self._streams.get(rid) is state:
+            del self._streams[rid]
+            self._background.discard(rid)
 
     def abort(self, rid: str) -> None:
         """Ask the scheduler to end the request; its generate() iterator then ends with finish
         type "abort". Unknown (or already finished) ids are ignored."""
         if rid in self._streams:
-            self._sender.send(AbortRequest(rid))
+            self.dispatcher.abort(rid)
+
+    def abort_all(self) -> None:
+        for rid in list(self._streams):
+            self.dispatcher.abort(rid)
 
     async def flush_cache(self) -> tuple[bool, str]:
-        reply = await self._ask(FlushCacheRequest, "flush_cache")
-        return reply.ok, reply.message
+        """Flushes every replica's cache; ok when all of them did."""
+        replies = await self._ask(FlushCacheRequest, "flush_cache")
+        if len(replies) == 1:
+            return replies[0].ok, replies[0].message
+        messages = [f"replica {i}: {r.message}" for i, r in enumerate(replies) if r.message]
+        return all(r.ok for r in replies), "; ".join(messages)
+
+    async def replica_states(self) -> list[dict]:
+        """Each replica's scheduler state, by dp rank, with the sequences this ingress has unfinished there
+        (and with --dp-size > 1 how many it dispatched there)."""
+        states = await self._scheduler_states()
+        for i, state in enumerate(states):
+            load = self.dispatcher.load(i)
+            state["ingress_unfinished_sequences"] = load["unfinished"]
+            if len(states) > 1:
+                state["dispatched"] = load["dispatched"]
+        return states
 
     async def server_info(self) -> dict:
-        reply = await self._ask(ServerInfoRequest, "server_info")
-        return {key: msgspec.msgpack.decode(value) for key, value in reply.info.items()}
+        """The scheduler state, summed over the replicas (runtime.ingress.dispatcher.merge_states)."""
+        return merge_states(await self._scheduler_states())
 
-    async def _ask(self, request_type, what: str) -> Any:
+    async def _scheduler_states(self) -> list[dict]:
+        replies = await self._ask(ServerInfoRequest, "server_info")
+        states = [{key: msgspec.msgpack.decode(value) for key, value in reply.info.items()} for reply in replies]
+        return sorted(states, key=lambda state: state.get("dp_rank", 0))
+
+    async def _ask(self, request_type, what: str) -> list[Any]:
+        """Every replica's reply to request_type(token)."""
         if self._closed is not None:
             raise self._closed
         token = next(self._reply_tokens)
-        future = asyncio.get_running_loop().create_future()
-        self._replies[token] = future
+        gather = _Gather(self.dispatcher.size, asyncio.get_running_loop().create_future())
+        self._replies[token] = gather
         try:
-            self._sender.send(request_type(token))
-            return await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+            self.dispatcher.broadcast(request_type(token))
+            return await asyncio.wait_for(gather.future, REPLY_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise RequestError(503, f"{what}: the scheduler did not answer within {REPLY_TIMEOUT_S:.0f} s") from None
         finally:
@@ -283,26 +468,53 @@ class Frontend:
                 for update in updates:
                     state = streams.get(update.rid)
                     if state is not None:  # else: aborted, its late updates are dropped
-                        state.push(update)
+                        if self.draining and update.finish is not None and update.finish.type == "abort":
+                            state.fail(RequestError(503, "the server is shutting down"))  # the drain ran out
+                        else:
+                            state.push(update)
+            case EmbeddingResults(results=results):
+                for result in results:
+                    state = self._streams.get(result.rid)
+                    if state is not None:
+                        state.set_embedding(result)
             case RequestRejected(rid=rid, status=status, message=message):
                 state = self._streams.get(rid)
                 if state is not None:
                     state.fail(RequestError(status, message))
+            case EngineReady():
+                pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):
-                future = self._replies.get(token)
-                if future is not None and not future.done():
-                    future.set_result(msg)
+                gather = self._replies.get(token)
+                if gather is not None and not gather.future.done():
+                    gather.replies.append(msg)
+                    if len(gather.replies) == gather.expected:
+                        gather.future.set_result(gather.replies)
             case _:
                 raise TypeError(f"frontend: unexpected message {type(msg).__name__}")
 
+    @property
+    def unfinished(self) -> int:
+        """Sequences the engine is working on for this frontend."""
+        return len(self._streams)
+
     def close(self, message: str = "the server is shutting down") -> None:
         """Fail every waiting request and reply with 503; later calls fail at once."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._closed = RequestError(503, message)
         for state in self._streams.values():
             state.fail(self._closed)
-        for future in self._replies.values():
-            if not future.done():
-                future.set_exception(self._closed)
+        for gather in self._replies.values():
+            if not gather.future.done():
+                gather.future.set_exception(self._closed)
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (a byte-level BPE
+    entry has one character per byte, a SentencePiece entry one per character; special tokens
+    included). 1 without a tokenizer (ids only)."""
+    if tokenizer is None:
+        return 1
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
 def _normalize_messages(messages: list[dict]) -> list[dict]:

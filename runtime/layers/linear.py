@@ -14,6 +14,8 @@ attributes each parameter may carry:
   `input_unit = None` on a row-parallel layer means the parameter is not split along the input
   (its bias, a per-output-channel scale);
 - `per_shard`: one scalar per packed part (q, k, v; gate, up), as per-tensor fp8 scales are stored.
+Packed parameters also carry `expected_shards`, the shard ids that must all arrive
+(runtime/model_loader/weight_map.py checks).
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device |
     param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     param.output_unit, param.input_unit, param.per_shard = output_unit, input_unit, per_shard
     return param
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T (+ b) with the whole W on every rank (MoE routers, small gates; never quantized)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = new_param((out_features, in_features), dtype)
+        self.bias = new_param((out_features,), dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,13 @@ class LinearBase(nn.Module):
         method.create_weights(self, device)
 
     def register_quant_param(self, name: str, param: nn.Parameter) -> None:
-        param.weight_loader = self.load_weight
+        self._set_loader(param)
         self.register_parameter(name, param)
+
+    def _set_loader(self, param: nn.Parameter) -> None:
+        param.weight_loader = self.load_weight
+        if self.shard_ids != [None]:
+            param.expected_shards = frozenset(self.shard_ids)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T of this rank, without bias and without any collective."""
@@ -132,10 +151,10 @@ class ColumnParallelLinear(LinearBase):
         self.out_features = sum(part_sizes)
         self.shard_ids = shard_ids
         self.weight = new_param((self.out_features, in_features), dtype)
-        self.weight.weight_loader = self.load_weight
         self.bias = new_param((self.out_features,), dtype) if bias else None
-        if bias:
-            self.bias.weight_loader = self.load_weight
+        for param in (self.weight, self.bias):
+            if param is not None:
+                self._set_loader(param)
 
     def output_shard(self, shard_id) -> OutputShard:
         size = self.out_end - self.out_start

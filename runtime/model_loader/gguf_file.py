@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime.models import model_config_from_hf
 from runtime.models.config import ModelConfig, ModelConfigError
 
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -51,7 +52,7 @@ def _field(reader, key: str, default=None):
 
 
 def gguf_model_config(reader) -> ModelConfig:
-    return ModelConfig.from_hf(gguf_hf_config(reader))
+    return model_config_from_hf(gguf_hf_config(reader))
 
 
 def gguf_hf_config(reader) -> dict:

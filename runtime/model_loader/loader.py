@@ -21,7 +21,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,8 +34,8 @@ from runtime.layers.quantization.torchao import apply_torchao
 from runtime.model_loader.dummy import init_dummy_weights
 from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
 from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
-from runtime.models import model_class
-from runtime.models.config import ModelConfig
+from runtime.models import model_class, model_config_from_hf
+from runtime.models.config import ModelConfig, read_hf_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -46,6 +46,14 @@ class Checkpoint:
 
     format: str  # "safetensors" | "gguf"
     path: str  # the folder (safetensors) or the .gguf file
+    _gguf: list = field(default_factory=list, repr=False, compare=False)  # the parsed GGUF file, once opened
+
+    def gguf_reader(self):
+        """The GGUF file, parsed once for the config and the weights: parsing its metadata (the whole
+        vocabulary is in it) is most of a small model's start-up."""
+        if not self._gguf:
+            self._gguf.append(open_gguf(self.path))
+        return self._gguf[0]
 
 
 def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
@@ -82,8 +90,8 @@ def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
 
 def read_model_config(checkpoint: Checkpoint) -> ModelConfig:
     if checkpoint.format == "gguf":
-        return gguf_model_config(open_gguf(checkpoint.path))
-    return ModelConfig.from_hf_folder(checkpoint.path)
+        return gguf_model_config(checkpoint.gguf_reader())
+    return model_config_from_hf(*read_hf_folder(checkpoint.path))
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -123,7 +131,7 @@ def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dt
         init_dummy_weights(model, seed)
     else:
         if checkpoint.format == "gguf":
-            weights = iterate_gguf_weights(open_gguf(checkpoint.path), config)
+            weights = iterate_gguf_weights(checkpoint.gguf_reader(), config)
         else:
             weights = iterate_safetensors(safetensors_files(checkpoint.path))
         loaded = model.load_weights((kv_scales or KVCacheScales.ones(config.num_layers)).take_from(weights))

@@ -1,80 +1,44 @@
-"""Llama-family decoder (Llama 2/3/3.1, SmolLM, Mistral, Qwen2) over the paged KV cache.
+"""Llama-family decoder (Llama 1/2/3/3.1, SmolLM, Mistral and Mistral NeMo, Qwen2) over the paged KV cache.
 
-The architectures differ only in config facts that ModelConfig resolves: qkv bias (Qwen2), the
-sliding window (Mistral), tied embeddings, the rope variant. Weights use the HF names; `load_weights`
-packs q/k/v into qkv_proj and gate/up into gate_up_proj and takes this rank's shard of each.
+Pre-norm layers: h += attn(norm(h)); h += mlp(norm(h)). The architectures differ only in config facts that
+ModelConfig resolves: attention and MLP biases, the sliding window (Mistral), tied embeddings, the rope variant,
+a head_dim that is not hidden / heads (NeMo). Qwen2 always has q/k/v biases and no o_proj bias, which
+`Qwen2ForCausalLM.standard_config` states. Weights use the HF names; q/k/v and gate/up are packed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from runtime.layers.activation import SiluAndMul
-from runtime.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, copy_checked
+from runtime.layers.attention import SelfAttention
+from runtime.layers.mlp import GatedMLP
 from runtime.layers.norm import RMSNorm
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.rotary import RotaryEmbedding
-from runtime.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from runtime.models.config import ModelConfig
-from runtime.worker.attention.base import AttentionBackend, AttentionSpec
+from runtime.models.config import ModelConfig, ModelConfigError
+from runtime.models.decoder import CausalLM
+from runtime.worker.attention.base import AttentionBackend
 from runtime.worker.forward_batch import ForwardBatch
 
-# checkpoint name fragment -> (our packed parameter fragment, shard id)
-PACKED_WEIGHTS = {
-    ".q_proj.": (".qkv_proj.", "q"),
-    ".k_proj.": (".qkv_proj.", "k"),
-    ".v_proj.": (".qkv_proj.", "v"),
-    ".gate_proj.": (".gate_up_proj.", 0),
-    ".up_proj.": (".gate_up_proj.", 1),
-}
 
-
-class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TensorParallel,
-                 dtype: torch.dtype):
-        super().__init__()
-        self.layer_id = layer_id
-        self.rotary = rotary
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads, config.num_kv_heads,
-                                          config.qkv_bias, tp, dtype)
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, config.o_proj_bias,
-                                        tp, dtype)
-        self.num_heads = self.qkv_proj.num_heads
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.head_dim = config.head_dim
-
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(batch.positions, q, k)
-        return self.o_proj(attn.forward(q, k, v, self.layer_id, batch))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, dtype: torch.dtype):
-        super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], config.mlp_bias, tp, dtype)
-        self.act = SiluAndMul()
-        self.down_proj = RowParallelLinear(size, config.hidden_size, config.mlp_bias, tp, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+def llama_attention(config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TensorParallel,
+                    dtype: torch.dtype, **options) -> SelfAttention:
+    return SelfAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, layer_id, rotary,
+                         tp, dtype, qkv_bias=config.qkv_bias, o_bias=config.o_proj_bias, **options)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, tp: TensorParallel,
-                 dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, self_attn: SelfAttention, mlp: nn.Module, dtype: torch.dtype,
+                 make_norm: Callable[[], nn.Module] | None = None):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, layer_id, rotary, tp, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, tp, dtype)
+        make_norm = make_norm or (lambda: RMSNorm(config.hidden_size, config.norm_eps, dtype))
+        self.input_layernorm = make_norm()
+        self.self_attn = self_attn
+        self.post_attention_layernorm = make_norm()
+        self.mlp = mlp
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,77 +52,46 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel, dtype: torch.dtype,
-                 device: torch.device):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, dtype)
-        # one table shared by all layers
-        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope, device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, self.rotary, tp, dtype)
-                                    for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, batch, attn)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+class LlamaForCausalLM(CausalLM):
+    def build_layer(self, layer_id: int) -> nn.Module:
+        config = self.config
+        return LlamaDecoderLayer(config, llama_attention(config, layer_id, self.rotary, self.tp, self.dtype),
+                                 GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                                          config.mlp_bias, self.tp, self.dtype), self.dtype)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel, dtype: torch.dtype,
-                 device: torch.device):
-        """Parameters are created uninitialised on `device`; fill them with load_weights or dummy init."""
-        super().__init__()
-        self.config = config
-        self.tp = tp
-        with device:
-            self.model = LlamaModel(config, max_positions, tp, dtype, device)
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def standard_config(config: dict) -> dict:
+        if config.get("use_sliding_window") and not config.get("layer_types"):
+            # transformers: layers from max_window_layers on use the window
+            start = int(config.get("max_window_layers", 0))
+            config = {**config, "layer_types": ["full_attention" if i < start else "sliding_attention"
+                                                for i in range(int(config["num_hidden_layers"]))]}
+        return {**config, "qkv_bias": True, "attention_bias": False}
 
-    def attention_spec(self) -> AttentionSpec:
-        attn = self.model.layers[0].self_attn
-        return AttentionSpec(num_layers=self.config.num_layers, num_q_heads=attn.num_heads,
-                             num_kv_heads=attn.num_kv_heads, head_dim=self.config.head_dim,
-                             scale=self.config.head_dim ** -0.5, sliding_window=self.config.sliding_window)
 
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """Final hidden states [T, hidden] of the batch's new tokens (logits are computed separately,
-        only for the tokens that need them)."""
-        return self.model(batch, attn)
+class ExaoneForCausalLM(LlamaForCausalLM):
+    """EXAONE 3 / 3.5 (LG AI; its modeling code lives in the checkpoint repository): a Llama with GPT-2 style names.
+    The config names layers `num_layers` and the epsilon `layer_norm_epsilon`; tensors are transformer.wte,
+    transformer.h.N.{ln_1, attn.attention.{q,k,v,out}_proj, ln_2, mlp.{c_fc_0 (gate), c_fc_1 (up), c_proj}},
+    transformer.ln_f and lm_head."""
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    RENAMES = (("transformer.wte.", "model.embed_tokens."), ("transformer.ln_f.", "model.norm."),
+               ("transformer.h.", "model.layers."), (".ln_1.", ".input_layernorm."),
+               (".ln_2.", ".post_attention_layernorm."), (".attn.attention.out_proj.", ".self_attn.o_proj."),
+               (".attn.attention.", ".self_attn."), (".mlp.c_fc_0.", ".mlp.gate_proj."),
+               (".mlp.c_fc_1.", ".mlp.up_proj."), (".mlp.c_proj.", ".mlp.down_proj."))
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors (HF names) into the parameters; returns the names of the parameters
-        that were written, for the loader's completeness check."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target, shard_id = name, None
-            for fragment, (packed, packed_shard) in PACKED_WEIGHTS.items():
-                if fragment in name:
-                    target, shard_id = name.replace(fragment, packed), packed_shard
-                    break
-            param = params.get(target)
-            if param is None:
-                raise KeyError(f"checkpoint tensor {name} has no counterpart in {type(self).__name__}")
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                copy_checked(param, tensor, name)
-            elif shard_id is None:
-                loader(param, tensor, name)
-            else:
-                loader(param, tensor, name, shard_id)
-            loaded.add(target)
-        return loaded
+    @staticmethod
+    def standard_config(config: dict) -> dict:
+        activation = config.get("activation_function", "silu")
+        if activation != "silu":
+            raise ModelConfigError(f"EXAONE activation_function {activation!r} is not supported (only silu)")
+        return {**config, "num_hidden_layers": config.get("num_hidden_layers", config.get("num_layers")),
+                "rms_norm_eps": config.get("layer_norm_epsilon", 1e-5), "hidden_act": "silu"}
+
+    def weight_targets(self, name: str, tensor: torch.Tensor):
+        for old, new in self.RENAMES:
+            name = name.replace(old, new)
+        return super().weight_targets(name, tensor)

@@ -9,55 +9,89 @@ to have finished in batch N may already sit in batch N+1: that extra token is dr
 KV slot is freed with the request, so it never reaches the user. Length limits are known when
 planning, so only EOS / stop finishes cost an extra token.
 
-Memory: admission keeps room for the decode tokens running requests are expected to produce:
-new_token_ratio * tokens_left per request (SGLang's idea). The ratio decays every decode step
-towards a floor and goes back up when decode runs out of KV slots and requests are retracted.
-Retracted requests go back to the front of the queue with their output kept; their computed KV
-stays in the radix cache (when enabled) and they resume with prompt + output as input.
+Memory: a request is admitted only if the pool can hold, at every future step, what the running requests
+and it will still write (runtime/scheduler/admission.py: exact for requests that cannot stop early, a learned
+and decaying new-token ratio for the others). When that estimate was too low, decode runs out of KV slots and
+the newest requests are retracted (counted, logged, and the ratio reset). Retracted requests go back to the
+front of the queue with their output kept; their computed KV stays in the radix cache (when enabled) and they
+resume with prompt + output as input.
+
+Embedding requests (GenerateRequest.embed) are prefill only: their last chunk is named in the plan's `pool`, the
+worker returns the pooled vector, and they finish there (their KV goes to the radix cache like any other's).
+Mean and CLS pooling need every token's hidden state, so those requests never start from the prefix cache.
+
+Priority (GenerateRequest.priority, higher first): the queue is admitted in priority order, and a waiting request
+that finds no row or no memory retracts running requests of lower priority (the lowest, newest first), so batch
+work (/v1/batches) fills the idle capacity without making interactive requests wait for it. While requests of a
+higher priority decode, lower-priority prefill is held to low_priority_prefill_tokens per step (with chunking), so
+batch prompts do not stretch the interactive decode steps either.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from runtime.messages import (
     BatchPlan,
     BatchResult,
+    EmbeddingResult,
     FinishReason,
     GenerateRequest,
     ModelInfo,
     NewRow,
     RequestMeta,
     RequestRejected,
+    TokenLogprobs,
     TokenUpdate,
     WorkerError,
 )
+from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
 from runtime.scheduler.slot_allocator import ReqTable, SlotAllocator
 from runtime.scheduler.stop_checker import Decode, StopChecker
 
-# SGLang's defaults: reserve 70% of the remaining max_new_tokens at first, decaying over ~600
-# decode steps to 0.7 * 0.14.
-INIT_NEW_TOKEN_RATIO = 0.7
-MIN_NEW_TOKEN_RATIO = INIT_NEW_TOKEN_RATIO * 0.14
-NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
-
-
 
 @dataclass(slots=True)
-class PlanRow:
-    """One row of the batch being planned: `extend_len` new tokens after `prefix_len` cached ones, and whether
-    the row samples a token this step (a prefill chunk that is not the prompt's last does not)."""
+class PlanColumns:
+    """The batch being planned, in the BatchPlan's columnar layout. Decode rows go in as whole columns (one list
+    operation per column, not a call per request); prefill rows one by one. A prefill chunk that is not the
+    prompt's last computes KV but does not sample; the last chunk of an embedding request is pooled."""
 
-    req: Req
-    prefix_len: int
-    extend_len: int
-    sample: bool
+    reqs: list[Req] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    prefix_lens: list[int] = field(default_factory=list)
+    extend_lens: list[int] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    input_ids: list[int] = field(default_factory=list)
+    out_slots: list[int] = field(default_factory=list)
+    pool: list[int] = field(default_factory=list)  # plan indices of rows whose pooled vector the worker returns
+
+    def add_decode(self, reqs: list[Req], prefix_lens: list[int], input_ids: list[int], slots: list[int]) -> None:
+        n = len(reqs)
+        self.reqs += reqs
+        self.rows += [r.row for r in reqs]
+        self.prefix_lens += prefix_lens
+        self.extend_lens += [1] * n
+        self.sample += [True] * n
+        self.input_ids += input_ids
+        self.out_slots += slots
+
+    def add_extend(self, req: Req, prefix_len: int, input_ids: list[int], slots: list[int], sample: bool,
+                   pool: bool) -> None:
+        if pool:
+            self.pool.append(len(self.reqs))
+        self.reqs.append(req)
+        self.rows.append(req.row)
+        self.prefix_lens.append(prefix_len)
+        self.extend_lens.append(len(slots))
+        self.sample.append(sample)
+        self.input_ids += input_ids
+        self.out_slots += slots
+
 
 @dataclass
 class SchedulerConfig:
@@ -65,11 +99,14 @@ class SchedulerConfig:
     max_running_requests: int  # request-table rows
     context_length: int
     eos_token_ids: list[int]
-    chunked_prefill_size: int = 8192  # -1: no chunking
-    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1: no chunking
+    max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes (and the budget without chunking)
+    enable_mixed_chunk: bool = True  # decode rows ride in the prefill chunk's batch (else prefill steps run alone)
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     stream_interval: int = 1
+    pool_from_cache: bool = True  # embedding requests may start from a cached prefix (last-token pooling)
+    low_priority_prefill_tokens: int = 512  # per step, for requests below the priority of a decoding request
 
     @classmethod
     def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
@@ -80,8 +117,10 @@ class SchedulerConfig:
             args.max_running_requests, info.max_running_requests)
         return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
                    eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
-                   max_prefill_tokens=args.max_prefill_tokens, schedule_policy=args.schedule_policy,
-                   disable_radix_cache=args.disable_radix_cache, stream_interval=args.stream_interval)
+                   max_prefill_tokens=args.max_prefill_tokens, enable_mixed_chunk=args.enable_mixed_chunk,
+                   schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
+                   stream_interval=args.stream_interval, pool_from_cache=info.pooling.method == "last",
+                   low_priority_prefill_tokens=args.low_priority_prefill_tokens)
 
 
 @dataclass
@@ -96,6 +135,7 @@ class ScheduledBatch:
     new_seqs: int
     new_tokens: int  # extend tokens of prefill rows
     cached_tokens: int  # prefix-cache hits of the newly admitted requests
+    retracted: int = 0  # running requests retracted to make room for this batch's decode rows
 
 
 @dataclass
@@ -105,6 +145,7 @@ class StepUpdates:
     updates: list[TokenUpdate]
     finished: int = 0
     new_tokens: int = 0
+    embeddings: list[EmbeddingResult] = field(default_factory=list)  # for the ingress, not the detokenizer
 
 
 class SchedulerCore:
@@ -117,8 +158,6 @@ class SchedulerCore:
         # A request can never hold more KV than the pool: the pool bounds its length like the context.
         self.context_limit = min(config.context_length, config.max_total_tokens)
         self.stop_checker = StopChecker(config.eos_token_ids, self.context_limit, decode)
-        self.prefill_budget = (config.chunked_prefill_size if config.chunked_prefill_size > 0
-                               else config.max_prefill_tokens)
         self.chunking = config.chunked_prefill_size > 0
         self.future_ring_size = 2 * config.max_running_requests + 2
         self._next_future = 0
@@ -130,10 +169,11 @@ class SchedulerCore:
         self.running: list[Req] = []  # admission order
         self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
         self.released_rows: list[int] = []  # rows freed since the last plan (its freed_rows)
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.new_token_ratio = NewTokenRatio()
 
         # Counters for logs and server info
-        self.num_retractions = 0
+        self.num_retractions = 0  # times a running request was retracted (a request may count more than once)
+        self.num_retracted_reqs = 0  # requests retracted at least once
         self.total_prompt_tokens = 0
         self.total_cached_tokens = 0
         self.total_generated_tokens = 0
@@ -150,7 +190,10 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=f"rid {msg.rid!r} is already in use")
         if n == 0:
             return RequestRejected(rid=msg.rid, status=400, message="input_ids: the prompt is empty")
-        if n >= self.config.context_length:
+        if msg.embed and n > self.config.context_length:
+            return RequestRejected(rid=msg.rid, status=400, message=(
+                f"input: the input has {n} tokens; the context length is {self.config.context_length}"))
+        if not msg.embed and n >= self.config.context_length:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the context length is {self.config.context_length} "
                 "(prompt plus at least one generated token)"))
@@ -158,7 +201,8 @@ class SchedulerCore:
             return RequestRejected(rid=msg.rid, status=400, message=(
                 f"input_ids: the prompt has {n} tokens; the KV cache holds only {self.config.max_total_tokens} "
                 "(--max-total-tokens)"))
-        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals))
+        limit = n if msg.embed else min(n + msg.sampling.max_new_tokens, self.context_limit)
+        req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals), length_limit=limit)
         self.reqs[msg.rid] = req
         self.waiting.append(req)
         return None
@@ -187,134 +231,181 @@ class SchedulerCore:
     def plan_next(self) -> ScheduledBatch | None:
         """The next batch: a decode row for every running request that still has tokens to make,
         the next chunk of a partly prefilled request, and newly admitted requests, within the
-        prefill budget and KV memory. None when there is nothing to run."""
+        prefill budget and KV memory. None when there is nothing to run.
+
+        Prefill budget: while requests decode, every stream waits for the step, so a step computes at most
+        chunked_prefill_size prompt tokens; with none decoding, up to max_prefill_tokens. With mixed chunks (the
+        default) the decode rows ride in the prefill chunk's batch; without, a step with prefill work carries
+        no decode rows (SGLang's default: prefill first, decode rows wait)."""
+        preempted = self._preempt_for_priority()
         decode_reqs = self._decode_candidates()
+        if not self.chunking:
+            budget = self.config.max_prefill_tokens
+        else:
+            budget = self.config.chunked_prefill_size if decode_reqs else self.config.max_prefill_tokens
+        if decode_reqs and not self.config.enable_mixed_chunk:
+            batch = self._plan_batch([], budget, retracted=0, preempted=preempted)
+            if batch is not None:
+                return batch
+            budget = 0
         retracted = self._make_room_for_decode(decode_reqs)
         if retracted:
             decode_reqs = [r for r in decode_reqs if r.status is ReqStatus.RUNNING]
+        return self._plan_batch(decode_reqs, budget, retracted, preempted)
 
-        entries: list[PlanRow] = []
-        input_ids: list[int] = []
-        out_slots: list[int] = []
-        for req in decode_reqs:
-            prefix_len = len(req.slots)
-            slot = self._alloc_slots(1)
-            input_ids.append(-(req.last_future_slot + 1) if req.pending else self._token_at(req, prefix_len))
-            out_slots.extend(slot)
-            req.slots.extend(slot)
-            entries.append(PlanRow(req, prefix_len, 1, True))
-
-        # Right after a retraction the freed memory is not for new requests (they would thrash).
-        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(entries, input_ids, out_slots,
-                                                                    admit=not retracted)
-        if not entries:
-            return None
+    def _plan_batch(self, decode_reqs: list[Req], budget: int, retracted: int,
+                    preempted: bool) -> ScheduledBatch | None:
+        cols = PlanColumns()
         if decode_reqs:
-            self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+            slots = self._alloc_slots(len(decode_reqs))
+            prefix_lens = [len(r.slots) for r in decode_reqs]
+            input_ids = [-(r.last_future_slot + 1) if r.pending else self._token_at(r, p)
+                         for r, p in zip(decode_reqs, prefix_lens)]
+            for req, slot in zip(decode_reqs, slots):
+                req.slots.append(slot)
+            cols.add_decode(decode_reqs, prefix_lens, input_ids, slots)
+
+        # Right after a retraction the freed memory is not for new requests (they would thrash), unless it was
+        # made for a request of higher priority.
+        new_rows, new_seqs, new_tokens, cached = self._plan_prefill(cols, budget, admit=preempted or not retracted)
+        if not cols.reqs:
+            return None
+        if decode_reqs and not retracted:
+            self.new_token_ratio.decay()
 
         future_slots = []
-        for entry in entries:
-            req = entry.req
-            if entry.sample:
-                req.last_future_slot = self._next_future
-                self._next_future = (self._next_future + 1) % self.future_ring_size
+        ring, slot = self.future_ring_size, self._next_future
+        for req, sample in zip(cols.reqs, cols.sample):
+            if sample:
+                req.last_future_slot = slot
                 req.pending += 1
-                future_slots.append(req.last_future_slot)
+                future_slots.append(slot)
+                slot = slot + 1 if slot + 1 < ring else 0
             else:
                 future_slots.append(-1)
+        self._next_future = slot
         reused = {row.row for row in new_rows}
         plan = BatchPlan(
-            batch_id=self.num_batches, rows=[e.req.row for e in entries], prefix_lens=[e.prefix_len for e in entries],
-            extend_lens=[e.extend_len for e in entries], input_ids=input_ids, out_slots=out_slots,
-            sample=[e.sample for e in entries], future_slots=future_slots, new_rows=new_rows,
-            freed_rows=[r for r in self.released_rows if r not in reused])
+            batch_id=self.num_batches, rows=cols.rows, prefix_lens=cols.prefix_lens, extend_lens=cols.extend_lens,
+            input_ids=cols.input_ids, out_slots=cols.out_slots, sample=cols.sample, future_slots=future_slots,
+            new_rows=new_rows, freed_rows=[r for r in self.released_rows if r not in reused], pool=cols.pool)
         self.released_rows = []
         self.num_batches += 1
-        batch = ScheduledBatch(plan=plan, reqs=[e.req for e in entries], epochs=[e.req.retractions for e in entries],
+        batch = ScheduledBatch(plan=plan, reqs=cols.reqs, epochs=[r.retractions for r in cols.reqs],
                                num_decode=len(decode_reqs), new_seqs=new_seqs, new_tokens=new_tokens,
-                               cached_tokens=cached)
+                               cached_tokens=cached, retracted=retracted)
         self.in_flight.append(batch)
         return batch
 
     def _decode_candidates(self) -> list[Req]:
-        return [r for r in self.running if not r.is_prefilling and self._tokens_left(r) > 0]
+        """Running requests past their prefill that may still produce a token. While decoding, len(slots) is the
+        known length plus the tokens in flight, minus one (the last token is the next input)."""
+        return [r for r in self.running if len(r.slots) >= len(r.fill_ids) and len(r.slots) + 1 < r.length_limit]
 
-    def _tokens_left(self, req: Req) -> int:
-        """Tokens the request may still be asked to produce, beyond those already in flight."""
-        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), len(req.output_ids) + req.pending)
+    def _tokens_after(self, req: Req, generated: int) -> int:
+        if req.msg.embed:
+            return 0
+        return self.stop_checker.tokens_left(req.sampling, len(req.prompt_ids), generated)
 
     def _token_at(self, req: Req, pos: int) -> int:
         n = len(req.prompt_ids)
         return req.prompt_ids[pos] if pos < n else req.output_ids[pos - n]
 
-    def _make_room_for_decode(self, decode_reqs: list[Req]) -> bool:
-        """Retract the newest requests until every decode row gets a KV slot."""
+    def _make_room_for_decode(self, decode_reqs: list[Req]) -> int:
+        """Retract the newest requests until every decode row gets a KV slot; returns how many left."""
         need = len(decode_reqs)
         if self.allocator.num_free >= need:
-            return False
-        retracted = False
+            return 0
+        retracted = 0
         while self._room() < need:
-            victim = max(self.running, key=lambda r: r.arrival_seq, default=None)
+            victim = max(self.running, key=_retraction_order, default=None)
             if victim is None or (len(self.running) == 1 and victim in decode_reqs):
                 break  # a lone request always fits: its length is bounded by the pool
             self._retract(victim)
-            retracted = True
+            retracted += 1
             if victim in decode_reqs:
                 need -= 1
         if retracted:
-            self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+            self.new_token_ratio.reset()
         return retracted
 
     def _room(self) -> int:
         """Slots obtainable now: free plus evictable cached ones."""
         return self.allocator.num_free + (self.cache.evictable_size if self.cache else 0)
 
-    def _reserved(self) -> int:
-        """Slots the running requests are expected to still need (rest of prefill, decode share)."""
-        return sum(max(0, len(r.fill_ids) - len(r.slots)) + math.ceil(self._tokens_left(r) * self.new_token_ratio)
-                   for r in self.running)
+    def _growth(self, req: Req, generated: int) -> int:
+        """KV slots the request is expected to still write while decoding, after `generated` tokens."""
+        left = self._tokens_after(req, generated)
+        return self.new_token_ratio.growth(left, max(0, req.sampling.min_new_tokens - generated),
+                                           stops_only_at_length(req.sampling))
 
-    def _plan_prefill(self, entries: list[PlanRow], input_ids, out_slots,
-                      admit: bool) -> tuple[list[NewRow], int, int, int]:
-        budget = self.prefill_budget
+    def _reservation(self, without: list[Req] = ()) -> Reservation:
+        """The running requests' future demand (all but `without`): prefill still to do now, decode growth later;
+        what each gives back when it finishes (its slots beyond the prefix it found in the cache)."""
+        growth, freed, prefill_left = [], [], 0
+        for r in self.running:
+            if r in without:
+                continue
+            planned = max(len(r.fill_ids), len(r.slots))
+            prefill_left += planned - len(r.slots)
+            growth.append(self._growth(r, len(r.output_ids) + r.pending))
+            freed.append(planned - r.prefix_hit)
+        return Reservation(self._room() + sum(len(r.slots) for r in without) - prefill_left, growth, freed)
+
+    def _plan_prefill(self, cols: PlanColumns, budget: int, admit: bool) -> tuple[list[NewRow], int, int, int]:
         new_rows: list[NewRow] = []
         new_seqs = new_tokens = cached = 0
-        available = None  # computed only when there is someone to admit
+        reservation = None  # built only when there is someone to admit
+        # Beside decoding requests of a higher priority, lower-priority prefill gets a small share of the step, so
+        # batch work cannot stretch the interactive requests' decode steps.
+        urgent = max((r.msg.priority for r in self.running if not r.is_prefilling), default=None)
+        low_left = self.config.low_priority_prefill_tokens
+
+        def held_back(req: Req) -> bool:
+            return self.chunking and urgent is not None and req.msg.priority < urgent
 
         # 1. The partly prefilled request continues (at most one exists: only the last request
         #    admitted in a step is cut).
         for req in self.running:
             if req.is_prefilling:
                 n = min(len(req.fill_ids) - len(req.slots), budget, self._room())
+                if held_back(req):
+                    n = min(n, low_left)
+                    low_left -= max(n, 0)
                 if n > 0:
-                    self._add_extend(req, n, entries, input_ids, out_slots)
+                    self._add_extend(req, n, cols)
                     budget -= n
                     new_tokens += n
 
-        # 2. New requests, in policy order, while rows, budget and memory last.
-        for req in self.policy.order(list(self.waiting)) if admit else []:
+        # 2. New requests, in priority then policy order, while rows, budget and memory last.
+        for req in self._admission_order() if admit else []:
             if budget <= 0 or self.table.num_free == 0 or len(self.running) >= self.config.max_running_requests:
                 break
             if req.pending:
                 continue  # retracted with a token still in flight: its input is not known yet
-            if available is None:
-                available = self._room() - self._reserved()
+            if reservation is None:
+                reservation = self._reservation()
             fill = req.prompt_ids + req.output_ids
             match_len = self._prefix_key_len(req, fill)
-            prefix_len = self.cache.prefix_len(fill[:match_len]) if self.cache else 0
+            prefix_len, unlocked = self.cache.peek_prefix(fill[:match_len]) if self.cache else (0, 0)
             extend = len(fill) - prefix_len
-            need = extend + prefix_len + math.ceil(self.new_token_ratio * self.stop_checker.tokens_left(
-                req.sampling, len(req.prompt_ids), len(req.output_ids)))
-            if need > available:
+            # Now: the new tokens, and the cached prefix the request locks (it stops being evictable).
+            need_now, growth = extend + unlocked, self._growth(req, len(req.output_ids))
+            alone = not self.running and not new_seqs
+            if not reservation.try_admit(need_now, growth, extend, force=alone):
                 break
             n = min(extend, budget)
+            if held_back(req):
+                if low_left <= 0:
+                    break  # the rest of the queue is of this priority or lower
+                n = min(n, low_left)
+                low_left -= n
             if n < extend and not self.chunking:
-                if new_seqs or any(e.extend_len > 1 for e in entries):
+                if new_seqs or any(e > 1 for e in cols.extend_lens):
                     break  # no chunking: a prompt over budget runs alone as its step's only prefill
                 n = extend
             new_rows.append(self._admit(req, fill, match_len))
-            self._add_extend(req, n, entries, input_ids, out_slots)
-            available -= need
+            self._add_extend(req, n, cols)
             budget -= n
             new_seqs += 1
             new_tokens += n
@@ -327,6 +418,8 @@ class SchedulerCore:
         """How much of `fill` may come from the cache: all but the last token (its logits are
         needed), and while prompt logprobs are still wanted, nothing from the token before
         logprob_start_len on (its logits score the first token asked for)."""
+        if req.msg.embed and not self.config.pool_from_cache:
+            return 0
         n = len(fill) - 1
         opts = req.msg.logprobs
         if opts.return_logprob and opts.logprob_start_len >= 0 and not req.admitted_once:
@@ -342,7 +435,7 @@ class SchedulerCore:
         req.row = row
         req.fill_ids = fill
         req.slots = list(match.slots) if match else []
-        req.tree_len = len(req.slots)
+        req.tree_len = req.prefix_hit = len(req.slots)
         req.tree_node = match.node if match else None
         if match:
             self.cache.lock(match.node)
@@ -353,15 +446,17 @@ class SchedulerCore:
             self.total_prompt_tokens += len(req.prompt_ids)
             self.total_cached_tokens += req.cached_tokens
         return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
-                      prior_output_ids=list(req.output_ids))
+                      prior_output_ids=list(req.output_ids), embed=req.msg.embed)
 
-    def _add_extend(self, req: Req, n: int, entries: list[PlanRow], input_ids, out_slots) -> None:
+    def _add_extend(self, req: Req, n: int, cols: PlanColumns) -> None:
         start = len(req.slots)
         slots = self._alloc_slots(n)
-        input_ids.extend(req.fill_ids[start:start + n])
-        out_slots.extend(slots)
         req.slots.extend(slots)
-        entries.append(PlanRow(req, start, n, len(req.slots) == len(req.fill_ids)))
+        last_chunk = len(req.slots) == len(req.fill_ids)
+        embed = req.msg.embed
+        # max_new_tokens == 0 (a prefill only: cache a prefix, score a prompt) samples nothing.
+        sample = last_chunk and not embed and req.sampling.max_new_tokens > 0
+        cols.add_extend(req, start, req.fill_ids[start:start + n], slots, sample, last_chunk and embed)
 
     def _alloc_slots(self, n: int) -> list[int]:
         if self.allocator.num_free < n and self.cache:
@@ -381,6 +476,8 @@ class SchedulerCore:
         self.total_forward_ms += result.forward_ms
         plan = batch.plan
         touched: list[Req] = []
+        embeddings: list[EmbeddingResult] = []
+        pooled = set(plan.pool)
         finished = accepted = 0
         k = 0  # index into next_token_ids
         for i, req in enumerate(batch.reqs):
@@ -395,9 +492,17 @@ class SchedulerCore:
                 req.kv_committed = max(req.kv_committed, plan.prefix_lens[i] + plan.extend_lens[i])
                 if i in result.prompt_logprobs and req.retractions == 0 and not req.prompt_logprobs_sent:
                     req.prompt_logprobs = concat_logprobs(req.prompt_logprobs, result.prompt_logprobs[i])
+            if i in pooled and current:
+                self._finish_embedding(req, result.embeddings.get(i), embeddings, touched)
+                finished += 1
+                continue
             if not sampled:
-                if current:
+                if current and plan.prefix_lens[i] + plan.extend_lens[i] < len(req.fill_ids):
                     self._cache_unfinished(req)
+                elif current:  # the last chunk of a max_new_tokens == 0 request
+                    self._finish(req, FinishReason(type="length", length=0))
+                    touched.append(req)
+                    finished += 1
                 continue
             req.pending -= 1
             req.output_ids.append(token)
@@ -407,11 +512,22 @@ class SchedulerCore:
             touched.append(req)
             reason = self.stop_checker.check(req.sampling, len(req.prompt_ids), req.output_ids)
             if reason is not None:
+                self._learn_length(req)
                 self._finish(req, reason)
                 finished += 1
         self.total_generated_tokens += accepted
         updates = [self._update(r) for r in touched if self._should_send(r)]
-        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted)
+        return StepUpdates(updates=updates, finished=finished, new_tokens=accepted, embeddings=embeddings)
+
+    def _finish_embedding(self, req: Req, vector: bytes | None, embeddings: list[EmbeddingResult],
+                          touched: list[Req]) -> None:
+        if vector is None:  # the worker must pool every index of plan.pool
+            self._finish(req, FinishReason(type="abort", message="the worker returned no embedding"))
+            touched.append(req)
+            return
+        self._finish(req, FinishReason(type="stop"))
+        embeddings.append(EmbeddingResult(rid=req.rid, embedding=vector, prompt_tokens=len(req.prompt_ids),
+                                          cached_tokens=req.cached_tokens))
 
     def process_error(self, error: WorkerError) -> StepUpdates:
         """A step failed on the worker: abort its requests with the worker's message."""
@@ -436,13 +552,18 @@ class SchedulerCore:
         if not req.msg.stream:
             return False
         unsent = len(req.output_ids) - req.sent_len
-        return req.sent_len == 0 or unsent >= self.config.stream_interval
+        return req.sent_len == 0 or unsent >= (req.sampling.stream_interval or self.config.stream_interval)
 
     def _update(self, req: Req) -> TokenUpdate:
         sampling = req.sampling
         prompt_logprobs = None
         if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
             prompt_logprobs, req.prompt_logprobs_sent = req.prompt_logprobs, True
+            if req.msg.logprobs.logprob_start_len == 0:  # the first prompt token: an entry without a logprob
+                prompt_logprobs = TokenLogprobs(
+                    token_ids=req.prompt_ids[:1] + prompt_logprobs.token_ids, logprobs=prompt_logprobs.logprobs,
+                    top_ids=prompt_logprobs.top_ids, top_logprobs=prompt_logprobs.top_logprobs,
+                    ids_logprobs=prompt_logprobs.ids_logprobs)
         update = TokenUpdate(
             rid=req.rid, new_token_ids=req.output_ids[req.sent_len:],
             meta=RequestMeta(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids),
@@ -450,7 +571,8 @@ class SchedulerCore:
             finish=req.finish, logprobs=req.unsent_logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
             spaces_between_special_tokens=sampling.spaces_between_special_tokens, no_stop_trim=sampling.no_stop_trim,
-            stop=sampling.stop if req.sent_len == 0 else [])
+            stop=sampling.stop if req.sent_len == 0 else [],
+            stop_regex=sampling.stop_regex if req.sent_len == 0 else [])
         req.sent_len = len(req.output_ids)
         req.unsent_logprobs = None
         return update
@@ -468,9 +590,58 @@ class SchedulerCore:
         req.finish = reason
         del self.reqs[req.rid]
 
+    # ---------------------------------------------------------------------------------------
+    # priority
+    # ---------------------------------------------------------------------------------------
+
+    def _admission_order(self) -> list[Req]:
+        ordered = self.policy.order(list(self.waiting))
+        if len({r.msg.priority for r in ordered}) > 1:
+            ordered.sort(key=lambda r: -r.msg.priority)  # stable: policy order within a priority
+        return ordered
+
+    def _preempt_for_priority(self) -> bool:
+        """Retract lower-priority running requests while the most urgent waiting request finds no row or no
+        memory and they could give it that. True when something was retracted."""
+        if not self.waiting or not self.running:
+            return False
+        top = max(self.waiting, key=lambda r: r.msg.priority)
+        if top.pending or top.msg.priority <= min(r.msg.priority for r in self.running):
+            return False
+        victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+        if not self._fits(top, victims):
+            return False  # even without every lower-priority request it would not fit: keep them running
+        preempted = False
+        while not self._fits(top, []):
+            victims = [r for r in self.running if r.msg.priority < top.msg.priority]
+            if not victims:
+                break
+            self._retract(max(victims, key=_retraction_order))
+            preempted = True
+        return preempted
+
+    def _fits(self, req: Req, without: list[Req]) -> bool:
+        """Whether `req` could be admitted as far as rows and memory go, once the running requests `without` left
+        (prefix cache hits ignored)."""
+        if min(self.table.num_free, self.config.max_running_requests - len(self.running)) + len(without) == 0:
+            return False
+        need = len(req.prompt_ids) + len(req.output_ids)
+        alone = all(r in without for r in self.running)  # a request alone always fits
+        return self._reservation(without).try_admit(need, self._growth(req, len(req.output_ids)), need, force=alone)
+
+    def _learn_length(self, req: Req) -> None:
+        """A request that could have stopped early finished: how much of its budget did it use?"""
+        sampling = req.sampling
+        if stops_only_at_length(sampling):
+            return
+        generated = len(req.output_ids)
+        budget = generated + self.stop_checker.tokens_left(sampling, len(req.prompt_ids), generated)
+        self.new_token_ratio.observe_finished(generated, budget)
+
     def _retract(self, req: Req) -> None:
         self._release(req)
         req.status = ReqStatus.WAITING
+        self.num_retracted_reqs += req.retractions == 0
         req.retractions += 1
         self.num_retractions += 1
         self.waiting.insert(0, req)
@@ -535,18 +706,23 @@ class SchedulerCore:
             "running": len(self.running),
             "queued": len(self.waiting),
             "free_slots": self.allocator.num_free,
+            "free_rows": self.table.num_free,
+            "unfinished_requests": len(self.reqs),
             "cached_tokens": self.cache.total_size if self.cache else 0,
             "evictable_tokens": self.cache.evictable_size if self.cache else 0,
             "token_usage": round(self.token_usage(), 4),
             "cache_hit_rate": round(self.cache_hit_rate(), 4),
-            "new_token_ratio": round(self.new_token_ratio, 4),
+            "new_token_ratio": round(self.new_token_ratio.value, 4),
             "retractions": self.num_retractions,
+            "retracted_requests": self.num_retracted_reqs,
             "generated_tokens": self.total_generated_tokens,
             "forward_ms_total": round(self.total_forward_ms, 3),
             "batches": self.num_batches,
             "radix_cache": self.cache is not None,
             "schedule_policy": self.policy.name,
             "chunked_prefill_size": self.config.chunked_prefill_size,
+            "max_prefill_tokens": self.config.max_prefill_tokens,
+            "enable_mixed_chunk": self.config.enable_mixed_chunk,
         }
 
     def check_invariants(self) -> None:
@@ -573,3 +749,8 @@ class SchedulerCore:
                 assert self.cache.protected_size == 0, f"idle with {self.cache.protected_size} locked cache tokens"
             assert self._room() == n, f"idle: free + evictable = {self._room()} != pool {n}"
             assert self.table.num_free == self.config.max_running_requests
+
+
+def _retraction_order(req: Req) -> tuple[int, int]:
+    """The running request given up first: the lowest priority, then the newest."""
+    return -req.msg.priority, req.arrival_seq

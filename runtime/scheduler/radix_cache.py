@@ -97,6 +97,23 @@ class RadixCache:
             node = child
         return pos
 
+    def peek_prefix(self, key: list[int]) -> tuple[int, int]:
+        """(length of the longest cached prefix of `key`, how many of those tokens are evictable now), without
+        touching the tree: admission counts the evictable part as taken once a request locks the prefix."""
+        node, pos, unlocked = self.root, 0, 0
+        while pos < len(key):
+            child = node.children.get(key[pos])
+            if child is None:
+                break
+            n = _common_prefix_len(key, pos, child.key)
+            pos += n
+            if child.lock_ref == 0:
+                unlocked += n
+            if n < len(child.key):
+                break
+            node = child
+        return pos, unlocked
+
     def insert(self, key: list[int], value: list[int]) -> int:
         """Insert key -> value. Returns how many leading tokens were already cached: the tree keeps
         its own slots for those, so value[:returned] is not taken (the caller still owns those

@@ -32,6 +32,7 @@ class Req:
     msg: GenerateRequest
     prompt_ids: list[int]
     arrival_seq: int  # admission order tie-breaker; retraction picks the highest
+    length_limit: int  # prompt + output tokens the request may reach (max_new_tokens, context, pool)
     status: ReqStatus = ReqStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
@@ -42,6 +43,7 @@ class Req:
     fill_ids: list[int] = field(default_factory=list)  # what this admission prefills: prompt + output so far
     tree_node: TreeNode | None = None
     tree_len: int = 0
+    prefix_hit: int = 0  # cached prefix found at admission: slots shared with the tree, not freed by this request
     dup_slots: list[int] = field(default_factory=list)
     kv_committed: int = 0  # positions whose KV a processed batch computed (safe to cache)
 
@@ -88,4 +90,5 @@ def concat_logprobs(a: TokenLogprobs | None, b: TokenLogprobs) -> TokenLogprobs:
     if a is None:
         return b
     return TokenLogprobs(token_ids=a.token_ids + b.token_ids, logprobs=a.logprobs + b.logprobs,
-                         top_ids=a.top_ids + b.top_ids, top_logprobs=a.top_logprobs + b.top_logprobs)
+                         top_ids=a.top_ids + b.top_ids, top_logprobs=a.top_logprobs + b.top_logprobs,
+                         ids_logprobs=a.ids_logprobs + b.ids_logprobs)

@@ -1,7 +1,8 @@
 """Finish conditions of a request, checked by the scheduler after every received token.
 
 Order (SGLang's): the max_new_tokens length limit, then the context limit, then (once
-min_new_tokens are out) EOS / stop token ids, then stop strings. Stop strings are matched on text:
+min_new_tokens are out) EOS / stop token ids, then stop strings, then stop_regex patterns
+(runtime/stop_regex.py). Stop strings and patterns are matched on text:
 only the tail of the output is decoded, enough tokens to hold the longest stop string (a token decodes to at least one
 character except for partial UTF-8 bytes, hence the slack), so the cost per token does not grow with the output.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from runtime import stop_regex
 from runtime.messages import FinishReason, SamplingParams
 
 # Tail tokens decoded beyond the longest stop string's length in characters: covers tokens that
@@ -54,6 +56,11 @@ class StopChecker:
             for stop in sampling.stop:
                 if stop and stop in tail:
                     return FinishReason(type="stop", matched=stop)
+        if sampling.stop_regex and self.decode is not None:
+            tail = self.decode(output_ids[-(stop_regex.window(sampling.stop_regex) + STOP_TAIL_SLACK_TOKENS):])
+            found = stop_regex.search(sampling.stop_regex, tail)
+            if found is not None:
+                return FinishReason(type="stop", matched=found[0], matched_text=found[1])
         return None
 
     def tokens_left(self, sampling: SamplingParams, prompt_len: int, generated: int) -> int:

@@ -15,9 +15,22 @@ waits for it and builds the BatchResult. `step` is both. A worker that overlaps 
 before collecting N, so the GPU never waits for the host round trip.
 
 CUDA graphs (runtime/worker/cuda_graph_runner.py): on CUDA with the Triton attention backend, decode steps of up to
-cuda_graph_max_bs rows (capped by max_running_requests) replay graphs captured at start-up that run steps 2-4
-up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
+the largest captured size (by default the running-request cap) replay graphs captured at start-up that run steps
+2-4 up to the logits, when every row samples and none owes prompt logprobs; other steps run eagerly. With graphs the
 request table has one row more than max_running_requests: the dummy row of the graphs' padding rows.
+
+Sizing from memory: the KV pool takes what mem_fraction_static leaves after the weights; the running-request cap
+gives every request room for min(context, TOKENS_PER_RUNNING_REQUEST) tokens (the scheduler's admission keeps the
+requests actually running within the pool); the graphs cover every batch up to that cap.
+
+torch.compile (--enable-torch-compile): decode forwards of up to torch_compile_max_bs rows run a torch.compile'd
+model (inductor, default mode: fused elementwise kernels around cuBLAS GEMMs); the attention backend stays outside
+the compiled code (a graph break per layer), and the layers trace their torch code instead of their Triton kernels.
+On CUDA the compiled forward is what the small graphs capture.
+
+Embeddings: rows of embedding requests (NewRow.embed) sample nothing; runtime/worker/pooling.py folds their final
+hidden states chunk by chunk, and the chunk named in plan.pool returns the pooled vector in BatchResult.embeddings.
+With is_embedding the model is the bare decoder (no LM head, no CUDA graphs): every request is an embedding one.
 
 Prompt logprobs: a row asks with logprobs.logprob_start_len >= 0 (only for a fresh request, not a
 re-admitted one with prior_output_ids). Each extend step of the row until its first sample returns,
@@ -30,6 +43,7 @@ runs in order gives the whole list.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,21 +55,24 @@ from runtime.layers.parallel import TensorParallel
 from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
 from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
+from runtime.models.config import EMBEDDING_ARCHITECTURES
 from runtime.worker.attention import create_attention_backend
-from runtime.worker.cuda_graph_runner import CudaGraphRunner
-from runtime.worker.forward_batch import ForwardBatch
+from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
+from runtime.worker.distributed import agree_min, check_model_shards, join_tp_group
+from runtime.worker.forward_batch import ForwardBatch, ForwardMode
 from runtime.worker.kv_pool import KVPool
+from runtime.worker.pooling import Pooler, read_pooling, vectors_to_bytes
 from runtime.worker.sampling import Sampler
 
 DEFAULT_MEM_FRACTION_STATIC = 0.85
 # CPU pool: a quarter of the available RAM, at most this much, at most CPU_MAX_POOL_TOKENS slots.
 CPU_POOL_BYTES_CAP = 2 << 30
 CPU_MAX_POOL_TOKENS = 1 << 20
-DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}
-# The default number of running requests leaves every one of them room to grow to this many tokens
-# (a 1k prompt and a 1k answer): admitting more only fills the pool and forces retractions, whose
-# recomputation costs more than the larger batch gains (H100 serving bench, docs/perf.md).
-TOKENS_PER_RUNNING_REQUEST = 2048
+DEFAULT_MAX_RUNNING = {"cuda": 1024, "cpu": 64}
+# The default running-request cap gives every request room for this many tokens. Admission (the scheduler) keeps the
+# requests actually running within the pool, so the cap only needs to be large enough: on an H200 with Llama-3-8B
+# (845k slots) it is 825 rows, and a 1k/1k workload settles near 550 running requests.
+TOKENS_PER_RUNNING_REQUEST = 1024
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +85,12 @@ class ModelRunnerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tp_rank: int = 0
     tp_size: int = 1
+    gpu_id: int | None = None  # with device cuda: the GPU index; None: tp_rank
+    # tp_size > 1: where the ranks meet (tcp://host:port; None: the caller joined them) and which GPUs of this node
+    # must reach each other peer to peer (--enable-p2p-check; empty: not checked)
+    dist_init_method: str | None = None
+    dist_timeout_s: float = 600.0
+    p2p_check_gpus: list[int] = field(default_factory=list)
     context_length: int | None = None  # None: the model's max_position_embeddings
     max_total_tokens: int | None = None  # KV slots; None: sized from memory
     max_running_requests: int | None = None
@@ -75,19 +98,26 @@ class ModelRunnerConfig:
     attention_backend: str = "auto"
     random_seed: int = 0
     disable_cuda_graph: bool = False
-    cuda_graph_max_bs: int = 160
+    cuda_graph_max_bs: int | None = None  # None: the running-request cap
+    cuda_graph_bs: list[int] | None = None  # explicit captured sizes (SGLang's --cuda-graph-bs)
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
+    torch_compile_backend: str = "inductor"  # tests use "aot_eager": the same capture, without code generation
+    is_embedding: bool = False  # serve the bare decoder: embedding requests only
     quantization: str | None = None  # --quantization (None: the checkpoint's own, if any)
     kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
     torchao_config: str = ""
 
     @classmethod
-    def from_server_args(cls, args, tp_rank: int = 0) -> ModelRunnerConfig:
+    def from_server_args(cls, args, tp_rank: int = 0, gpu_id: int | None = None) -> ModelRunnerConfig:
         return cls(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype, device=args.device,
-                   tp_rank=tp_rank, tp_size=args.tp_size, context_length=args.context_length,
+                   tp_rank=tp_rank, tp_size=args.tp_size, gpu_id=gpu_id, context_length=args.context_length,
                    max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
                    mem_fraction_static=args.mem_fraction_static, attention_backend=args.attention_backend,
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
-                   cuda_graph_max_bs=args.cuda_graph_max_bs, quantization=args.quantization,
+                   cuda_graph_max_bs=args.cuda_graph_max_bs, cuda_graph_bs=args.cuda_graph_bs,
+                   enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs,
+                   is_embedding=args.is_embedding, quantization=args.quantization,
                    kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config)
 
 
@@ -102,17 +132,30 @@ class PendingStep:
     forward_ms: float
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    embeddings: dict[int, torch.Tensor] = field(default_factory=dict)  # pooled vectors by plan index, on the device
 
 
 class ModelRunner:
     def __init__(self, config: ModelRunnerConfig):
-        if config.tp_size != 1:
-            raise NotImplementedError("tp_size > 1 needs a process group, which the worker does not set up yet")
         self.config = config
-        self.device = _resolve_device(config.device, config.tp_rank)
+        self.device = _resolve_device(config.device, config.tp_rank if config.gpu_id is None else config.gpu_id)
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
         self.model_config = read_model_config(checkpoint)
+        if config.is_embedding and self.model_config.architecture in EMBEDDING_ARCHITECTURES:
+            bare = EMBEDDING_ARCHITECTURES[self.model_config.architecture]
+            self.model_config = dataclasses.replace(self.model_config, architecture=bare)
+        # A bare checkpoint (no LM head) is an embedding model with or without the flag.
+        self.is_embedding = self.model_config.architecture in EMBEDDING_ARCHITECTURES.values()
+        if config.is_embedding and not self.is_embedding:
+            raise ValueError(f"--is-embedding: {self.model_config.architecture} has no embedding form (supported: "
+                             f"{', '.join(EMBEDDING_ARCHITECTURES)} and their bare decoders)")
+        folder = checkpoint.path if checkpoint.format == "safetensors" else None
+        self.pooler = Pooler(read_pooling(folder, self.model_config.hidden_size, self.is_embedding))
+        check_model_shards(self.model_config, config.tp_size)
+        if self.tp.size > 1:
+            join_tp_group(config.dist_init_method, self.tp, self.device, config.dist_timeout_s,
+                          config.p2p_check_gpus)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
@@ -123,13 +166,15 @@ class ModelRunner:
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
+        if self.tp.size > 1:  # every rank holds its share of the same slots
+            self.max_total_tokens = agree_min(self.max_total_tokens, self.device)
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
                               self.attention_spec.head_dim, self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v)
         log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
                  f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
                  if config.quantization or config.torchao_config else "")
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
-        use_cuda_graphs = self._cuda_graphs_possible()
+        use_cuda_graphs = self._cuda_graphs_possible() and not self.is_embedding  # graphs cover decode steps
         self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
         # with CUDA graphs, row max_running_requests is the dummy row of their padding rows (never handed out)
         self.req_to_token = torch.zeros(self.max_running_requests + use_cuda_graphs, self.context_length,
@@ -141,6 +186,7 @@ class ModelRunner:
         # Rows that still owe prompt logprobs, and the last-position logits of their previous chunk.
         self.prompt_logprob_rows: dict[int, LogprobOptions] = {}
         self.prompt_carry: dict[int, torch.Tensor] = {}
+        self.compiled_forward = self._compile() if config.enable_torch_compile else None
         self.graph_runner = self._capture_cuda_graphs() if use_cuda_graphs else None
 
     @property
@@ -148,7 +194,8 @@ class ModelRunner:
         return ModelInfo(architecture=self.model_config.architecture, vocab_size=self.model_config.vocab_size,
                          context_length=self.context_length, eos_token_ids=list(self.model_config.eos_token_ids),
                          max_total_tokens=self.max_total_tokens, max_running_requests=self.max_running_requests,
-                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device))
+                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                         is_embedding=self.is_embedding, pooling=self.pooler.pooling)
 
     # ---------------------------------------------------------------------------------------------
     # Sizing
@@ -156,11 +203,13 @@ class ModelRunner:
 
     def _context_length(self) -> int:
         model_max = self.model_config.max_position_embeddings
+        longest = self.model_config.longest_context_length
         wanted = self.config.context_length
         if wanted is None:
             return model_max
-        if wanted > model_max:
-            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}")
+        if wanted > longest:
+            scaled = f" (its rope scaling allows up to {longest})" if longest > model_max else ""
+            raise ValueError(f"context_length {wanted} exceeds the model's max_position_embeddings {model_max}{scaled}")
         return wanted
 
     def _pool_size(self) -> int:
@@ -185,15 +234,26 @@ class ModelRunner:
         return max(1, min(CPU_MAX_POOL_TOKENS, budget // per_token))
 
     def _default_max_running(self, use_cuda_graphs: bool) -> int:
-        """As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens (at least 16, at most
-        half the slots), within the device's cap; with CUDA graphs no more than the largest captured
-        batch, so that every decode step replays a graph (an eager step of 200 rows ran at half the
-        speed of a replayed one on the H100)."""
-        running = max(self.max_total_tokens // TOKENS_PER_RUNNING_REQUEST, min(16, self.max_total_tokens // 2))
+        """As many requests as can each hold min(context, TOKENS_PER_RUNNING_REQUEST) tokens (at least 16, at
+        most half the slots), within the device's cap; when the graphs are limited by --cuda-graph-max-bs or
+        --cuda-graph-bs, no more than the largest of them, so that every decode step replays a graph (an eager
+        step of 200 rows ran at half the speed of a replayed one on the H100)."""
+        per_request = min(self.context_length, TOKENS_PER_RUNNING_REQUEST)
+        running = max(self.max_total_tokens // per_request, min(16, self.max_total_tokens // 2))
         running = min(running, DEFAULT_MAX_RUNNING[self.device.type])
-        if use_cuda_graphs:
+        if use_cuda_graphs and self.config.cuda_graph_bs:
+            running = min(running, max(self.config.cuda_graph_bs))
+        elif use_cuda_graphs and self.config.cuda_graph_max_bs:
             running = min(running, self.config.cuda_graph_max_bs)
         return max(1, running)
+
+    def graph_batch_sizes(self) -> list[int]:
+        """The decode batch sizes to capture: --cuda-graph-bs, else the ladder up to --cuda-graph-max-bs, else up
+        to the running-request cap; never above that cap."""
+        cap = self.max_running_requests
+        if self.config.cuda_graph_bs:
+            return [s for s in self.config.cuda_graph_bs if s <= cap] or [cap]
+        return capture_batch_sizes(min(self.config.cuda_graph_max_bs or cap, cap))
 
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
@@ -207,11 +267,19 @@ class ModelRunner:
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner:
         runner = CudaGraphRunner(self.model, self.attention, self.req_to_token, self.future_tokens,
-                                 dummy_row=self.max_running_requests,
-                                 max_batch_size=min(self.config.cuda_graph_max_bs, self.max_running_requests),
-                                 context_length=self.context_length)
+                                 dummy_row=self.max_running_requests, batch_sizes=self.graph_batch_sizes(),
+                                 context_length=self.context_length, compiled_forward=self.compiled_forward,
+                                 compile_max_bs=self.config.torch_compile_max_bs)
         runner.capture()
         return runner
+
+    def _compile(self):
+        """The model forward under torch.compile, with the attention backend left out of the compiled code."""
+        self.attention.forward = torch.compiler.disable(self.attention.forward)
+        # One compiled variant per batch size (static shapes): let every captured size have its own.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                    2 * len(capture_batch_sizes(self.config.torch_compile_max_bs)))
+        return torch.compile(self.model, backend=self.config.torch_compile_backend, dynamic=False)
 
     # ---------------------------------------------------------------------------------------------
     # Steps
@@ -273,6 +341,7 @@ class ModelRunner:
             self.sampler.free_row(row)
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)
+            self.pooler.free_row(row)
 
     def collect(self, pending: PendingStep) -> BatchResult:
         if pending.done is not None:
@@ -280,15 +349,18 @@ class ModelRunner:
             pending.forward_ms = pending.started.elapsed_time(pending.done)
         return BatchResult(batch_id=pending.batch_id, next_token_ids=pending.token_ids.tolist(),
                            logprobs=pending.logprobs, prompt_logprobs=pending.prompt_logprobs,
-                           forward_ms=pending.forward_ms)
+                           forward_ms=pending.forward_ms, embeddings=vectors_to_bytes(pending.embeddings))
 
     def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
         self.attention.prepare(batch)
-        hidden = self.model(batch, self.attention)
+        compiled = (self.compiled_forward is not None and batch.mode == ForwardMode.DECODE
+                    and batch.batch_size <= self.config.torch_compile_max_bs)
+        hidden = (self.compiled_forward if compiled else self.model)(batch, self.attention)
+        starts = _running_sum(plan.extend_lens)
+        pending.embeddings = self.pooler.step(plan, hidden, starts)
 
         # Which token positions need logits: the last token of sampling rows, and every new token of
         # rows owing prompt logprobs (those come first in `wanted`, then the sampling rows' last tokens).
-        starts = _running_sum(plan.extend_lens)
         prompt_rows = [i for i, row in enumerate(plan.rows) if row in self.prompt_logprob_rows]
         sample_rows = [i for i, s in enumerate(plan.sample) if s]
         wanted = [t for i in prompt_rows for t in range(starts[i], starts[i] + plan.extend_lens[i])]
@@ -339,7 +411,8 @@ class ModelRunner:
             self.prompt_carry[row] = logits[-1]
         options = self.prompt_logprob_rows[row]
         skip = max(0, max(options.logprob_start_len, 1) - first_position)
-        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num)
+        return self.sampler.prompt_logprobs(scoring[skip:], next_ids[skip:], options.top_logprobs_num,
+                                            options.token_ids_logprob)
 
     def _register(self, new_row: NewRow) -> None:
         if new_row.prefix_slots:
@@ -348,6 +421,9 @@ class ModelRunner:
         self.sampler.add_row(new_row.row, new_row.sampling, new_row.logprobs, new_row.prior_output_ids)
         self.prompt_carry.pop(new_row.row, None)
         self.prompt_logprob_rows.pop(new_row.row, None)
+        self.pooler.free_row(new_row.row)
+        if new_row.embed:
+            self.pooler.add_row(new_row.row)
         if new_row.logprobs.logprob_start_len >= 0 and not new_row.prior_output_ids:
             self.prompt_logprob_rows[new_row.row] = new_row.logprobs
 
@@ -367,6 +443,10 @@ class ModelRunner:
             if extend < 1 or prefix < 0 or prefix + extend > self.context_length:
                 raise ValueError(f"BatchPlan row {row}: prefix_len {prefix} + extend_len {extend} must be within "
                                  f"1..context_length {self.context_length}")
+        if plan.pool and not 0 <= min(plan.pool) <= max(plan.pool) < n:
+            raise ValueError(f"BatchPlan.pool must hold plan indices in 0..{n - 1}")
+        if self.is_embedding and any(plan.sample):
+            raise ValueError("BatchPlan.sample: an embedding model samples no tokens")
         if total and not 0 < min(plan.out_slots) <= max(plan.out_slots) <= self.max_total_tokens:
             raise ValueError(f"BatchPlan.out_slots must lie in 1..{self.max_total_tokens}")
         vocab, futures = self.model_config.vocab_size, len(self.future_tokens)
@@ -382,7 +462,7 @@ def _running_sum(lengths: list[int]) -> list[int]:
     return starts
 
 
-def _resolve_device(device: str, tp_rank: int) -> torch.device:
+def _resolve_device(device: str, gpu_id: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -390,7 +470,10 @@ def _resolve_device(device: str, tp_rank: int) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device cuda was asked for but no CUDA device is available")
         if resolved.index is None:
-            resolved = torch.device("cuda", tp_rank % torch.cuda.device_count())
+            if gpu_id >= torch.cuda.device_count():
+                raise ValueError(f"GPU {gpu_id} is not visible: {torch.cuda.device_count()} GPUs are (--base-gpu-id "
+                                 f"+ dp-size x tp-size ranks per node must fit)")
+            resolved = torch.device("cuda", gpu_id)
         torch.cuda.set_device(resolved)
     elif resolved.type != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda[:N]; got {device!r}")

@@ -346,20 +346,24 @@ class Sampler:
         if not wanted:
             return result
         index = self._upload(wanted, torch.int64)
-        ids, chosen, top_ids, top_values = token_logprobs(
+        ids, chosen, top_ids, top_values, ids_values = token_logprobs(
             logits.index_select(0, index),
             token_ids.index_select(0, index),
             [states[i].logprobs.top_logprobs_num for i in wanted],
+            [states[i].logprobs.token_ids_logprob for i in wanted],
         )
         for j, i in enumerate(wanted):
-            result[i] = TokenLogprobs([ids[j]], [chosen[j]], [top_ids[j]], [top_values[j]])
+            by_id = [ids_values[j]] if states[i].logprobs.token_ids_logprob else []
+            result[i] = TokenLogprobs([ids[j]], [chosen[j]], [top_ids[j]], [top_values[j]], by_id)
         return result
 
     def prompt_logprobs(
-        self, logits: torch.Tensor, next_ids: torch.Tensor | Sequence[int], top_k: int
+        self, logits: torch.Tensor, next_ids: torch.Tensor | Sequence[int], top_k: int,
+        token_ids_logprob: Sequence[int] = (),
     ) -> TokenLogprobs:
         """Logprobs of a run of prompt tokens: logits [N, vocab] at positions whose next tokens are
-        next_ids [N]; top_k alternatives per position (0: none). One TokenLogprobs for the run."""
+        next_ids [N]; top_k alternatives per position (0: none), and the logprobs of the ids
+        token_ids_logprob at every position. One TokenLogprobs for the run."""
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must have shape [N, {self.vocab_size}], got {list(logits.shape)}")
         if not isinstance(next_ids, torch.Tensor):
@@ -368,7 +372,9 @@ class Sampler:
             raise ValueError(f"next_ids must have shape [{logits.shape[0]}], got {list(next_ids.shape)}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        return TokenLogprobs(*token_logprobs(logits, next_ids.to(logits.device), [top_k] * logits.shape[0]))
+        rows = logits.shape[0]
+        return TokenLogprobs(*token_logprobs(logits, next_ids.to(logits.device), [top_k] * rows,
+                                             [list(token_ids_logprob)] * rows if token_ids_logprob else None))
 
     # ---------------------------------------------------------------------------------------------
     # Checks and transfers
@@ -422,6 +428,9 @@ class Sampler:
         for token in prior_output_ids:
             if not 0 <= token < vocab:
                 fail("prior_output_ids", f"must be token ids in [0, {vocab})", token)
+        for token in logprobs.token_ids_logprob:
+            if not 0 <= token < vocab:
+                fail("token_ids_logprob", f"must be token ids in [0, {vocab})", token)
         if logprobs.top_logprobs_num < 0:
             fail("top_logprobs_num", "must be >= 0", logprobs.top_logprobs_num)
 
@@ -432,10 +441,11 @@ class Sampler:
 
 
 def token_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, top_nums: list[int]
-) -> tuple[list[int], list[float], list[list[int]], list[list[float]]]:
-    """Per row of raw logits [N, V]: the logprob of token_ids[i] and the top_nums[i] most likely
-    alternatives in descending order, as host lists (token ids, logprobs, top ids, top logprobs).
+    logits: torch.Tensor, token_ids: torch.Tensor, top_nums: list[int], id_lists: list[list[int]] | None = None
+) -> tuple[list[int], list[float], list[list[int]], list[list[float]], list[list[float]]]:
+    """Per row of raw logits [N, V]: the logprob of token_ids[i], the top_nums[i] most likely
+    alternatives in descending order, and the logprobs of the ids id_lists[i], as host lists (token
+    ids, logprobs, top ids, top logprobs, logprobs of id_lists; the last empty without id_lists).
     One device-to-host transfer per tensor for the whole batch."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = torch.gather(logprobs, 1, token_ids[:, None].to(torch.int64)).squeeze(1)
@@ -447,4 +457,10 @@ def token_logprobs(
         all_values, all_ids = values_t.tolist(), ids_t.tolist()
         for i, num in enumerate(top_nums):
             top_ids[i], top_values[i] = all_ids[i][:num], all_values[i][:num]
-    return token_ids.tolist(), chosen.tolist(), top_ids, top_values
+    by_id: list[list[float]] = []
+    if id_lists and any(id_lists):
+        width = max(len(ids) for ids in id_lists)
+        padded = torch.tensor([ids + [0] * (width - len(ids)) for ids in id_lists], dtype=torch.int64)
+        values = torch.gather(logprobs, 1, padded.to(logprobs.device)).tolist()
+        by_id = [row[:len(ids)] for row, ids in zip(values, id_lists)]
+    return token_ids.tolist(), chosen.tolist(), top_ids, top_values, by_id

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -28,6 +29,7 @@ class FakeServer:
         self.bodies: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.timestamps = False  # stamp native chunks as --enable-token-timestamps does
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -86,10 +88,16 @@ class FakeServer:
                            {"choices": [{"text": "x" * n}], "usage": {"completion_tokens": n}})
                 return self._json(writer, 200, payload)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            start = time.monotonic()
             for i in range(n):
-                await asyncio.sleep(TOKEN_DELAY_S)
+                if not (self.timestamps and i % 2):
+                    await asyncio.sleep(TOKEN_DELAY_S)
                 chunk = ({"text": "x" * (i + 1), "meta_info": {"completion_tokens": i + 1}} if native else
                          {"choices": [{"text": "x"}]})
+                if native and self.timestamps:  # one step apart at the scheduler; two chunks land together
+                    chunk["meta_info"]["timestamps"] = {"scheduler": start + 0.005 * i,
+                                                        "detokenizer": start + 0.001 + 0.005 * i,
+                                                        "ingress": time.monotonic()}
                 self._chunk(writer, b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await writer.drain()
             self._chunk(writer, b"data: [DONE]\n\n")
@@ -115,6 +123,8 @@ def tokenizer():
 
 
 def run(server: FakeServer, *flags: str) -> dict:
+    if "--warmup-requests" not in flags:
+        flags = ("--warmup-requests", "0", *flags)
     return bench_serving.main(["--port", str(server.port), "--disable-tqdm", *flags])
 
 
@@ -136,7 +146,52 @@ def test_random_dataset_counts_every_token_and_measures_latencies(backend, token
     assert result["mean_e2e_latency_ms"] > result["mean_ttft_ms"]
     assert result["output_throughput"] > 0
     assert json.loads(out_file.read_text().splitlines()[-1])["completed"] == 12
-    assert "Serving Benchmark Result" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # SGLang's summary block, so results compare line by line
+    for label in ("Backend:", "Successful requests:", "Total generated tokens (retokenized):",
+                  "Output token throughput (tok/s):", "Median TTFT (ms):", "Median TPOT (ms):", "P99 ITL (ms):"):
+        assert label in out, label
+    assert out.count("=" * 50) == 1 and f"{'Successful requests:':<40} {12:<10}" in out
+    assert result["total_output_tokens_retokenized"] > 0
+
+
+def test_random_lengths_are_sglangs():
+    """Same seed, same lengths as SGLang's bench_serving: numpy's legacy generator seeded with --seed draws the
+    input lengths in [max(int(len * ratio), 1), len], then the output lengths in [int(len * ratio), len]."""
+    import numpy as np
+
+    args = bench_serving.parse_args(["--num-prompts", "500", "--random-input-len", "4096", "--random-output-len",
+                                     "2048", "--random-range-ratio", "0", "--seed", "1"])
+    input_lens, output_lens, _ = bench_serving.random_lengths(args)
+    np.random.seed(1)
+    assert list(input_lens) == list(np.random.randint(1, 4097, size=500))
+    assert list(output_lens) == list(np.random.randint(0, 2049, size=500))
+    assert input_lens.min() >= 1 and output_lens.max() <= 2048
+    args = bench_serving.parse_args(["--num-prompts", "8", "--random-input-len", "100", "--random-range-ratio", "1"])
+    assert set(bench_serving.random_lengths(args)[0]) == {100}
+
+
+def test_random_dataset_uses_sharegpt_text_when_given(tokenizer, tmp_path):
+    data = [{"conversations": [{"from": "human", "value": f"hello world number {i}"},
+                               {"from": "gpt", "value": "ok"}]} for i in range(6)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    args = bench_serving.parse_args(["--dataset-path", str(path), "--num-prompts", "4", "--random-input-len", "30",
+                                     "--random-range-ratio", "1"])
+    requests = bench_serving.sample_random(tokenizer, args, __import__("random").Random(1))
+    assert len(requests) == 4 and all(r.prompt_len == 30 for r in requests)
+    assert all("hello world number" in r.prompt for r in requests)  # repeated up to 30 tokens
+
+
+def test_max_concurrency_sweep_runs_once_per_value_and_warms_up(tokenizer, capsys):
+    with FakeServer() as server:
+        result = run(server, "--num-prompts", "6", "--random-input-len", "8", "--random-output-len", "4",
+                     "--random-range-ratio", "1", "--max-concurrency", "1", "3", "--warmup-requests", "2")
+    # 2 warm-up requests (at most 32 tokens of the first prompt) before each of the two runs of 6
+    assert len(server.bodies) == 2 * (2 + 6)
+    assert result["max_concurrency"] == 3 and result["completed"] == 6
+    out = capsys.readouterr().out
+    assert "| max concurrency |" in out and out.count("Serving Benchmark Result") == 2
 
 
 def test_max_concurrency_and_non_streaming(tokenizer):
@@ -199,3 +254,17 @@ def test_sharegpt_without_a_path_is_a_clear_error():
     args = bench_serving.parse_args(["--dataset-name", "sharegpt"])
     with pytest.raises(SystemExit, match="--dataset-path"):
         bench_serving.sample_sharegpt(None, args, None)
+
+
+def test_token_timestamps_show_where_gaps_form(tokenizer, capsys):
+    """Chunks stamped 5 ms apart at the scheduler but written in pairs: the report puts the bursts at the ingress."""
+    with FakeServer() as server:
+        server.timestamps = True
+        result = run(server, "--num-prompts", "4", "--random-input-len", "8", "--random-output-len", "8",
+                     "--random-range-ratio", "1")
+    gaps = result["token_gaps"]
+    assert gaps["scheduler"]["median_gap_ms"] == pytest.approx(5.0, abs=0.01)
+    assert gaps["scheduler"]["under_1ms"] == 0.0
+    assert gaps["ingress"]["under_1ms"] >= 0.4  # every other chunk follows its predecessor at once
+    assert gaps["detokenizer"]["median_lag_ms"] == pytest.approx(1.0, abs=0.01)
+    assert "Where inter-token gaps form" in capsys.readouterr().out

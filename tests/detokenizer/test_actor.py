@@ -89,3 +89,16 @@ def test_actor_process_round_trip(tokenizer):
         assert sup.stop(grace_s=0.0) == 0
     finally:
         sup.stop()
+
+
+def test_token_timestamps_pass_through_with_the_detokenizers_own(tokenizer):
+    """--enable-token-timestamps: the scheduler's stamp of the batch and the detokenizer's reach every TextUpdate."""
+    import time
+
+    detok = Detokenizer(tokenizer)
+    assert detok.handle([token_update("a", [5])]).updates[0].timestamps == []  # off: nothing stamped
+    before = time.monotonic()
+    out = detok.handle([token_update("a", [6]), token_update("b", [7])], sent_at=12.5)
+    for update in out.updates:
+        scheduler, detokenizer = update.timestamps
+        assert scheduler == 12.5 and before <= detokenizer <= time.monotonic()

@@ -170,6 +170,24 @@ def test_stop_string_trimmed_across_tokens(tokenizer, decoder, text, stop, expec
         assert expected.startswith("".join(deltas[:i]))
 
 
+@pytest.mark.parametrize("text,pattern,expected", [
+    ("Total: 1234 apples, then more", r"\d{4} apples", "Total: "),
+    ("a line\nQ: next question", r"\nQ:", "a line"),
+])
+def test_stop_regex_match_trimmed_and_never_streamed(tokenizer, decoder, text, pattern, expected):
+    import re
+
+    ids = tokenizer.encode(text)
+    n = next(n for n in range(1, len(ids) + 1) if re.search(pattern, tokenizer.decode(ids[:n])))
+    matched_text = re.search(pattern, tokenizer.decode(ids[:n])).group(0)
+    state = IncrementalDetokenizer.for_request(True, True, False, [], [pattern])
+    deltas = stream(decoder, state, ids[:n], [1] * n,
+                    FinishReason(type="stop", matched=pattern, matched_text=matched_text))
+    assert "".join(deltas) == expected
+    for i in range(1, len(deltas)):
+        assert expected.startswith("".join(deltas[:i]))
+
+
 def test_no_stop_trim_keeps_stop_string_and_streams_without_hold(tokenizer, decoder):
     ids = tokenizer.encode("value: 7 END")
     n, matched = scheduler_stop_index(tokenizer, ids, ["END"])

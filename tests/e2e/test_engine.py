@@ -133,9 +133,18 @@ def test_bad_requests_raise_value_errors_naming_the_field(llm, kwargs, field):
         llm.generate(**kwargs)
 
 
+def test_encode_pools_the_last_hidden_state(llm):
+    one = llm.encode("Hi")
+    both = llm.encode(["Hi", "The capital of France is"])
+    assert len(one["embedding"]) == 576 and one["meta_info"]["prompt_tokens"] == 1
+    assert [len(o["embedding"]) for o in both] == [576, 576]
+    assert abs(sum(x * x for x in both[1]["embedding"]) - 1) < 1e-4
+    assert max(abs(a - b) for a, b in zip(one["embedding"], both[0]["embedding"])) < 1e-5
+    with pytest.raises(ValueError, match="input_ids"):
+        llm.encode(input_ids=[10**9])
+
+
 def test_unsupported_features_are_clear_errors(llm):
-    with pytest.raises(ValueError, match="embedding"):
-        llm.encode("Hi")
     with pytest.raises(ValueError, match="image_data"):
         llm.generate("Hi", image_data="cat.png")
     with pytest.raises(TypeError, match="unknown argument"):

@@ -45,7 +45,7 @@ def test_every_actor_gets_the_channels_it_reads_and_writes(deployment):
     assert [c.name for c in w0.outbound] == [worker.TO_SCHEDULER] and w1.outbound == []
     assert {c.name for c in sched.outbound} == {scheduler.TO_WORKERS, scheduler.TO_DETOKENIZER, scheduler.TO_INGRESS}
     assert [c.name for c in detok.outbound] == [config_of(detok).to_ingress]
-    assert [c.name for c in ingr.outbound] == [config_of(ingr).to_scheduler]
+    assert [c.name for c in ingr.outbound] == config_of(ingr).to_schedulers
 
     # Every channel has exactly one writer and its reader(s); plans are broadcast to both ranks.
     specs = [w0, w1, sched, detok, ingr]

@@ -32,7 +32,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, log_path, *flags: str):
+    def __init__(self, log_path, *flags: str, ready_line: str = READY_LINE):
+        self.ready_line = ready_line
         self.port = free_port()
         self.log_path = log_path
         self.log = open(log_path, "w")
@@ -42,6 +43,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.children: list[psutil.Process] = []
 
+    ready_line = READY_LINE
+
     def output(self) -> str:
         with open(self.log_path) as f:
             return f.read()
@@ -49,7 +52,7 @@ class Server:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if READY_LINE in self.output():
+            if self.ready_line in self.output():
                 self.children = psutil.Process(self.proc.pid).children(recursive=True)
                 return
             if self.proc.poll() is not None:
@@ -64,6 +67,14 @@ class Server:
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 return response.status, json.load(response)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+
+    def get(self, path: str) -> tuple[int, dict | bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=120) as response:
+                body = response.read()
+                return response.status, json.loads(body) if body else body
         except urllib.error.HTTPError as err:
             return err.code, json.load(err)
 
@@ -92,9 +103,8 @@ def server(tmp_path_factory):
 
 def test_ready_line_names_the_model_and_url(server):
     assert f"{READY_LINE}{server.url}" in server.output()
-    roles = sorted(json.loads(p.cmdline()[p.cmdline().index("actors.boot") + 1])["actor"]["name"]
-                   for p in server.children if "actors.boot" in p.cmdline())
-    assert roles == ["detokenizer", "ingress", "scheduler", "worker0"]
+    titles = sorted(p.cmdline()[0] for p in server.children)
+    assert titles == ["runtime: detokenizer", "runtime: ingress", "runtime: scheduler", "runtime: worker 0"]
 
 
 def test_native_generate(server):

@@ -13,11 +13,12 @@ import time
 import httptools
 import pytest
 
-from httpd import HttpError, HttpServer, Response, Router, ServerConfig, StreamingResponse
+from httpd import HttpError, HttpServer, Request, Response, Router, ServerConfig, StreamingResponse, path_segment
 from httpd.sse import DONE, sse_event
 from tests.fake_frontend import ServerThread, wait_until
 
-CONFIG = ServerConfig(max_header_bytes=4096, max_body_bytes=1024, read_timeout=0.5, keepalive_timeout=1.0,
+CONFIG = ServerConfig(max_header_bytes=4096, max_body_bytes=1024, header_timeout=0.5, read_timeout=0.5,
+                      keepalive_timeout=1.0, allowed_origins=("http://app.example",),
                       write_timeout=0.5)
 
 
@@ -299,17 +300,22 @@ def test_head_answers_headers_of_get_without_body(server):
     assert rest.startswith(b"HTTP/1.1 200 OK")  # no body between the two responses
 
 
-def test_cors_preflight_and_allow_origin(server):
+def test_cors_preflight_and_allow_origin_for_an_allowed_origin(server):
     reply = request(server, b"OPTIONS /echo HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n"
                             b"Access-Control-Request-Method: POST\r\n"
                             b"Access-Control-Request-Headers: content-type, authorization\r\n\r\n")
     assert reply.status == 204
-    assert reply.headers["access-control-allow-origin"] == "*"
+    assert reply.headers["access-control-allow-origin"] == "http://app.example"
+    assert reply.headers["vary"] == "Origin"
     assert reply.headers["access-control-allow-methods"] == "OPTIONS, POST"
     assert reply.headers["access-control-allow-headers"] == "content-type, authorization"
     reply = request(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n"
                             b"Content-Length: 0\r\n\r\n")
-    assert reply.headers["access-control-allow-origin"] == "*"
+    assert reply.headers["access-control-allow-origin"] == "http://app.example"
+    # Any other origin gets no CORS header: the browser keeps its page from reading the answer.
+    reply = request(server, b"POST /echo HTTP/1.1\r\nHost: x\r\nOrigin: http://evil.example\r\n"
+                            b"Content-Length: 0\r\n\r\n")
+    assert reply.status == 200 and "access-control-allow-origin" not in reply.headers
 
 
 def test_malformed_request_gets_400_and_close(server):
@@ -428,3 +434,37 @@ def test_router_rejects_duplicate_and_relative_routes():
         router.add("GET", "/a", lambda r: Response())
     with pytest.raises(ValueError, match="must start with"):
         router.add("GET", "b", lambda r: Response())
+
+
+def test_router_templates_match_one_segment_and_exact_paths_win():
+    router = Router()
+    router.add("GET", "/v1/files", lambda r: None)
+    router.add("GET", "/v1/files/{file_id}", lambda r: None)
+    router.add("DELETE", "/v1/files/{file_id}", lambda r: None)
+    router.add("GET", "/v1/files/{file_id}/content", lambda r: None)
+    router.add("GET", "/v1/files/special", lambda r: None)
+    assert set(router.endpoints("/v1/files/file-1")) == {"GET", "DELETE"}
+    assert set(router.endpoints("/v1/files/file-1/content")) == {"GET"}
+    assert router.endpoints("/v1/files/special") is not router.endpoints("/v1/files/x")
+    assert router.endpoints("/v1/files/") is None and router.endpoints("/v1/files/a/b") is None
+    request = Request("GET", "/v1/files/file%2D1/content", "", [], b"", "1.1", True)
+    assert path_segment(request, 3) == "file-1"
+
+
+def test_form_uploads_only_where_a_route_takes_them_and_never_from_a_foreign_page():
+    from httpd.dispatch import Dispatcher
+
+    router = Router()
+    router.add("POST", "/upload", lambda r: Response(200, b"ok"), accepts_form=True)
+    router.add("POST", "/json", lambda r: Response(200, b"ok"))
+    dispatch = Dispatcher(router, ServerConfig(require_json_body=True, allowed_origins=("https://app.example",)))
+    form = (b"content-type", b"multipart/form-data; boundary=x")
+
+    def status(path, *headers):
+        return dispatch(Request("POST", path, "", list(headers), b"--x--", "1.1", True)).status
+
+    assert status("/upload", form) == 200  # curl -F, the openai client
+    assert status("/upload", form, (b"origin", b"https://app.example")) == 200
+    assert status("/upload", form, (b"origin", b"https://evil.example")) == 415
+    assert status("/upload", (b"content-type", b"text/plain")) == 415
+    assert status("/json", form) == 415

@@ -90,7 +90,8 @@ def test_ingress_serves_http_and_stops_on_shutdown():
         status, body = request(info.port, "GET", "/v1/models")
         assert status == 200 and json.loads(body)["data"][0]["id"] == "echo"
         status, body = request(info.port, "GET", "/get_server_info")
-        assert status == 200 and json.loads(body)["internal_states"] == [{"running": 0}]
+        assert status == 200
+        assert json.loads(body)["internal_states"] == [{"running": 0, "ingress_unfinished_sequences": 0}]
 
         stop.set()
         engine.join()

@@ -5,6 +5,7 @@ client disconnects, and the service endpoints (/health*, /get_*_info, /flush_cac
 from __future__ import annotations
 
 import socket
+import time
 
 import msgspec
 import pytest
@@ -113,6 +114,21 @@ def test_stream_sends_cumulative_text_then_done(url, fake, tokenizer):
     assert fake.calls[-1].stream is True
 
 
+def test_stream_carries_token_timestamps_when_the_pipeline_stamps_them(url, fake):
+    """--enable-token-timestamps: the scheduler and the detokenizer stamp each update; the ingress adds its own when
+    it writes the chunk. Without stamps (the default) meta_info has no timestamps."""
+    body = {"input_ids": [5, 6, 7], "stream": True, "sampling_params": {"max_new_tokens": 2}}
+    chunks = sse_payloads(http_request(url, "POST", "/generate", body)[2])[:-1]
+    assert all("timestamps" not in c["meta_info"] for c in chunks)
+    fake.token_timestamps = [1.5, 1.75]
+    before = time.monotonic()
+    chunks = sse_payloads(http_request(url, "POST", "/generate", body)[2])[:-1]
+    for chunk in chunks:
+        stamps = chunk["meta_info"]["timestamps"]
+        assert stamps["scheduler"] == 1.5 and stamps["detokenizer"] == 1.75
+        assert before <= stamps["ingress"] <= time.monotonic()
+
+
 def test_stream_of_a_batch_tags_events_with_their_index(url, fake):
     status, _, raw = http_request(url, "POST", "/generate", {"input_ids": [[10, 11], [20, 21]], "stream": True,
                                                              "sampling_params": {"max_new_tokens": 2}})
@@ -165,8 +181,8 @@ def test_engine_abort_is_an_error_and_an_error_event_in_a_stream(url, fake):
 def _raw_post(port: int, path: str, body: dict) -> socket.socket:
     payload = msgspec.json.encode(body)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (path.encode(), len(payload),
-                                                                                   payload))
+    sock.sendall(b"POST %b HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                 % (path.encode(), len(payload), payload))
     return sock
 
 
@@ -203,9 +219,13 @@ def test_model_and_server_info(url, fake):
     assert status == 200 and info["is_generation"] is True
     assert info["context_length"] == fake.context_length and info["vocab_size"] == fake.model_info.vocab_size
     assert set(info) >= {"model_path", "tokenizer_path", "served_model_name", "architectures"}
-    # Without --model-path the paths name the default model's file, so clients (bench_serving) can load its tokenizer.
-    assert info["model_path"] == info["tokenizer_path"] == default_model_path()
-    status, _, raw = http_request(url, "GET", "/get_server_info")
+    # Without --model-path the tokenizer path names the default model's file, so clients (bench_serving) can load
+    # its tokenizer; model_path names the model the GGUF holds, so clients (SGLang's frontend) recognise its family.
+    assert info["tokenizer_path"] == info["gguf_file"] == default_model_path()
+    assert info["model_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert msgspec.json.decode(http_request(url, "GET", "/model_info")[2]) == info
+    status, _, raw = http_request(url, "GET", "/server_info")
+    assert http_request(url, "GET", "/get_server_info")[0] == 200
     info = msgspec.json.decode(raw)
     assert info["max_body_bytes"] == fake.args.max_body_bytes
     assert info["internal_states"][0]["token_usage"] == 0.25
@@ -220,11 +240,10 @@ def test_flush_cache(url, fake):
     assert status == 400 and b"requests are running" in body
 
 
-def test_encode_is_refused_until_embeddings_exist(url, fake):
-    status, out = post(url, "/encode", {"text": "hi"})
+def test_encode_wants_text_or_input_ids(url, fake):
+    status, out = post(url, "/encode", {"rid": "x"})
     assert status == 400
-    assert out["error"]["message"] == ("embedding models are not supported yet; start with --is-embedding once "
-                                       "supported")
+    assert out["error"]["message"] == "give exactly one of text or input_ids"
 
 
 def test_metrics_count_requests_and_read_scheduler_state(url, fake):
@@ -246,6 +265,7 @@ def test_metrics_count_requests_and_read_scheduler_state(url, fake):
     assert value(text, "sglang:token_usage") == 0.25
     assert value(text, "sglang:cache_hit_rate") == 0.5
     assert value(text, "sglang:num_queue_reqs") == 3
+    assert value(text, "sglang:num_retractions_total") == 2
     assert 'sglang:num_requests_total{finish_reason="length"' in text
 
 

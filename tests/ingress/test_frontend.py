@@ -119,7 +119,7 @@ def tokenizer():
     return load_tokenizer(ServerArgs())
 
 
-def run_with_frontend(rings, body, tokenizer=None, args=None):
+def run_with_frontend(rings, body, tokenizer=None, args=None, model_info=MODEL_INFO):
     """Run `body(frontend, peer)` on a fresh loop, the Frontend fed by an AsyncMailbox."""
     to_sched, sched_out, detok_out = rings
     peer = ScriptedPeer(Channel("in", Ring.attach(to_sched.name), IngressToScheduler),
@@ -128,7 +128,7 @@ def run_with_frontend(rings, body, tokenizer=None, args=None):
     peer.start()
 
     async def main():
-        frontend = Frontend(args or ServerArgs(), MODEL_INFO, tokenizer,
+        frontend = Frontend(args or ServerArgs(), model_info, tokenizer,
                             Channel("to_scheduler", to_sched, IngressToScheduler))
         mailbox = Mailbox([Channel("s2i", sched_out, SchedulerToIngress),
                            Channel("d2i", detok_out, DetokenizerToIngress)])
@@ -367,3 +367,14 @@ def test_log_requests_logs_each_finished_request(rings, caplog):
     with caplog.at_level("INFO", logger="runtime.ingress.frontend"):
         run_with_frontend(rings, body)
     assert not [r for r in caplog.records if "logged" in r.getMessage()]
+
+
+def test_merged_updates_keep_the_latest_token_timestamps():
+    from runtime.ingress.frontend import merge_updates
+    from runtime.messages import RequestMeta, TextUpdate
+
+    meta = RequestMeta(prompt_tokens=2, completion_tokens=2, cached_tokens=0)
+    first = TextUpdate(rid="r", text_delta="a", new_token_ids=[1], meta=meta, timestamps=[1.0, 1.1])
+    second = TextUpdate(rid="r", text_delta="b", new_token_ids=[2], meta=meta, timestamps=[2.0, 2.1])
+    merged = merge_updates([first, second])
+    assert merged.text_delta == "ab" and merged.new_token_ids == [1, 2] and merged.timestamps == [2.0, 2.1]

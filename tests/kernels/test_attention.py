@@ -141,6 +141,27 @@ def test_decode_attention_other_tiles(seed):
     assert err < TOLERANCE[torch.float16], f"relative error {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_soft_capped_scores_match_reference(dtype, sliding_window, seed):
+    """Gemma 2's soft-capping (c * tanh(s / c) of the scaled scores) in both kernels; scores of unit q and k times 1.0
+    reach several times the cap, so the cap shapes the result."""
+    args = extend_inputs(dtype, 4, 2, 32, [0, 20, 9], [11, 1, 6])
+    out = torch.full_like(args[0], float("nan"))
+    extend_attention(*args, 11, 1.0, sliding_window=sliding_window, out=out, logit_cap=2.0)
+    ref = extend_attention_ref(*args, 1.0, sliding_window=sliding_window, logit_cap=2.0)
+    uncapped = extend_attention_ref(*args, 1.0, sliding_window=sliding_window)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"extend (seed {seed})"
+    assert relative_error(uncapped, ref) > 10 * TOLERANCE[dtype]
+    q, k_pool, v_pool, table = args[0][:3], args[3], args[4], args[5]
+    rows, seq_lens = args[6], torch.tensor([40, 21, 15], dtype=torch.int32, device=DEVICE)
+    table = random_table(int(rows.max()) + 1, 40, k_pool.shape[0])
+    out = decode_attention(q, k_pool, v_pool, table, rows, seq_lens, 1.0, 2, sliding_window=sliding_window,
+                           logit_cap=2.0)
+    ref = decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, 1.0, sliding_window, logit_cap=2.0)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"decode (seed {seed})"
+
+
 def test_extend_attention_non_power_of_two_head_dim(seed):
     args = extend_inputs(torch.float32, 4, 2, 48, [6, 0], [5, 12])
     out = torch.full_like(args[0], float("nan"))

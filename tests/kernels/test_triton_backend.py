@@ -82,8 +82,25 @@ def test_triton_backend_matches_torch_backend_over_steps(dtype, num_q_heads, num
     assert steps.step([3, 0], [1, 1], seed) == ForwardMode.DECODE
     steps.share_prefix(1, source=0, length=8)  # prefix-cache hit on the first 8 tokens of row 0
     assert steps.step([0, 1, 3], [1, 6, 1], seed) == ForwardMode.EXTEND  # mixed: decode rows beside a chunk
-    for _ in range(2):  # three decode rows: more than the backend's initial scratch (2 rows) holds
-        assert steps.step([1, 3, 0], [1, 1, 1], seed) == ForwardMode.DECODE
+    # mixed as the scheduler plans it: decode rows first (the decode kernel), then chunks (the extend kernel)
+    assert steps.step([3, 0, 1, 4], [1, 1, 5, 7], seed) == ForwardMode.EXTEND
+    for _ in range(2):  # four decode rows: more than the backend's initial scratch (2 rows) holds
+        assert steps.step([1, 3, 0, 4], [1, 1, 1, 1], seed) == ForwardMode.DECODE
+
+
+def test_triton_backend_matches_torch_backend_with_layer_windows_and_soft_capping():
+    """Gemma 2's attention: a window on layer 0 only, soft-capped scores on both layers."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    spec = AttentionSpec(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=32, scale=0.5, sliding_window=5,
+                         window_layers=(0,), logit_cap=3.0)
+    assert [spec.window(layer) for layer in range(2)] == [5, None]
+    steps = Steps(spec, torch.float32)
+    assert steps.step([0, 3], [12, 4], seed) == ForwardMode.EXTEND
+    steps.share_prefix(1, source=0, length=8)
+    assert steps.step([0, 1, 3], [1, 6, 1], seed) == ForwardMode.EXTEND
+    assert steps.step([1, 3, 0], [1, 1, 1], seed) == ForwardMode.DECODE
 
 
 def test_triton_backend_rejects_a_spec_with_uneven_groups():

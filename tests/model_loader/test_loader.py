@@ -207,16 +207,50 @@ def test_missing_tensor_is_named(tiny_llama, tmp_path):
         small_runner(folder)
 
 
+def test_a_missing_part_of_a_packed_parameter_is_named(tiny_llama, tmp_path):
+    """q/k/v and each expert's projections are packed into one parameter: it is complete only when every part came."""
+    folder = copy_folder(tiny_llama[0], tmp_path / "llama")
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks tensors for: model.layers.1.self_attn.qkv_proj.weight"):
+        small_runner(folder)
+    folder = str(tmp_path / "mixtral")
+    save_tiny_model("MixtralForCausalLM", folder)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.0.block_sparse_moe.experts.3.w3.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks tensors for: model.layers.0.mlp.experts.w13_weight"):
+        small_runner(folder)
+
+
 def test_unsupported_rope_type_is_refused(tiny_llama, tmp_path):
     folder = copy_folder(tiny_llama[0], tmp_path / "m")
-    edit_config(folder, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
-    with pytest.raises(UnsupportedRopeError, match="'yarn'.*default, linear, llama3"):
+    edit_config(folder, rope_parameters={"rope_type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    with pytest.raises(UnsupportedRopeError, match="'mrope'.*default, linear, dynamic, yarn, llama3, longrope"):
         small_runner(folder)
 
 
 def test_context_length_beyond_the_model_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="context_length 1000 exceeds.*256"):
         small_runner(tiny_llama[0], context_length=1000)
+
+
+def test_rope_scaling_sets_the_context_length(tiny_llama, tmp_path):
+    """linear/dynamic scaling allow an explicit context up to factor x max_position_embeddings (the default stays
+    max_position_embeddings); yarn serves original_max_position_embeddings x factor by default."""
+    folder = copy_folder(tiny_llama[0], tmp_path / "linear")
+    edit_config(folder, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    assert small_runner(folder).context_length == 256
+    assert small_runner(folder, context_length=512).context_length == 512
+    with pytest.raises(ValueError, match="context_length 513 exceeds.*256 \\(its rope scaling allows up to 512\\)"):
+        small_runner(folder, context_length=513)
+    folder = copy_folder(tiny_llama[0], tmp_path / "yarn")
+    edit_config(folder, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 128})
+    assert small_runner(folder).context_length == 512
 
 
 def test_dtype_resolution(tiny_llama):

@@ -1,7 +1,8 @@
-"""On CUDA (skipped elsewhere): tiny random-weight Llama (llama3 rope), Mistral (sliding window) and Qwen2 (qkv bias,
-tied embeddings) through the CUDA path (Triton layer kernels, Triton attention, CUDA-graph decode) against
-transformers on the same GPU, in bfloat16 and float16; the Triton attention backend against the torch backend on
-whole-model greedy outputs; decode replayed from CUDA graphs against eager decode."""
+"""On CUDA (skipped elsewhere): the tiny random-weight checkpoint of every family (tests/model_fixtures.py,
+`tiny_cases`: rope types, sliding windows, soft-capping, MoE through the fused Triton kernel, q/k norms...) through
+the CUDA path (Triton layer kernels, Triton attention, CUDA-graph decode) against transformers on the same GPU, in
+bfloat16 and float16; the Triton attention backend against the torch backend on whole-model greedy outputs; decode
+replayed from CUDA graphs against eager decode (on a dense, an MoE and a soft-capped, windowed family)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import pytest
 import torch
 
 from runtime.messages import BatchPlan
-from runtime.models import MODEL_REGISTRY
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
-from tests.model_fixtures import _CACHE_ARG, PlanDriver, _returned_cache, runner_logits, save_tiny_model
+from tests.model_fixtures import _CACHE_ARG, PlanDriver, _returned_cache, runner_logits, save_tiny_model, tiny_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,7 +24,13 @@ NEW_TOKENS = 24
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@pytest.fixture(scope="module", params=sorted(MODEL_REGISTRY))
+CASES = tiny_cases()
+GRAPH_CASES = ["LlamaForCausalLM-llama3", "MixtralForCausalLM", "Gemma2ForCausalLM"]
+# room for the longest prompt and its answer, within every case's rope (dynamic NTK's tiny case needs it explicit)
+CONTEXT_LENGTH = 64
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def tiny(request, tmp_path_factory):
     """(checkpoint folder, the transformers model in float32 on the GPU)."""
     folder = tmp_path_factory.mktemp(request.param)
@@ -32,8 +38,16 @@ def tiny(request, tmp_path_factory):
     return str(folder), reference.to("cuda")
 
 
+@pytest.fixture(scope="module", params=GRAPH_CASES)
+def graph_case(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    save_tiny_model(request.param, str(folder))
+    return str(folder)
+
+
 def make_runner(folder: str, dtype: str, **overrides) -> ModelRunner:
-    config = dict(model_path=folder, device="cuda", dtype=dtype, max_total_tokens=1024, max_running_requests=8)
+    config = dict(model_path=folder, device="cuda", dtype=dtype, max_total_tokens=1024, max_running_requests=8,
+                  context_length=CONTEXT_LENGTH)
     return ModelRunner(ModelRunnerConfig(**{**config, **overrides}))
 
 
@@ -112,11 +126,11 @@ def eager_decode_logits(runner: ModelRunner, plan: BatchPlan) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("batch_size", [3, 8])  # padded to the graph of 4; a graph's exact size
-def test_cuda_graph_decode_equals_eager_decode(tiny, batch_size):
+def test_cuda_graph_decode_equals_eager_decode(graph_case, batch_size):
     """float32 (every kernel's products exact): the same greedy tokens with and without graphs. bfloat16: one step's
     logits through the graph and eagerly agree to rounding (the graph's attention splits the sequence differently,
     so 16-bit greedy tokens may part at near ties)."""
-    folder, _ = tiny
+    folder = graph_case
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     outputs = []
     for disable in (False, True):

@@ -57,21 +57,25 @@ CASES = {
 
 
 @pytest.mark.parametrize("architecture, case", [("LlamaForCausalLM", "kv_heads_split"),
-                                                ("Qwen2ForCausalLM", "kv_heads_replicated_odd_vocab")])
+                                                ("Qwen2ForCausalLM", "kv_heads_replicated_odd_vocab"),
+                                                ("OlmoeForCausalLM", "kv_heads_split")])
 def test_two_rank_logits_equal_the_unsharded_model(case, architecture, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from tests.model_fixtures import TINY_COMMON, relative_max_error
 
     # Llama with every bias on (o_proj and down_proj biases are added once, after the all-reduce)
     config_class, model_class, extra = {
         "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True)),
-        "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True))}[architecture]
+        "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+        # experts split their intermediate dimension; q/k norms span all heads (an all-reduced mean square)
+        "OlmoeForCausalLM": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=4, num_experts_per_tok=2,
+                                                                 intermediate_size=32, pad_token_id=0))}[architecture]
     torch.manual_seed(0)
     reference = model_class(config_class(**{**TINY_COMMON, **CASES[case], **extra})).eval()
-    for name, param in reference.named_parameters():  # transformers initialises biases to zero
-        if name.endswith("bias"):
-            torch.nn.init.normal_(param, std=0.2)
+    for name, param in reference.named_parameters():  # transformers initialises biases and norms to constants
+        if name.endswith("bias") or "norm" in name:
+            torch.nn.init.normal_(param, mean=0.0 if name.endswith("bias") else 1.0, std=0.2)
     reference.save_pretrained(tmp_path / "model", safe_serialization=True)
     folder, out = str(tmp_path / "model"), str(tmp_path / "logits.safetensors")
     env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}

@@ -14,6 +14,7 @@ from actors.channel import Channel
 from actors.mailbox import Mailbox
 from runtime.messages import (
     BatchPlan,
+    EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
     IngressToScheduler,
@@ -34,10 +35,10 @@ from runtime.scheduler.actor import (
     TO_WORKERS,
     SchedulerActor,
     SchedulerActorConfig,
-    WatchdogTimeout,
 )
 from runtime.server_args import ServerArgs
-from shm import BroadcastRing, Ring, run_prefix, segment_name
+from shm import BroadcastRing, Heartbeats, Ring, run_prefix, segment_name
+from shm.segment import unlink_segment
 from tests.scheduler_fixtures import EOS, FakeRunner, make_request, reference_generate
 
 _names = itertools.count()
@@ -45,7 +46,7 @@ TOTAL, ROWS, CONTEXT = 256, 4, 128
 
 
 class Harness:
-    def __init__(self, args: ServerArgs, answer: bool = True):
+    def __init__(self, args: ServerArgs, answer: bool = True, heartbeat_segment: str = ""):
         prefix = run_prefix()
         tag = f"schedtest{next(_names)}"
         self.rings = []
@@ -72,17 +73,20 @@ class Harness:
                 TO_INGRESS: ActorRef(Channel(TO_INGRESS, Ring.attach(segs["ingress"]), SchedulerToIngress))}
         info = ModelInfo(architecture="double", vocab_size=64, context_length=CONTEXT, eos_token_ids=[EOS],
                          max_total_tokens=TOTAL, max_running_requests=ROWS, dtype="float32", device="cpu")
-        config = msgspec.json.decode(msgspec.json.encode(SchedulerActorConfig(args=args, model_info=info)),
+        config = msgspec.json.decode(msgspec.json.encode(SchedulerActorConfig(args=args, model_info=info,
+                                                                         heartbeat_segment=heartbeat_segment)),
                                      type=SchedulerActorConfig)
         self.actor = SchedulerActor(ActorContext("scheduler", config, mailbox, refs))
         self.error: BaseException | None = None
         self.worker_plans: list[BatchPlan] = []
         self.worker_got_shutdown = threading.Event()
         self.stop_worker = threading.Event()
+        self.answering = threading.Event()  # the fake worker answers plans (set: from the start, or later)
         self.actor_thread = threading.Thread(target=self._run_actor, daemon=True)
         self.worker_thread = threading.Thread(target=self._run_worker, args=(answer,), daemon=True)
         self.actor_thread.start()
         self.worker_thread.start()
+        assert self.ingress.get(timeout=10) == EngineReady(info)  # the scheduler's first word to the ingress
 
     def _run_actor(self):
         try:
@@ -92,16 +96,19 @@ class Harness:
 
     def _run_worker(self, answer):
         runner = FakeRunner(TOTAL, ROWS, CONTEXT)
+        if answer:
+            self.answering.set()
+        answered = 0
         while not self.stop_worker.is_set():
             msg = self.plans.get(timeout=0.1)
-            if msg is None:
-                continue
             if isinstance(msg, Shutdown):
                 self.worker_got_shutdown.set()
                 return
-            self.worker_plans.append(msg)
-            if answer:
-                self.results.put(runner.step(msg))
+            if msg is not None:
+                self.worker_plans.append(msg)
+            while self.answering.is_set() and answered < len(self.worker_plans):  # in order, the backlog first
+                self.results.put(runner.step(self.worker_plans[answered]))
+                answered += 1
 
     def collect(self, rids, timeout=20.0):
         outcomes = {rid: [] for rid in rids}
@@ -186,12 +193,45 @@ def test_graceful_shutdown_finishes_running_and_refuses_new():
         h.close()
 
 
-def test_watchdog_stops_the_scheduler_when_the_worker_hangs():
-    h = Harness(ServerArgs(skip_tokenizer_init=True, watchdog_timeout=0.5), answer=False)
+def test_a_hung_worker_makes_health_fail_and_health_recovers_when_it_answers(caplog):
+    """The watchdog no longer kills the server: /health says what is wrong while it lasts."""
+    from runtime.ingress.health import HealthCheck
+
+    segment = segment_name(run_prefix(), f"beats{next(_names)}")
+    beats = Heartbeats.create(segment, ["scheduler"])
+    h = Harness(ServerArgs(skip_tokenizer_init=True, watchdog_timeout=0.5), answer=False, heartbeat_segment=segment)
+    health = HealthCheck(segment, watchdog_timeout=0.5)
     try:
+        assert health() is None
         h.to_scheduler.put(make_request("stuck", [1, 2, 3], 4))
-        h.actor_thread.join(10)
-        assert isinstance(h.error, WatchdogTimeout) and "watchdog" in str(h.error)
+        deadline = time.monotonic() + 10
+        while health() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reason = health()
+        assert reason is not None and "batch 0 has been on the workers" in reason and "--watchdog-timeout" in reason
+        assert h.actor_thread.is_alive() and h.error is None
+        h.answering.set()  # the device comes back
+        deadline = time.monotonic() + 10
+        while health() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health() is None
+    finally:
+        h.close()
+        health.close()
+        beats.close()
+        unlink_segment(segment)
+    assert h.error is None
+
+
+def test_the_queue_is_bounded_with_429():
+    h = Harness(ServerArgs(skip_tokenizer_init=True, max_queued_requests=2), answer=False)
+    try:
+        for i in range(ROWS + 3):  # the rows fill (they wait on the silent worker), then the queue
+            h.to_scheduler.put(make_request(f"r{i}", [1, 2, 3], 4))
+            time.sleep(0.05)
+        rejected = h.ingress.get(timeout=10)
+        assert isinstance(rejected, RequestRejected) and rejected.status == 429
+        assert "--max-queued-requests 2" in rejected.message
     finally:
         h.close()
 
@@ -200,7 +240,7 @@ def test_worker_actor_answers_errors_and_keeps_serving(tmp_path):
     """The worker actor over real rings with a tiny model: a bad plan gets a WorkerError naming its
     batch, the next plan still gets its BatchResult, Shutdown(0) ends the loop. Ready info is the
     msgpack ModelInfo."""
-    from runtime.messages import BatchResult, NewRow, SamplingParams, WorkerError
+    from runtime.messages import BatchResult, NewRow, SamplingParams, WorkerError, WorkerReady
     from runtime.worker.actor import TO_SCHEDULER, WorkerActor, WorkerActorConfig, decode_model_info
     from tests.model_fixtures import save_tiny_model
 
@@ -227,6 +267,7 @@ def test_worker_actor_answers_errors_and_keeps_serving(tmp_path):
                          new_rows=[NewRow(row=0, prefix_slots=[], sampling=greedy)])
         to_worker.put(bad)
         to_worker.put(good)
+        assert results.get(timeout=30) == WorkerReady(info)  # rank 0 first tells the scheduler the model
         error = results.get(timeout=30)
         assert isinstance(error, WorkerError) and error.batch_id == 0 and "row 5" in error.message
         result = results.get(timeout=30)

@@ -6,6 +6,7 @@ import random
 import pytest
 
 from runtime.messages import BatchResult, SamplingParams
+from runtime.scheduler.admission import NewTokenRatio
 from runtime.scheduler.core import SchedulerConfig, SchedulerCore
 from tests.scheduler_fixtures import EOS, FakeRunner, drive, make_request, next_token, reference_generate
 
@@ -150,17 +151,33 @@ def test_lpm_policy_prefers_cached_prefix():
 
 
 def test_retraction_under_a_tiny_pool_loses_no_work():
+    """Requests that may stop early are admitted on the new-token ratio; when it says they stop much earlier
+    than they do (here: as if learned from short answers), decode runs out of slots and retracts; the outputs
+    are still exact."""
+    for overlap in (False, True):
+        core, runner = make_core(total=120, rows=6, context=120, chunk=16)
+        core.new_token_ratio = NewTokenRatio(init=0.1)
+        reqs = [make_request(f"r{i}", prompt(20 + i, 12), 40) for i in range(6)]
+        report = drive(core, runner, {0: reqs}, overlap=overlap)
+        assert core.num_retractions > 0 and 0 < core.num_retracted_reqs <= core.num_retractions
+        assert core.server_info()["retractions"] == core.num_retractions
+        assert_matches_reference(core, report, reqs)
+
+
+def test_requests_that_run_to_their_length_never_retract():
+    """ignore_eos requests write exactly their token budget: admission reserves it at the peak, so a pool
+    far too small for all of them at once runs them without a single retraction."""
     for overlap in (False, True):
         core, runner = make_core(total=120, rows=6, context=120, chunk=16)
         reqs = [make_request(f"r{i}", prompt(20 + i, 12), 40, ignore_eos=True) for i in range(6)]
         report = drive(core, runner, {0: reqs}, overlap=overlap)
-        assert core.num_retractions > 0
+        assert core.num_retractions == 0
         assert_matches_reference(core, report, reqs)
 
 
 def test_abort_queued_prefilling_and_decoding():
     for overlap in (False, True):
-        core, runner = make_core(rows=2, chunk=8)
+        core, runner = make_core(rows=2, chunk=8, max_prefill=8)
         decoding = make_request("decoding", prompt(1, 5), 50, ignore_eos=True)
         prefilling = make_request("prefilling", prompt(2, 80), 50, ignore_eos=True)
         queued = make_request("queued", prompt(3, 5), 50, ignore_eos=True)
@@ -258,9 +275,9 @@ def test_result_for_the_wrong_batch_is_refused():
 
 
 def test_random_workloads_leave_no_leak():
-    """Seeded random workloads: shared prefixes, staggered arrivals, aborts at random times, pools
-    small enough to force eviction and retraction, every mode. Outputs of requests that were not
-    aborted equal the reference; aborted ones are a prefix of it; nothing leaks."""
+    """Seeded random workloads: shared prefixes, staggered arrivals, aborts at random times, pools small
+    enough to force eviction (and retraction, with a low new-token ratio), every mode. Outputs of requests
+    that were not aborted equal the reference; aborted ones are a prefix of it; nothing leaks."""
     rng = random.Random(1234)
     retractions = 0
     for trial in range(12):
@@ -269,6 +286,8 @@ def test_random_workloads_leave_no_leak():
         total = rng.choice([96, 160, 400])
         core, runner = make_core(total=total, rows=rng.choice([2, 4, 8]), context=96, chunk=chunk, radix=radix,
                                  policy=rng.choice(["fcfs", "lpm"]), stream_interval=rng.choice([1, 3]))
+        # Half the trials admit as if answers were short: requests that may stop early then outgrow the pool.
+        core.new_token_ratio = NewTokenRatio(init=rng.choice([0.7, 0.05]))
         bases = [prompt(trial * 100 + i, rng.randrange(5, 40)) for i in range(3)]
         reqs, arrivals, aborts = [], {}, {}
         for i in range(rng.randrange(4, 14)):
@@ -298,3 +317,59 @@ def test_random_workloads_leave_no_leak():
 
 def test_next_token_double_is_sensitive_to_every_token():
     assert next_token([1, 2, 3]) != next_token([1, 2, 4]) or next_token([1, 2, 3]) != next_token([2, 2, 3])
+
+
+def test_prefill_budget_is_small_while_requests_decode():
+    """With nothing decoding a step prefills up to max_prefill_tokens; while requests decode (their streams wait
+    for the step) at most chunked_prefill_size prompt tokens."""
+    core, runner = make_core(total=2000, rows=8, context=512, chunk=16, max_prefill=64)
+    reqs = [make_request(f"r{i}", prompt(40 + i, 30), 20, ignore_eos=True) for i in range(5)]
+    steps = []
+    plan_next = core.plan_next
+
+    def plan_and_record():
+        batch = plan_next()
+        if batch is not None:
+            steps.append((batch.num_decode, batch.new_tokens))
+        return batch
+
+    core.plan_next = plan_and_record
+    report = drive(core, runner, {0: reqs[:3], 6: reqs[3:]}, overlap=True)
+    assert steps[0] == (0, 64)  # nothing decodes yet: 64 prompt tokens (two prompts and a chunk of the third)
+    assert all(new <= 16 for decode, new in steps if decode) and any(decode and new for decode, new in steps)
+    assert_matches_reference(core, report, reqs)
+
+
+def test_stop_regex_ends_the_request_on_the_token_that_completes_a_match():
+    decode = lambda ids: "".join(chr(ord("a") + t % 26) for t in ids)  # noqa: E731
+    p = prompt(3, 8)
+    full = reference_generate(p, SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.0), 10_000)
+    text = decode(full)
+    pattern = f"{text[12]}[a-z]{{2}}{text[15]}"  # matches text[12:16] (or an earlier look-alike)
+    import re
+    match = re.search(pattern, text)
+    core, runner = make_core(decode=decode)
+    request = make_request("x", p, 30, ignore_eos=True, stop_regex=[pattern])
+    report = drive(core, runner, {0: [request]}, overlap=True)
+    out = report.outcomes["x"]
+    assert out.finish.type == "stop" and out.finish.matched == pattern and out.finish.matched_text == match.group(0)
+    assert out.tokens == full[:match.end()]
+    assert out.updates[0].stop_regex == [pattern]
+
+
+def test_per_request_stream_interval_overrides_the_servers():
+    core, runner = make_core(stream_interval=1)
+    request = make_request("s", prompt(1, 5), 10, stream=True, ignore_eos=True, stream_interval=4)
+    report = drive(core, runner, {0: [request]}, overlap=True)
+    assert [len(u.new_token_ids) for u in report.outcomes["s"].updates] == [1, 4, 4, 1]
+
+
+@pytest.mark.parametrize("chunk", [-1, 4])
+def test_max_new_tokens_zero_prefills_and_generates_nothing(chunk):
+    core, runner = make_core(chunk=chunk)
+    p = prompt(5, 10)
+    report = drive(core, runner, {0: [make_request("z", p, 0)], 8: [make_request("y", p + [3], 4)]}, overlap=True)
+    zero = report.outcomes["z"]
+    assert zero.tokens == [] and zero.finish.type == "length" and zero.finish.length == 0
+    assert zero.updates[-1].meta.completion_tokens == 0
+    assert report.outcomes["y"].updates[-1].meta.cached_tokens == 10  # the zero-token request cached its prompt

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from runtime.messages import GenerateRequest, SamplingParams
+from runtime.scheduler.admission import NewTokenRatio
 from runtime.scheduler.core import SchedulerConfig, SchedulerCore
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import SMOLLM2_PROMPTS, hf_greedy, hf_smollm2, save_tiny_model
@@ -27,10 +28,14 @@ def smollm2_path() -> str:
 
 
 def core_for(runner: ModelRunner, **overrides) -> SchedulerCore:
+    """A core sized like the runner. A chunk size also caps steps with nothing decoding (max_prefill_tokens), so
+    every prompt longer than it is prefilled in chunks."""
     info = runner.info
     values = dict(max_total_tokens=info.max_total_tokens, max_running_requests=info.max_running_requests,
                   context_length=info.context_length, eos_token_ids=info.eos_token_ids)
     values.update(overrides)
+    if values.get("chunked_prefill_size", 0) > 0:
+        values.setdefault("max_prefill_tokens", values["chunked_prefill_size"])
     return SchedulerCore(SchedulerConfig(**values))
 
 
@@ -128,6 +133,34 @@ def test_tiny_model_mixed_arrivals_equal_transformers(tiny, tiny_workload, mode)
         assert report.outcomes[req.rid].tokens == expected, req.rid
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_tiny_model_mixed_batches_equal_separate_prefill_and_decode(tiny, tiny_workload, overlap):
+    """--enable-mixed-chunk: decode rows ride in the batches of prefill chunks. The same workload with mixed
+    batches and with prefill steps apart (decode rows waiting) gives the same tokens, and transformers' own."""
+    runner, _ = tiny
+    reqs, references = tiny_workload
+    outcomes = {}
+    for mixed in (True, False):
+        core = core_for(runner, chunked_prefill_size=8, enable_mixed_chunk=mixed)
+        kinds = set()  # (decode rows?, prefill rows?) of every planned batch
+        plan_next = core.plan_next
+
+        def plan_and_record():
+            batch = plan_next()
+            if batch is not None:
+                kinds.add((batch.num_decode > 0, batch.new_tokens > 0))
+            return batch
+
+        core.plan_next = plan_and_record
+        report = drive(core, runner, {0: reqs[:2], 1: reqs[2:3], 4: reqs[3:]}, overlap=overlap)
+        outcomes[mixed] = {rid: o.tokens for rid, o in report.outcomes.items()}
+        assert ((True, True) in kinds) == mixed  # mixed batches, or none at all
+        assert (True, False) in kinds and (False, True) in kinds
+    assert outcomes[True] == outcomes[False]
+    for req, expected in zip(reqs, references):
+        assert outcomes[True][req.rid] == expected, req.rid
+
+
 def test_tiny_model_random_workloads_with_retraction_and_aborts(tiny):
     runner, model = tiny
     eos = set(runner.info.eos_token_ids)
@@ -145,6 +178,7 @@ def test_tiny_model_random_workloads_with_retraction_and_aborts(tiny):
     retractions = 0
     for trial, (overlap, radix, chunk) in enumerate([(True, True, 8), (False, False, -1)]):
         core = core_for(runner, chunked_prefill_size=chunk, disable_radix_cache=not radix)
+        core.new_token_ratio = NewTokenRatio(init=0.3)  # as if answers had been short: decode will run out
         reqs, arrivals = [], {}
         for i in range(5):
             prompt = bases[i % 2][: rng.randrange(4, 10)] + [rng.randrange(2, 128) for _ in range(rng.randrange(0, 4))]
@@ -162,7 +196,7 @@ def test_tiny_model_random_workloads_with_retraction_and_aborts(tiny):
             else:
                 expected = expected[:core.context_limit - len(req.input_ids)]
                 assert got.tokens == expected, (req.rid, got.finish)
-    assert retractions > 0  # 96 slots, requests of ~50 tokens admitted at 70% of their length: decode runs short
+    assert retractions > 0  # 96 slots, requests of ~50 tokens admitted at 30% of their length: decode runs short
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -184,7 +218,9 @@ def test_tiny_model_logprobs_reach_the_updates(tiny, overlap):
     for u in updates:
         assert u.logprobs is not None and u.logprobs.token_ids == u.new_token_ids
         assert all(len(top) == 2 for top in u.logprobs.top_ids)
-    assert updates[0].prompt_logprobs.token_ids == prompt[1:]
+    # logprob_start_len 0: every prompt token, the first without a logprob (nothing predicts it)
+    assert updates[0].prompt_logprobs.token_ids == prompt
+    assert len(updates[0].prompt_logprobs.logprobs) == len(updates[0].prompt_logprobs.top_ids) == len(prompt) - 1
     assert all(u.prompt_logprobs is None for u in updates[1:])
 
 

@@ -17,10 +17,13 @@ from runtime.worker.cuda_graph_runner import (
 
 
 def test_capture_sizes():
-    assert capture_batch_sizes(160) == [1, 2, 4] + list(range(8, 161, 8))
+    assert capture_batch_sizes(160) == [1, 2, 4, 8, 12, 16, 24] + list(range(32, 161, 8))
     assert capture_batch_sizes(1) == [1]
     assert capture_batch_sizes(3) == [1, 2, 3]
-    assert capture_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_batch_sizes(20) == [1, 2, 4, 8, 12, 16, 20]
+    sizes = capture_batch_sizes(512)
+    assert len(sizes) == 52 and sizes[-17:] == list(range(256, 513, 16))
+    assert capture_batch_sizes(600)[-4:] == [512, 544, 576, 600]
     with pytest.raises(ValueError, match="max_batch_size"):
         capture_batch_sizes(0)
 
@@ -37,12 +40,16 @@ def test_padding_rows_use_the_padding_slot_and_the_dummy_row():
 
 def test_batches_go_to_the_smallest_graph_that_holds_them():
     runner = CudaGraphRunner(model=None, attention=None, req_to_token=_FakeTable(), future_tokens=None, dummy_row=40,
-                             max_batch_size=40, context_length=64)
-    assert [runner.size_for[b] for b in (1, 2, 3, 4, 5, 8, 9, 17, 33, 40)] == [1, 2, 4, 4, 8, 8, 16, 24, 40, 40]
+                             batch_sizes=capture_batch_sizes(40), context_length=64)
+    assert [runner.size_for[b] for b in (1, 2, 3, 4, 5, 8, 9, 13, 17, 33, 40)] == [1, 2, 4, 4, 8, 8, 12, 16, 24, 40, 40]
     assert runner.can_run([1] * 40) and runner.can_run([1])
     assert not runner.can_run([1] * 41)  # larger than the largest graph: eager
     assert not runner.can_run([1, 2])  # not a decode batch
     assert not runner.can_run([])
+    # SGLang's --cuda-graph-bs list, unsorted with a duplicate
+    runner = CudaGraphRunner(model=None, attention=None, req_to_token=_FakeTable(), future_tokens=None, dummy_row=40,
+                             batch_sizes=[32, 1, 8, 8], context_length=64)
+    assert runner.sizes == [1, 8, 32] and runner.size_for[9] == 32 and not runner.can_run([1] * 33)
 
 
 def test_cpu_runner_has_no_graphs_and_no_dummy_row(tmp_path):

@@ -147,11 +147,17 @@ def test_sizing_defaults_on_cpu(folder):
     per_token = 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 kv heads, head_dim 16, float32
     assert 0 < sized.info.max_total_tokens * per_token <= 2 << 30
     assert sized.info.context_length == 128
-    # As many requests as can each grow to TOKENS_PER_RUNNING_REQUEST tokens, within the device's cap.
-    assert sized.info.max_running_requests == min(DEFAULT_MAX_RUNNING["cpu"],
-                                                  sized.info.max_total_tokens // TOKENS_PER_RUNNING_REQUEST)
-    small = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=20 * 2048))
+    # As many requests as can each hold min(context, TOKENS_PER_RUNNING_REQUEST) tokens, within the device's cap.
+    assert TOKENS_PER_RUNNING_REQUEST > 128
+    assert sized.info.max_running_requests == min(DEFAULT_MAX_RUNNING["cpu"], sized.info.max_total_tokens // 128)
+    small = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=20 * 256))
     assert small.info.max_running_requests == 20
+    # The graphs cover every batch up to the running cap, or what --cuda-graph-max-bs / --cuda-graph-bs ask for.
+    assert small.graph_batch_sizes() == [1, 2, 4, 8, 12, 16, 20]
+    small.config.cuda_graph_max_bs = 8
+    assert small.graph_batch_sizes() == [1, 2, 4, 8]
+    small.config.cuda_graph_bs = [1, 4, 64]
+    assert small.graph_batch_sizes() == [1, 4]
 
 
 def test_sampling_params_reach_the_sampler(runner):
@@ -161,3 +167,23 @@ def test_sampling_params_reach_the_sampler(runner):
     again = PlanDriver(runner).generate([PROMPT_B, PROMPT_A], 6, sampling=params)[1]
     assert first == again
     assert first != reference_outputs(runner, [PROMPT_A], 6)[0]
+
+
+def test_torch_compile_runs_small_decode_batches_compiled_with_the_same_tokens(folder):
+    """--enable-torch-compile: decode batches up to torch_compile_max_bs run the compiled model (dynamo captures it,
+    the attention backend stays outside), larger ones and prefill eagerly; greedy tokens equal the eager runner's.
+    (The aot_eager backend keeps the test fast; inductor on the CPU gave the same tokens, after a 2-minute compile.)"""
+    from torch._dynamo.utils import counters
+
+    prompts = [PROMPT_A, PROMPT_B, [3, 1, 4, 1, 5]]
+    eager = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=256,
+                                          max_running_requests=4))
+    compiled = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=256,
+                                             max_running_requests=4, enable_torch_compile=True,
+                                             torch_compile_max_bs=2, torch_compile_backend="aot_eager"))
+    counters.clear()
+    assert PlanDriver(compiled).generate(prompts[:2], 5) == PlanDriver(eager).generate(prompts[:2], 5)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the decode steps of 2 rows ran compiled
+    assert PlanDriver(compiled).generate(prompts, 5) == PlanDriver(eager).generate(prompts, 5)
+    assert counters["stats"]["unique_graphs"] == graphs  # 3 rows: above torch_compile_max_bs, eager

@@ -405,6 +405,23 @@ def test_prompt_logprobs_helper():
     assert len(sampler.prompt_logprobs(logits, torch.tensor(next_ids), top_k=0).top_ids) == 5
 
 
+def test_token_ids_logprob_on_sampled_tokens_and_prompt_runs():
+    torch.manual_seed(19)
+    vocab = 20
+    logits = torch.randn(2, vocab) * 2
+    reference = torch.log_softmax(logits, dim=-1)
+    sampler = make_sampler(2, vocab)
+    sampler.add_row(0, SamplingParams(temperature=0.0), LogprobOptions(return_logprob=True, token_ids_logprob=[4, 9]))
+    sampler.add_row(1, SamplingParams(temperature=0.0), LogprobOptions(return_logprob=True))
+    out = sampler.sample(logits, [0, 1])
+    assert torch.allclose(torch.tensor(out.logprobs[0].ids_logprobs[0]), reference[0, [4, 9]], atol=1e-5)
+    assert out.logprobs[1].ids_logprobs == []
+    run = sampler.prompt_logprobs(logits, [1, 2], top_k=0, token_ids_logprob=[0, 19, 4])
+    assert torch.allclose(torch.tensor(run.ids_logprobs), reference[:, [0, 19, 4]], atol=1e-5)
+    with pytest.raises(ValueError, match="token_ids_logprob"):
+        sampler.add_row(1, SamplingParams(), LogprobOptions(return_logprob=True, token_ids_logprob=[vocab]))
+
+
 def test_mixed_greedy_and_sampled_rows_in_one_batch():
     vocab = 30
     torch.manual_seed(18)

@@ -24,6 +24,9 @@ from runtime.messages import TextUpdate
 
 logger = logging.getLogger(__name__)
 
+RETRY_AFTER_S = b"1"  # seconds, in the Retry-After of a 429
+START_BATCH = 64  # sequences of one request started per event-loop turn
+
 
 class Generation:
     """The sequences of one HTTP request, and their updates as they arrive.
@@ -42,7 +45,7 @@ class Generation:
     def updates(self, stream: bool) -> AsyncIterator[TextUpdate]:
         if len(self.sequences) == 1:
             job = self.sequences[0].job
-            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream)
+            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream, job.deadline)
         return self._merged(stream)
 
     def fold(self, update: TextUpdate) -> int:
@@ -74,7 +77,7 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream)) as updates:
+                                                           stream, job.deadline, job.group)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:
@@ -82,8 +85,12 @@ class Generation:
             else:
                 queue.put_nowait(finished)
 
-        tasks = [asyncio.create_task(pump(s.job)) for s in self.sequences]
+        tasks = []
         try:
+            for i, sequence in enumerate(self.sequences):
+                tasks.append(asyncio.create_task(pump(sequence.job)))
+                if i % START_BATCH == START_BATCH - 1:
+                    await asyncio.sleep(0)  # let other requests in: a big fan-out must not hold the loop
             running = len(tasks)
             while running:
                 item = await queue.get()
@@ -100,20 +107,22 @@ class Generation:
 
 
 async def start_sse(generation: Generation, render: Callable[[int, TextUpdate], bytes],
-                    epilogue: Callable[[], bytes]) -> StreamingResponse:
+                    epilogue: Callable[[], bytes], done: bytes = DONE,
+                    error_event: Callable[[int, str], bytes] | None = None) -> StreamingResponse:
     """An SSE response for `generation`: render(index, update) gives the events of each update
-    (bytes, maybe empty), epilogue() those after the last update, then `data: [DONE]`. Waits for
-    the first update before answering, so a refusal still gets its HTTP status; later errors
-    become an error event."""
-    body = _sse_body(generation, render, epilogue)
+    (bytes, maybe empty), epilogue() those after the last update, then `done` (`data: [DONE]`;
+    APIs without such a line pass b""). Waits for the first update before answering, so a refusal
+    still gets its HTTP status; later errors become error_event(status, message) (OpenAI's error
+    event by default)."""
+    body = _sse_body(generation, render, epilogue, done, error_event or stream_error)
     try:
         await anext(body)  # runs up to the first update (or the refusal)
     except RequestError as err:
-        raise HttpError(err.status, err.message) from None
+        raise http_error(err) from None
     return StreamingResponse(body, headers=[(b"Cache-Control", b"no-cache")])
 
 
-async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[bytes]:
+async def _sse_body(generation: Generation, render, epilogue, done: bytes, error_event) -> AsyncIterator[bytes]:
     async with aclosing(generation.updates(True)) as updates:
         try:
             first = await anext(updates)
@@ -138,11 +147,17 @@ async def _sse_body(generation: Generation, render, epilogue) -> AsyncIterator[b
                         yield piece
             last += epilogue()
         except (RequestError, HttpError) as err:
-            last += stream_error(err.status, err.message)
+            last += error_event(err.status, err.message)
         except Exception as err:
             logger.exception("a streamed response failed")
-            last += stream_error(500, f"internal error: {type(err).__name__}: {err}")
-        yield last + DONE
+            last += error_event(500, f"internal error: {type(err).__name__}: {err}")
+        yield last + done
+
+
+def http_error(err: RequestError) -> HttpError:
+    """A Frontend refusal as the HTTP error to answer; an overloaded server (429) says when to retry."""
+    headers = [(b"Retry-After", RETRY_AFTER_S)] if err.status == 429 else None
+    return HttpError(err.status, err.message, headers=headers)
 
 
 def stream_error(status: int, message: str) -> bytes:

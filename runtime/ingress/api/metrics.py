@@ -3,7 +3,8 @@
 Names follow SGLang's (`sglang:` prefix), so dashboards built for SGLang work unchanged.
 Latency histograms and token counters are observed by the HTTP layer as requests finish; the
 scheduler's state (running / queued requests, token usage, cache hit rate) is read from
-Frontend.server_info() at scrape time.
+Frontend.replica_states() at scrape time: one sample per gauge, or with data-parallel replicas one per
+replica, labelled dp_rank (as SGLang's per-DP-rank gauges).
 
 Observations are plain integer/float updates on the event loop thread (prometheus-client's own
 Histogram/Counter take a lock per call, several microseconds per request); one Collector turns
@@ -27,12 +28,16 @@ TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
-# Frontend.server_info() keys read at scrape time -> (metric name, help).
+# Frontend.replica_states() keys read at scrape time -> (metric name, help).
 SCHEDULER_GAUGES = {
     "running": ("sglang:num_running_reqs", "Requests in the running batch"),
     "queued": ("sglang:num_queue_reqs", "Requests waiting in the scheduler's queue"),
     "token_usage": ("sglang:token_usage", "Fraction of the KV cache slots in use"),
     "cache_hit_rate": ("sglang:cache_hit_rate", "Prefix cache hit rate (cached / prompt tokens)"),
+    "new_token_ratio": ("sglang:new_token_ratio", "Share of their token budget admission expects requests to use"),
+}
+SCHEDULER_COUNTERS = {
+    "retractions": ("sglang:num_retractions", "Running requests sent back to the queue because the KV cache was full"),
 }
 
 
@@ -67,7 +72,7 @@ class Metrics:
         self.generation_tokens = 0
         self.cached_tokens = 0
         self.finished: dict[str, int] = {}  # finish reason type -> requests
-        self.scheduler_state: dict = {}
+        self.scheduler_states: list[dict] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -85,9 +90,9 @@ class Metrics:
         reason = sequence.finish.type
         self.finished[reason] = self.finished.get(reason, 0) + 1
 
-    def render(self, server_info: dict) -> bytes:
-        """The exposition text, with the scheduler gauges taken from `server_info`."""
-        self.scheduler_state = server_info
+    def render(self, replica_states: list[dict]) -> bytes:
+        """The exposition text, with the scheduler gauges taken from each replica's server_info."""
+        self.scheduler_states = replica_states
         return generate_latest(self.registry)
 
     def collect(self):
@@ -107,9 +112,13 @@ class Metrics:
         for reason, count in sorted(self.finished.items()):
             family.add_metric([self.model_name, reason], count)
         yield family
-        for key, (name, doc) in SCHEDULER_GAUGES.items():
-            value = self.scheduler_state.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                family = GaugeMetricFamily(name, doc, labels=["model_name"])
-                family.add_metric(labels, value)
-                yield family
+        per_replica = len(self.scheduler_states) > 1
+        for table, kind in ((SCHEDULER_GAUGES, GaugeMetricFamily), (SCHEDULER_COUNTERS, CounterMetricFamily)):
+            for key, (name, doc) in table.items():
+                family = kind(name, doc, labels=["model_name", "dp_rank"] if per_replica else ["model_name"])
+                for state in self.scheduler_states:
+                    value = state.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        family.add_metric(labels + [str(state.get("dp_rank", 0))] if per_replica else labels, value)
+                if family.samples:
+                    yield family

@@ -7,18 +7,23 @@ import uuid
 
 from httpd import HttpError, Request, Response, StreamingResponse, json_response
 from httpd.sse import sse_event
-from runtime.ingress.api.generation import Generation, abort_error, start_sse
+from runtime.ingress.api.generation import Generation, abort_error, http_error, start_sse
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
     CHAT_FIELDS_MAX_COMPLETION,
+    CUSTOM_LOGIT_PROCESSOR_REFUSED,
+    MAX_N,
     MAX_OPENAI_TOP_LOGPROBS,
     OPENAI_FIELDS,
     ChatBody,
     CompletionBody,
+    chat_message_dicts,
     check_prompt,
     check_sampling,
+    check_sequence_count,
     decode_body,
     openai_sampling,
+    request_deadline,
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
@@ -27,7 +32,6 @@ from runtime.ingress.frontend import Frontend
 from runtime.messages import LogprobOptions, TokenLogprobs
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class OpenAIApi:
@@ -49,7 +53,7 @@ class OpenAIApi:
             "object": "model",
             "created": int(time.time()),
             "owned_by": "runtime",
-            "root": self.frontend.args.model_path,
+            "root": self.frontend.served_model_name,
             "max_model_len": self.model_info.context_length,
         }
 
@@ -58,13 +62,15 @@ class OpenAIApi:
     async def completions(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: CompletionBody = decode_body(request.body, CompletionBody)
+        deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
+        _refuse_custom_logit_processor(body)
         if body.suffix:
             raise HttpError(400, "suffix: inserting text (suffix) is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise HttpError(400, "best_of: only best_of == n is supported", "best_of")
         if body.response_format is not None:
             _refuse_response_format(body.response_format.type)
-        prompts, prompt_texts = self._completion_prompts(body)
+        prompts, prompt_texts = await self._completion_prompts(body)
         top = body.logprobs
         if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:
             raise HttpError(400, f"logprobs: must be in [0, {MAX_OPENAI_TOP_LOGPROBS}], got {top}", "logprobs")
@@ -77,14 +83,14 @@ class OpenAIApi:
         check_sampling(params, self.model_info.vocab_size, OPENAI_FIELDS)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, prompts, params, options, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                    arrival)
+                                    arrival, deadline=deadline)
         view = _CompletionView(self, request_id, params.n, prompt_texts if echo else None, top)
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
         await self._run(sequences)
         return json_response(view.response(sequences))
 
-    def _completion_prompts(self, body: CompletionBody) -> tuple[list[list[int]], list[str | None]]:
+    async def _completion_prompts(self, body: CompletionBody) -> tuple[list[list[int]], list[str | None]]:
         prompt = body.prompt
         if prompt is None:
             raise HttpError(400, "prompt: required", "prompt")
@@ -99,13 +105,16 @@ class OpenAIApi:
         else:
             raise HttpError(400, "prompt: expected a string, a list of strings, a list of token ids or a list of "
                                  "token-id lists", "prompt")
+        _check_n(body.n)
+        check_sequence_count(len(items) * (body.n or 1), self.frontend.args.max_seqs_per_request,
+                             "prompt (prompts x n)")
         ids, texts = [], []
         for i, item in enumerate(items):
             field = "prompt" if len(items) == 1 else f"prompt[{i}]"
             if isinstance(item, str):
                 if not item:
                     raise HttpError(400, f"{field}: the prompt is empty", field)
-                ids.append(self._encode(item))
+                ids.append(await self._encode(item, field))
                 texts.append(item)
             else:
                 check_prompt(item, self.model_info.vocab_size, self.model_info.context_length, field)
@@ -118,12 +127,15 @@ class OpenAIApi:
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
         arrival = time.perf_counter()
         body: ChatBody = decode_body(request.body, ChatBody)
+        deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
+        _check_n(body.n)
+        _refuse_custom_logit_processor(body)
         if body.response_format is not None:
             _refuse_response_format(body.response_format.type)
         if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
             raise HttpError(400, "tool_choice: only 'none' and 'auto' are supported (forcing a tool call needs "
                                  "grammar-constrained decoding)", "tool_choice")
-        messages = _chat_messages(body)
+        messages = chat_message_dicts(body.messages)
         continue_final = body.continue_final_message
         if continue_final is None:
             continue_final = messages[-1]["role"] == "assistant"  # assistant prefill: continue it
@@ -137,7 +149,8 @@ class OpenAIApi:
             raise HttpError(400, "continue_final_message: the last message must be the assistant's",
                             "continue_final_message")
         try:
-            input_ids = self.frontend.apply_chat_template(messages, body.tools, add_generation_prompt, continue_final)
+            input_ids = await self.frontend.apply_chat_template_async(messages, body.tools, add_generation_prompt,
+                                                                      continue_final)
         except RequestError as err:
             raise HttpError(err.status, err.message, "messages") from None
         check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, "messages")
@@ -153,7 +166,7 @@ class OpenAIApi:
         names = OPENAI_FIELDS if body.max_completion_tokens is None else CHAT_FIELDS_MAX_COMPLETION
         check_sampling(params, self.model_info.vocab_size, names)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names)
+        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline)
         view = _ChatView(self, request_id, bool(body.logprobs))
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
@@ -163,7 +176,7 @@ class OpenAIApi:
     # ------------------------------------------------------------------ shared
 
     def _sequences(self, request_id: str, rid: str | None, prompts: list[list[int]], params, options, default_max,
-                   arrival: float, names=OPENAI_FIELDS) -> list[Sequence]:
+                   arrival: float, names=OPENAI_FIELDS, deadline: float | None = None) -> list[Sequence]:
         base = rid or request_id
         sequences = []
         for i, input_ids in enumerate(prompts):
@@ -172,14 +185,15 @@ class OpenAIApi:
                                               default_max, seed_offset=j)
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
-                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options), arrival))
+                group = f"{base}/{i}" if params.n > 1 else None
+                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline, group), arrival))
         return sequences
 
     async def _run(self, sequences: list[Sequence]) -> None:
         try:
             await Generation(self.frontend, sequences, self.metrics).run_to_end()
         except RequestError as err:
-            raise HttpError(err.status, err.message) from None
+            raise http_error(err) from None
         for sequence in sequences:
             error = abort_error(sequence)
             if error is not None:
@@ -197,16 +211,21 @@ class OpenAIApi:
 
         return await start_sse(Generation(self.frontend, sequences, self.metrics), render, epilogue)
 
-    def _encode(self, text: str) -> list[int]:
+    async def _encode(self, text: str, field: str) -> list[int]:
         try:
-            ids = self.frontend.encode(text)
+            ids = await self.frontend.encode_async(text, field)
         except RequestError as err:
-            raise HttpError(err.status, err.message, "prompt") from None
-        check_prompt(ids, self.model_info.vocab_size, self.model_info.context_length, "prompt")
+            raise HttpError(err.status, err.message, field) from None
+        check_prompt(ids, self.model_info.vocab_size, self.model_info.context_length, field)
         return ids
 
     def token_text(self, token_id: int) -> str:
         return self.frontend.decode([token_id])
+
+
+def _refuse_custom_logit_processor(body) -> None:
+    if body.custom_logit_processor is not None:
+        raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
 
 
 def _refuse_response_format(kind: str) -> None:
@@ -215,33 +234,10 @@ def _refuse_response_format(kind: str) -> None:
                              "decoding); only 'text' is accepted", "response_format")
 
 
-def _chat_messages(body: ChatBody) -> list[dict]:
-    if not body.messages:
-        raise HttpError(400, "messages: required, a non-empty list", "messages")
-    out = []
-    for i, message in enumerate(body.messages):
-        role = message.role.lower()
-        if role not in CHAT_ROLES:
-            raise HttpError(400, f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
-                            f"messages[{i}].role")
-        content = message.content
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    field = f"messages[{i}].content[{j}]"
-                    raise HttpError(400, f"{field}: only text parts are supported, got type {part.type!r}", field)
-                texts.append(part.text)
-            content = "\n".join(texts)
-        entry = {"role": role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id"):
-            value = getattr(message, key)
-            if value is not None:
-                entry[key] = value
-        out.append(entry)
-    return out
+def _check_n(n: int | None) -> None:
+    """n is checked before the prompts are tokenized: it bounds the work one request can queue."""
+    if n is not None and not 1 <= n <= MAX_N:
+        raise HttpError(400, f"n: must be in [1, {MAX_N}], got {n}", "n")
 
 
 def _include_usage(body) -> bool:

@@ -14,39 +14,64 @@ import msgspec
 from msgspec import Struct
 
 from httpd import HttpError
+from runtime import stop_regex
 from runtime.messages import SamplingParams
 
-MAX_N = 128  # completions per prompt; a guard against one request fanning out without bound
+MAX_N = 128  # completions per prompt (OpenAI's limit); a guard against one request fanning out without bound
+MAX_STOP_STRINGS = 64  # each is matched against the output tail at every step
 MAX_OPENAI_TOP_LOGPROBS = 20  # OpenAI's own limit
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+CUSTOM_LOGIT_PROCESSOR_REFUSED = (
+    "custom_logit_processor: custom logit processors are disabled on this server. SGLang enables them with "
+    "--enable-custom-logit-processor and sends them as serialized Python (dill/pickle) callables; this server "
+    "never unpickles request data, so it has no such flag")
 
 
 class NativeSamplingParams(Struct, forbid_unknown_fields=True):
-    """`sampling_params` of POST /generate. Unknown keys are refused: a typo would silently change
-    behaviour. None for max_new_tokens means "not given" (128, clamped to the context)."""
+    """`sampling_params` of POST /generate: every key some SGLang version accepts (and `seed`, ours).
+    Unknown keys are refused: a typo would silently change behaviour. null means "the default", as
+    in SGLang; for max_new_tokens that is 128 (native), clamped to the context."""
 
     max_new_tokens: int | None = None
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    min_new_tokens: int | None = 0
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int | None = -1
+    min_p: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    repetition_penalty: float | None = 1.0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    no_stop_trim: bool = False
-    n: int = 1
+    stop_regex: str | list[str] | None = None
+    ignore_eos: bool | None = False
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    no_stop_trim: bool | None = False
+    n: int | None = 1
     seed: int | None = None
+    sampling_seed: int | None = None  # SGLang's name for the seed, any signed 64-bit value
     logit_bias: dict[int, float] | None = None
+    stream_interval: int | None = None  # per request; None: --stream-interval
+    custom_params: dict[str, Any] | None = None  # for a custom logit processor; none runs here, so unused
+    beam_width: int | None = None  # beam search: only None / 1
+    watermark: Any = None  # SGLang needs --enable-watermark for it; only off / null here
     # SGLang's grammar options: known, refused until constrained decoding exists.
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
     structural_tag: str | None = None
+
+    def __post_init__(self):
+        for name, default in _NATIVE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.sampling_seed is not None and self.seed is None:
+            self.seed = self.sampling_seed % 2**63
+
+
+_NATIVE_DEFAULTS = {name: default for name, default in zip(
+    NativeSamplingParams.__struct_fields__, NativeSamplingParams.__struct_defaults__) if default is not None}
 
 
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
@@ -65,6 +90,7 @@ class GenerateBody(Struct):
     top_logprobs_num: int | list[int] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    timeout: float | None = None  # seconds; may only shorten --request-timeout
     # SGLang inputs we do not serve yet: refused with a clear message rather than ignored.
     input_embeds: Any = None
     image_data: Any = None
@@ -73,6 +99,14 @@ class GenerateBody(Struct):
     lora_path: Any = None
     custom_logit_processor: Any = None
     return_hidden_states: bool = False
+    token_ids_logprob: list[int | list[int]] | None = None  # for every prompt, or one list per prompt
+
+
+class AbortBody(Struct):
+    """POST /abort_request (SGLang's AbortReq)."""
+
+    rid: str = ""
+    abort_all: bool = False
 
 
 class StreamOptions(Struct):
@@ -109,6 +143,10 @@ class _OpenAISampling(Struct):
     regex: str | None = None
     json_schema: Any = None
     ebnf: str | None = None
+    stop_regex: str | list[str] | None = None
+    custom_logit_processor: Any = None  # refused: see CUSTOM_LOGIT_PROCESSOR_REFUSED
+    custom_params: dict[str, Any] | None = None
+    timeout: float | None = None  # seconds; may only shorten --request-timeout
 
 
 class ResponseFormat(Struct):
@@ -142,6 +180,42 @@ class ChatMessage(Struct):
     tool_call_id: str | None = None
 
 
+def chat_message_dicts(messages: list[ChatMessage] | None) -> list[dict]:
+    """OpenAI chat messages as the dicts a chat template takes (text parts joined)."""
+    if not messages:
+        raise HttpError(400, "messages: required, a non-empty list", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        role = message.role.lower()
+        if role not in CHAT_ROLES:
+            raise HttpError(400, f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}",
+                            f"messages[{i}].role")
+        content = message.content
+        if content is None:
+            if role != "assistant" or not message.tool_calls:
+                field = f"messages[{i}].content"
+                raise HttpError(400, f"{field}: required for a {role} message (only an assistant message with "
+                                     "tool_calls may leave it out)", field)
+            content = ""
+        elif isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                field = f"messages[{i}].content[{j}]"
+                if part.type != "text":
+                    raise HttpError(400, f"{field}: only text parts are supported, got type {part.type!r}", field)
+                if part.text is None:
+                    raise HttpError(400, f"{field}.text: a text part needs a `text` string", f"{field}.text")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        entry = {"role": role, "content": content}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(message, key)
+            if value is not None:
+                entry[key] = value
+        out.append(entry)
+    return out
+
+
 class ChatBody(_OpenAISampling):
     """POST /v1/chat/completions."""
 
@@ -166,7 +240,13 @@ def decode_body(body: bytes, body_type: type):
     except msgspec.ValidationError as err:
         message = str(err)
         _, _, path = message.partition(" - at `")
-        param = path.rstrip("`").removeprefix("$").lstrip(".") or None
+        is_key = path.startswith("key` in `")  # "... - at `key` in `$.sampling_params.logit_bias`"
+        path = path.removeprefix("key` in `").rstrip("`").removeprefix("$").lstrip(".")
+        param = path.removesuffix("[...]") or None
+        if is_key:
+            problem, _, _ = message.partition(" - at `")
+            raise HttpError(400, f"invalid request: {param}: a key is not valid ({problem}); keys are token ids "
+                                 "written as strings, e.g. {\"1234\": -100}", param) from None
         raise HttpError(400, f"invalid request: {message}", param) from None
     except msgspec.DecodeError as err:
         raise HttpError(400, f"the request body is not valid JSON: {err}") from None
@@ -219,7 +299,10 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
         raise _bad(name("n"), f"must be in [1, {MAX_N}], got {p.n}")
     if p.seed is not None and not 0 <= p.seed < 2**63:
         raise _bad(name("seed"), f"must be in [0, 2**63), got {p.seed}")
-    for i, stop in enumerate(stop_list(p.stop)):
+    stops = stop_list(p.stop)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _bad(name("stop"), f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    for i, stop in enumerate(stops):
         if not stop:
             raise _bad(name("stop"), f"stop strings must not be empty (entry {i})")
     for i, token_id in enumerate(p.stop_token_ids or ()):
@@ -231,9 +314,26 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
             raise _bad(name("logit_bias"), f"key {token_id} is not a token id (vocabulary size {vocab_size})")
         if not (math.isfinite(bias) and -100 <= bias <= 100):
             raise _bad(name("logit_bias"), f"bias for token {token_id} must be in [-100, 100], got {bias}")
+    problem = stop_regex.check(stop_list(p.stop_regex))
+    if problem:
+        raise _bad(name("stop_regex"), problem)
+    if p.stream_interval is not None and p.stream_interval < 1:
+        raise _bad(name("stream_interval"), f"must be >= 1, got {p.stream_interval}")
+    if p.sampling_seed is not None and not -2**63 <= p.sampling_seed < 2**63:
+        raise _bad(name("sampling_seed"), f"must be a signed 64-bit integer, got {p.sampling_seed}")
+    if p.beam_width is not None and p.beam_width != 1:
+        raise _bad(name("beam_width"), f"beam search is not supported by this server (only 1), got {p.beam_width}")
+    if not _watermark_off(p.watermark):
+        raise _bad(name("watermark"), "watermarking is not enabled on this server (SGLang needs --enable-watermark "
+                                      "for it; this server does not implement it)")
     for field in GRAMMAR_FIELDS:
         if getattr(p, field, None) is not None:
             raise _bad(name(field), "grammar-constrained decoding is not supported yet")
+
+
+def _watermark_off(watermark) -> bool:
+    """SGLang's watermark request: null, false, or an object whose `enabled` is false."""
+    return watermark is None or watermark is False or (isinstance(watermark, dict) and not watermark.get("enabled"))
 
 
 def check_prompt(input_ids: list[int], vocab_size: int, context_length: int, field: str) -> None:
@@ -284,6 +384,8 @@ def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length:
         n=1,
         seed=None if p.seed is None else (p.seed + seed_offset) % 2**63,
         logit_bias=dict(p.logit_bias or {}),
+        stop_regex=stop_list(p.stop_regex),
+        stream_interval=p.stream_interval,
     )
 
 
@@ -321,6 +423,7 @@ def openai_sampling(body: _OpenAISampling, max_tokens: int | None, temperature_d
         json_schema=None if body.json_schema is None else msgspec.json.encode(body.json_schema).decode(),
         regex=body.regex,
         ebnf=body.ebnf,
+        stop_regex=body.stop_regex,
     )
 
 
@@ -339,3 +442,19 @@ def per_prompt(value, count: int, field: str, is_batch: bool) -> list:
         return value
     return [value] * count
 
+
+
+def request_deadline(timeout: float | None, server_timeout: float | None, arrival: float) -> float | None:
+    """The request's deadline (time.monotonic()), from its own `timeout` field and --request-timeout: the
+    shorter of the two (a client may not extend the server's limit). None: no deadline."""
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise HttpError(400, f"timeout: must be a positive number of seconds, got {timeout}", "timeout")
+    limits = [t for t in (timeout, server_timeout) if t is not None]
+    return arrival + min(limits) if limits else None
+
+
+def check_sequence_count(count: int, limit: int, what: str) -> None:
+    """One request may not fan out into more than --max-seqs-per-request sequences (prompts x n)."""
+    if count > limit:
+        raise HttpError(400, f"{what}: the request asks for {count} sequences; the server allows at most {limit} "
+                             "per request (--max-seqs-per-request)", what.partition(" ")[0])

@@ -14,6 +14,8 @@ class Job:
     input_ids: list[int]
     sampling: SamplingParams
     logprobs: LogprobOptions
+    deadline: float | None = None  # time.monotonic() past which the request is aborted (504)
+    group: str | None = None  # the n samples of one prompt share a group: one data-parallel replica serves them
 
 
 @dataclass(slots=True)
@@ -30,6 +32,7 @@ class Sequence:
     prompt_logprobs: TokenLogprobs | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    timestamps: list[float] = field(default_factory=list)  # of the latest update (--enable-token-timestamps)
 
     def add(self, update: TextUpdate, now: float) -> None:
         self.text += update.text_delta
@@ -38,11 +41,14 @@ class Sequence:
             if self.first_token_time is None:
                 self.first_token_time = now
         self.meta = update.meta
+        if update.timestamps:
+            self.timestamps = update.timestamps
         if update.logprobs is not None:
             self.logprobs.token_ids += update.logprobs.token_ids
             self.logprobs.logprobs += update.logprobs.logprobs
             self.logprobs.top_ids += update.logprobs.top_ids
             self.logprobs.top_logprobs += update.logprobs.top_logprobs
+            self.logprobs.ids_logprobs += update.logprobs.ids_logprobs
         if update.prompt_logprobs is not None:
             self.prompt_logprobs = update.prompt_logprobs
         if update.finish is not None:

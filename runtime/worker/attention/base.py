@@ -12,7 +12,9 @@ Semantics of `forward`, for every backend:
   (slots req_to_token[rows[i], :prefix_lens[i]]) and to the row's new tokens up to and including itself
   (causal). Query head h reads kv head h // (Hq // Hkv) (GQA). Scores are scaled by `spec.scale`.
 - With `spec.sliding_window = W`, a token at position p sees only keys at positions > p - W
-  (Mistral's convention: W keys including itself).
+  (Mistral's convention: W keys including itself); with `spec.window_layers` set, only those layers use the
+  window and the others attend to the whole sequence (Gemma 2 and 3 alternate).
+- With `spec.logit_cap = c`, scaled scores s become c * tanh(s / c) before the softmax (Gemma 2's soft-capping).
 - Returns [T, Hq * D] in the dtype of q.
 """
 
@@ -39,6 +41,17 @@ class AttentionSpec:
     head_dim: int
     scale: float
     sliding_window: int | None = None
+    window_layers: tuple[int, ...] | None = None  # the layers that use sliding_window; None: all of them
+    logit_cap: float | None = None
+
+    def window(self, layer_id: int) -> int | None:
+        """The sliding window of one layer (None: it attends to the whole sequence)."""
+        if self.window_layers is not None and layer_id not in self.window_layers:
+            return None
+        return self.sliding_window
+
+    def distinct_windows(self) -> list[int | None]:
+        return sorted({self.window(layer) for layer in range(self.num_layers)}, key=lambda w: (w is not None, w or 0))
 
 
 class AttentionBackend(Protocol):

@@ -9,6 +9,8 @@ boolean masks. Rows are split in two groups:
   with a causal mask offset by each row's prefix length.
 GQA without copying K/V: the G = Hq / Hkv query heads that share a kv head are folded into the
 query-length dimension, so SDPA sees Hkv heads of G * L queries each.
+Models whose layers differ in sliding window get one mask per distinct window. Soft-capped scores (Gemma 2) are
+computed with explicit matmuls and a float32 softmax, as transformers' eager attention does: SDPA cannot cap them.
 An fp8 pool is gathered, converted to q's dtype, and its per-layer scales applied outside the gather: k_scale in the
 softmax scale, v_scale on the output.
 """
@@ -32,7 +34,9 @@ class _RowGroup:
     token_index: torch.Tensor  # int64 [N]: for each new token of the group, its index in the step's [T] tensors
     query_index: torch.Tensor  # int64 [N]: where that token sits in the padded [rows * max_queries] layout
     kv_slots: torch.Tensor  # int64 [rows * max_keys]: pool slot of each key position, row-major
-    mask: torch.Tensor | None  # bool [rows, 1, G * max_queries, max_keys]: True where attention is allowed
+    # per sliding window (None: no window): bool [rows, 1, G * max_queries, max_keys], True where attention is
+    # allowed, or None where nothing needs masking
+    masks: dict[int | None, torch.Tensor | None]
     num_rows: int
     max_queries: int
     max_keys: int
@@ -43,6 +47,7 @@ class TorchAttentionBackend:
         self.spec = spec
         self.kv_pool = kv_pool
         self.group_size = spec.num_q_heads // spec.num_kv_heads
+        self.windows = spec.distinct_windows()
         self.groups: list[_RowGroup] = []
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -69,38 +74,41 @@ class TorchAttentionBackend:
 
         key_pos = torch.arange(max_keys, device=device)
         query_pos = prefix_g[:, None] + query_offset[None, :]  # [n, Q]
-        window = self.spec.sliding_window
-        if max_queries == 1 and all(batch.seq_lens_cpu[i] == max_keys for i in rows) and (
-                window is None or max_keys <= window):
-            mask = None  # one query per row, every row sees all max_keys keys: nothing to mask
-        else:
+        all_keys_visible = max_queries == 1 and all(batch.seq_lens_cpu[i] == max_keys for i in rows)
+        masks = {}
+        for window in self.windows:
+            if all_keys_visible and (window is None or max_keys <= window):
+                masks[window] = None  # one query per row, every row sees all max_keys keys: nothing to mask
+                continue
             mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal; implies key_pos < seq_len
             if window is not None:
                 mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
             mask |= ~query_valid[:, :, None]  # padded queries attend to everything instead of nothing (no NaN)
-            mask = mask[:, None, None].expand(-1, 1, self.group_size, -1, -1).reshape(
+            masks[window] = mask[:, None, None].expand(-1, 1, self.group_size, -1, -1).reshape(
                 len(rows), 1, self.group_size * max_queries, max_keys)
 
         slots = batch.req_to_token[batch.rows[index], :max_keys].long()
         slots = torch.where(key_pos[None, :] < seq_g[:, None], slots, 0)
-        return _RowGroup(token_index, query_index, slots.reshape(-1), mask, len(rows), max_queries, max_keys)
+        return _RowGroup(token_index, query_index, slots.reshape(-1), masks, len(rows), max_queries, max_keys)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         self.kv_pool.store(layer_id, batch.out_slots, k, v)
         k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        window = self.spec.window(layer_id)
         scales = (self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id])
         num_tokens, num_heads, head_dim = q.shape
         if len(self.groups) == 1 and self.groups[0].num_rows == batch.batch_size and \
                 self.groups[0].max_queries == 1:
-            return self._attend(q, k_pool, v_pool, self.groups[0], scales).reshape(num_tokens, num_heads * head_dim)
+            return self._attend(q, k_pool, v_pool, self.groups[0], window, scales).reshape(num_tokens,
+                                                                                          num_heads * head_dim)
         out = torch.empty_like(q)
         for group in self.groups:
-            out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group, scales)
+            out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group, window, scales)
         return out.view(num_tokens, num_heads * head_dim)
 
     def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _RowGroup,
-                scales: tuple[float, float]) -> torch.Tensor:
+                window: int | None, scales: tuple[float, float]) -> torch.Tensor:
         """q [N, Hq, D] of the group's tokens -> attention output [N, Hq, D]."""
         n, Q, G = group.num_rows, group.max_queries, self.group_size
         Hkv, D = self.spec.num_kv_heads, self.spec.head_dim
@@ -121,11 +129,23 @@ class TorchAttentionBackend:
             values = v_pool.index_select(0, group.kv_slots)
         keys = keys.view(n, group.max_keys, Hkv, D).transpose(1, 2)  # [n, Hkv, L, D]
         values = values.view(n, group.max_keys, Hkv, D).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask,
-                                             scale=self.spec.scale * k_scale)
+        mask = group.masks[window]
+        scale = self.spec.scale * k_scale
+        if self.spec.logit_cap is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        else:
+            out = self._capped_attention(queries, keys, values, mask, scale)
         if v_scale != 1.0:
             out = out * v_scale
         if Q == 1:
             return out.reshape(n, Hkv * G, D)
         out = out.view(n, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(n * Q, Hkv * G, D)
         return out[group.query_index]
+
+    def _capped_attention(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+        cap = self.spec.logit_cap
+        scores = torch.tanh(queries @ keys.transpose(-1, -2) * (scale / cap)) * cap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values

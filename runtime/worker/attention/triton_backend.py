@@ -3,9 +3,12 @@
 forward stores the new tokens' k/v with one `store_kv` launch, then:
 - a DECODE step (every row has one new token) runs `decode_attention`: split over the sequence, the GQA group of
   each kv head in one program, partial results merged by log-sum-exp;
-- an EXTEND step (prefill chunks, possibly mixed with decode rows) runs `extend_attention` over all rows: new tokens
-  attend to the cached prefix through req_to_token and causally to the step's own k/v; decode rows are rows with
-  extend_len 1.
+- an EXTEND step (prefill chunks, possibly mixed with decode rows) runs `decode_attention` on its leading rows of
+  one new token (the scheduler puts decode rows first) and `extend_attention` on the rest: new tokens attend to the
+  cached prefix through req_to_token and causally to the step's own k/v. The extend kernel runs one program per q
+  head and block of 128 new tokens, so a decode row in it would read its whole KV once per q head of its group
+  (4x the decode kernel's traffic for Llama-3-8B) to compute one token: with hundreds of decode rows riding in a
+  prefill chunk's batch that would dominate the step.
 `prepare` makes every host-side decision (kernel, number of kv splits) from the batch's host lists, and `forward`
 launches kernels on the ForwardBatch's device tensors and on preallocated scratch only, with no host sync, so a
 decode step can be captured in a CUDA graph. An fp8 pool's per-layer scales are host floats fixed at load, passed
@@ -38,6 +41,7 @@ class TritonAttentionBackend:
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else DEFAULT_NUM_SMS)
         self.decode = False
+        self.num_single = 0  # leading rows of one new token, attended by the decode kernel
         self.num_kv_splits = 1
         self._allocate_decode_scratch(initial_scratch_rows)
         self.part_o = self.part_lse = None
@@ -52,10 +56,26 @@ class TritonAttentionBackend:
 
     def prepare(self, batch: ForwardBatch) -> None:
         self.decode = batch.mode == ForwardMode.DECODE
-        if not self.decode:
+        if self.decode:
+            self._prepare_decode(batch.batch_size, batch.max_seq_len)
             return
-        spec, batch_size = self.spec, batch.batch_size
-        splits = choose_num_kv_splits(batch_size, spec.num_kv_heads, batch.max_seq_len, self.num_sms)
+        single = 0
+        for extend_len in batch.extend_lens_cpu:
+            if extend_len != 1:
+                break
+            single += 1
+        self.num_single = single
+        if single:
+            self._prepare_decode(single, max(batch.seq_lens_cpu[:single]))
+            self.single_rows, self.single_seq_lens = batch.rows[:single], batch.seq_lens[:single]
+        # The extend rows' tokens follow the single rows' `single` tokens.
+        self.extend_rows, self.extend_prefix_lens = batch.rows[single:], batch.prefix_lens[single:]
+        self.extend_lens = batch.extend_lens[single:]
+        self.extend_start = batch.extend_start_loc[single:] - single if single else batch.extend_start_loc
+
+    def _prepare_decode(self, batch_size: int, max_seq_len: int) -> None:
+        spec = self.spec
+        splits = choose_num_kv_splits(batch_size, spec.num_kv_heads, max_seq_len, self.num_sms)
         if batch_size * splits * spec.num_q_heads > self._part_lse_flat.numel():
             self._allocate_decode_scratch(1 << (batch_size * splits - 1).bit_length())
         self.num_kv_splits = splits
@@ -70,12 +90,21 @@ class TritonAttentionBackend:
         k_scale, v_scale = self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id]
         store_kv(k_pool, v_pool, batch.out_slots, k, v, k_scale, v_scale)
         spec = self.spec
+        window = spec.window(layer_id)
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
-                                   self.num_kv_splits, spec.sliding_window, part_o=self.part_o,
-                                   part_lse=self.part_lse, k_scale=k_scale, v_scale=v_scale)
+                                   self.num_kv_splits, window, part_o=self.part_o, part_lse=self.part_lse,
+                                   logit_cap=spec.logit_cap, k_scale=k_scale, v_scale=v_scale)
         else:
-            out = extend_attention(q, k, v, k_pool, v_pool, batch.req_to_token, batch.rows, batch.prefix_lens,
-                                   batch.extend_lens, batch.extend_start_loc, batch.max_extend_len, spec.scale,
-                                   spec.sliding_window, k_scale=k_scale, v_scale=v_scale)
+            out = torch.empty_like(q)
+            single = self.num_single
+            if single:
+                decode_attention(q[:single], k_pool, v_pool, batch.req_to_token, self.single_rows,
+                                 self.single_seq_lens, spec.scale, self.num_kv_splits, window, out=out[:single],
+                                 part_o=self.part_o, part_lse=self.part_lse, logit_cap=spec.logit_cap,
+                                 k_scale=k_scale, v_scale=v_scale)
+            extend_attention(q[single:], k[single:], v[single:], k_pool, v_pool, batch.req_to_token,
+                             self.extend_rows, self.extend_prefix_lens, self.extend_lens, self.extend_start,
+                             batch.max_extend_len, spec.scale, window, out=out[single:], logit_cap=spec.logit_cap,
+                             k_scale=k_scale, v_scale=v_scale)
         return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Model families on one GPU, in one call. Sections run in order; each one's output goes to the terminal and to
+# $LOG_DIR/<section>.log; a summary table comes last.
+#
+#   bash scripts/gpu_models.sh                  # mixtral: bench_one_batch batch 1 and 64, Mixtral-8x7B dummy weights
+#   bash scripts/gpu_models.sh families moe-kernel mixtral qwen2-moe   # sections in the order given
+#
+# Sections:
+#   mixtral    configs/Mixtral-8x7B (93 GB bf16): bench_one_batch, batch 1 and 64, input 1024, output 128 (~3 min)
+#   qwen2-moe  configs/Qwen2-57B-A14B (115 GB bf16, ~12 GB left for the KV cache on an H200), same shapes
+#   families   every tiny family against transformers on the GPU (tests/models/test_gpu_models.py, fused MoE and
+#              attention kernel tests)
+#   moe-kernel the fused MoE kernel at Mixtral-8x7B shapes against the per-expert torch loop (gpu_kernels_bench)
+#
+# LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_models.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-/tmp/gpu_models}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+
+bench_one_batch() {  # bench_one_batch <config folder> <json name>
+  timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
+    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
+  local status=$?
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  return $status
+}
+
+section_mixtral() {
+  bench_one_batch configs/Mixtral-8x7B one_batch_mixtral
+}
+
+section_qwen2_moe() {
+  bench_one_batch configs/Qwen2-57B-A14B one_batch_qwen2_moe
+}
+
+section_families() {
+  timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/kernels/test_fused_moe.py \
+    tests/kernels/test_attention.py tests/kernels/test_triton_backend.py
+}
+
+section_moe_kernel() {
+  python3 scripts/gpu_kernels_bench.py --only moe --table "$LOG_DIR/moe_kernel.md"
+}
+
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(mixtral)
+for name in "${sections[@]}"; do
+  if ! declare -F "section_${name//-/_}" >/dev/null; then
+    echo "unknown section '$name'; known: mixtral qwen2-moe families moe-kernel" >&2
+    exit 2
+  fi
+done
+
+if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+summary=()
+failed=0
+for name in "${sections[@]}"; do
+  echo "=== $name ==="
+  start=$(date +%s)
+  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -ne 0 ] && failed=1
+  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
+done
+
+for name in mixtral qwen2-moe; do
+  [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
+done
+[ -f "$LOG_DIR/moe_kernel.md" ] && { echo; cat "$LOG_DIR/moe_kernel.md"; }
+echo
+echo "| section | result | time |"
+echo "| --- | --- | --- |"
+printf '%s\n' "${summary[@]}"
+exit "$failed"

@@ -1,0 +1,58 @@
+"""The fused MoE kernel against the per-expert torch loop, and the block alignment it relies on. Interpreter on the
+CPU at tiny sizes, the GPU with CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.fused_moe import MoeTiles, fused_moe, fused_moe_ref, moe_align_block_size  # noqa: E402
+from tests.kernel_fixtures import DEVICE, DTYPES, TOLERANCE, relative_error  # noqa: E402
+
+
+def routed(num_tokens: int, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.randn(num_tokens, num_experts, device=DEVICE).softmax(-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    return weights, ids
+
+
+def test_align_groups_every_pair_by_expert_in_whole_blocks(seed):
+    ids = torch.randint(0, 6, (37, 2), device=DEVICE)
+    ids[:, 1] = (ids[:, 0] + 1) % 6  # distinct experts per token, as top-k gives; expert 5 may stay empty
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, 8, 6)
+    flat = ids.reshape(-1)
+    used = int(num_padded)
+    assert used % 8 == 0 and sorted_ids.numel() % 8 == 0 and used <= sorted_ids.numel()
+    real = sorted_ids[:used][sorted_ids[:used] < flat.numel()]
+    assert sorted(real.tolist()) == list(range(flat.numel())), f"every pair exactly once (seed {seed})"
+    for block in range(used // 8):
+        pairs = sorted_ids[block * 8:(block + 1) * 8]
+        pairs = pairs[pairs < flat.numel()].long()
+        assert pairs.numel() > 0 and (flat[pairs] == expert_ids[block]).all(), f"block {block} (seed {seed})"
+    assert (sorted_ids[used:] == flat.numel()).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 2), (9, 5, 2), (24, 8, 3)])
+def test_fused_moe_matches_the_expert_loop(dtype, num_tokens, num_experts, top_k, seed):
+    hidden, inter = 32, 48
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=DEVICE)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, dtype=dtype, device=DEVICE) * 0.2
+    w2 = torch.randn(num_experts, hidden, inter, dtype=dtype, device=DEVICE) * 0.2
+    weights, ids = routed(num_tokens, num_experts, top_k)
+    out = fused_moe(x, w13, w2, weights, ids)
+    ref = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert relative_error(out, ref) < 2 * TOLERANCE[dtype], f"seed {seed}"
+
+
+def test_fused_moe_other_tiles(seed):
+    """Blocks of 32 rows and K tiles that do not divide the hidden size."""
+    x = torch.randn(20, 40, dtype=torch.float16, device=DEVICE)
+    w13 = torch.randn(3, 64, 40, dtype=torch.float16, device=DEVICE) * 0.2
+    w2 = torch.randn(3, 40, 32, dtype=torch.float16, device=DEVICE) * 0.2
+    weights, ids = routed(20, 3, 2)
+    out = fused_moe(x, w13, w2, weights, ids, tiles=MoeTiles(32, 32, 32, 4, 2))
+    assert relative_error(out, fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)) < 4e-3, f"seed {seed}"
