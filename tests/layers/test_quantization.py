@@ -28,7 +28,7 @@ from runtime.layers.quantization.fp8_ops import (
 )
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.layers.quant_fixtures import CONFIGS, KV_SCALES, write_quantized
-from tests.model_fixtures import PlanDriver, runner_logits, save_tiny_model
+from tests.model_fixtures import runner_logits, save_tiny_model
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7, 8, 100, 3], [8, 8, 21, 60]]
 
@@ -222,7 +222,9 @@ def test_fp8_kv_cache_holds_more_tokens(tiny, monkeypatch):
     fp8 = ModelRunner(ModelRunnerConfig(**config, kv_cache_dtype="fp8_e5m2"))
     assert fp8.kv_pool.k[0].dtype == torch.float8_e5m2
     assert fp8.max_total_tokens == 2 * plain.max_total_tokens
-    assert PlanDriver(fp8).generate(PROMPTS, 2)[0] == PlanDriver(plain).generate(PROMPTS, 2)[0]
+    expected = runner_logits(plain, PROMPTS)
+    for got, ref in zip(runner_logits(fp8, PROMPTS), expected):
+        assert rel(got, ref) < 0.2  # e5m2's 2 mantissa bits on this sensitive random model (see above)
 
 
 def _write_config(folder: str, quantization_config: dict | None) -> None:
