@@ -71,6 +71,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
 
+    # Structured output, tool calls, reasoning
+    grammar_backend: str = "xgrammar"  # xgrammar | none
+    tool_call_parser: str | None = None  # llama3 | qwen25 | hermes | mistral | deepseekv3 | pythonic
+    reasoning_parser: str | None = None  # deepseek-r1 | qwen3
+
     # Operations
     log_level: str = "info"
     log_requests: bool = False
@@ -217,6 +222,18 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "compile the decode forward with torch.compile (inductor) for batches up to "
                       "`--torch-compile-max-bs`; captured in the CUDA graphs on GPU"),
     "torch_compile_max_bs": FlagDoc("Parallelism and kernels", "32", "largest decode batch that runs compiled"),
+    # Structured output
+    "grammar_backend": FlagDoc("Structured output", "xgrammar",
+                      "`xgrammar` (JSON schema, regex, EBNF, structural tags, forced tool calls), or `none` "
+                      "(constrained requests are refused with a 400)"),
+    "tool_call_parser": FlagDoc("Structured output", "none",
+                      "how tool calls are written by the model: `llama3`, `qwen25` (= `hermes`), `mistral`, "
+                      "`deepseekv3`, `pythonic`; parses `tool_choice: auto` output into `tool_calls` and forces "
+                      "`required`/named calls in that format. Without it, `auto` returns the text as content and "
+                      "forced calls are written as JSON"),
+    "reasoning_parser": FlagDoc("Structured output", "none",
+                      "`deepseek-r1` or `qwen3`: `<think>...</think>` goes to `reasoning_content`, and grammars "
+                      "(response_format, forced tool calls) apply after the reasoning"),
     # Operations
     "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
     "log_requests": FlagDoc("Operations", "off",
@@ -269,12 +286,17 @@ CHOICES = {
     "log_level": ("debug", "info", "warning", "error", "critical"),
     "kv_cache_dtype": ("auto", "fp8_e5m2", "fp8_e4m3"),
     "load_balance_method": ("round_robin", "shortest_queue"),
+    "grammar_backend": ("xgrammar", "none"),
+    "tool_call_parser": ("llama3", "qwen25", "hermes", "mistral", "deepseekv3", "pythonic"),
+    "reasoning_parser": ("deepseek-r1", "qwen3"),
 }
 # Kept in sync with runtime.layers.quantization.QUANTIZATION_METHODS (tests/test_server_args.py checks it); this
 # module is imported by the scheduler, which must not import torch.
 QUANTIZATION_CHOICES = ("fp8", "fbgemm_fp8", "compressed-tensors")
 TORCHAO_VALUES = ("int8wo", "int8dq", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row")
 TORCHAO_INT4_GROUPS = (32, 64, 128, 256)
+
+OPTIONAL_CHOICES = ("tool_call_parser", "reasoning_parser")  # None (not given) is valid too
 
 
 class ServerArgsError(ValueError):
@@ -328,7 +350,8 @@ def validate(args: ServerArgs) -> ServerArgs:
     dtype_alias = {"half": "float16", "fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32"}
     args.dtype = dtype_alias.get(args.dtype, args.dtype)
     for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
+        value = getattr(args, name)
+        if value not in choices and not (value is None and name in OPTIONAL_CHOICES):
             raise ServerArgsError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}")
     if args.mem_fraction_static is not None and not 0.0 < args.mem_fraction_static < 1.0:
         raise ServerArgsError("--mem-fraction-static must be in (0, 1)")
