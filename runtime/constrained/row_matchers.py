@@ -95,8 +95,7 @@ class RowMatchers:
         if not positions:
             return None
         states = [self._rows[rows[i]] for i in positions]
-        for state in states:
-            self._catch_up(state)
+        _catch_up(states)
         bitmask = torch.empty(xgr.get_bitmask_shape(len(rows), self.vocab_size), dtype=torch.int32,
                               pin_memory=self._pin)
         live = [(i, s.matcher) for i, s in zip(positions, states) if not s.matcher.is_terminated()]
@@ -116,14 +115,23 @@ class RowMatchers:
                 tokens = tokens or StepTokens(step)
                 state.unaccepted.append((tokens, i))
 
-    @staticmethod
-    def _catch_up(state: _RowState) -> None:
-        for tokens, index in state.unaccepted:
-            values = tokens.values()
-            if index >= len(values):  # the step failed before its tokens were copied: nothing to feed
-                continue
-            if state.matcher.is_terminated():
-                break
-            if not state.matcher.accept_token(values[index]):
-                log.warning("grammar matcher rejected token %d, which its own mask allowed", values[index])
+
+
+def _catch_up(states: list[_RowState]) -> None:
+    """Feed each row's sampled tokens to its matcher, all rows at once (one call per round; a row has more
+    than one token waiting only if it sampled in several steps without being masked in between)."""
+    for round_ in range(max(len(s.unaccepted) for s in states)):
+        matchers, tokens = [], []
+        for state in states:
+            if round_ < len(state.unaccepted) and not state.matcher.is_terminated():
+                step_tokens, index = state.unaccepted[round_]
+                values = step_tokens.values()
+                if index < len(values):  # else the step failed before its tokens were copied: nothing to feed
+                    matchers.append(state.matcher)
+                    tokens.append(values[index])
+        if matchers:
+            for token, accepted in zip(tokens, xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)):
+                if not accepted:
+                    log.warning("grammar matcher rejected token %d, which its own mask allowed", token)
+    for state in states:
         state.unaccepted.clear()
