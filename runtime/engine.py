@@ -54,6 +54,7 @@ from runtime.ingress.api.protocol import (
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.api.structured import sampling_grammar
 from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.launcher import Deployment
@@ -236,13 +237,14 @@ class Engine:
         for i, ids in enumerate(prompts):
             params = sampling[i] or NativeSamplingParams()
             check_sampling(params, info.vocab_size, NATIVE_FIELDS)
+            grammar = sampling_grammar(self.frontend, params, NATIVE_FIELDS)
             check_prompt(ids, info.vocab_size, info.context_length, f"input_ids[{i}]" if is_batch else "input_ids")
             options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(ids), info.vocab_size,
                                       id_lists[i])
             rid = uuid.uuid4().hex
             for j in range(params.n):
                 sampling_j = to_sampling_params(params, len(ids), info.context_length, NATIVE_FIELDS,
-                                                NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
+                                                NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar)
                 sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
                                               group=rid if params.n > 1 else None), arrival))
         return sequences, is_batch or len(sequences) > 1

@@ -21,6 +21,20 @@ from actors.control import Shutdown
 # --------------------------------------------------------------------------------------------
 
 
+class GrammarSpec(Struct, frozen=True):
+    """A grammar that constrains a request's output (runtime/constrained/). `kind` is "json_schema",
+    "json_object", "regex", "ebnf", "structural_tag", or one the ingress composes: "tool_calls" (forced calls
+    in a family's format), "reasoning" (a grammar after a think block); `source` its text (JSON for all but
+    regex and EBNF; empty for json_object). `key` names the pair: the compile cache of the workers and the
+    scheduler's readiness set are keyed by it. `field` is the request field it came from, for the 400 that
+    quotes the compiler when the workers cannot compile it (not part of the key)."""
+
+    key: str
+    kind: str
+    source: str
+    field: str = ""
+
+
 class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     """Validated sampling parameters (the ingress validates; everyone downstream trusts them)."""
 
@@ -44,6 +58,7 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     logit_bias: dict[int, float] = {}
     stop_regex: list[str] = []  # validated patterns; a match in the output's tail ends the request
     stream_interval: int | None = None  # tokens between streamed updates; None: the server's --stream-interval
+    grammar: GrammarSpec | None = None  # constrained decoding: the sampler masks what the grammar forbids
 
 
 class LogprobOptions(Struct, frozen=True):
@@ -165,7 +180,14 @@ class BatchPlan(Struct, tag="plan"):
     pool: list[int] = []
 
 
-SchedulerToWorker = BatchPlan | Shutdown
+class CompileGrammars(Struct, tag="compile_grammars"):
+    """Grammars of queued requests that the workers have not reported ready: compile them in the
+    background (a request is admitted only once its grammar is ready, so no step waits for a compile)."""
+
+    specs: list[GrammarSpec]
+
+
+SchedulerToWorker = BatchPlan | CompileGrammars | Shutdown
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +222,14 @@ class WorkerReady(Struct, tag="worker_ready"):
     model_info: ModelInfo
 
 
-WorkerToScheduler = BatchResult | WorkerError | WorkerReady
+class GrammarReady(Struct, tag="grammar_ready"):
+    """Rank 0 compiled (or failed to compile: `error` quotes the compiler) the grammar named `key`."""
+
+    key: str
+    error: str | None = None
+
+
+WorkerToScheduler = BatchResult | WorkerError | WorkerReady | GrammarReady
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +307,7 @@ class RequestRejected(Struct, tag="rejected"):
     rid: str
     status: int  # HTTP status to answer with (400 or 503)
     message: str
+    param: str | None = None  # the request field at fault, when one is (a grammar the compiler refused)
 
 
 class EngineReady(Struct, tag="engine_ready"):

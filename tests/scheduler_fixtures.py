@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import struct
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -23,6 +24,8 @@ from runtime.messages import (
     EmbeddingResult,
     FinishReason,
     GenerateRequest,
+    GrammarReady,
+    GrammarSpec,
     SamplingParams,
     SchedulerToWorker,
     TokenUpdate,
@@ -54,6 +57,19 @@ class FakeRunner:
         self.encoder = msgspec.msgpack.Encoder()
         self.fail_batches: set[int] = set()
         self.steps = 0
+        self.asked_grammars: list[str] = []  # keys of CompileGrammars, in order
+        self.bad_grammars: dict[str, str] = {}  # key -> the compile error to answer with
+        self._grammar_replies: list[GrammarReady] = []
+
+    def compile_grammars(self, specs: list[GrammarSpec]) -> None:
+        """Compiles at once (the grammar itself does not change this double's tokens)."""
+        for spec in specs:
+            self.asked_grammars.append(spec.key)
+            self._grammar_replies.append(GrammarReady(key=spec.key, error=self.bad_grammars.get(spec.key)))
+
+    def grammar_replies(self) -> list[GrammarReady]:
+        replies, self._grammar_replies = self._grammar_replies, []
+        return replies
 
     def step(self, plan: BatchPlan) -> BatchResult | WorkerError:
         plan = self.codec.decode(self.encoder.encode(plan))  # what really crosses the ring
@@ -173,6 +189,13 @@ def drive(core: SchedulerCore, runner, arrivals: dict[int, list[GenerateRequest]
                 rejected[msg.rid] = rejection.message
         for rid in aborts.pop(step, []):
             deliver(core.abort(rid).updates)
+        grammars = core.grammars.take_outbox()
+        if grammars:
+            runner.compile_grammars(grammars)
+        for reply in runner.grammar_replies():
+            rejections, updates = core.grammar_ready(reply)
+            rejected.update((r.rid, r.message) for r in rejections)
+            deliver(updates.updates)
         batch = core.plan_next()
         if batch is not None:
             batches += 1
@@ -183,6 +206,8 @@ def drive(core: SchedulerCore, runner, arrivals: dict[int, list[GenerateRequest]
         else:
             while results:
                 process_oldest()
+        if batch is None and not results and core.grammars.compiling:
+            time.sleep(0.002)  # a real runner compiles in the background
         if check_every_step:
             core.check_invariants()
         if not arrivals and not aborts and core.is_idle and not results:

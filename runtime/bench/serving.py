@@ -7,7 +7,8 @@ Backends: `sglang` (native /generate) and `openai` (/v1/completions). Datasets: 
 lengths: with the same --seed the same input and output lengths as SGLang's bench_serving, see sample_random),
 `generated-shared-prefix` (groups of prompts sharing a long system prompt), and `sharegpt` (a ShareGPT-format JSON
 file given with --dataset-path; nothing is downloaded). `--max-concurrency 1 8 64` runs one benchmark per value and
-ends with a table of them.
+ends with a table of them. `--json-schema` constrains every request to a JSON schema (sampling_params.json_schema,
+or response_format).
 """
 
 from __future__ import annotations
@@ -148,12 +149,11 @@ DATASETS = {"random": sample_random, "random-ids": sample_random_ids, "generated
 def request_body(backend: str, req: BenchRequest, args) -> tuple[str, dict]:
     ignore_eos = not args.disable_ignore_eos
     if backend == "sglang":
-        return "/generate", {
-            "text": req.prompt,
-            "sampling_params": {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": ignore_eos},
-            "stream": not args.disable_stream,
-        }
-    return "/v1/completions", {
+        sampling = {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": ignore_eos}
+        if args.json_schema:
+            sampling["json_schema"] = args.json_schema
+        return "/generate", {"text": req.prompt, "sampling_params": sampling, "stream": not args.disable_stream}
+    body = {
         "model": args.model or "default",
         "prompt": req.prompt,
         "max_tokens": req.output_len,
@@ -161,6 +161,10 @@ def request_body(backend: str, req: BenchRequest, args) -> tuple[str, dict]:
         "ignore_eos": ignore_eos,
         "stream": not args.disable_stream,
     }
+    if args.json_schema:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "bench", "schema": json.loads(args.json_schema)}}
+    return "/v1/completions", body
 
 
 async def send_one(session, base_url: str, backend: str, req: BenchRequest, args) -> RequestOutcome:
@@ -468,10 +472,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-file", default=None, help="append the result as one JSON line")
     p.add_argument("--plot", default=None, help="write a latency-over-time plot (PNG) to this file")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json-schema", default=None,
+                   help="constrain every request's output to this JSON schema (JSON text, or @file to read it from)")
     args = p.parse_args(argv)
     args.backend = {"sglang-native": "sglang", "sglang-oai": "openai"}.get(args.backend, args.backend)
     if not 0.0 <= args.random_range_ratio <= 1.0:
         p.error("--random-range-ratio must be in [0, 1]")
+    if args.json_schema and args.json_schema.startswith("@"):
+        with open(args.json_schema[1:]) as f:
+            args.json_schema = f.read()
     return args
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from actors.actor import Actor
-from runtime.messages import BatchPlan, Shutdown
+from runtime.messages import BatchPlan, CompileGrammars, Shutdown
 from runtime.server_args import ServerArgs
 from shm import Heartbeat
 
@@ -100,7 +100,7 @@ class RelayActor(Actor):
                 next_beat = now + HEARTBEAT_S
             wake = next_beat if deadline is None else min(next_beat, deadline)
             match self.receive(max(0.0, wake - time.monotonic())):
-                case BatchPlan() as plan:
+                case BatchPlan() | CompileGrammars() as plan:  # the other nodes' workers compile grammars too
                     data = msgspec.msgpack.encode(plan)
                     self._send_header(PLAN, len(data))
                     dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)

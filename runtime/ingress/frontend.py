@@ -477,10 +477,10 @@ class Frontend:
                     state = self._streams.get(result.rid)
                     if state is not None:
                         state.set_embedding(result)
-            case RequestRejected(rid=rid, status=status, message=message):
+            case RequestRejected(rid=rid, status=status, message=message, param=param):
                 state = self._streams.get(rid)
                 if state is not None:
-                    state.fail(RequestError(status, message))
+                    state.fail(RequestError(status, message, param))
             case EngineReady():
                 pass  # the scheduler's greeting: this frontend was built with the model facts already
             case FlushCacheReply(token=token) | ServerInfoReply(token=token):

@@ -32,11 +32,13 @@ from actors.actor import Actor
 from runtime.messages import (
     AbortRequest,
     BatchResult,
+    CompileGrammars,
     EmbeddingResults,
     EngineReady,
     FlushCacheReply,
     FlushCacheRequest,
     GenerateRequest,
+    GrammarReady,
     ModelInfo,
     RequestRejected,
     ServerInfoReply,
@@ -130,6 +132,9 @@ class SchedulerActor(Actor):
                 self.handle(msg)
             if self.shutdown_deadline is not None and self._shutdown_done():
                 break
+            grammars = self.core.grammars.take_outbox()
+            if grammars:
+                self.to_workers.send(CompileGrammars(specs=grammars))
             while len(self.core.in_flight) < self.depth:
                 batch = self.core.plan_next()
                 if batch is None:
@@ -150,6 +155,11 @@ class SchedulerActor(Actor):
                 self._sent_batch_done(msg.batch_id)
                 self.log.error("worker error in batch %d: %s", msg.batch_id, msg.message)
                 self.emit(self.core.process_error(msg))
+            case GrammarReady():
+                rejections, step = self.core.grammar_ready(msg)
+                for rejection in rejections:
+                    self.to_ingress.send(rejection)
+                self.emit(step)
             case GenerateRequest():
                 if self.shutdown_deadline is not None:
                     self.to_ingress.send(RequestRejected(rid=msg.rid, status=503,

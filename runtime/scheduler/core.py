@@ -39,6 +39,7 @@ from runtime.messages import (
     EmbeddingResult,
     FinishReason,
     GenerateRequest,
+    GrammarReady,
     ModelInfo,
     NewRow,
     RequestMeta,
@@ -49,6 +50,7 @@ from runtime.messages import (
 )
 from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
 from runtime.scheduler.chunk_control import MixedChunkSize
+from runtime.scheduler.grammar_gate import GrammarGate
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
@@ -172,6 +174,7 @@ class SchedulerCore:
         self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
         self.released_rows: list[int] = []  # rows freed since the last plan (its freed_rows)
         self.new_token_ratio = NewTokenRatio()
+        self.grammars = GrammarGate()  # constrained requests wait in the queue until their grammar is compiled
 
         # Counters for logs and server info
         self.num_retractions = 0  # times a running request was retracted (a request may count more than once)
@@ -207,7 +210,26 @@ class SchedulerCore:
         req = Req(msg=msg, prompt_ids=list(msg.input_ids), arrival_seq=next(self._arrivals), length_limit=limit)
         self.reqs[msg.rid] = req
         self.waiting.append(req)
+        if msg.sampling.grammar is not None:
+            self.grammars.on_request(msg.sampling.grammar)
         return None
+
+    def grammar_ready(self, msg: GrammarReady) -> tuple[list[RequestRejected], StepUpdates]:
+        """A grammar is compiled: its requests become admissible. One the workers could not compile refuses its
+        queued requests: a 400 naming the request field it came from and quoting the compiler."""
+        self.grammars.on_ready(msg)
+        if msg.error is None:
+            return [], StepUpdates(updates=[])
+        rejected, updates = [], []
+        for req in [r for r in self.waiting if r.sampling.grammar is not None and r.sampling.grammar.key == msg.key]:
+            field = req.sampling.grammar.field or "grammar"
+            message = f"{field}: the grammar compiler refused it: {msg.error}"
+            self._finish(req, FinishReason(type="abort", message=message))
+            if req.admitted_once:  # it has streamed output: end it like an abort
+                updates.append(self._update(req))
+            else:
+                rejected.append(RequestRejected(rid=req.rid, status=400, message=message, param=field))
+        return rejected, StepUpdates(updates=updates, finished=len(updates))
 
     def abort(self, rid: str, message: str = "aborted by request") -> StepUpdates:
         """Abort a queued, prefilling or decoding request (unknown or finished rids: nothing)."""
@@ -386,6 +408,8 @@ class SchedulerCore:
                 break
             if req.pending:
                 continue  # retracted with a token still in flight: its input is not known yet
+            if not self.grammars.admissible(req.sampling.grammar):
+                continue  # its grammar is still compiling on the workers
             if reservation is None:
                 reservation = self._reservation()
             fill = req.prompt_ids + req.output_ids
@@ -612,6 +636,8 @@ class SchedulerCore:
         top = max(self.waiting, key=lambda r: r.msg.priority)
         if top.pending or top.msg.priority <= min(r.msg.priority for r in self.running):
             return False
+        if not self.grammars.admissible(top.sampling.grammar):
+            return False  # it could not be admitted anyway before its grammar is compiled
         victims = [r for r in self.running if r.msg.priority < top.msg.priority]
         if not self._fits(top, victims):
             return False  # even without every lower-priority request it would not fit: keep them running
@@ -728,6 +754,9 @@ class SchedulerCore:
             "mixed_chunk_size": self.mixed_chunk.size,
             "max_prefill_tokens": self.config.max_prefill_tokens,
             "enable_mixed_chunk": self.config.enable_mixed_chunk,
+            "grammar_compiles": self.grammars.compiles,
+            "grammar_cache_hits": self.grammars.cache_hits,
+            "grammars_compiling": self.grammars.compiling,
         }
 
     def check_invariants(self) -> None:

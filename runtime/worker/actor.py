@@ -18,6 +18,9 @@ N+1 as soon as it arrives (the scheduler sends it before N's result is back), so
 never drains between steps; N's result is collected and sent once N is done. On the CPU launch
 computes synchronously, so this reduces to step-by-step.
 
+Grammars: CompileGrammars starts background compiles (runtime/constrained/compile_cache.py); while any
+runs, the loop polls every millisecond and rank 0 sends a GrammarReady per grammar as it finishes.
+
 Shutdown: Shutdown(grace_s > 0) (from the supervisor) keeps serving plans for up to grace_s so
 the scheduler can finish its running requests; Shutdown(grace_s == 0) (the scheduler's last
 message, or an immediate stop) exits at once.
@@ -38,13 +41,14 @@ import time
 import msgspec
 
 from actors.actor import Actor
-from runtime.messages import BatchPlan, ModelInfo, Shutdown, WorkerError, WorkerReady
+from runtime.messages import BatchPlan, CompileGrammars, ModelInfo, Shutdown, WorkerError, WorkerReady
 from runtime.server_args import ServerArgs
 from shm import Heartbeat
 
 TO_SCHEDULER = "worker_to_scheduler"  # rank 0's outbound channel name
 GRACE_SLACK_S = 2.0  # beyond the grace period, for the scheduler's own Shutdown to arrive
 POLL_S = 2e-4  # mailbox wait while a launched step runs on the device
+GRAMMAR_POLL_S = 1e-3  # mailbox wait while grammars compile in the background (their end wakes no ring)
 HEARTBEAT_INTERVAL_S = 0.5
 
 
@@ -115,9 +119,13 @@ class WorkerActor(Actor):
                 self._answer_oldest()
                 continue
             timeout = POLL_S if self.launched else None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.runner.compiling_grammars:
+                timeout = GRAMMAR_POLL_S if timeout is None else min(timeout, GRAMMAR_POLL_S)
             match self.receive(timeout):
                 case BatchPlan() as plan:
                     self.launched.append(self.launch(plan))
+                case CompileGrammars(specs=specs):
+                    self.runner.compile_grammars(specs)
                 case Shutdown(grace_s=grace_s) if grace_s > 0:
                     deadline = deadline or time.monotonic() + grace_s + GRACE_SLACK_S
                 case Shutdown():
@@ -126,7 +134,13 @@ class WorkerActor(Actor):
                     pass
                 case other:
                     self.log.error("worker: unexpected message %s", type(other).__name__)
+            self._answer_grammars()
         self.log.info("worker rank %d stopped", self.rank)
+
+    def _answer_grammars(self) -> None:
+        for reply in self.runner.grammar_replies():
+            if self.to_scheduler is not None:
+                self.to_scheduler.send(reply)
 
     def launch(self, plan: BatchPlan):
         try:

@@ -9,7 +9,8 @@ One step (docs/architecture.md, "Scheduler <-> worker"):
   3. write out_slots into req_to_token[row, prefix_len : prefix_len + extend_len];
   4. run the model; logits only for the last token of each sampling row (and for every new token of
      rows that still owe prompt logprobs);
-  5. sample, store the samples in future_tokens[future_slots], free plan.freed_rows.
+  5. sample (constrained rows through their grammar's token mask, runtime/constrained/row_matchers.py), store
+     the samples in future_tokens[future_slots], free plan.freed_rows.
 `launch(plan)` does all of that and starts the copy of the sampled ids to the host; `collect(pending)`
 waits for it and builds the BatchResult. `step` is both. A worker that overlaps launches plan N+1
 before collecting N, so the GPU never waits for the host round trip.
@@ -51,10 +52,23 @@ from dataclasses import dataclass, field
 import psutil
 import torch
 
+from runtime.constrained.compile_cache import GrammarCompileCache
+from runtime.constrained.row_matchers import RowMatchers
 from runtime.layers.parallel import TensorParallel
-from runtime.messages import BatchPlan, BatchResult, LogprobOptions, ModelInfo, NewRow, TokenLogprobs
+from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
+from runtime.messages import (
+    BatchPlan,
+    BatchResult,
+    GrammarReady,
+    GrammarSpec,
+    LogprobOptions,
+    ModelInfo,
+    NewRow,
+    TokenLogprobs,
+)
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
 from runtime.models.config import EMBEDDING_ARCHITECTURES
+from runtime.server_args import ServerArgs
 from runtime.worker.attention import create_attention_backend
 from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
 from runtime.worker.distributed import agree_min, check_model_shards, join_tp_group
@@ -103,6 +117,14 @@ class ModelRunnerConfig:
     torch_compile_max_bs: int = 32
     torch_compile_backend: str = "inductor"  # tests use "aot_eager": the same capture, without code generation
     is_embedding: bool = False  # serve the bare decoder: embedding requests only
+    quantization: str | None = None  # --quantization (None: the checkpoint's own, if any)
+    kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
+    torchao_config: str = ""
+    # Constrained decoding: "none" disables it; the tokenizer (for the grammars' vocabulary) is loaded by the first
+    # grammar compile.
+    grammar_backend: str = "xgrammar"
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0, gpu_id: int | None = None) -> ModelRunnerConfig:
@@ -113,7 +135,10 @@ class ModelRunnerConfig:
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
                    cuda_graph_max_bs=args.cuda_graph_max_bs, cuda_graph_bs=args.cuda_graph_bs,
                    enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs,
-                   is_embedding=args.is_embedding)
+                   is_embedding=args.is_embedding, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config,
+                   grammar_backend="none" if args.skip_tokenizer_init else args.grammar_backend,
+                   tokenizer_path=args.tokenizer_path, trust_remote_code=args.trust_remote_code)
 
 
 @dataclass
@@ -153,15 +178,21 @@ class ModelRunner:
                           config.p2p_check_gpus)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        kv_scales = KVCacheScales.ones(self.model_config.num_layers)
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
-                                self.context_length, self.tp, config.random_seed)
+                                self.context_length, self.tp, config.random_seed, quantization_flag=config.quantization,
+                                torchao_config=config.torchao_config, kv_scales=kv_scales)
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
         if self.tp.size > 1:  # every rank holds its share of the same slots
             self.max_total_tokens = agree_min(self.max_total_tokens, self.device)
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
-                              self.attention_spec.head_dim, self.dtype, self.device)
+                              self.attention_spec.head_dim, self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v)
+        log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
+                 f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
+                 if config.quantization or config.torchao_config else "")
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
         use_cuda_graphs = self._cuda_graphs_possible() and not self.is_embedding  # graphs cover decode steps
         self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
@@ -175,8 +206,13 @@ class ModelRunner:
         # Rows that still owe prompt logprobs, and the last-position logits of their previous chunk.
         self.prompt_logprob_rows: dict[int, LogprobOptions] = {}
         self.prompt_carry: dict[int, torch.Tensor] = {}
+        self._grammar_refusals: list[GrammarReady] = []
         self.compiled_forward = self._compile() if config.enable_torch_compile else None
         self.graph_runner = self._capture_cuda_graphs() if use_cuda_graphs else None
+        eos = list(self.model_config.eos_token_ids)
+        self.grammar_cache = GrammarCompileCache(self._load_tokenizer, self.model_config.vocab_size, eos) \
+            if config.grammar_backend == "xgrammar" else None
+        self.row_matchers = RowMatchers(self.model_config.vocab_size, eos, self.device)
 
     @property
     def info(self) -> ModelInfo:
@@ -206,7 +242,7 @@ class ModelRunner:
         free memory minus the (1 - fraction) share kept for activations); on the CPU a quarter of the
         available RAM, capped. An explicit max_total_tokens is used as given on the CPU and as a cap on CUDA."""
         spec = self.attention_spec
-        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.kv_cache_dtype)
         wanted = self.config.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -244,6 +280,13 @@ class ModelRunner:
             return [s for s in self.config.cuda_graph_bs if s <= cap] or [cap]
         return capture_batch_sizes(min(self.config.cuda_graph_max_bs or cap, cap))
 
+    def _load_tokenizer(self):
+        from runtime.tokenizer import load_tokenizer
+
+        config = self.config
+        return load_tokenizer(ServerArgs(model_path=config.model_path, tokenizer_path=config.tokenizer_path,
+                                         trust_remote_code=config.trust_remote_code))
+
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return False
@@ -276,6 +319,24 @@ class ModelRunner:
 
     def step(self, plan: BatchPlan) -> BatchResult:
         return self.collect(self.launch(plan))
+
+    def compile_grammars(self, specs: list[GrammarSpec]) -> None:
+        """Start compiling in the background; `grammar_replies()` answers each spec once it is done."""
+        if self.grammar_cache is None:
+            self._grammar_refusals.extend(GrammarReady(spec.key, "constrained decoding is disabled on the worker")
+                                          for spec in specs)
+            return
+        self.grammar_cache.submit(specs)
+
+    @property
+    def compiling_grammars(self) -> bool:
+        return self.grammar_cache is not None and self.grammar_cache.busy
+
+    def grammar_replies(self) -> list[GrammarReady]:
+        replies, self._grammar_refusals = self._grammar_refusals, []
+        if self.grammar_cache is not None:
+            replies += self.grammar_cache.replies()
+        return replies
 
     @torch.inference_mode()
     def launch(self, plan: BatchPlan) -> PendingStep:
@@ -328,6 +389,7 @@ class ModelRunner:
             if row in reused:  # freed and taken again by a new request in the same plan: keep the new state
                 continue
             self.sampler.free_row(row)
+            self.row_matchers.free_row(row)
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)
             self.pooler.free_row(row)
@@ -369,8 +431,11 @@ class ModelRunner:
 
     def _sample(self, plan: BatchPlan, logits: torch.Tensor, sample_rows: list[int], pending: PendingStep) -> None:
         """Sample the rows `sample_rows` (plan indices; logits [len(sample_rows), vocab] in that order), store the
-        samples in future_tokens and start their copy to the host."""
-        sampled = self.sampler.sample(logits, [plan.rows[i] for i in sample_rows])
+        samples in future_tokens and start their copy to the host. Constrained rows get their grammar mask
+        (runtime/constrained/row_matchers.py: filled here, while the device runs this step's forward pass)."""
+        rows = [plan.rows[i] for i in sample_rows]
+        token_mask = self.row_matchers.mask(rows) if len(self.row_matchers) else None
+        sampled = self.sampler.sample(logits, rows, token_mask)
         future_slots = [plan.future_slots[i] for i in sample_rows]
         keep = [j for j, slot in enumerate(future_slots) if slot >= 0]
         if keep:
@@ -383,6 +448,8 @@ class ModelRunner:
             pending.token_ids.copy_(sampled.token_ids, non_blocking=True)
         else:
             pending.token_ids = sampled.token_ids
+        if token_mask is not None:
+            self.row_matchers.record(rows, pending)
         for i in sample_rows:
             self.prompt_logprob_rows.pop(plan.rows[i], None)
             self.prompt_carry.pop(plan.rows[i], None)
@@ -408,6 +475,12 @@ class ModelRunner:
             slots = torch.tensor(new_row.prefix_slots, dtype=torch.int32).to(self.device, non_blocking=True)
             self.req_to_token[new_row.row, :len(new_row.prefix_slots)] = slots
         self.sampler.add_row(new_row.row, new_row.sampling, new_row.logprobs, new_row.prior_output_ids)
+        self.row_matchers.free_row(new_row.row)
+        grammar = new_row.sampling.grammar
+        if grammar is not None:
+            if self.grammar_cache is None:
+                raise ValueError("a request with a grammar reached a worker started with --grammar-backend none")
+            self.row_matchers.add_row(new_row.row, self.grammar_cache.get(grammar), new_row.prior_output_ids)
         self.prompt_carry.pop(new_row.row, None)
         self.prompt_logprob_rows.pop(new_row.row, None)
         self.pooler.free_row(new_row.row)

@@ -3,7 +3,9 @@
 Semantics follow SGLang. Per row, on the raw logits:
   1. penalties on output tokens (runtime/worker/penalties.py: repetition, then frequency and presence);
   2. logit_bias (token id -> additive bias);
-  3. min_new_tokens: while the row has produced fewer tokens, its EOS ids and stop_token_ids are -inf;
+  3. min_new_tokens: while the row has produced fewer tokens, its EOS ids and stop_token_ids are -inf
+     (not for a row with a grammar: the grammar decides when the output may end);
+  3b. a grammar's token mask (runtime/constrained/row_matchers.py): the tokens it forbids are -inf;
   4. temperature < 1e-6: greedy argmax, no randomness. Otherwise divide by the temperature and keep
      the tokens that pass all of top-k, top-p and min-p, each judged on the temperature-scaled
      distribution over the whole vocabulary (SGLang's joint filter): top-k keeps the k most likely;
@@ -35,11 +37,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from runtime.messages import LogprobOptions, SamplingParams, TokenLogprobs
 from runtime.worker.penalties import PenaltyCounts, apply_penalties
+
+if TYPE_CHECKING:
+    from runtime.constrained.row_matchers import TokenMask
 
 try:  # Triton is needed on CUDA only (pyproject's gpu extra)
     from kernels.sampling import sample_from_probs
@@ -207,7 +213,7 @@ class Sampler:
             seed_key=None if params.seed is None or greedy else seed_key(params.seed),
             steps=len(prior_output_ids),
             min_new_tokens=params.min_new_tokens,
-            banned_until_min=sorted(set(self.eos_token_ids) | set(params.stop_token_ids)),
+            banned_until_min=[] if params.grammar else sorted(set(self.eos_token_ids) | set(params.stop_token_ids)),
             bias_ids=list(params.logit_bias.keys()),
             bias_values=[float(v) for v in params.logit_bias.values()],
             logprobs=logprobs,
@@ -222,11 +228,13 @@ class Sampler:
     # Sampling
     # ---------------------------------------------------------------------------------------------
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[int] | torch.Tensor) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, rows: Sequence[int] | torch.Tensor,
+               token_mask: TokenMask | None = None) -> SampleOutput:
         """Sample one token per batch entry; entry i belongs to request-table row rows[i].
 
         `logits` ([B, vocab], raw model logits) is not modified. No host sync happens unless some
-        row asked for logprobs. `rows` should be a list (a device tensor costs a sync to read)."""
+        row asked for logprobs. `rows` should be a list (a device tensor costs a sync to read).
+        `token_mask`: the grammar mask of the constrained entries (its `apply` sets forbidden logits to -inf)."""
         if isinstance(rows, torch.Tensor):
             rows = rows.tolist()
         states = self._batch_rows(rows)
@@ -249,6 +257,10 @@ class Sampler:
             counts = self.penalty_counts.gather(rows_t)
             x = apply_penalties(x, counts, table[:, _REPETITION], table[:, _FREQUENCY], table[:, _PRESENCE])
         x = self._apply_bias_and_min_tokens(x, states)
+        if token_mask is not None:
+            if x is logits:
+                x = logits.clone()
+            token_mask.apply(x)
 
         if all(s.greedy for s in states):
             token_ids = torch.argmax(x, dim=-1)

@@ -163,7 +163,7 @@ def test_errors_reach_the_client_with_status_and_field(client, fake):
     assert err.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "yaml"})
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="m", prompt=[10] * 2000, max_tokens=100)
     assert fake.calls == []  # nothing invalid reached the engine

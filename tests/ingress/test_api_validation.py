@@ -50,7 +50,7 @@ CASES = [
     ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [10 ** 9]}}, 400, "stop_token_ids"),
     ("/generate", {"text": "hi", "sampling_params": {"logit_bias": {"7": 1000}}}, 400, "logit_bias"),
     ("/generate", {"text": "hi", "sampling_params": {"logit_bias": {"999999999": 1}}}, 400, "logit_bias"),
-    ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, 400, "sampling_params.regex"),
+    ("/generate", {"text": "hi", "sampling_params": {"regex": ""}}, 400, "sampling_params.regex"),
     # --- prompts: empty, out of vocabulary, mixed, too long for the context
     ("/generate", {}, 400, "text or input_ids"),
     ("/generate", {"text": "hi", "input_ids": OK_IDS}, 400, "text or input_ids"),
@@ -98,7 +98,7 @@ CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+                              "response_format": {"type": "xml"}}, 400, "response_format.type"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -2}, 400,

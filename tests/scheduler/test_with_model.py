@@ -246,3 +246,51 @@ def test_smollm2_stop_string_matched_with_the_real_tokenizer(smollm2):
     out = report.outcomes["s"]
     assert out.finish.type == "stop" and out.finish.matched == stop
     assert out.tokens == full[:k]
+
+
+PERSON_SCHEMA = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, '
+                 '"age": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "age"]}')
+
+
+def test_smollm2_constrained_outputs_equal_with_and_without_overlap(smollm2):
+    """Grammar masks are filled on the worker one step late under overlap: the outputs must not change.
+    Greedy and seeded rows, three grammar kinds and a free request in the same batches, chunked prefill and the
+    radix cache on one side, neither on the other."""
+    import json
+    import re
+
+    from runtime.constrained.grammars import grammar_spec
+    from tests.fake_frontend import smollm2_tokenizer
+
+    runner, prompts, _ = smollm2
+    json_spec = grammar_spec("json_schema", PERSON_SCHEMA)
+    regex_spec = grammar_spec("regex", r"[A-Z][a-z]{1,6} (is|was) [0-9]{1,2}\.")
+    ebnf_spec = grammar_spec("ebnf", 'root ::= "Answer: " ("yes" | "no" | "maybe")')
+
+    def requests():
+        reqs = []
+        for i, p in enumerate(prompts[1:3]):  # 7 and 19 tokens: the longer one is prefilled in two chunks
+            for spec, temperature in ((json_spec, 0.0), (regex_spec, 1.0), (ebnf_spec, 0.0)):
+                sampling = SamplingParams(temperature=temperature, seed=i, max_new_tokens=40, grammar=spec)
+                reqs.append(GenerateRequest(rid=f"{spec.kind}{i}", input_ids=list(p), sampling=sampling))
+        return reqs + [greedy_request("free", prompts[2], 12)]
+
+    outputs = {}
+    for overlap in (True, False):
+        core = core_for(runner, chunked_prefill_size=16 if overlap else -1, disable_radix_cache=not overlap)
+        report = drive(core, runner, {0: requests()[:4], 3: requests()[4:]}, overlap=overlap)
+        outputs[overlap] = {rid: o.tokens for rid, o in report.outcomes.items()}
+    assert outputs[True] == outputs[False]
+    tokenizer = smollm2_tokenizer()
+    eos = runner.info.eos_token_ids
+    for rid, tokens in outputs[True].items():
+        if rid == "free":
+            continue
+        assert tokens[-1] in eos, rid  # each grammar was finished within max_new_tokens
+        text = tokenizer.decode(tokens[:-1])
+        if rid.startswith("json"):
+            assert set(json.loads(text)) == {"name", "age"}
+        elif rid.startswith("regex"):
+            assert re.fullmatch(r"[A-Z][a-z]{1,6} (is|was) [0-9]{1,2}\.", text), text
+        else:
+            assert text in ("Answer: yes", "Answer: no", "Answer: maybe")

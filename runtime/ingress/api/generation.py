@@ -157,7 +157,7 @@ async def _sse_body(generation: Generation, render, epilogue, done: bytes, error
 def http_error(err: RequestError) -> HttpError:
     """A Frontend refusal as the HTTP error to answer; an overloaded server (429) says when to retry."""
     headers = [(b"Retry-After", RETRY_AFTER_S)] if err.status == 429 else None
-    return HttpError(err.status, err.message, headers=headers)
+    return HttpError(err.status, err.message, err.param, headers=headers)
 
 
 def stream_error(status: int, message: str) -> bytes:

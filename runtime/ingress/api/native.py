@@ -35,6 +35,7 @@ from runtime.ingress.api.protocol import (
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.api.structured import sampling_grammar
 from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.ingress.model_identity import gguf_model_id
@@ -82,6 +83,7 @@ class NativeApi:
         for i, input_ids in enumerate(prompts):
             params = sampling[i] or NativeSamplingParams()
             check_sampling(params, self.model_info.vocab_size, NATIVE_FIELDS)
+            grammar = sampling_grammar(self.frontend, params, NATIVE_FIELDS)
             field = ("text" if body.text is not None else "input_ids") + (f"[{i}]" if is_batch else "")
             check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, field)
             options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(input_ids),
@@ -89,7 +91,7 @@ class NativeApi:
             rid = rids[i] if rids[i] is not None else os.urandom(16).hex()  # uuid4().hex costs 4x more
             for j in range(params.n):
                 params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
-                                              NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j)
+                                              NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar)
                 job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline,
                           group=rid if params.n > 1 else None)
                 sequences.append(Sequence(job, arrival))

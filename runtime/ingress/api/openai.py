@@ -7,6 +7,8 @@ import uuid
 
 from httpd import HttpError, Request, Response, StreamingResponse, json_response
 from httpd.sse import sse_event
+from runtime.constrained.chat_output import ChatOutputParser, ChatOutputStream
+from runtime.constrained.reasoning import ReasoningParser
 from runtime.ingress.api.generation import Generation, abort_error, http_error, start_sse
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
@@ -27,9 +29,11 @@ from runtime.ingress.api.protocol import (
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.api.structured import reasoning_grammar, request_grammar
+from runtime.ingress.api.tools import chat_tools, template_tool_calls
 from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
-from runtime.messages import LogprobOptions, TokenLogprobs
+from runtime.messages import GrammarSpec, LogprobOptions, TokenLogprobs
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's
 
@@ -68,8 +72,6 @@ class OpenAIApi:
             raise HttpError(400, "suffix: inserting text (suffix) is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
             raise HttpError(400, "best_of: only best_of == n is supported", "best_of")
-        if body.response_format is not None:
-            _refuse_response_format(body.response_format.type)
         prompts, prompt_texts = await self._completion_prompts(body)
         top = body.logprobs
         if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:
@@ -81,9 +83,10 @@ class OpenAIApi:
         options = LogprobOptions(True, 0 if echo else -1, top) if top is not None else LogprobOptions()
         params = openai_sampling(body, body.max_tokens, 1.0)
         check_sampling(params, self.model_info.vocab_size, OPENAI_FIELDS)
+        grammar = request_grammar(self.frontend, params, body.response_format, OPENAI_FIELDS)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, prompts, params, options, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                    arrival, deadline=deadline)
+                                    arrival, deadline=deadline, grammar=grammar)
         view = _CompletionView(self, request_id, params.n, prompt_texts if echo else None, top)
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
@@ -130,12 +133,11 @@ class OpenAIApi:
         deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
         _check_n(body.n)
         _refuse_custom_logit_processor(body)
-        if body.response_format is not None:
-            _refuse_response_format(body.response_format.type)
-        if body.tool_choice is not None and body.tool_choice not in ("none", "auto"):
-            raise HttpError(400, "tool_choice: only 'none' and 'auto' are supported (forcing a tool call needs "
-                                 "grammar-constrained decoding)", "tool_choice")
+        tools = chat_tools(self.frontend, body.tools, body.tool_choice, body.parallel_tool_calls)
         messages = chat_message_dicts(body.messages)
+        for i, message in enumerate(messages):
+            if "tool_calls" in message:
+                message["tool_calls"] = template_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         continue_final = body.continue_final_message
         if continue_final is None:
             continue_final = messages[-1]["role"] == "assistant"  # assistant prefill: continue it
@@ -149,8 +151,8 @@ class OpenAIApi:
             raise HttpError(400, "continue_final_message: the last message must be the assistant's",
                             "continue_final_message")
         try:
-            input_ids = await self.frontend.apply_chat_template_async(messages, body.tools, add_generation_prompt,
-                                                                      continue_final)
+            input_ids = await self.frontend.apply_chat_template_async(messages, tools.template_tools,
+                                                                      add_generation_prompt, continue_final)
         except RequestError as err:
             raise HttpError(err.status, err.message, "messages") from None
         check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, "messages")
@@ -165,9 +167,23 @@ class OpenAIApi:
         params = openai_sampling(body, max_tokens, 1.0)
         names = OPENAI_FIELDS if body.max_completion_tokens is None else CHAT_FIELDS_MAX_COMPLETION
         check_sampling(params, self.model_info.vocab_size, names)
+        if tools.keeps_special_tokens and body.skip_special_tokens is None:
+            params.skip_special_tokens = False  # the family's call markers are special tokens
+        reasoning = None
+        if self.frontend.args.reasoning_parser and body.separate_reasoning is not False:
+            reasoning = ReasoningParser(self.frontend.args.reasoning_parser)
+        grammar = request_grammar(self.frontend, params, body.response_format, names)
+        if grammar is not None and tools.grammar is not None:
+            raise HttpError(400, "tool_choice: a forced tool call cannot be combined with response_format or another "
+                                 "grammar", "tool_choice")
+        grammar = reasoning_grammar(grammar or tools.grammar, reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline)
-        view = _ChatView(self, request_id, bool(body.logprobs))
+        sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline,
+                                    grammar)
+        output = None
+        if reasoning is not None or tools.parser is not None:
+            output = ChatOutputParser(reasoning, tools.parser, max_calls=None if tools.parallel else 1)
+        view = _ChatView(self, request_id, bool(body.logprobs), output)
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
         await self._run(sequences)
@@ -176,13 +192,14 @@ class OpenAIApi:
     # ------------------------------------------------------------------ shared
 
     def _sequences(self, request_id: str, rid: str | None, prompts: list[list[int]], params, options, default_max,
-                   arrival: float, names=OPENAI_FIELDS, deadline: float | None = None) -> list[Sequence]:
+                   arrival: float, names=OPENAI_FIELDS, deadline: float | None = None,
+                   grammar: GrammarSpec | None = None) -> list[Sequence]:
         base = rid or request_id
         sequences = []
         for i, input_ids in enumerate(prompts):
             for j in range(params.n):
                 sampling = to_sampling_params(params, len(input_ids), self.model_info.context_length, names,
-                                              default_max, seed_offset=j)
+                                              default_max, seed_offset=j, grammar=grammar)
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
                 group = f"{base}/{i}" if params.n > 1 else None
@@ -228,12 +245,6 @@ def _refuse_custom_logit_processor(body) -> None:
         raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
 
 
-def _refuse_response_format(kind: str) -> None:
-    if kind != "text":
-        raise HttpError(400, f"response_format: type {kind!r} is not supported yet (it needs grammar-constrained "
-                             "decoding); only 'text' is accepted", "response_format")
-
-
 def _check_n(n: int | None) -> None:
     """n is checked before the prompts are tokenized: it bounds the work one request can queue."""
     if n is not None and not 1 <= n <= MAX_N:
@@ -244,9 +255,11 @@ def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def _finish_reason(sequence: Sequence) -> str | None:
+def _finish_reason(sequence: Sequence, called_tools: bool = False) -> str | None:
     finish = sequence.finish
-    return None if finish is None else finish.type  # "stop" | "length" (aborts are errors)
+    if finish is None:
+        return None
+    return "tool_calls" if called_tools and finish.type == "stop" else finish.type  # aborts are errors
 
 
 def _matched_stop(sequence: Sequence):
@@ -347,21 +360,29 @@ class _CompletionView:
 class _ChatView:
     """Renders /v1/chat/completions responses and stream chunks."""
 
-    def __init__(self, api: OpenAIApi, request_id: str, logprobs: bool):
+    def __init__(self, api: OpenAIApi, request_id: str, logprobs: bool, output: ChatOutputParser | None = None):
         self.api = api
         self.id = request_id
         self.logprobs = logprobs
+        self.output = output  # reads reasoning and tool calls out of the text; None: the text is the content
         self.created = int(time.time())
         self.started: set[int] = set()
+        self.streams: dict[int, ChatOutputStream] = {}
 
     def response(self, sequences: list[Sequence]) -> dict:
-        choices = [{
-            "index": index,
-            "message": {"role": "assistant", "content": sequence.text, "tool_calls": None},
-            "logprobs": self._logprobs(sequence.logprobs) if self.logprobs else None,
-            "finish_reason": _finish_reason(sequence),
-            "matched_stop": _matched_stop(sequence),
-        } for index, sequence in enumerate(sequences)]
+        choices = []
+        for index, sequence in enumerate(sequences):
+            if self.output is None:
+                message = {"role": "assistant", "content": sequence.text, "tool_calls": None}
+            else:
+                message = self.output.message(sequence.text)
+            choices.append({
+                "index": index,
+                "message": message,
+                "logprobs": self._logprobs(sequence.logprobs) if self.logprobs else None,
+                "finish_reason": _finish_reason(sequence, bool(message["tool_calls"])),
+                "matched_stop": _matched_stop(sequence),
+            })
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.api.frontend.served_model_name, "choices": choices,
                 "usage": _usage(sequences, len(sequences))}
@@ -372,13 +393,22 @@ class _ChatView:
             self.started.add(index)
             out.append(self._chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}))
-        if update.text_delta or (self.logprobs and update.logprobs is not None and update.logprobs.token_ids):
-            logprobs = self._logprobs(update.logprobs or TokenLogprobs()) if self.logprobs else None
-            out.append(self._chunk({"index": index, "delta": {"content": update.text_delta}, "logprobs": logprobs,
+        has_logprobs = self.logprobs and update.logprobs is not None and update.logprobs.token_ids
+        logprobs = self._logprobs(update.logprobs or TokenLogprobs()) if self.logprobs else None
+        if self.output is None:
+            deltas = [{"content": update.text_delta}] if update.text_delta or has_logprobs else []
+        else:
+            stream = self.streams.setdefault(index, ChatOutputStream(self.output))
+            deltas = stream.feed(sequence.text, update.finish is not None)
+            if has_logprobs and not deltas:
+                deltas = [{}]
+        for k, delta in enumerate(deltas):  # the update's logprobs go with its first delta
+            out.append(self._chunk({"index": index, "delta": delta, "logprobs": logprobs if k == 0 else None,
                                     "finish_reason": None}))
         if update.finish is not None:
+            called = index in self.streams and self.streams[index].has_calls
             out.append(self._chunk({"index": index, "delta": {}, "logprobs": None,
-                                    "finish_reason": _finish_reason(sequence),
+                                    "finish_reason": _finish_reason(sequence, called),
                                     "matched_stop": _matched_stop(sequence)}))
         return out
 

@@ -15,7 +15,7 @@ from msgspec import Struct
 
 from httpd import HttpError
 from runtime import stop_regex
-from runtime.messages import SamplingParams
+from runtime.messages import GrammarSpec, SamplingParams
 
 MAX_N = 128  # completions per prompt (OpenAI's limit); a guard against one request fanning out without bound
 MAX_STOP_STRINGS = 64  # each is matched against the output tail at every step
@@ -56,11 +56,12 @@ class NativeSamplingParams(Struct, forbid_unknown_fields=True):
     custom_params: dict[str, Any] | None = None  # for a custom logit processor; none runs here, so unused
     beam_width: int | None = None  # beam search: only None / 1
     watermark: Any = None  # SGLang needs --enable-watermark for it; only off / null here
-    # SGLang's grammar options: known, refused until constrained decoding exists.
-    json_schema: str | None = None
+    # SGLang's grammar options (runtime/constrained/grammars.py); json_schema and structural_tag are JSON
+    # strings as in SGLang, or the objects themselves.
+    json_schema: str | dict | None = None
     regex: str | None = None
     ebnf: str | None = None
-    structural_tag: str | None = None
+    structural_tag: str | dict | None = None
 
     def __post_init__(self):
         for name, default in _NATIVE_DEFAULTS.items():
@@ -73,8 +74,6 @@ class NativeSamplingParams(Struct, forbid_unknown_fields=True):
 _NATIVE_DEFAULTS = {name: default for name, default in zip(
     NativeSamplingParams.__struct_fields__, NativeSamplingParams.__struct_defaults__) if default is not None}
 
-
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 class GenerateBody(Struct):
@@ -152,6 +151,10 @@ class _OpenAISampling(Struct):
 class ResponseFormat(Struct):
     type: str
     json_schema: Any = None
+    # type "structural_tag": xgrammar's `format`, or SGLang's `structures` and `triggers`
+    format: Any = None
+    structures: Any = None
+    triggers: Any = None
 
 
 class CompletionBody(_OpenAISampling):
@@ -227,6 +230,8 @@ class ChatBody(_OpenAISampling):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    separate_reasoning: bool | None = None  # SGLang's: false keeps <think>...</think> in the content
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
 
@@ -326,9 +331,6 @@ def check_sampling(p: NativeSamplingParams, vocab_size: int, name: FieldNames) -
     if not _watermark_off(p.watermark):
         raise _bad(name("watermark"), "watermarking is not enabled on this server (SGLang needs --enable-watermark "
                                       "for it; this server does not implement it)")
-    for field in GRAMMAR_FIELDS:
-        if getattr(p, field, None) is not None:
-            raise _bad(name(field), "grammar-constrained decoding is not supported yet")
 
 
 def _watermark_off(watermark) -> bool:
@@ -350,7 +352,8 @@ def check_prompt(input_ids: list[int], vocab_size: int, context_length: int, fie
 
 
 def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length: int, name: FieldNames,
-                       default_max_new_tokens: int | None, seed_offset: int = 0) -> SamplingParams:
+                       default_max_new_tokens: int | None, seed_offset: int = 0,
+                       grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's SamplingParams for one prompt (n is fanned out by the caller, so n=1 here).
     An explicit max_new_tokens that does not fit the context is an error (as in SGLang); the
     default (None: all the room left) is clamped to it."""
@@ -386,6 +389,7 @@ def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length:
         logit_bias=dict(p.logit_bias or {}),
         stop_regex=stop_list(p.stop_regex),
         stream_interval=p.stream_interval,
+        grammar=grammar,
     )
 
 
@@ -420,7 +424,7 @@ def openai_sampling(body: _OpenAISampling, max_tokens: int | None, temperature_d
         n=given(body.n, 1),
         seed=body.seed,
         logit_bias=body.logit_bias,
-        json_schema=None if body.json_schema is None else msgspec.json.encode(body.json_schema).decode(),
+        json_schema=body.json_schema,
         regex=body.regex,
         ebnf=body.ebnf,
         stop_regex=body.stop_regex,
