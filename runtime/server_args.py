@@ -44,7 +44,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1 disables chunking
+    chunked_prefill_size: int = 2048  # most prefill tokens per step while requests decode; -1 disables chunking
     max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes
     enable_mixed_chunk: bool = True  # decode rows ride in prefill chunks' batches (--no-enable-mixed-chunk: apart)
     schedule_policy: str = "fcfs"  # fcfs | lpm
@@ -169,8 +169,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "max_running_requests": FlagDoc("Memory and scheduling",
                       "from memory: pool tokens // 1024, at least 16, at most 1024 GPU / 64 CPU",
                       "request-table rows: requests decoded together (admission keeps them within the KV pool)"),
-    "chunked_prefill_size": FlagDoc("Memory and scheduling", "512",
-                      "prompt tokens a step computes while requests are decoding (their streams wait for the step); "
+    "chunked_prefill_size": FlagDoc("Memory and scheduling", "2048",
+                      "the most prompt tokens a step computes while requests are decoding (their streams wait for "
+                      "the step): the chunk adapts below it so that such a step costs at most two decode steps; "
                       "longer prompts are prefilled in chunks; `-1` disables chunking"),
     "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384",
                       "prompt tokens a step computes while no request is decoding (and per step without chunking)"),
