@@ -8,6 +8,9 @@ splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have lo
 
 Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2. With a logit cap c (Gemma 2), scaled
 scores s become c * tanh(s / c) first.
+
+An fp8 pool is read as fp8 * scale: K and V tiles are converted to q's dtype, k_scale is folded into the score
+scale and v_scale into the partial outputs (both scales are per layer).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def default_decode_tiles(head_dim: int) -> DecodeTiles:
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
     part_o_ptr, part_lse_ptr,
-    sm_scale, logit_cap, sliding_window, num_splits,
+    sm_scale, logit_cap, v_scale, sliding_window, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
@@ -93,21 +96,21 @@ def _decode_split_kernel(
         slots = tl.load(req_to_token_ptr + row * stride_rtt + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0).to(q.dtype)
         s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
     # An empty split (short row) leaves l_i == 0: it writes a zero partial with lse -inf, which the merge ignores.
     has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     tl.store(part_o_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
              out, mask=mask_h[:, None] & mask_d[None, :])
@@ -158,8 +161,10 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      rows: torch.Tensor, seq_lens: torch.Tensor, scale: float, num_kv_splits: int,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
-                     tiles: DecodeTiles | None = None, logit_cap: float | None = None) -> torch.Tensor:
+                     tiles: DecodeTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
+    Pools may be fp8 (read as fp8 * k_scale, fp8 * v_scale).
 
     Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]] (the last `sliding_window` of them when
     given); `logit_cap` soft-caps the scaled scores. `part_o` [>=B, Hq, num_kv_splits, D]
@@ -187,7 +192,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     tiles = tiles or default_decode_tiles(block_d)
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
-        scale, logit_cap or 1.0, sliding_window or 0, num_kv_splits,
+        scale * k_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
@@ -207,7 +212,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
                          rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                         sliding_window: int | None = None, logit_cap: float | None = None) -> torch.Tensor:
+                         sliding_window: int | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
+                         v_scale: float = 1.0) -> torch.Tensor:
     """Torch reference of `decode_attention`, one row at a time, in float32."""
     group = q.shape[1] // k_pool.shape[1]
     out = torch.empty_like(q)
@@ -215,8 +221,8 @@ def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         seq_len = int(seq_lens[b])
         first = max(seq_len - sliding_window, 0) if sliding_window else 0
         slots = req_to_token[int(rows[b]), first:seq_len].long()
-        k = k_pool[slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = v_pool[slots].float().repeat_interleave(group, dim=1)
+        k = (k_pool[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = (v_pool[slots].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
         if logit_cap:
             scores = logit_cap * torch.tanh(scores / logit_cap)

@@ -5,6 +5,9 @@ and, causally, to the row's new tokens up to itself, read from the contiguous k/
 BLOCK_M new tokens of one row for one q head: first the prefix tiles (gathered through req_to_token, no mask but the
 sliding window), then the new-token tiles up to the diagonal. Decode rows are rows with extend_len 1, so one launch
 serves mixed batches. With a logit cap c (Gemma 2), scaled scores s become c * tanh(s / c) first.
+
+An fp8 pool is read as fp8 * scale: prefix tiles are converted to q's dtype, k_scale folded into their score scale
+and v_scale into their probabilities; the step's own k/v are read unquantized.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ def default_extend_tiles(dtype: torch.dtype, head_dim: int) -> ExtendTiles:
 
 
 @triton.jit
-def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, SOFTCAP: tl.constexpr,
+def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, v_scale, SOFTCAP: tl.constexpr,
                          PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """Fold one key tile into the running max, sum and output of the query block (scores in base 2)."""
+    """Fold one key tile into the running max, sum and output of the query block (scores in base 2); v_scale
+    multiplies the tile's values (an fp8 pool's scale)."""
     s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
@@ -50,7 +54,7 @@ def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, S
         m_new_safe = m_new
     p = tl.math.exp2(s - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot((p * v_scale).to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
@@ -58,7 +62,7 @@ def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, S
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr,
     rows_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_ptr,
-    sm_scale, logit_cap, sliding_window,
+    sm_scale, logit_cap, k_scale, v_scale, sliding_window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ks, stride_kph, stride_vs, stride_vph, stride_rtt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -101,18 +105,18 @@ def _extend_kernel(
         slots = tl.load(req_to_token_ptr + row * stride_rtt + k_pos, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kph + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0).to(q.dtype)
         v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vph + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=kv_mask, other=0.0).to(q.dtype)
         visible = mask_n[None, :]
         if WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
         if n0 < full_end:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, SOFTCAP,
-                                                 PRECISION, WINDOW)
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
+                                                 v_scale, SOFTCAP, PRECISION, WINDOW)
         else:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, SOFTCAP,
-                                                 PRECISION, True)
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
+                                                 v_scale, SOFTCAP, PRECISION, True)
 
     # New tokens of the step: tiles left of the block's diagonal need no causal mask, the diagonal ones do.
     diagonal = m_block * BLOCK_M  # a multiple of BLOCK_N
@@ -131,10 +135,10 @@ def _extend_kernel(
         if WINDOW:
             visible = visible & (k_idx[None, :] > offs_m[:, None] - sliding_window)
         if n0 < diagonal:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, SOFTCAP,
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, SOFTCAP,
                                                  PRECISION, WINDOW)
         else:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, SOFTCAP,
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, SOFTCAP,
                                                  PRECISION, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -146,10 +150,11 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
                      req_to_token: torch.Tensor, rows: torch.Tensor, prefix_lens: torch.Tensor,
                      extend_lens: torch.Tensor, extend_start_loc: torch.Tensor, max_extend_len: int, scale: float,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
-                     tiles: ExtendTiles | None = None, logit_cap: float | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; pools [S, Hkv, D]; req_to_token [R, C] int32;
-    rows, prefix_lens, extend_lens, extend_start_loc [B]; max_extend_len (host int) sizes the grid -> o [T, Hq, D].
-    `logit_cap` soft-caps the scaled scores."""
+                     tiles: ExtendTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; pools [S, Hkv, D] (may be fp8, read as fp8 * k_scale and
+    fp8 * v_scale); req_to_token [R, C] int32; rows, prefix_lens, extend_lens, extend_start_loc [B];
+    max_extend_len (host int) sizes the grid -> o [T, Hq, D]. `logit_cap` soft-caps the scaled scores."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_q_heads % num_kv_heads:
@@ -169,7 +174,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     grid = (batch, num_q_heads, triton.cdiv(max_extend_len, tiles.block_m))
     _extend_kernel[grid](
         q, k, v, out, k_pool, v_pool, req_to_token, rows, prefix_lens, extend_lens, extend_start_loc,
-        scale, logit_cap or 1.0, sliding_window or 0,
+        scale, logit_cap or 1.0, k_scale, v_scale, sliding_window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), req_to_token.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, WINDOW=bool(sliding_window), SOFTCAP=bool(logit_cap),
@@ -183,15 +188,16 @@ def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_po
                          v_pool: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Tensor,
                          prefix_lens: torch.Tensor, extend_lens: torch.Tensor, extend_start_loc: torch.Tensor,
                          scale: float, sliding_window: int | None = None,
-                         logit_cap: float | None = None) -> torch.Tensor:
+                         logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Torch reference of `extend_attention`, one row at a time, in float32."""
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for b in range(rows.shape[0]):
         prefix_len, extend_len, start = int(prefix_lens[b]), int(extend_lens[b]), int(extend_start_loc[b])
         slots = req_to_token[int(rows[b]), :prefix_len].long()
-        keys = torch.cat([k_pool[slots], k[start:start + extend_len]]).float().repeat_interleave(group, dim=1)
-        values = torch.cat([v_pool[slots], v[start:start + extend_len]]).float().repeat_interleave(group, dim=1)
+        keys = torch.cat([k_pool[slots].float() * k_scale, k[start:start + extend_len].float()])
+        values = torch.cat([v_pool[slots].float() * v_scale, v[start:start + extend_len].float()])
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         q_pos = prefix_len + torch.arange(extend_len)[:, None]
         k_pos = torch.arange(prefix_len + extend_len)[None, :]
         visible = k_pos <= q_pos

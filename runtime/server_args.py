@@ -23,6 +23,11 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     revision: str | None = None
     download_dir: str | None = None
 
+    # Quantization
+    quantization: str | None = None  # fp8 | fbgemm_fp8 | compressed-tensors (None: the checkpoint's own)
+    kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
+    torchao_config: str = ""  # int4wo-<group> | int8wo | int8dq | fp8wo | fp8dq-per_tensor | fp8dq-per_row
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = 30000
@@ -39,7 +44,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     max_running_requests: int | None = None
-    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1 disables chunking
+    chunked_prefill_size: int = 2048  # most prefill tokens per step while requests decode; -1 disables chunking
     max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes
     enable_mixed_chunk: bool = True  # decode rows ride in prefill chunks' batches (--no-enable-mixed-chunk: apart)
     schedule_policy: str = "fcfs"  # fcfs | lpm
@@ -128,6 +133,18 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "download_dir": FlagDoc("Model and tokenizer", "the hub's cache",
                       "cache folder for hub model ids (default: `HF_HOME`'s, or `MODELSCOPE_CACHE` with "
                       "`SGLANG_USE_MODELSCOPE=true`)"),
+    # Quantization
+    "quantization": FlagDoc("Quantization", "the checkpoint's",
+                      "`fp8`: quantize a 16/32-bit checkpoint's linear layers to fp8 at load (per-channel weights, "
+                      "per-token activations); fp8 checkpoints (`fp8`, `fbgemm_fp8`, `compressed-tensors`) load with "
+                      "no flag, and a flag must name the checkpoint's own method (docs/quantization.md)"),
+    "kv_cache_dtype": FlagDoc("Quantization", "auto",
+                      "`auto` (the model dtype), `fp8_e5m2`, `fp8_e4m3`: an fp8 KV cache holds twice the tokens; "
+                      "per-layer k/v scales from the checkpoint, else 1.0"),
+    "torchao_config": FlagDoc("Quantization", "none",
+                      "quantize the linear layers with torchao after loading: `int4wo-<group>` (32, 64, 128, 256), "
+                      "`int8wo`, `int8dq`, `fp8wo`, `fp8dq-per_tensor`, `fp8dq-per_row` (fp8dq: CUDA, compute "
+                      "capability >= 8.9)"),
     # HTTP
     "host": FlagDoc("HTTP", "127.0.0.1", "listen address (`0.0.0.0` for every interface)"),
     "port": FlagDoc("HTTP", "30000", "listen port"),
@@ -152,8 +169,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "max_running_requests": FlagDoc("Memory and scheduling",
                       "from memory: pool tokens // 1024, at least 16, at most 1024 GPU / 64 CPU",
                       "request-table rows: requests decoded together (admission keeps them within the KV pool)"),
-    "chunked_prefill_size": FlagDoc("Memory and scheduling", "512",
-                      "prompt tokens a step computes while requests are decoding (their streams wait for the step); "
+    "chunked_prefill_size": FlagDoc("Memory and scheduling", "2048",
+                      "the most prompt tokens a step computes while requests are decoding (their streams wait for "
+                      "the step): the chunk adapts below it so that such a step costs at most two decode steps; "
                       "longer prompts are prefilled in chunks; `-1` disables chunking"),
     "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384",
                       "prompt tokens a step computes while no request is decoding (and per step without chunking)"),
@@ -254,13 +272,11 @@ FLAG_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp
 # Flags accepted by SGLang that a later issue implements. Until they work they are refused with
 # this message rather than silently ignored.
 NOT_YET_SUPPORTED = {
-    "--quantization": "quantization is not implemented yet",
-    "--kv-cache-dtype": "a KV cache dtype other than `auto` (the model dtype) is not implemented yet",
     "--speculative-algorithm": "speculative decoding is not implemented yet",
     "--lora-paths": "LoRA adapters are not implemented yet",
 }
 # SGLang's default values of those flags mean "what we do anyway": accepted.
-ACCEPTED_DEFAULTS = {("--kv-cache-dtype", "auto")}
+ACCEPTED_DEFAULTS: set[tuple[str, str]] = set()
 
 CHOICES = {
     "load_format": ("auto", "safetensors", "gguf", "dummy"),
@@ -269,11 +285,17 @@ CHOICES = {
     "attention_backend": ("auto", "triton", "torch"),
     "device": ("auto", "cuda", "cpu"),
     "log_level": ("debug", "info", "warning", "error", "critical"),
+    "kv_cache_dtype": ("auto", "fp8_e5m2", "fp8_e4m3"),
     "load_balance_method": ("round_robin", "shortest_queue"),
     "grammar_backend": ("xgrammar", "none"),
     "tool_call_parser": ("llama3", "qwen25", "hermes", "mistral", "deepseekv3", "pythonic"),
     "reasoning_parser": ("deepseek-r1", "qwen3"),
 }
+# Kept in sync with runtime.layers.quantization.QUANTIZATION_METHODS (tests/test_server_args.py checks it); this
+# module is imported by the scheduler, which must not import torch.
+QUANTIZATION_CHOICES = ("fp8", "fbgemm_fp8", "compressed-tensors")
+TORCHAO_VALUES = ("int8wo", "int8dq", "fp8wo", "fp8dq-per_tensor", "fp8dq-per_row")
+TORCHAO_INT4_GROUPS = (32, 64, 128, 256)
 
 OPTIONAL_CHOICES = ("tool_call_parser", "reasoning_parser")  # None (not given) is valid too
 
@@ -372,6 +394,7 @@ def validate(args: ServerArgs) -> ServerArgs:
     for origin in args.allowed_origins:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
+    _validate_quantization(args)
     return args
 
 
@@ -400,6 +423,35 @@ def validate_parallelism(args: ServerArgs) -> None:
     if args.dp_size != 1:
         raise ServerArgsError("--dp-size > 1 with --nnodes > 1 is not supported: run one server per replica "
                               "(each may span nodes) behind a router")
+
+
+def _validate_quantization(args: ServerArgs) -> None:
+    """The quantization flags alone and together. What depends on the checkpoint or the GPU (a flag that does not
+    match the checkpoint, torchao's fp8 on an older GPU) is refused by the worker when it loads the model."""
+    if args.quantization is not None and args.quantization not in QUANTIZATION_CHOICES:
+        raise ServerArgsError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}")
+    if args.enable_torch_compile:
+        kv = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else None
+        for flag, value in (("--quantization", args.quantization), ("--torchao-config", args.torchao_config),
+                            ("--kv-cache-dtype", kv)):
+            if value:
+                raise ServerArgsError(f"{flag} {value} with --enable-torch-compile: the compiled decode step has not "
+                                      f"been verified with quantized layers or an fp8 KV cache yet; drop one of them")
+    value = args.torchao_config
+    if value:
+        group = value.removeprefix("int4wo-")
+        if value not in TORCHAO_VALUES and not (group != value and group.isdigit()
+                                                and int(group) in TORCHAO_INT4_GROUPS):
+            groups = ", ".join(map(str, TORCHAO_INT4_GROUPS))
+            raise ServerArgsError(f"--torchao-config must be int4wo-<group> (group {groups}) or one of "
+                                  f"{', '.join(TORCHAO_VALUES)}; got {value!r}")
+        if args.quantization is not None:
+            raise ServerArgsError(f"--quantization {args.quantization} and --torchao-config {value} both quantize the "
+                                  f"linear layers: choose one")
+        if value.startswith("fp8dq") and args.device == "cpu":
+            raise ServerArgsError(f"--torchao-config {value} with --device cpu: torchao's fp8 dynamic quantization "
+                                  f"needs a CUDA GPU of compute capability >= 8.9 (fp8wo, int8wo, int8dq and int4wo "
+                                  f"run on the CPU)")
 
 
 def flags_markdown() -> str:

@@ -14,7 +14,7 @@ Decode attention also runs at serving-at-saturation shapes (batch 256 and 512 at
 would copy it all). "of copy" = GB/s over the copy bandwidth (the issue's bar: >= 85%).
 
     python3 scripts/gpu_kernels_bench.py [--table PATH] [--sweep]
-        [--only decode,backend,extend,elementwise,sampling,moe] [--decode-shapes all|saturation]
+        [--only decode,backend,extend,elementwise,sampling,moe,fp8] [--decode-shapes all|saturation]
 """
 
 from __future__ import annotations
@@ -398,6 +398,55 @@ def case_sampling(rows: list[Row], args: Args) -> None:
                             triton_us, math.nan, sort_us, float(mismatched_rows), None, note))
 
 
+def case_fp8(rows: list[Row], args: Args) -> None:
+    """The fp8 linear of --quantization fp8 (per-token activation quantization + torch._scaled_mm row-wise, in the
+    "triton" columns) against cuBLAS bf16 (F.linear), at Llama-3-8B's decode shapes; and decode attention reading
+    an fp8_e4m3 KV pool against the same kernel on a bf16 pool (in the "torch" columns)."""
+    from runtime.layers.quantization.fp8_ops import quantize_per_channel, quantize_per_token, scaled_mm
+
+    s = LLAMA
+    for name, k, n in (("qkv", s.hidden, s.hidden + 2 * s.num_kv_heads * s.head_dim), ("o", s.hidden, s.hidden),
+                       ("gate_up", s.hidden, 2 * s.intermediate), ("down", s.intermediate, s.hidden)):
+        weight = randn(n, k) * 0.02
+        w_fp8, w_scale = quantize_per_channel(weight)
+        for tokens in (1, 16, 64, 256):
+            x = randn(tokens, k)
+
+            def fp8_linear(x=x):
+                x_fp8, x_scale = quantize_per_token(x)
+                return scaled_mm(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16)
+
+            x_fp8, x_scale = quantize_per_token(x)
+            ref = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()
+            rows.append(Row("fp8_linear", f"{name} T={tokens} K={k} N={n}", bench_graph([fp8_linear]),
+                            bench_eager(fp8_linear), bench_graph([lambda x=x: F.linear(x, weight)]),
+                            bench_eager(lambda x=x: F.linear(x, weight)), rel_err(fp8_linear(), ref), n * k,
+                            "vs cuBLAS bf16 (torch columns); floor: the fp8 weight bytes"))
+    scale = s.head_dim**-0.5
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, seq_len in ((1, 4096), (64, 1024)):
+        k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
+        v_pool = torch.randn_like(k_pool)
+        k_fp8, v_fp8 = k_pool.to(torch.float8_e4m3fn), v_pool.to(torch.float8_e4m3fn)
+        table = (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32)
+        q = randn(batch, s.num_q_heads, s.head_dim)
+        rows_t = torch.arange(batch, device="cuda")
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+        splits = choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms)
+
+        def fp8_decode():
+            return decode_attention(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale, splits)
+
+        def bf16_decode():
+            return decode_attention(q, k_pool, v_pool, table, rows_t, seq_lens, scale, splits)
+
+        ref = decode_attention_ref(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale)
+        rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={splits}",
+                        bench_graph([fp8_decode]), bench_eager(fp8_decode), bench_graph([bf16_decode]),
+                        bench_eager(bf16_decode), rel_err(fp8_decode(), ref),
+                        2 * batch * seq_len * s.num_kv_heads * s.head_dim, "vs the bf16 pool (torch columns)"))
+
+
 def case_moe(rows: list[Row], args: Args) -> None:
     """The fused MoE (routing weights given) against the per-expert torch loop of transformers' MoE blocks (which
     syncs with the host per expert, so it has no graph timing). Bytes: the weights of the experts the batch hits."""
@@ -427,7 +476,7 @@ def case_moe(rows: list[Row], args: Args) -> None:
 
 
 CASES = {"decode": case_decode, "backend": case_backend, "extend": case_extend, "elementwise": case_elementwise,
-         "sampling": case_sampling, "moe": case_moe}
+         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8}
 
 
 def format_table(rows: list[Row], bandwidth: float) -> str:

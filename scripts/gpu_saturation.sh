@@ -10,6 +10,7 @@
 # Sections, most important first; one is skipped (and says so) when it would end past $BUDGET_S:
 #   serving      one server; bench_serving: 1000 x 1024/1024 at rate inf, 500 x <=4096/<=2048 (range ratio 0) at
 #                rate inf, 200 x 1024/1024 at 4 requests/s; server info (retractions) after each     ~5 min
+#   mixed-off    the rate-4 workload again on a server with --no-enable-mixed-chunk                 ~2 min
 #   one-batch    bench_one_batch, batch 1 and 8, 128 in / 256 out (the batch-1 decode target)       ~25 s
 #   timeline     scripts/gpu_step_timeline.py: decode steps at 256 and 512 rows, kernel groups, scheduler
 #                CPU per step, prefill chunks alone and mixed (and at 32 rows, for the chunk size)  ~45 s
@@ -34,31 +35,42 @@ fi
 PORT=30123
 URL="http://127.0.0.1:$PORT"
 
-section_serving() {
+# serve LOG_NAME EXTRA_FLAGS RUN...: one server (its log in $LOG_DIR/LOG_NAME.log), one bench_serving per RUN
+# ("name prompts input_len output_len range_ratio rate"), the server info after each, then the server is stopped.
+serve() {
+  local log="$LOG_DIR/$1.log" extra=$2
+  shift 2
   # shellcheck disable=SC2086
-  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $PORT $SERVE_FLAGS >"$LOG_DIR/server.log" 2>&1 &
+  python3 -m runtime --model-path "$MODEL" --load-format dummy --port $PORT $SERVE_FLAGS $extra >"$log" 2>&1 &
   local server=$! status=0
   for _ in $(seq 400); do
-    grep -q "Ready: serving" "$LOG_DIR/server.log" && break
+    grep -q "Ready: serving" "$log" && break
     kill -0 $server 2>/dev/null || break
     sleep 0.5
   done
-  grep -E "Ready: serving|captured|scheduler:" "$LOG_DIR/server.log"
-  curl -s "$URL/get_server_info" >"$LOG_DIR/info_start.json"
+  grep -E "Ready: serving|captured|scheduler:" "$log"
+  curl -s "$URL/get_server_info" >"$LOG_DIR/info_start_$1.json"
   local bench=(python3 -m runtime.bench.serving --port $PORT --dataset-name random --disable-tqdm)
-  # name | prompts | in | out | range ratio | rate
-  local runs=("inf_1k 1000 1024 1024 1.0 inf" "inf_4k 500 4096 2048 0.0 inf" "rate4_1k 200 1024 1024 1.0 4")
-  for run in "${runs[@]}"; do
+  for run in "$@"; do
     read -r name prompts input_len output_len ratio rate <<<"$run"
     timeout 200 "${bench[@]}" --num-prompts "$prompts" --random-input-len "$input_len" \
       --random-output-len "$output_len" --random-range-ratio "$ratio" --request-rate "$rate" \
       --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
     curl -s "$URL/get_server_info" >"$LOG_DIR/info_$name.json"
   done
-  grep -E "Decode batch|retracted" "$LOG_DIR/server.log" | tail -n 5
+  grep -E "Decode batch|retracted" "$log" | tail -n 5
   kill -TERM $server
   wait $server || status=1
   return $status
+}
+
+section_serving() {
+  serve server "" "inf_1k 1000 1024 1024 1.0 inf" "inf_4k 500 4096 2048 0.0 inf" "rate4_1k 200 1024 1024 1.0 4"
+}
+
+section_mixed_off() {
+  # The rate-4 workload with prefill steps apart from decode steps (SGLang's default), against mixed chunks.
+  serve server_mixed_off --no-enable-mixed-chunk "rate4_1k_mixed_off 200 1024 1024 1.0 4"
 }
 
 section_one_batch() {
@@ -82,8 +94,16 @@ section_compile() {
     --torch-compile-max-bs 8 --output "$LOG_DIR/one_batch_compile.json"
 }
 
-# name:estimated seconds
-SECTIONS=(serving:330 one-batch:25 timeline:45 kernels:30 compile:90)
+# name:estimated seconds; arguments choose sections (in the order given), e.g. bash scripts/gpu_saturation.sh serving
+SECTIONS=(serving:330 mixed-off:110 one-batch:25 timeline:45 kernels:30 compile:90)
+if [ $# -gt 0 ]; then
+  chosen=()
+  for name in "$@"; do
+    match=$(printf '%s\n' "${SECTIONS[@]}" | grep "^$name:") || { echo "unknown section $name" >&2; exit 2; }
+    chosen+=("$match")
+  done
+  SECTIONS=("${chosen[@]}")
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG_DIR/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" \
   | tee -a "$LOG_DIR/env.txt"

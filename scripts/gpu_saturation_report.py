@@ -40,7 +40,7 @@ def verdict(ok: bool | None) -> str:
 
 def serving_rows(log: Path) -> list[tuple]:
     rows = []
-    before = retractions(load_json(log / "info_start.json")) or 0
+    before = retractions(load_json(log / "info_start_server.json")) or 0
     runs = [("inf_1k", "1000 x 1024/1024, rate inf",
              "--num-prompts 1000 --random-input-len 1024 --random-output-len 1024 --random-range-ratio 1.0"),
             ("inf_4k", "500 x <=4096/<=2048 (range ratio 0), rate inf",
@@ -80,6 +80,12 @@ def serving_rows(log: Path) -> list[tuple]:
                              for stage, g in gaps.items())
             rows.append((f"inter-token gaps by stage, {what}", "server stamps (--enable-token-timestamps)",
                          "median gap: " + text, "bursts located", ""))
+    mixed_off = load_json(log / "serving_rate4_1k_mixed_off.jsonl")
+    if mixed_off is not None:
+        rows.append(("200 x 1024/1024 at 4 requests/s, --no-enable-mixed-chunk",
+                     "the same against a server with --no-enable-mixed-chunk",
+                     f"median TPOT {mixed_off['median_tpot_ms']:.2f} ms, P99 ITL {mixed_off['p99_itl_ms']:.1f} ms, "
+                     f"median TTFT {mixed_off['median_ttft_ms']:.0f} ms", "compare with mixed chunks", ""))
     server_log = log / "server.log"
     text = server_log.read_text() if server_log.exists() else ""
     capture = re.search(r"captured (\d+) CUDA graphs \(batch sizes ([^)]*)\) in ([\d.]+) s", text)

@@ -195,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enable-torch-compile", action="store_true",
                         help="decode steps of up to --torch-compile-max-bs rows run a torch.compile'd model")
     parser.add_argument("--torch-compile-max-bs", type=int, default=32)
+    parser.add_argument("--quantization", default=None, help="as the server's flag (e.g. fp8)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e5m2", "fp8_e4m3"))
+    parser.add_argument("--torchao-config", default="", help="as the server's flag (e.g. int4wo-128)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
@@ -226,7 +229,9 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
                                max_total_tokens=max_tokens, max_running_requests=max_batch, random_seed=args.seed,
                                context_length=None, disable_cuda_graph=args.disable_cuda_graph,
                                cuda_graph_bs=args.cuda_graph_bs, enable_torch_compile=args.enable_torch_compile,
-                               torch_compile_max_bs=args.torch_compile_max_bs)
+                               torch_compile_max_bs=args.torch_compile_max_bs,
+                               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                               torchao_config=args.torchao_config)
     start = time.perf_counter()
     runner = ModelRunner(config)
     print(f"runner ready in {time.perf_counter() - start:.1f} s (CUDA graphs captured in "
@@ -264,6 +269,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
                               f"{same}/{batch_size} greedy outputs identical to transformers")
     print(f"model {runner.info.architecture} ({config.model_path or 'default SmolLM2-135M-Instruct GGUF'}), "
           f"device {runner.info.device}, dtype {runner.info.dtype}, attention {type(runner.attention).__name__}, "
+          f"weights {args.quantization or args.torchao_config or 'as loaded'}, KV cache {runner.kv_cache_dtype}, "
           f"CUDA graphs {'off' if runner.graph_runner is None else runner.graph_runner.sizes[-1]}, "
           f"torch.compile {'up to ' + str(args.torch_compile_max_bs) if args.enable_torch_compile else 'off'}, "
           f"torch threads {torch.get_num_threads()}")

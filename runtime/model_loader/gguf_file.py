@@ -52,6 +52,11 @@ def _field(reader, key: str, default=None):
 
 
 def gguf_model_config(reader) -> ModelConfig:
+    return model_config_from_hf(gguf_hf_config(reader))
+
+
+def gguf_hf_config(reader) -> dict:
+    """The file's metadata as an HF config.json dict (what ModelConfig.from_hf reads)."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ModelConfigError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
@@ -80,7 +85,7 @@ def gguf_model_config(reader) -> ModelConfig:
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ModelConfigError("GGUF tensor rope_freqs.weight (Llama 3.1 rope scaling) is not supported; "
                                "load the HF safetensors checkpoint instead")
-    return model_config_from_hf(config)
+    return config
 
 
 def gguf_weight_name(name: str) -> str:

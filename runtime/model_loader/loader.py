@@ -9,11 +9,17 @@ Formats (`load_format`):
 
 dtype "auto": float32 on the CPU; on a GPU the checkpoint's torch_dtype when it is float16 or
 bfloat16, else bfloat16 (float32 checkpoints and GGUF files, whose weights dequantize to float32).
+
+Quantization (docs/quantization.md): the checkpoint's `quantization_config` (or --quantization) gives each linear
+layer its method before the weights are read; after reading, the methods prepare their tensors (online fp8
+quantizes here) and --torchao-config converts the layers with torchao. KV-cache scales found in the checkpoint are
+taken out of the stream into the caller's KVCacheScales.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -21,7 +27,10 @@ import torch
 from torch import nn
 
 from runtime.default_model import default_model_path
+from runtime.layers import quantization
 from runtime.layers.parallel import TensorParallel
+from runtime.layers.quantization.kv_cache import KVCacheScales
+from runtime.layers.quantization.torchao import apply_torchao
 from runtime.model_loader.dummy import init_dummy_weights
 from runtime.model_loader.gguf_file import gguf_model_config, iterate_gguf_weights, open_gguf
 from runtime.model_loader.safetensors_files import iterate_safetensors, safetensors_files
@@ -97,19 +106,42 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
     return DTYPES[config.torch_dtype] if config.torch_dtype in ("float16", "bfloat16") else torch.bfloat16
 
 
+def read_quantization_config(checkpoint: Checkpoint) -> dict | None:
+    """config.json's quantization_config (compression_config in older compressed-tensors checkpoints)."""
+    if checkpoint.format == "gguf":
+        return None
+    with open(os.path.join(checkpoint.path, "config.json")) as f:
+        config = json.load(f)
+    return config.get("quantization_config") or config.get("compression_config")
+
+
 def load_model(checkpoint: Checkpoint, config: ModelConfig, load_format: str, dtype: torch.dtype,
-               device: torch.device, max_positions: int, tp: TensorParallel, seed: int) -> nn.Module:
+               device: torch.device, max_positions: int, tp: TensorParallel, seed: int, *,
+               quantization_flag: str | None = None, torchao_config: str = "",
+               kv_scales: KVCacheScales | None = None) -> nn.Module:
     model = model_class(config.architecture)(config, max_positions, tp, dtype, device)
+    quant_config = quantization.quant_config_for(quantization_flag, read_quantization_config(checkpoint))
+    if quant_config is not None and torchao_config:
+        raise quantization.QuantizationConfigError(
+            f"--torchao-config {torchao_config} cannot convert a model already quantized ({quant_config.name}"
+            f"{' from its checkpoint' if quantization_flag is None else ' by --quantization'})")
+    if quant_config is not None:
+        quantization.attach(model, quant_config)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
-        return model.eval()
-    if checkpoint.format == "gguf":
-        weights = iterate_gguf_weights(checkpoint.gguf_reader(), config)
     else:
-        weights = iterate_safetensors(safetensors_files(checkpoint.path))
-    loaded = model.load_weights(weights)
-    missing = sorted(set(dict(model.named_parameters())) - loaded)
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise ValueError(f"checkpoint {checkpoint.path} lacks tensors for: {shown}")
+        if checkpoint.format == "gguf":
+            weights = iterate_gguf_weights(checkpoint.gguf_reader(), config)
+        else:
+            weights = iterate_safetensors(safetensors_files(checkpoint.path))
+        loaded = model.load_weights((kv_scales or KVCacheScales.ones(config.num_layers)).take_from(weights))
+        missing = sorted(set(dict(model.named_parameters())) - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint {checkpoint.path} lacks tensors for: {shown}")
+    quantization.finish(model)
+    if torchao_config:
+        apply_torchao(model, torchao_config, device, dtype)
+    if device.type == "cuda" and (quant_config is not None or torchao_config):
+        torch.cuda.empty_cache()  # the replaced 16-bit weights' memory goes back to the KV pool's sizing
     return model.eval()

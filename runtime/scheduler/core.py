@@ -49,6 +49,7 @@ from runtime.messages import (
     WorkerError,
 )
 from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
+from runtime.scheduler.chunk_control import MixedChunkSize
 from runtime.scheduler.grammar_gate import GrammarGate
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
@@ -101,7 +102,7 @@ class SchedulerConfig:
     max_running_requests: int  # request-table rows
     context_length: int
     eos_token_ids: list[int]
-    chunked_prefill_size: int = 512  # prefill tokens per step while requests decode; -1: no chunking
+    chunked_prefill_size: int = 2048  # at most this many prefill tokens per step while requests decode; -1: no chunking
     max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes (and the budget without chunking)
     enable_mixed_chunk: bool = True  # decode rows ride in the prefill chunk's batch (else prefill steps run alone)
     schedule_policy: str = "fcfs"
@@ -161,6 +162,7 @@ class SchedulerCore:
         self.context_limit = min(config.context_length, config.max_total_tokens)
         self.stop_checker = StopChecker(config.eos_token_ids, self.context_limit, decode)
         self.chunking = config.chunked_prefill_size > 0
+        self.mixed_chunk = MixedChunkSize(config.chunked_prefill_size)  # prompt tokens beside decode rows
         self.future_ring_size = 2 * config.max_running_requests + 2
         self._next_future = 0
         self.num_batches = 0  # also the next batch id
@@ -255,8 +257,9 @@ class SchedulerCore:
         the next chunk of a partly prefilled request, and newly admitted requests, within the
         prefill budget and KV memory. None when there is nothing to run.
 
-        Prefill budget: while requests decode, every stream waits for the step, so a step computes at most
-        chunked_prefill_size prompt tokens; with none decoding, up to max_prefill_tokens. With mixed chunks (the
+        Prefill budget: while requests decode, every stream waits for the step, so a step computes at most the
+        mixed chunk (runtime/scheduler/chunk_control.py: sized so a mixed step costs at most two decode steps,
+        never above chunked_prefill_size); with none decoding, up to max_prefill_tokens. With mixed chunks (the
         default) the decode rows ride in the prefill chunk's batch; without, a step with prefill work carries
         no decode rows (SGLang's default: prefill first, decode rows wait)."""
         preempted = self._preempt_for_priority()
@@ -264,7 +267,7 @@ class SchedulerCore:
         if not self.chunking:
             budget = self.config.max_prefill_tokens
         else:
-            budget = self.config.chunked_prefill_size if decode_reqs else self.config.max_prefill_tokens
+            budget = self.mixed_chunk.size if decode_reqs else self.config.max_prefill_tokens
         if decode_reqs and not self.config.enable_mixed_chunk:
             batch = self._plan_batch([], budget, retracted=0, preempted=preempted)
             if batch is not None:
@@ -498,6 +501,7 @@ class SchedulerCore:
     def process_result(self, result: BatchResult) -> StepUpdates:
         batch = self._pop_in_flight(result.batch_id)
         self.total_forward_ms += result.forward_ms
+        self.mixed_chunk.observe(batch.num_decode, batch.new_tokens, result.forward_ms)
         plan = batch.plan
         touched: list[Req] = []
         embeddings: list[EmbeddingResult] = []
@@ -747,6 +751,7 @@ class SchedulerCore:
             "radix_cache": self.cache is not None,
             "schedule_policy": self.policy.name,
             "chunked_prefill_size": self.config.chunked_prefill_size,
+            "mixed_chunk_size": self.mixed_chunk.size,
             "max_prefill_tokens": self.config.max_prefill_tokens,
             "enable_mixed_chunk": self.config.enable_mixed_chunk,
             "grammar_compiles": self.grammars.compiles,

@@ -1,6 +1,8 @@
 """KVPool: the paged KV cache, one K and one V tensor per layer, token-granular.
 
-k[layer] and v[layer] are [num_slots, Hkv, D] in the model dtype on the device. Slot 0 is the
+k[layer] and v[layer] are [num_slots, Hkv, D] on the device, in the model dtype or, with --kv-cache-dtype
+fp8_e4m3 / fp8_e5m2, in fp8: then a value is stored as x / scale (saturated) and read as fp8 * scale, with one k
+and one v scale per layer (k_scales, v_scales: the checkpoint's, or 1.0). Slot 0 is the
 padding slot: never handed out by the scheduler, it absorbs writes of padded tokens (CUDA graphs)
 so that they never clobber a live token. The scheduler's SlotAllocator hands out slots
 1..num_slots-1, so `num_slots = max_total_tokens + 1`.
@@ -10,10 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from runtime.layers.quantization.fp8_ops import to_fp8
+from runtime.layers.quantization.kv_cache import is_fp8
+
 
 class KVPool:
     def __init__(self, max_total_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, k_scales: list[float] | None = None,
+                 v_scales: list[float] | None = None):
         if max_total_tokens <= 0:
             raise ValueError(f"max_total_tokens must be positive, got {max_total_tokens}")
         self.max_total_tokens = max_total_tokens
@@ -22,6 +28,12 @@ class KVPool:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dtype = dtype
+        self.quantized = is_fp8(dtype)
+        # a pool in the model dtype stores values as they are: a checkpoint's scales serve fp8 pools only
+        self.k_scales = list(k_scales) if k_scales and self.quantized else [1.0] * num_layers
+        self.v_scales = list(v_scales) if v_scales and self.quantized else [1.0] * num_layers
+        if len(self.k_scales) != num_layers or len(self.v_scales) != num_layers:
+            raise ValueError(f"KV scales must name all {num_layers} layers")
         self.device = torch.device(device)
         shape = (self.num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -34,5 +46,11 @@ class KVPool:
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k/v [T, Hkv, D] of new tokens at `slots` [T]."""
+        if self.quantized:  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+            k = to_fp8(k, self.k_scales[layer_id], self.dtype).view(torch.uint8)
+            v = to_fp8(v, self.v_scales[layer_id], self.dtype).view(torch.uint8)
+            self.k[layer_id].view(torch.uint8).index_copy_(0, slots, k)
+            self.v[layer_id].view(torch.uint8).index_copy_(0, slots, v)
+            return
         self.k[layer_id].index_copy_(0, slots, k.to(self.dtype))
         self.v[layer_id].index_copy_(0, slots, v.to(self.dtype))

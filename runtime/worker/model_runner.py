@@ -55,6 +55,7 @@ import torch
 from runtime.constrained.compile_cache import GrammarCompileCache
 from runtime.constrained.row_matchers import RowMatchers
 from runtime.layers.parallel import TensorParallel
+from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
 from runtime.messages import (
     BatchPlan,
     BatchResult,
@@ -116,6 +117,9 @@ class ModelRunnerConfig:
     torch_compile_max_bs: int = 32
     torch_compile_backend: str = "inductor"  # tests use "aot_eager": the same capture, without code generation
     is_embedding: bool = False  # serve the bare decoder: embedding requests only
+    quantization: str | None = None  # --quantization (None: the checkpoint's own, if any)
+    kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
+    torchao_config: str = ""
     # Constrained decoding: "none" disables it; the tokenizer (for the grammars' vocabulary) is loaded by the first
     # grammar compile.
     grammar_backend: str = "xgrammar"
@@ -131,7 +135,8 @@ class ModelRunnerConfig:
                    random_seed=args.random_seed, disable_cuda_graph=args.disable_cuda_graph,
                    cuda_graph_max_bs=args.cuda_graph_max_bs, cuda_graph_bs=args.cuda_graph_bs,
                    enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs,
-                   is_embedding=args.is_embedding,
+                   is_embedding=args.is_embedding, quantization=args.quantization,
+                   kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config,
                    grammar_backend="none" if args.skip_tokenizer_init else args.grammar_backend,
                    tokenizer_path=args.tokenizer_path, trust_remote_code=args.trust_remote_code)
 
@@ -173,15 +178,21 @@ class ModelRunner:
                           config.p2p_check_gpus)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
         self.context_length = self._context_length()
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        kv_scales = KVCacheScales.ones(self.model_config.num_layers)
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
-                                self.context_length, self.tp, config.random_seed)
+                                self.context_length, self.tp, config.random_seed, quantization_flag=config.quantization,
+                                torchao_config=config.torchao_config, kv_scales=kv_scales)
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
         if self.tp.size > 1:  # every rank holds its share of the same slots
             self.max_total_tokens = agree_min(self.max_total_tokens, self.device)
         self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
-                              self.attention_spec.head_dim, self.dtype, self.device)
+                              self.attention_spec.head_dim, self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v)
+        log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
+                 f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
+                 if config.quantization or config.torchao_config else "")
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
         use_cuda_graphs = self._cuda_graphs_possible() and not self.is_embedding  # graphs cover decode steps
         self.max_running_requests = config.max_running_requests or self._default_max_running(use_cuda_graphs)
@@ -231,7 +242,7 @@ class ModelRunner:
         free memory minus the (1 - fraction) share kept for activations); on the CPU a quarter of the
         available RAM, capped. An explicit max_total_tokens is used as given on the CPU and as a cap on CUDA."""
         spec = self.attention_spec
-        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.kv_cache_dtype)
         wanted = self.config.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

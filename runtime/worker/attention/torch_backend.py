@@ -11,6 +11,8 @@ GQA without copying K/V: the G = Hq / Hkv query heads that share a kv head are f
 query-length dimension, so SDPA sees Hkv heads of G * L queries each.
 Models whose layers differ in sliding window get one mask per distinct window. Soft-capped scores (Gemma 2) are
 computed with explicit matmuls and a float32 softmax, as transformers' eager attention does: SDPA cannot cap them.
+An fp8 pool is gathered, converted to q's dtype, and its per-layer scales applied outside the gather: k_scale in the
+softmax scale, v_scale on the output.
 """
 
 from __future__ import annotations
@@ -94,17 +96,19 @@ class TorchAttentionBackend:
         self.kv_pool.store(layer_id, batch.out_slots, k, v)
         k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
         window = self.spec.window(layer_id)
+        scales = (self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id])
         num_tokens, num_heads, head_dim = q.shape
         if len(self.groups) == 1 and self.groups[0].num_rows == batch.batch_size and \
                 self.groups[0].max_queries == 1:
-            return self._attend(q, k_pool, v_pool, self.groups[0], window).reshape(num_tokens, num_heads * head_dim)
+            return self._attend(q, k_pool, v_pool, self.groups[0], window, scales).reshape(num_tokens,
+                                                                                          num_heads * head_dim)
         out = torch.empty_like(q)
         for group in self.groups:
-            out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group, window)
+            out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group, window, scales)
         return out.view(num_tokens, num_heads * head_dim)
 
     def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _RowGroup,
-                window: int | None) -> torch.Tensor:
+                window: int | None, scales: tuple[float, float]) -> torch.Tensor:
         """q [N, Hq, D] of the group's tokens -> attention output [N, Hq, D]."""
         n, Q, G = group.num_rows, group.max_queries, self.group_size
         Hkv, D = self.spec.num_kv_heads, self.spec.head_dim
@@ -114,23 +118,34 @@ class TorchAttentionBackend:
             padded = q.new_zeros(n * Q, Hkv * G, D)
             padded[group.query_index] = q
             queries = padded.view(n, Q, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(n, Hkv, G * Q, D)
-        # index_select is several times faster than advanced indexing on the CPU
-        keys = k_pool.index_select(0, group.kv_slots).view(n, group.max_keys, Hkv, D).transpose(1, 2)  # [n, Hkv, L, D]
-        values = v_pool.index_select(0, group.kv_slots).view(n, group.max_keys, Hkv, D).transpose(1, 2)
-        mask = group.masks[window]
-        if self.spec.logit_cap is None:
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.spec.scale)
+        # index_select is several times faster than advanced indexing on the CPU; it has no fp8 kernel there, so an
+        # fp8 pool is gathered as bytes
+        k_scale, v_scale = scales
+        if self.kv_pool.quantized:
+            keys = k_pool.view(torch.uint8).index_select(0, group.kv_slots).view(k_pool.dtype).to(q.dtype)
+            values = v_pool.view(torch.uint8).index_select(0, group.kv_slots).view(v_pool.dtype).to(q.dtype)
         else:
-            out = self._capped_attention(queries, keys, values, mask)
+            keys = k_pool.index_select(0, group.kv_slots)
+            values = v_pool.index_select(0, group.kv_slots)
+        keys = keys.view(n, group.max_keys, Hkv, D).transpose(1, 2)  # [n, Hkv, L, D]
+        values = values.view(n, group.max_keys, Hkv, D).transpose(1, 2)
+        mask = group.masks[window]
+        scale = self.spec.scale * k_scale
+        if self.spec.logit_cap is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        else:
+            out = self._capped_attention(queries, keys, values, mask, scale)
+        if v_scale != 1.0:
+            out = out * v_scale
         if Q == 1:
             return out.reshape(n, Hkv * G, D)
         out = out.view(n, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(n * Q, Hkv * G, D)
         return out[group.query_index]
 
     def _capped_attention(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor | None) -> torch.Tensor:
+                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         cap = self.spec.logit_cap
-        scores = torch.tanh(queries @ keys.transpose(-1, -2) * (self.spec.scale / cap)) * cap
+        scores = torch.tanh(queries @ keys.transpose(-1, -2) * (scale / cap)) * cap
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values

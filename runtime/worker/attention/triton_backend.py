@@ -11,7 +11,8 @@ forward stores the new tokens' k/v with one `store_kv` launch, then:
   prefill chunk's batch that would dominate the step.
 `prepare` makes every host-side decision (kernel, number of kv splits) from the batch's host lists, and `forward`
 launches kernels on the ForwardBatch's device tensors and on preallocated scratch only, with no host sync, so a
-decode step can be captured in a CUDA graph.
+decode step can be captured in a CUDA graph. An fp8 pool's per-layer scales are host floats fixed at load, passed
+as kernel arguments (a captured graph keeps them).
 """
 
 from __future__ import annotations
@@ -86,21 +87,24 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
-        store_kv(k_pool, v_pool, batch.out_slots, k, v)
+        k_scale, v_scale = self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id]
+        store_kv(k_pool, v_pool, batch.out_slots, k, v, k_scale, v_scale)
         spec = self.spec
         window = spec.window(layer_id)
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
                                    self.num_kv_splits, window, part_o=self.part_o, part_lse=self.part_lse,
-                                   logit_cap=spec.logit_cap)
+                                   logit_cap=spec.logit_cap, k_scale=k_scale, v_scale=v_scale)
         else:
             out = torch.empty_like(q)
             single = self.num_single
             if single:
                 decode_attention(q[:single], k_pool, v_pool, batch.req_to_token, self.single_rows,
                                  self.single_seq_lens, spec.scale, self.num_kv_splits, window, out=out[:single],
-                                 part_o=self.part_o, part_lse=self.part_lse, logit_cap=spec.logit_cap)
+                                 part_o=self.part_o, part_lse=self.part_lse, logit_cap=spec.logit_cap,
+                                 k_scale=k_scale, v_scale=v_scale)
             extend_attention(q[single:], k[single:], v[single:], k_pool, v_pool, batch.req_to_token,
                              self.extend_rows, self.extend_prefix_lens, self.extend_lens, self.extend_start,
-                             batch.max_extend_len, spec.scale, window, out=out[single:], logit_cap=spec.logit_cap)
+                             batch.max_extend_len, spec.scale, window, out=out[single:], logit_cap=spec.logit_cap,
+                             k_scale=k_scale, v_scale=v_scale)
         return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)

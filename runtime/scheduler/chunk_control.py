@@ -1,0 +1,38 @@
+"""How many prompt tokens may ride with the decode rows of one step.
+
+Every running stream waits for a step that also prefills, so a prefill chunk beside decode rows is paid by all of
+them. The chunk is sized from the worker's measured step times (BatchResult.forward_ms): a mixed step should cost
+at most MIXED_STEP_FACTOR decode steps of the current batch. After a mixed step that took longer the chunk shrinks;
+after one that used its whole chunk and stayed under the target it grows; between MIN_MIXED_CHUNK and
+--chunked-prefill-size. Few decode rows (a step of ~6 ms on an H200 for Llama-3-8B) keep chunks of a few hundred
+tokens, so a stream's gap stays near twice its decode step; a large batch (a 30-40 ms step at 500 rows) lets
+chunks grow towards the cap, so prompts fill the batch quickly when every stream's step is long anyway.
+"""
+
+from __future__ import annotations
+
+MIXED_STEP_FACTOR = 2.0  # a mixed step may cost this many decode steps
+MIN_MIXED_CHUNK = 256  # a 1k prompt in at most 4 steps, however short the decode step
+START_CHUNK = 512
+SHRINK, GROW = 0.8, 1.25
+DECODE_EMA = 0.2  # weight of the newest decode-only step in the decode step time
+
+
+class MixedChunkSize:
+    def __init__(self, max_chunk: int):
+        self.max_chunk = max_chunk
+        self.size = min(max_chunk, START_CHUNK)
+        self.decode_ms: float | None = None  # recent decode-only step time
+
+    def observe(self, num_decode: int, prefill_tokens: int, forward_ms: float) -> None:
+        """A step's result: how many decode rows and prompt tokens it computed, in how many ms."""
+        if forward_ms <= 0 or num_decode == 0:
+            return
+        if prefill_tokens == 0:
+            self.decode_ms = forward_ms if self.decode_ms is None else (
+                self.decode_ms + DECODE_EMA * (forward_ms - self.decode_ms))
+        elif self.decode_ms is not None:
+            if forward_ms > MIXED_STEP_FACTOR * self.decode_ms:
+                self.size = max(min(MIN_MIXED_CHUNK, self.max_chunk), int(self.size * SHRINK))
+            elif prefill_tokens >= self.size:  # the chunk was the limit, and it was cheap enough
+                self.size = min(self.max_chunk, int(self.size * GROW) + 1)

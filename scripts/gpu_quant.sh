@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# fp8 on one H200 (or H100), about 5 minutes: correctness on CUDA, the fp8 GEMM and fp8-KV decode against bf16 in
+# the kernel bench, bench_one_batch bf16 vs --quantization fp8, and a short bench_serving of bf16 against fp8 weights
+# + fp8 KV cache. Llama-3-8B's shape with dummy weights. Logs and tables land in $OUT (else /tmp/gpu_quant).
+#
+#   bash scripts/gpu_quant.sh                     # every section
+#   bash scripts/gpu_quant.sh one-batch serving   # chosen sections
+#
+# Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-/tmp/gpu_quant}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+ALL=(tests kernels one-batch serving)
+MODEL="${GPU_MODEL:-}"
+for candidate in shared/models/llama-3-8b-dummy ../shared/models/llama-3-8b-dummy /work/shared/models/llama-3-8b-dummy \
+                 .models/llama-3-8b-dummy; do
+  [ -z "$MODEL" ] && [ -f "$candidate/config.json" ] && MODEL="$candidate"
+done
+SERVE_PROMPTS="${SERVE_PROMPTS:-128}"
+SERVE_LEN="${SERVE_LEN:-1024}"
+
+if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+section_tests() {
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/layers/test_gpu_quantization.py \
+    tests/kernels/test_fp8_kv_cache.py
+}
+
+section_kernels() {
+  timeout 240 python3 scripts/gpu_kernels_bench.py --only fp8 --table "$LOG_DIR/fp8_kernels.md"
+}
+
+one_batch() {  # name, batch, input, output, extra flags...
+  local name=$1 batch=$2 input=$3 output=$4
+  shift 4
+  timeout 240 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+    --batch-size "$batch" --input-len "$input" --output-len "$output" --output "$LOG_DIR/one_batch_$name.json" "$@"
+}
+
+section_one_batch() {
+  local status=0
+  one_batch bs1_bf16 1 128 256 || status=1
+  one_batch bs1_fp8 1 128 256 --quantization fp8 || status=1
+  one_batch bs64_bf16 64 1024 128 || status=1
+  one_batch bs64_fp8 64 1024 128 --quantization fp8 || status=1
+  python3 - "$LOG_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+d = Path(sys.argv[1])
+print("| run | prefill tok/s | decode tok/s | decode step ms | fp8 / bf16 decode |")
+print("| --- | ---: | ---: | ---: | ---: |")
+for bs in ("bs1", "bs64"):
+    rows = {kind: json.loads((d / f"one_batch_{bs}_{kind}.json").read_text())[0] for kind in ("bf16", "fp8")
+            if (d / f"one_batch_{bs}_{kind}.json").exists()}
+    for kind, r in rows.items():
+        ratio = r["decode_tok_s"] / rows["bf16"]["decode_tok_s"] if "bf16" in rows else float("nan")
+        print(f"| {bs} {kind} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | {r['decode_median_ms']:.2f} | "
+              f"{ratio:.2f}x |")
+PY
+  return $status
+}
+
+serve_and_bench() {  # name, server flags...
+  local name=$1 port=30157 status=0
+  shift
+  python3 -m runtime --model-path "$MODEL" --load-format dummy --dtype bfloat16 --port $port "$@" \
+    >"$LOG_DIR/server_$name.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 360); do
+    grep -q "Ready: serving" "$LOG_DIR/server_$name.log" && break
+    kill -0 $server 2>/dev/null || break
+    sleep 0.5
+  done
+  grep -E "Ready: serving|KV cache:" "$LOG_DIR/server_$name.log"
+  timeout 150 python3 -m runtime.bench.serving --port $port --dataset-name random --random-input-len "$SERVE_LEN" \
+    --random-output-len "$SERVE_LEN" --random-range-ratio 1.0 --num-prompts "$SERVE_PROMPTS" --request-rate inf \
+    --disable-tqdm --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
+  kill -TERM $server
+  wait $server || status=1
+  return $status
+}
+
+section_serving() {
+  local status=0
+  serve_and_bench bf16 || status=1
+  serve_and_bench fp8 --quantization fp8 --kv-cache-dtype fp8_e4m3 || status=1
+  return $status
+}
+
+[ -z "$MODEL" ] && { echo "no llama-3-8b-dummy folder found; set GPU_MODEL" >&2; exit 2; }
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
+summary=()
+failed=0
+for name in "${sections[@]}"; do
+  if ! declare -F "section_${name//-/_}" >/dev/null; then
+    echo "unknown section '$name'; known: ${ALL[*]}" >&2
+    exit 2
+  fi
+  echo "=== $name ==="
+  start=$(date +%s)
+  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -ne 0 ] && failed=1
+  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
+done
+[ -f "$LOG_DIR/fp8_kernels.md" ] && { echo; cat "$LOG_DIR/fp8_kernels.md"; }
+[ -f "$LOG_DIR/one-batch.log" ] && { echo; grep -E '^\|' "$LOG_DIR/one-batch.log" | tail -6; }
+if [ -f "$LOG_DIR/serving.log" ]; then
+  echo; grep -E "KV cache:|Output token throughput|Request throughput|Median TPOT|Median TTFT" "$LOG_DIR/serving.log"
+fi
+echo
+echo "| section | result | time |"
+echo "| --- | --- | --- |"
+printf '%s\n' "${summary[@]}"
+exit "$failed"

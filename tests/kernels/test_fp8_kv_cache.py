@@ -1,0 +1,115 @@
+"""fp8 KV cache: the store kernel writes what the torch reference writes (x / scale, saturated), and the decode and
+extend kernels and both attention backends read fp8 pools as fp8 * scale. Interpreter on the CPU, GPU with CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kernels.extend_attention import extend_attention, extend_attention_ref  # noqa: E402
+from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
+from runtime.worker.attention.base import AttentionSpec  # noqa: E402
+from runtime.worker.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from runtime.worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from runtime.worker.forward_batch import ForwardBatch  # noqa: E402
+from runtime.worker.kv_pool import KVPool  # noqa: E402
+from tests.kernel_fixtures import DEVICE, TOLERANCE, relative_error  # noqa: E402
+
+FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
+# Powers of two, so that values made representable (below) stay exact through x * (1 / scale).
+K_SCALE, V_SCALE = 0.5, 4.0
+
+
+def kv_values(shape: tuple[int, ...], pool_dtype: torch.dtype, scale: float, spread: float = 4.0) -> torch.Tensor:
+    """Random k or v. On the CPU, values the pool represents exactly (fp8 code * scale): Triton's interpreter
+    converts to fp8 without carrying a rounded-up mantissa into the exponent (7.9 becomes 4, not 8), a fault of the
+    emulator that the GPU does not share; on CUDA, arbitrary values, so the hardware rounding is checked too."""
+    values = torch.randn(shape, device=DEVICE) * spread
+    if torch.cuda.is_available():
+        return values
+    return (values / scale).to(pool_dtype).float() * scale
+
+
+def same_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def fp8_pool(num_slots: int, heads: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    values = torch.randn(num_slots, heads, dim, device=DEVICE) * 4
+    return (values / 2).to(dtype)
+
+
+@pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
+def test_store_kv_quantizes_like_the_reference(pool_dtype, seed):
+    k = kv_values((9, 3, 32), pool_dtype, K_SCALE)
+    k[0, 0, :4] = torch.tensor([1e4, -1e4, 1e6, -1e6])  # saturated (e4m3 at 448 * scale), not NaN
+    v = kv_values((9, 3, 32), pool_dtype, V_SCALE)
+    slots = torch.randperm(40, device=DEVICE)[:9] + 1
+    pools = [torch.zeros(41, 3, 32, dtype=pool_dtype, device=DEVICE) for _ in range(4)]
+    store_kv(pools[0], pools[1], slots, k, v, K_SCALE, V_SCALE)
+    store_kv_ref(pools[2], pools[3], slots, k, v, K_SCALE, V_SCALE)
+    for ours, ref in ((pools[0], pools[2]), (pools[1], pools[3])):
+        assert not ours.float().isnan().any(), f"seed {seed}"
+        assert same_codes(ours, ref), f"seed {seed}"
+    back = pools[0][slots.long()].float() * K_SCALE
+    limit = torch.finfo(pool_dtype).max * K_SCALE
+    assert relative_error(back, k.clamp(-limit, limit)) < 0.15, f"seed {seed}"
+
+
+@pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_and_extend_read_fp8_pools_with_scales(pool_dtype, dtype, seed):
+    num_slots, hq, hkv, dim = 300, 6, 2, 32
+    k_pool, v_pool = fp8_pool(num_slots, hkv, dim, pool_dtype), fp8_pool(num_slots, hkv, dim, pool_dtype)
+    req_to_token = (torch.randperm(num_slots - 1, device=DEVICE)[:3 * 60] + 1).view(3, 60).to(torch.int32)
+    rows = torch.tensor([2, 0, 1], device=DEVICE)
+    seq_lens = torch.tensor([1, 33, 60], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, hq, dim, dtype=dtype, device=DEVICE)
+    out = decode_attention(q, k_pool, v_pool, req_to_token, rows, seq_lens, 0.2, 2, k_scale=K_SCALE, v_scale=V_SCALE)
+    ref = decode_attention_ref(q, k_pool, v_pool, req_to_token, rows, seq_lens, 0.2, k_scale=K_SCALE,
+                               v_scale=V_SCALE)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"decode (seed {seed})"
+
+    prefix_lens = torch.tensor([0, 20, 50], dtype=torch.int32, device=DEVICE)
+    extend_lens = torch.tensor([5, 13, 10], dtype=torch.int32, device=DEVICE)
+    starts = torch.tensor([0, 5, 18], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(28, hq, dim, dtype=dtype, device=DEVICE)
+    k, v = torch.randn(28, hkv, dim, dtype=dtype, device=DEVICE), torch.randn(28, hkv, dim, dtype=dtype, device=DEVICE)
+    args = (q, k, v, k_pool, v_pool, req_to_token, rows, prefix_lens, extend_lens, starts)
+    out = extend_attention(*args, 13, 0.2, k_scale=K_SCALE, v_scale=V_SCALE)
+    ref = extend_attention_ref(*args, 0.2, k_scale=K_SCALE, v_scale=V_SCALE)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"extend (seed {seed})"
+
+
+@pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
+def test_backends_read_the_same_fp8_pool_alike(pool_dtype, seed):
+    """A prefill then a decode step through the torch backend with an fp8 pool (scales != 1) must equal the torch
+    backend on a float pool holding the dequantized values; the Triton backend's decode must agree with both."""
+    spec = AttentionSpec(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=32, scale=32**-0.5)
+    scales = dict(k_scales=[K_SCALE], v_scales=[V_SCALE])
+    fp8_torch = TorchAttentionBackend(spec, KVPool(64, 1, 2, 32, pool_dtype, DEVICE, **scales))
+    fp8_triton = TritonAttentionBackend(spec, KVPool(64, 1, 2, 32, pool_dtype, DEVICE, **scales))
+    plain = TorchAttentionBackend(spec, KVPool(64, 1, 2, 32, torch.float32, DEVICE))
+    req_to_token = torch.zeros(2, 32, dtype=torch.int32, device=DEVICE)
+    for step, (prefix, extend) in enumerate(((0, 7), (7, 1))):
+        slots = torch.arange(1 + prefix, 1 + prefix + extend, device=DEVICE)
+        batch = ForwardBatch.build(input_ids=torch.zeros(extend, dtype=torch.int64, device=DEVICE), out_slots=slots,
+                                   rows=[1], prefix_lens=[prefix], extend_lens=[extend], req_to_token=req_to_token)
+        req_to_token[1, prefix:prefix + extend] = slots.to(torch.int32)
+        q = torch.randn(extend, 4, 32, device=DEVICE)
+        k, v = kv_values((extend, 2, 32), pool_dtype, K_SCALE), kv_values((extend, 2, 32), pool_dtype, V_SCALE)
+        for backend in (fp8_torch, fp8_triton, plain):
+            backend.prepare(batch)
+        out = fp8_torch.forward(q, k, v, 0, batch)
+        new = slots.long()
+        k_seen = fp8_torch.kv_pool.k[0][new].float() * K_SCALE
+        v_seen = fp8_torch.kv_pool.v[0][new].float() * V_SCALE
+        expected = plain.forward(q, k_seen, v_seen, 0, batch)
+        assert relative_error(out, expected) < 1e-5, f"step {step} (seed {seed})"
+        triton_out = fp8_triton.forward(q, k, v, 0, batch)
+        assert same_codes(fp8_triton.kv_pool.k[0][new], fp8_torch.kv_pool.k[0][new]), f"seed {seed}"
+        if step == 1:  # decode reads only the pool: the same fp8 values
+            assert relative_error(triton_out, out) < 1e-4, f"triton decode (seed {seed})"
