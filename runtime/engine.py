@@ -48,6 +48,7 @@ from runtime.ingress.api.protocol import (
     NATIVE_FIELDS,
     GenerateBody,
     NativeSamplingParams,
+    check_custom_logit_processor,
     check_prompt,
     check_sampling,
     per_prompt,
@@ -195,12 +196,13 @@ class Engine:
                 raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
             if value is not None:
                 raise ValueError(f"{name}: not supported yet by this engine")
-        if custom_logit_processor is not None:
+        if custom_logit_processor is not None and not self.server_args.enable_custom_logit_processor:
             raise ValueError(CUSTOM_LOGIT_PROCESSOR_REFUSED)
         if self._closed:
             raise EngineError("the engine was shut down")
         raw = {"text": prompt, "input_ids": input_ids, "sampling_params": sampling_params,
                "return_logprob": return_logprob, "stream": stream, "token_ids_logprob": token_ids_logprob,
+               "custom_logit_processor": custom_logit_processor,
                "logprob_start_len": -1 if logprob_start_len is None else logprob_start_len,
                "top_logprobs_num": 0 if top_logprobs_num is None else top_logprobs_num}
         try:
@@ -233,6 +235,7 @@ class Engine:
         start_lens = per_prompt(body.logprob_start_len, count, "logprob_start_len", is_batch)
         top_nums = per_prompt(body.top_logprobs_num, count, "top_logprobs_num", is_batch)
         id_lists = token_ids_logprob_per_prompt(body.token_ids_logprob, count, is_batch)
+        processors = per_prompt(body.custom_logit_processor, count, "custom_logit_processor", is_batch)
         sequences = []
         for i, ids in enumerate(prompts):
             params = sampling[i] or NativeSamplingParams()
@@ -242,9 +245,11 @@ class Engine:
             options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(ids), info.vocab_size,
                                       id_lists[i])
             rid = uuid.uuid4().hex
+            processor = check_custom_logit_processor(processors[i], self.server_args.enable_custom_logit_processor)
             for j in range(params.n):
                 sampling_j = to_sampling_params(params, len(ids), info.context_length, NATIVE_FIELDS,
-                                                NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar)
+                                                NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar,
+                                                custom_logit_processor=processor)
                 sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
                                               group=rid if params.n > 1 else None), arrival))
         return sequences, is_batch or len(sequences) > 1

@@ -2,7 +2,8 @@
 
 Messages are grouped into tagged unions, one per mailbox (Rust-enum style): a receiver decodes
 with the union's typed decoder and dispatches with `match msg:`. Encoding is msgpack. Nothing
-here is pickled, and a malformed frame decodes to a `msgspec.DecodeError`, never to code.
+here is pickled, and a malformed frame decodes to a `msgspec.DecodeError`, never to code (a custom logit
+processor travels as an opaque string; only a worker loads it, and only when the server enables them).
 
 Flow:   ingress --IngressToScheduler--> scheduler --SchedulerToWorker (broadcast)--> workers
         worker rank 0 --WorkerToScheduler--> scheduler --SchedulerToDetokenizer--> detokenizer
@@ -10,6 +11,8 @@ Flow:   ingress --IngressToScheduler--> scheduler --SchedulerToWorker (broadcast
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 from msgspec import Struct
@@ -59,6 +62,10 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     stop_regex: list[str] = []  # validated patterns; a match in the output's tail ends the request
     stream_interval: int | None = None  # tokens between streamed updates; None: the server's --stream-interval
     grammar: GrammarSpec | None = None  # constrained decoding: the sampler masks what the grammar forbids
+    # SGLang's serialized processor (runtime/custom_logit_processor.py), passed untouched to the worker, which
+    # loads and runs it on the row's logits with `custom_params`; only with --enable-custom-logit-processor.
+    custom_logit_processor: str | None = None
+    custom_params: dict[str, Any] | None = None
 
 
 class LogprobOptions(Struct, frozen=True):

@@ -4,6 +4,7 @@ validated in one place. It is JSON-encodable, so the launcher hands it to every 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import msgspec
 
@@ -75,6 +76,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     grammar_backend: str = "xgrammar"  # xgrammar | none
     tool_call_parser: str | None = None  # llama3 | qwen25 | hermes | mistral | deepseekv3 | pythonic
     reasoning_parser: str | None = None  # deepseek-r1 | qwen3
+    enable_custom_logit_processor: bool = False  # run clients' serialized processors (trusted clients only)
 
     # Operations
     log_level: str = "info"
@@ -235,6 +237,10 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "reasoning_parser": FlagDoc("Structured output", "none",
                       "`deepseek-r1` or `qwen3`: `<think>...</think>` goes to `reasoning_content`, and grammars "
                       "(response_format, forced tool calls) apply after the reasoning"),
+    "enable_custom_logit_processor": FlagDoc("Structured output", "off",
+                      "accept SGLang's `custom_logit_processor` (a dill-serialized Python class the worker loads and "
+                      "runs on the logits, with `custom_params`): it runs client code, so only for trusted clients; "
+                      "needs `dill` (the `custom-logit-processor` extra)"),
     # Operations
     "log_level": FlagDoc("Operations", "info", "`debug`, `info`, `warning`, `error`, `critical` (every actor)"),
     "log_requests": FlagDoc("Operations", "off",
@@ -395,6 +401,9 @@ def validate(args: ServerArgs) -> ServerArgs:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
     _validate_quantization(args)
+    if args.enable_custom_logit_processor and importlib.util.find_spec("dill") is None:
+        raise ServerArgsError("--enable-custom-logit-processor needs the dill package: "
+                              "pip install 'runtime[custom-logit-processor]' (or pip install dill)")
     return args
 
 

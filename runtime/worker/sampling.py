@@ -6,6 +6,9 @@ Semantics follow SGLang. Per row, on the raw logits:
   3. min_new_tokens: while the row has produced fewer tokens, its EOS ids and stop_token_ids are -inf
      (not for a row with a grammar: the grammar decides when the output may end);
   3b. a grammar's token mask (runtime/constrained/row_matchers.py): the tokens it forbids are -inf;
+  3c. a custom logit processor (runtime/custom_logit_processor.py), called once per distinct processor on its
+      rows' logits with their custom_params (one dict per request, the same object every step, so a processor
+      may keep per-request state in it);
   4. temperature < 1e-6: greedy argmax, no randomness. Otherwise divide by the temperature and keep
      the tokens that pass all of top-k, top-p and min-p, each judged on the temperature-scaled
      distribution over the whole vocabulary (SGLang's joint filter): top-k keeps the k most likely;
@@ -35,9 +38,9 @@ both paths. Rows without a seed get a fresh random 32-bit key per step from the 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +58,7 @@ except ImportError:
 GREEDY_TEMPERATURE = 1e-6
 # Above this many candidates a full sort of the vocabulary is about as cheap as torch.topk.
 TOPK_PATH_MAX_K = 1024
+CUSTOM_PROCESSOR_CACHE = 64  # distinct custom logit processors kept loaded
 
 # Columns of the per-row parameter table (one float32 tensor, one gather per step).
 _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _REPETITION, _FREQUENCY, _PRESENCE, _GREEDY = range(8)
@@ -127,6 +131,8 @@ class _Row:
     bias_ids: list[int]
     bias_values: list[float]
     logprobs: LogprobOptions
+    custom_processor: Callable | None = None
+    custom_params: dict[str, Any] | None = None
 
 
 class Sampler:
@@ -166,6 +172,7 @@ class Sampler:
         self.penalty_counts = PenaltyCounts(max_rows, vocab_size, self.device)
         self.token_hashes = mix32(torch.arange(vocab_size, dtype=torch.int64, device=self.device))
         self._rows: list[_Row | None] = [None] * max_rows
+        self._custom_processors: dict[str, Callable] = {}  # serialized form -> loaded processor
 
     # ---------------------------------------------------------------------------------------------
     # Row lifecycle
@@ -217,7 +224,20 @@ class Sampler:
             bias_ids=list(params.logit_bias.keys()),
             bias_values=[float(v) for v in params.logit_bias.values()],
             logprobs=logprobs,
+            custom_processor=self._custom_processor(params.custom_logit_processor),
+            custom_params=dict(params.custom_params or {}),
         )
+
+    def _custom_processor(self, serialized: str | None) -> Callable | None:
+        if serialized is None:
+            return None
+        if serialized not in self._custom_processors:
+            from runtime.custom_logit_processor import load_processor  # dill: an optional dependency
+
+            if len(self._custom_processors) >= CUSTOM_PROCESSOR_CACHE:
+                del self._custom_processors[next(iter(self._custom_processors))]  # rows keep their own reference
+            self._custom_processors[serialized] = load_processor(serialized)
+        return self._custom_processors[serialized]
 
     def free_row(self, row: int) -> None:
         """The row's request ended; freeing a row that is not occupied does nothing."""
@@ -261,6 +281,8 @@ class Sampler:
             if x is logits:
                 x = logits.clone()
             token_mask.apply(x)
+        if any(s.custom_processor is not None for s in states):
+            x = self._apply_custom_processors(logits.clone() if x is logits else x, states)
 
         if all(s.greedy for s in states):
             token_ids = torch.argmax(x, dim=-1)
@@ -274,6 +296,21 @@ class Sampler:
         for s in states:
             s.steps += 1
         return SampleOutput(token_ids, logprobs)
+
+    def _apply_custom_processors(self, x: torch.Tensor, states: list[_Row]) -> torch.Tensor:
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            if s.custom_processor is not None:
+                groups.setdefault(id(s.custom_processor), []).append(i)
+        for entries in groups.values():
+            processor = states[entries[0]].custom_processor
+            index = self._upload(entries, torch.int64)
+            out = processor(x.index_select(0, index), [states[i].custom_params for i in entries])
+            if not isinstance(out, torch.Tensor) or out.shape != (len(entries), x.shape[1]):
+                raise ValueError(f"custom_logit_processor {type(processor).__name__} must return logits of shape "
+                                 f"[{len(entries)}, {x.shape[1]}]")
+            x.index_copy_(0, index, out.to(x.dtype))
+        return x
 
     def _apply_bias_and_min_tokens(self, x: torch.Tensor, states: list[_Row]) -> torch.Tensor:
         batch_index: list[int] = []

@@ -20,12 +20,12 @@ from runtime.ingress.api.generation import Generation, abort_error, http_error, 
 from runtime.ingress.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
-    CUSTOM_LOGIT_PROCESSOR_REFUSED,
     MAX_N,
     NATIVE_FIELDS,
     AbortBody,
     GenerateBody,
     NativeSamplingParams,
+    check_custom_logit_processor,
     check_prompt,
     check_sampling,
     check_sequence_count,
@@ -78,6 +78,8 @@ class NativeApi:
         start_lens = per_prompt(body.logprob_start_len, count, "logprob_start_len", is_batch)
         top_nums = per_prompt(body.top_logprobs_num, count, "top_logprobs_num", is_batch)
         id_lists = token_ids_logprob_per_prompt(body.token_ids_logprob, count, is_batch)
+        processors_given = body.custom_logit_processor
+        processors = per_prompt(processors_given, count, "custom_logit_processor", is_batch)
 
         sequences: list[Sequence] = []
         for i, input_ids in enumerate(prompts):
@@ -89,9 +91,12 @@ class NativeApi:
             options = logprob_options(return_logprob[i], start_lens[i], top_nums[i], len(input_ids),
                                        self.model_info.vocab_size, id_lists[i])
             rid = rids[i] if rids[i] is not None else os.urandom(16).hex()  # uuid4().hex costs 4x more
+            processor_field = "custom_logit_processor" + (f"[{i}]" if isinstance(processors_given, list) else "")
+            processor = check_custom_logit_processor(processors[i], args.enable_custom_logit_processor, processor_field)
             for j in range(params.n):
                 params_j = to_sampling_params(params, len(input_ids), self.model_info.context_length, NATIVE_FIELDS,
-                                              NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar)
+                                              NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar,
+                                              custom_logit_processor=processor)
                 job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline,
                           group=rid if params.n > 1 else None)
                 sequences.append(Sequence(job, arrival))
@@ -110,8 +115,6 @@ class NativeApi:
         return json_response(outputs if as_list else outputs[0])
 
     async def _prompts(self, body: GenerateBody) -> tuple[list[list[int]], bool]:
-        if body.custom_logit_processor is not None:
-            raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
         for name in _UNSUPPORTED_INPUTS:
             if getattr(body, name) is not None:
                 raise HttpError(400, f"{name}: not supported yet by this server", name)

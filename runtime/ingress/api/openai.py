@@ -13,13 +13,13 @@ from runtime.ingress.api.generation import Generation, abort_error, http_error, 
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import (
     CHAT_FIELDS_MAX_COMPLETION,
-    CUSTOM_LOGIT_PROCESSOR_REFUSED,
     MAX_N,
     MAX_OPENAI_TOP_LOGPROBS,
     OPENAI_FIELDS,
     ChatBody,
     CompletionBody,
     chat_message_dicts,
+    check_custom_logit_processor,
     check_prompt,
     check_sampling,
     check_sequence_count,
@@ -67,7 +67,8 @@ class OpenAIApi:
         arrival = time.perf_counter()
         body: CompletionBody = decode_body(request.body, CompletionBody)
         deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
-        _refuse_custom_logit_processor(body)
+        processor = check_custom_logit_processor(body.custom_logit_processor,
+                                                 self.frontend.args.enable_custom_logit_processor)
         if body.suffix:
             raise HttpError(400, "suffix: inserting text (suffix) is not supported", "suffix")
         if body.best_of is not None and body.best_of != (body.n or 1):
@@ -86,7 +87,7 @@ class OpenAIApi:
         grammar = request_grammar(self.frontend, params, body.response_format, OPENAI_FIELDS)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, prompts, params, options, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                    arrival, deadline=deadline, grammar=grammar)
+                                    arrival, deadline=deadline, grammar=grammar, processor=processor)
         view = _CompletionView(self, request_id, params.n, prompt_texts if echo else None, top)
         if body.stream:
             return await self._stream(sequences, view, _include_usage(body))
@@ -132,7 +133,8 @@ class OpenAIApi:
         body: ChatBody = decode_body(request.body, ChatBody)
         deadline = request_deadline(body.timeout, self.frontend.args.request_timeout, time.monotonic())
         _check_n(body.n)
-        _refuse_custom_logit_processor(body)
+        processor = check_custom_logit_processor(body.custom_logit_processor,
+                                                 self.frontend.args.enable_custom_logit_processor)
         tools = chat_tools(self.frontend, body.tools, body.tool_choice, body.parallel_tool_calls)
         messages = chat_message_dicts(body.messages)
         for i, message in enumerate(messages):
@@ -179,7 +181,7 @@ class OpenAIApi:
         grammar = reasoning_grammar(grammar or tools.grammar, reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline,
-                                    grammar)
+                                    grammar, processor)
         output = None
         if reasoning is not None or tools.parser is not None:
             output = ChatOutputParser(reasoning, tools.parser, max_calls=None if tools.parallel else 1)
@@ -193,13 +195,14 @@ class OpenAIApi:
 
     def _sequences(self, request_id: str, rid: str | None, prompts: list[list[int]], params, options, default_max,
                    arrival: float, names=OPENAI_FIELDS, deadline: float | None = None,
-                   grammar: GrammarSpec | None = None) -> list[Sequence]:
+                   grammar: GrammarSpec | None = None, processor: str | None = None) -> list[Sequence]:
         base = rid or request_id
         sequences = []
         for i, input_ids in enumerate(prompts):
             for j in range(params.n):
                 sampling = to_sampling_params(params, len(input_ids), self.model_info.context_length, names,
-                                              default_max, seed_offset=j, grammar=grammar)
+                                              default_max, seed_offset=j, grammar=grammar,
+                                              custom_logit_processor=processor)
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
                 group = f"{base}/{i}" if params.n > 1 else None
@@ -239,10 +242,6 @@ class OpenAIApi:
     def token_text(self, token_id: int) -> str:
         return self.frontend.decode([token_id])
 
-
-def _refuse_custom_logit_processor(body) -> None:
-    if body.custom_logit_processor is not None:
-        raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED, "custom_logit_processor")
 
 
 def _check_n(n: int | None) -> None:

@@ -22,9 +22,9 @@ MAX_STOP_STRINGS = 64  # each is matched against the output tail at every step
 MAX_OPENAI_TOP_LOGPROBS = 20  # OpenAI's own limit
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 CUSTOM_LOGIT_PROCESSOR_REFUSED = (
-    "custom_logit_processor: custom logit processors are disabled on this server. SGLang enables them with "
-    "--enable-custom-logit-processor and sends them as serialized Python (dill/pickle) callables; this server "
-    "never unpickles request data, so it has no such flag")
+    "custom_logit_processor: custom logit processors are disabled on this server; they are serialized Python "
+    "(dill) that the server would unpickle and run, so they need --enable-custom-logit-processor, for trusted "
+    "clients only")
 
 
 class NativeSamplingParams(Struct, forbid_unknown_fields=True):
@@ -53,7 +53,7 @@ class NativeSamplingParams(Struct, forbid_unknown_fields=True):
     sampling_seed: int | None = None  # SGLang's name for the seed, any signed 64-bit value
     logit_bias: dict[int, float] | None = None
     stream_interval: int | None = None  # per request; None: --stream-interval
-    custom_params: dict[str, Any] | None = None  # for a custom logit processor; none runs here, so unused
+    custom_params: dict[str, Any] | None = None  # passed to the request's custom logit processor
     beam_width: int | None = None  # beam search: only None / 1
     watermark: Any = None  # SGLang needs --enable-watermark for it; only off / null here
     # SGLang's grammar options (runtime/constrained/grammars.py); json_schema and structural_tag are JSON
@@ -143,7 +143,7 @@ class _OpenAISampling(Struct):
     json_schema: Any = None
     ebnf: str | None = None
     stop_regex: str | list[str] | None = None
-    custom_logit_processor: Any = None  # refused: see CUSTOM_LOGIT_PROCESSOR_REFUSED
+    custom_logit_processor: Any = None  # see check_custom_logit_processor
     custom_params: dict[str, Any] | None = None
     timeout: float | None = None  # seconds; may only shorten --request-timeout
 
@@ -353,7 +353,7 @@ def check_prompt(input_ids: list[int], vocab_size: int, context_length: int, fie
 
 def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length: int, name: FieldNames,
                        default_max_new_tokens: int | None, seed_offset: int = 0,
-                       grammar: GrammarSpec | None = None) -> SamplingParams:
+                       grammar: GrammarSpec | None = None, custom_logit_processor: str | None = None) -> SamplingParams:
     """The engine's SamplingParams for one prompt (n is fanned out by the caller, so n=1 here).
     An explicit max_new_tokens that does not fit the context is an error (as in SGLang); the
     default (None: all the room left) is clamped to it."""
@@ -390,7 +390,25 @@ def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length:
         stop_regex=stop_list(p.stop_regex),
         stream_interval=p.stream_interval,
         grammar=grammar,
+        custom_logit_processor=custom_logit_processor,
+        custom_params=p.custom_params,
     )
+
+
+def check_custom_logit_processor(value: Any, enabled: bool, field: str = "custom_logit_processor") -> str | None:
+    """A request's custom_logit_processor, checked for SGLang's wire form (JSON {"callable": hex}) without
+    loading it: only a worker loads it (runtime/custom_logit_processor.py). Refused unless the server runs
+    with --enable-custom-logit-processor."""
+    if value is None:
+        return None
+    if not enabled:
+        raise HttpError(400, CUSTOM_LOGIT_PROCESSOR_REFUSED.replace("custom_logit_processor", field, 1), field)
+    try:
+        payload = msgspec.json.decode(value) if isinstance(value, str) else None
+        bytes.fromhex(payload["callable"])
+    except (msgspec.DecodeError, TypeError, KeyError, ValueError):
+        raise _bad(field, 'expected CustomLogitProcessor.to_str(): a JSON string {"callable": "<hex>"}') from None
+    return value
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -424,6 +442,7 @@ def openai_sampling(body: _OpenAISampling, max_tokens: int | None, temperature_d
         n=given(body.n, 1),
         seed=body.seed,
         logit_bias=body.logit_bias,
+        custom_params=body.custom_params,
         json_schema=body.json_schema,
         regex=body.regex,
         ebnf=body.ebnf,
