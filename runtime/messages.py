@@ -84,6 +84,9 @@ class FinishReason(Struct, frozen=True):
     length: int | None = None
     message: str | None = None
     matched_text: str | None = None  # for a stop_regex finish (matched is the pattern): the text it matched
+    # An abort that is the engine failing the request: the HTTP status its caller gets (as SGLang's FINISH_ABORT).
+    # None for an abort someone asked for (/abort_request): the caller gets the output so far, finish type abort.
+    status_code: int | None = None
 
 
 class TokenLogprobs(Struct):

@@ -170,7 +170,7 @@ class FakeFrontend:
                 if rid in self._abort_requested:
                     finish = FinishReason("abort", message="aborted on request")
                 elif self.abort_after is not None and len(output) >= self.abort_after:
-                    finish = FinishReason("abort", message="the worker failed")
+                    finish = FinishReason("abort", message="the worker failed", status_code=500)
                 elif len(output) >= sampling.max_new_tokens:
                     finish = FinishReason("length", length=sampling.max_new_tokens)
                 else:

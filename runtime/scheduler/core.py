@@ -224,7 +224,7 @@ class SchedulerCore:
         for req in [r for r in self.waiting if r.sampling.grammar is not None and r.sampling.grammar.key == msg.key]:
             field = req.sampling.grammar.field or "grammar"
             message = f"{field}: the grammar compiler refused it: {msg.error}"
-            self._finish(req, FinishReason(type="abort", message=message))
+            self._finish(req, FinishReason(type="abort", message=message, status_code=400))
             if req.admitted_once:  # it has streamed output: end it like an abort
                 updates.append(self._update(req))
             else:
@@ -550,7 +550,7 @@ class SchedulerCore:
     def _finish_embedding(self, req: Req, vector: bytes | None, embeddings: list[EmbeddingResult],
                           touched: list[Req]) -> None:
         if vector is None:  # the worker must pool every index of plan.pool
-            self._finish(req, FinishReason(type="abort", message="the worker returned no embedding"))
+            self._finish(req, FinishReason(type="abort", message="the worker returned no embedding", status_code=500))
             touched.append(req)
             return
         self._finish(req, FinishReason(type="stop"))
@@ -563,7 +563,8 @@ class SchedulerCore:
         updates = []
         for req in dict.fromkeys(batch.reqs):
             if not req.is_finished:
-                self._finish(req, FinishReason(type="abort", message=f"worker error: {error.message}"))
+                self._finish(req, FinishReason(type="abort", message=f"worker error: {error.message}",
+                                                  status_code=500))
                 updates.append(self._update(req))
         return StepUpdates(updates=updates, finished=len(updates))
 

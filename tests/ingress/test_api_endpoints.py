@@ -167,6 +167,8 @@ def test_responses_create_retrieve_and_chain(client, fake, tokenizer):
     assert first.status == "incomplete" and first.incomplete_details.reason == "max_output_tokens"
     assert first.output_text == tokenizer.decode(call.input_ids[:4], skip_special_tokens=True)
     assert first.usage.input_tokens == len(call.input_ids) and first.usage.output_tokens == 4
+    # SGLang's usage also carries the chat names (its upstream tests read them)
+    assert (first.usage.prompt_tokens, first.usage.completion_tokens) == (len(call.input_ids), 4)
     assert client.responses.retrieve(first.id).output_text == first.output_text
 
     second = client.responses.create(model="any", input=[{"role": "user", "content": "And then?"}],

@@ -165,8 +165,10 @@ def stream_error(status: int, message: str) -> bytes:
 
 
 def abort_error(sequence: Sequence) -> HttpError | None:
-    """An abort finish is the engine failing the request (no HTTP route aborts on request)."""
+    """The HTTP error of an abort that is the engine failing the request. An abort someone asked for
+    (/abort_request) is no error: its caller gets the output so far with finish type "abort", as in SGLang."""
     finish = sequence.finish
-    if finish is not None and finish.type == "abort":
-        return HttpError(500, f"the request was aborted by the engine: {finish.message or 'no reason given'}")
+    if finish is not None and finish.type == "abort" and finish.status_code is not None:
+        return HttpError(finish.status_code, f"the request was aborted by the engine: "
+                                             f"{finish.message or 'no reason given'}")
     return None

@@ -156,8 +156,9 @@ class NativeApi:
 
     def _output(self, sequence: Sequence, with_text: bool) -> dict:
         job, finish, counts = sequence.job, sequence.finish, sequence.meta
-        if finish is not None and finish.type == "abort":
-            raise abort_error(sequence)
+        error = abort_error(sequence)
+        if error is not None:
+            raise error
         meta = {
             "id": job.rid,
             "finish_reason": None if finish is None else finish_dict(finish),

@@ -258,7 +258,7 @@ def _finish_reason(sequence: Sequence, called_tools: bool = False) -> str | None
     finish = sequence.finish
     if finish is None:
         return None
-    return "tool_calls" if called_tools and finish.type == "stop" else finish.type  # aborts are errors
+    return "tool_calls" if called_tools and finish.type == "stop" else finish.type  # "abort": a requested abort
 
 
 def _matched_stop(sequence: Sequence):

@@ -225,10 +225,12 @@ class _ResponseView:
         sequence, body = self.sequence, self.body
         usage = None
         if status != "in_progress":
+            # OpenAI's names, and beside them the chat names that SGLang's Responses usage carries
             usage = {"input_tokens": sequence.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": sequence.cached_tokens},
                      "output_tokens": sequence.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                     "total_tokens": sequence.prompt_tokens + sequence.completion_tokens}
+                     "total_tokens": sequence.prompt_tokens + sequence.completion_tokens,
+                     "prompt_tokens": sequence.prompt_tokens, "completion_tokens": sequence.completion_tokens}
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": [] if status == "in_progress" else [self._message("completed")],
