@@ -2,7 +2,8 @@
 language (multi-turn gen, fork, choices, streaming, run_batch, logprobs; skipped when the sglang
 package is not installed, see scripts/install.sh), prompt logprobs checked position by position
 against transformers (native /generate, token_ids_logprob, /v1/completions echo, /v1/score), and
-the openai client on /v1/responses and /tokenize.
+the openai client on /v1/responses and /tokenize, custom logit processors (SGLang's wire form) beside
+plain requests in one batch, and /abort_request's answer.
 
 One server for the module."""
 
@@ -11,11 +12,15 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from runtime.custom_logit_processor import CustomLogitProcessor
 from runtime.default_model import default_model_path
 from tests.e2e.test_server import Server
 from tests.model_fixtures import hf_smollm2
@@ -29,7 +34,7 @@ PROMPT = "The capital of France is"
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compat")
     srv = Server(folder / "server.log", "--max-running-requests", "8", "--max-total-tokens", "4096",
-                 "--storage-dir", str(folder / "store"))
+                 "--storage-dir", str(folder / "store"), "--enable-custom-logit-processor")
     try:
         srv.wait_ready()
         yield srv
@@ -165,3 +170,48 @@ def test_sglang_frontend_program(server):
     states = multi_turn.run_batch([{"question": "What is the capital of France?"}, {"question": "Hi"}],
                                   backend=backend)
     assert len(states) == 2 and "Paris" in states[0]["first"]
+
+
+def test_custom_logit_processor_forces_its_rows_only(server):
+    class ForceToken(CustomLogitProcessor):  # local: dill sends the class itself, the worker never imports tests/
+        def __call__(self, logits, custom_param_list):
+            for i, params in enumerate(custom_param_list):
+                logits[i, :] = -float("inf")
+                logits[i, params["token_id"]] = 0.0
+            return logits
+
+    processor = ForceToken.to_str()
+
+    def native(token_id):
+        body = {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 6}}
+        if token_id is not None:
+            body["custom_logit_processor"] = processor
+            body["sampling_params"]["custom_params"] = {"token_id": token_id}
+        return server.post("/generate", body)
+
+    with ThreadPoolExecutor(6) as pool:  # forced and plain requests share batches
+        results = list(pool.map(native, [300, None, 301, None, 302, None]))
+    plain = results[1][1]["output_ids"]
+    for token_id, (status, out) in zip([300, None, 301, None, 302, None], results):
+        assert status == 200, out
+        assert out["output_ids"] == ([token_id] * 6 if token_id is not None else plain)
+    assert plain != [plain[0]] * 6
+    status, out = server.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+        "custom_logit_processor": processor, "custom_params": {"token_id": 300}})
+    assert status == 200 and out["usage"]["completion_tokens"] == 3, out
+    status, out = server.post("/generate", {"text": PROMPT, "custom_logit_processor": "not json"})
+    assert status == 400 and out["error"]["param"] == "custom_logit_processor"
+
+
+def test_abort_request_answers_the_output_so_far(server):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("r", server.post("/generate", {
+        "text": PROMPT, "rid": "to-abort", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}})))
+    thread.start()
+    time.sleep(3)
+    assert server.post("/abort_request", {"rid": "to-abort"})[0] == 200
+    thread.join(60)
+    status, out = result["r"]
+    assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort", out
+    assert out["meta_info"]["completion_tokens"] < 2000
