@@ -229,6 +229,7 @@ def test_model_and_server_info(url, fake):
     info = msgspec.json.decode(raw)
     assert info["max_body_bytes"] == fake.args.max_body_bytes
     assert info["internal_states"][0]["token_usage"] == 0.25
+    assert info["max_total_num_tokens"] == fake.model_info.max_total_tokens  # SGLang's top-level name
     assert info["model_info"]["context_length"] == fake.context_length
 
 

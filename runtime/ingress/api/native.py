@@ -248,8 +248,10 @@ class NativeApi:
         if args.get("api_key"):
             args["api_key"] = "<redacted>"
         states = await self._replica_states()
+        # SGLang's top-level name for the KV capacity, in tokens (of one replica, as each serves alone)
+        capacity = min((s["max_total_tokens"] for s in states if "max_total_tokens" in s), default=None)
         return json_response({**args, "model_info": msgspec.to_builtins(self.model_info),
-                              "internal_states": states, "version": _version()})
+                              "max_total_num_tokens": capacity, "internal_states": states, "version": _version()})
 
     def abort_request(self, request: Request) -> Response:
         """SGLang's POST /abort_request {"rid": ...}: end that request (its caller gets finish type
