@@ -162,6 +162,11 @@ def test_tokenize_and_detokenize(url, fake, tokenizer):
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert status == 200 and out["tokens"] == tokenizer.encode(chat, add_special_tokens=False)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for choice, rendered in (("auto", tools), ("none", None)):  # tool_choice none: no tools in the prompt
+        post(url, "/v1/tokenize", {"messages": [{"role": "user", "content": "Hi"}], "tools": tools,
+                                   "tool_choice": choice})
+        assert fake.chat_calls[-1][1] == rendered
     eos = tokenizer.eos_token_id
     status, out = post(url, "/detokenize", {"tokens": [[ids[0], eos], [ids[1]]], "skip_special_tokens": False})
     assert out["text"] == [tokenizer.decode([ids[0], eos]), tokenizer.decode([ids[1]])]

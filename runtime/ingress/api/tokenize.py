@@ -24,6 +24,7 @@ class TokenizeBody(Struct):
     add_generation_prompt: bool | None = None  # with messages; default: as a chat completion (true)
     continue_final_message: bool = False
     tools: list[Any] | None = None
+    tool_choice: Any = None  # "none": the tools stay out of the prompt, as in a chat completion
     model: str | None = None
 
 
@@ -45,7 +46,8 @@ class TokenizeApi:
             if body.messages is not None:
                 add_generation_prompt = (not body.continue_final_message if body.add_generation_prompt is None
                                          else body.add_generation_prompt)
-                tokens = self.frontend.apply_chat_template(chat_message_dicts(body.messages), body.tools,
+                tools = None if body.tool_choice == "none" else body.tools
+                tokens = self.frontend.apply_chat_template(chat_message_dicts(body.messages), tools,
                                                            add_generation_prompt, body.continue_final_message)
                 return self._answer(tokens)
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
