@@ -67,8 +67,15 @@ DESELECTED = {
         "bigger model", "biases token 60704 (' Paris' for Llama-3.2); SmolLM2's vocabulary has 49152 ids"),
     "test_srt_endpoint.py::TestSRTEndpoint::test_logit_bias_isolation": Deselection(
         "bigger model", "biases token 60704 (' Paris' for Llama-3.2); SmolLM2's vocabulary has 49152 ids"),
+    "test_srt_endpoint.py::TestTokenizeDetokenize::test_openai_tokenize_chat_messages": Deselection(
+        "bigger model", "wants `tools` to change the prompt; SmolLM2's chat template renders no tools"),
+    "test_srt_endpoint.py::TestTokenizeDetokenize::test_detokenize_invalid_tokens": Deselection(
+        "refused by design", "token id -1 is the client's error: a 400 naming `tokens`, where SGLang answers 500"),
     "test_openai_server.py::TestOpenAIV1Rerank": Deselection(
         "bigger model", "needs a cross-encoder reranker checkpoint (DEFAULT_SMALL_CROSS_ENCODER_MODEL_NAME_FOR_TEST)"),
+    "test_openai_server.py::TestOpenAIServerCustomLogitProcessor": Deselection(
+        "bigger model", "forces token ids 0-31 and compares the text: ordinary characters in Llama-3.2's "
+        "vocabulary, but SmolLM2's ids 0-16 are special tokens (left out of the text; 0 and 2 end the output)"),
 }
 
 

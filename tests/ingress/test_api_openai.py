@@ -154,6 +154,9 @@ def test_chat_stream(client, fake, tokenizer):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 5
+    for chunk in chunks[1:-1]:  # SGLang's clients read delta.content or delta.reasoning_content on every chunk
+        delta = chunk.choices[0].delta
+        assert isinstance(delta.content, str) or delta.reasoning_content is None
 
 
 def test_errors_reach_the_client_with_status_and_field(client, fake):

@@ -254,6 +254,15 @@ def _include_usage(body) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+def _with_null_reasoning(delta: dict) -> dict:
+    """A delta without text names reasoning_content (null), as SGLang's do: its clients read
+    `delta.content or delta.reasoning_content` on every chunk, and the openai client has no such attribute
+    unless the server sent it."""
+    if not isinstance(delta.get("content"), str) and "reasoning_content" not in delta:
+        return {**delta, "content": delta.get("content"), "reasoning_content": None}
+    return delta
+
+
 def _finish_reason(sequence: Sequence, called_tools: bool = False) -> str | None:
     finish = sequence.finish
     if finish is None:
@@ -402,11 +411,11 @@ class _ChatView:
             if has_logprobs and not deltas:
                 deltas = [{}]
         for k, delta in enumerate(deltas):  # the update's logprobs go with its first delta
-            out.append(self._chunk({"index": index, "delta": delta, "logprobs": logprobs if k == 0 else None,
-                                    "finish_reason": None}))
+            out.append(self._chunk({"index": index, "delta": _with_null_reasoning(delta),
+                                    "logprobs": logprobs if k == 0 else None, "finish_reason": None}))
         if update.finish is not None:
             called = index in self.streams and self.streams[index].has_calls
-            out.append(self._chunk({"index": index, "delta": {}, "logprobs": None,
+            out.append(self._chunk({"index": index, "delta": _with_null_reasoning({}), "logprobs": None,
                                     "finish_reason": _finish_reason(sequence, called),
                                     "matched_stop": _matched_stop(sequence)}))
         return out
