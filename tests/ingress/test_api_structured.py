@@ -179,7 +179,7 @@ def test_reply_is_split_into_reasoning_content_and_tool_calls(api):
 
     status, events = post("/v1/chat/completions", reply_request(True), **flags)
     deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
-    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == message["reasoning_content"]
     assert "".join(d.get("content") or "" for d in deltas).strip() == "Checking."
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
     assert calls[0]["id"].startswith("call_") and calls[0]["function"] == {"name": "get_weather", "arguments": ""}
