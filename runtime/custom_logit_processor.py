@@ -9,11 +9,15 @@ that base class is mapped to this module's, and the sglang package is not needed
 Trust: loading one runs arbitrary Python code from the request, in the worker process. Enable the flag only
 for clients you would let run code on the server.
 
+Names the processor's methods take from their module resolve if the server can import that module; if it
+cannot (a client's script or test file), the methods see builtins only.
+
 The worker loads each distinct string once (dill needs to be installed: the `custom-logit-processor` extra)
 and calls the instance as processor(logits [rows, vocab], [custom_params of each row]) -> logits."""
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 from abc import ABC, abstractmethod
@@ -43,7 +47,15 @@ class _Unpickler(dill.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) == SGLANG_BASE:
             return CustomLogitProcessor
-        return super().find_class(module, name)
+        try:
+            return super().find_class(module, name)
+        except ImportError:
+            if name != "__dict__":
+                raise
+            # dill refers to the global namespace of the module that defined the class's methods by the module's
+            # name: a client's test file or script that the server cannot import. The methods then get one of
+            # their own, builtins only (SGLang's tests define their processors that way).
+            return {"__builtins__": builtins, "__name__": module}
 
 
 def load_processor(serialized: str) -> CustomLogitProcessor:

@@ -38,6 +38,8 @@ from runtime.default_model import DEFAULT_MODEL_NAME, default_model_path  # noqa
 MODEL_NAME_CONSTANTS = ("DEFAULT_SMALL_MODEL_NAME_FOR_TEST", "DEFAULT_MODEL_NAME_FOR_TEST",
                         "DEFAULT_SMALL_MODEL_NAME_FOR_TEST_BASE")
 
+READY_LINE = "Ready: serving "  # runtime/launcher.py, once the warm-up request has been answered
+
 # SGLang flags with the same meaning here: passed through, with their value when they take one.
 PASSED_FLAGS = {"--enable-custom-logit-processor": 0, "--enable-metrics": 0, "--disable-radix-cache": 0,
                 "--chunked-prefill-size": 1, "--max-running-requests": 1, "--max-total-tokens": 1,
@@ -128,15 +130,22 @@ class ServerLauncher:
                                    stderr=stderr)
         self.launched.add(process.pid)
         print(f"\n[upstream_sglang_tests] {' '.join(command[1:])}  (log: {log_path})", flush=True)
-        self.wait_ready(process, base_url, api_key, timeout, log_path)
+        self.wait_ready(process, base_url, api_key, timeout, None if return_stdout_stderr else log_path)
         return process
 
-    def wait_ready(self, process, base_url, api_key, timeout, log_path) -> None:
+    def wait_ready(self, process, base_url, api_key, timeout, log_path: Path | None) -> None:
+        """Until the launcher logs its ready line (after its warm-up request), or without our own log, until
+        /health_generate answers."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited with {process.returncode} before it was ready; see {log_path}")
+            if log_path is not None:
+                if READY_LINE in log_path.read_text(errors="replace"):
+                    return
+                time.sleep(1)
+                continue
             try:
                 request = urllib.request.Request(base_url + "/health_generate", headers=headers)
                 with urllib.request.urlopen(request, timeout=30) as response:

@@ -12,7 +12,7 @@ import dill
 import pytest
 import torch
 
-from runtime.custom_logit_processor import SGLANG_BASE, CustomLogitProcessor, load_processor
+from runtime.custom_logit_processor import CustomLogitProcessor, load_processor
 from runtime.messages import SamplingParams
 from runtime.worker.sampling import Sampler
 
@@ -77,27 +77,37 @@ def test_wrong_shape_is_an_error():
         s.sample(torch.zeros(1, VOCAB), [0])
 
 
+CLIENT_SCRIPT = """
+from sglang.srt.sampling.custom_logit_processor import CustomLogitProcessor
+
+
+def make():
+    class AddOne(CustomLogitProcessor):
+        def __call__(self, logits, custom_param_list):
+            return logits + float(len(custom_param_list))
+
+    return AddOne
+"""
+
+
 def test_sglang_clients_processors_load_without_sglang(tmp_path, monkeypatch):
-    """A class serialized against sglang's base class (a stand-in package here) loads with ours in its place,
-    without importing sglang."""
+    """SGLang's tests define processors inside their test files: dill sends the class by value, its base class
+    (sglang's) and its methods' module namespace by name. Neither sglang (a stand-in package here) nor the
+    client's file is importable on the server: the base maps to ours, the namespace to builtins only."""
     package = tmp_path / "sglang" / "srt" / "sampling"
     package.mkdir(parents=True)
     for folder in (package, package.parent, package.parent.parent):
         (folder / "__init__.py").write_text("")
     (package / "custom_logit_processor.py").write_text("class CustomLogitProcessor:\n    pass\n")
+    (tmp_path / "client_script.py").write_text(CLIENT_SCRIPT)
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
+    client_modules = lambda: [m for m in sys.modules if m.split(".")[0] in ("sglang", "client_script")]  # noqa: E731
+    for name in client_modules():
         monkeypatch.delitem(sys.modules, name)
-    base = importlib.import_module(SGLANG_BASE[0]).CustomLogitProcessor
-
-    class Client(base):
-        def __call__(self, logits, custom_param_list):
-            return logits + 1
-
-    serialized = json.dumps({"callable": dill.dumps(Client).hex()})
-    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
+    serialized = json.dumps({"callable": dill.dumps(importlib.import_module("client_script").make()).hex()})
+    for name in client_modules():
         del sys.modules[name]
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
     processor = load_processor(serialized)
-    assert isinstance(processor, CustomLogitProcessor) and "sglang" not in sys.modules
+    assert isinstance(processor, CustomLogitProcessor) and not client_modules()
     assert processor(torch.zeros(1, 2), [{}]).tolist() == [[1.0, 1.0]]
