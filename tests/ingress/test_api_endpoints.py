@@ -180,6 +180,8 @@ def test_responses_create_retrieve_and_chain(client, fake, tokenizer):
     assert second.previous_response_id == first.id
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="any", input="x", previous_response_id="resp_nope")
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="any", input="x", previous_response_id="bad")
     client.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(second.id)

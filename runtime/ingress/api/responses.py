@@ -126,6 +126,9 @@ class ResponsesApi:
     def _conversation(self, body: ResponsesBody) -> list[dict]:
         history: list[dict] = []
         if body.previous_response_id is not None:
+            if not body.previous_response_id.startswith("resp_"):  # a malformed id is a 400, as in SGLang
+                raise HttpError(400, f"previous_response_id: {body.previous_response_id!r} is not a response id "
+                                     "(they start with resp_)", "previous_response_id")
             previous = self.store.get(body.previous_response_id)
             if previous is None:
                 raise HttpError(404, f"previous_response_id: no stored response {body.previous_response_id!r} "
