@@ -101,6 +101,11 @@ def test_score_softmax_temperature_item_first_and_token_ids(url, fake):
                         ({"query": "q", "items": ["a", "b"], "label_token_ids": [[1]]}, "label_token_ids")):
         status, raw = post(url, "/v1/score", body)
         assert status == 400 and msgspec.json.decode(raw)["error"]["param"] == field
+    # SGLang's flat error shape beside OpenAI's: its clients read the top-level type and message
+    status, raw = post(url, "/v1/score", {"query": "q", "items": ["a"], "label_token_ids": [10**6]})
+    out = msgspec.json.decode(raw)
+    assert status == 400 and out["type"] == "BadRequestError" and out["error"]["param"] == "label_token_ids"
+    assert "Token ID 1000000 is out of vocabulary" in out["message"]
 
 
 # ---------------------------------------------------------------------- /v1/messages (Anthropic)

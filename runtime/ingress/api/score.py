@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from http import HTTPStatus
 
 from msgspec import Struct
 
 from httpd import HttpError, Request, Response, json_response
+from httpd.response import error_type
 from runtime.ingress.api.generation import Generation
 from runtime.ingress.api.metrics import Metrics
 from runtime.ingress.api.protocol import check_prompt, decode_body
@@ -50,6 +52,12 @@ class ScoreApi:
         self.metrics = metrics
 
     async def score(self, request: Request) -> Response:
+        try:
+            return await self._score(request)
+        except HttpError as err:
+            return _score_error(err)
+
+    async def _score(self, request: Request) -> Response:
         arrival = time.perf_counter()
         body: ScoreBody = decode_body(request.body, ScoreBody)
         info = self.frontend.model_info
@@ -121,8 +129,8 @@ class ScoreApi:
         for ids in per_item:
             bad = next((t for t in ids if not 0 <= t < vocab_size), None)
             if bad is not None:
-                raise HttpError(400, f"label_token_ids: {bad} is not a token id (vocabulary size {vocab_size})",
-                                "label_token_ids")
+                raise HttpError(400, f"label_token_ids: Token ID {bad} is out of vocabulary (vocabulary size "
+                                     f"{vocab_size})", "label_token_ids")
         return per_item
 
 
@@ -132,3 +140,14 @@ def _softmax(logprobs: list[float], temperature: float) -> list[float]:
     weights = [math.exp(x - top) for x in scaled]
     total = sum(weights)
     return [w / total for w in weights]
+
+
+def _score_error(err: HttpError) -> Response:
+    """OpenAI's error shape, and beside it SGLang's flat one for this SGLang endpoint (its clients read the
+    top-level `type`, e.g. "BadRequestError", and `message`)."""
+    phrase = HTTPStatus(err.status).phrase.replace(" ", "") if err.status in HTTPStatus._value2member_map_ else ""
+    error = {"message": err.message, "type": error_type(err.status), "param": err.param, "code": err.status}
+    response = json_response({"error": error, "object": "error", "message": err.message, "type": f"{phrase}Error",
+                              "param": err.param, "code": err.status}, err.status)
+    response.headers = err.headers
+    return response
