@@ -15,6 +15,8 @@ Semantics of `forward`, for every backend:
   (Mistral's convention: W keys including itself); with `spec.window_layers` set, only those layers use the
   window and the others attend to the whole sequence (Gemma 2 and 3 alternate).
 - With `spec.logit_cap = c`, scaled scores s become c * tanh(s / c) before the softmax (Gemma 2's soft-capping).
+- With `spec.alibi_slopes` (one per q head), head h adds slopes[h] * (key position - query position) to its scaled
+  scores (ALiBi: Baichuan 13B). Only the torch backend implements it; "auto" picks it for such models.
 - Returns [T, Hq * D] in the dtype of q.
 """
 
@@ -43,6 +45,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     window_layers: tuple[int, ...] | None = None  # the layers that use sliding_window; None: all of them
     logit_cap: float | None = None
+    alibi_slopes: tuple[float, ...] | None = None  # per q head of this rank
 
     def window(self, layer_id: int) -> int | None:
         """The sliding window of one layer (None: it attends to the whole sequence)."""
