@@ -11,7 +11,8 @@ GQA without copying K/V: the G = Hq / Hkv query heads that share a kv head are f
 query-length dimension, so SDPA sees Hkv heads of G * L queries each.
 Models whose layers differ in sliding window get one mask per distinct window. ALiBi models (spec.alibi_slopes) get
 float masks instead: slope_h * (key position - query position) where attention is allowed, -inf elsewhere.
-Soft-capped scores (Gemma 2) are computed with explicit matmuls and a float32 softmax, as transformers' eager attention does: SDPA cannot cap them.
+Soft-capped scores (Gemma 2) are computed with explicit matmuls and a float32 softmax, as transformers' eager
+attention does: SDPA cannot cap them.
 An fp8 pool is gathered, converted to q's dtype, and its per-layer scales applied outside the gather: k_scale in the
 softmax scale, v_scale on the output.
 """
