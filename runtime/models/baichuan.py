@@ -36,6 +36,8 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 class BaichuanForCausalLM(LlamaForCausalLM):
+    ROPE_HIDDEN_SIZE = 4096  # the 7B models; the 13B ones (5120) use ALiBi. The configs say nothing else about it.
+
     @staticmethod
     def standard_config(config: dict) -> dict:
         context = config.get("max_position_embeddings") or config.get("model_max_length") or 4096
@@ -43,7 +45,7 @@ class BaichuanForCausalLM(LlamaForCausalLM):
 
     @property
     def uses_alibi(self) -> bool:
-        return self.config.hidden_size != 4096
+        return self.config.hidden_size != self.ROPE_HIDDEN_SIZE
 
     @property
     def norm_head(self) -> bool:
