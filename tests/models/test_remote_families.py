@@ -415,7 +415,8 @@ def grok(folder: str, hpcai_layout: bool = False) -> Reference:
         for t in range(x.shape[0]):
             for weight, e in zip(weights[t], chosen[t].tolist()):
                 w = p + f"block_sparse_moe.experts.{e}."
-                act = F.gelu(x[t] @ tensors[w + "w1.weight"].T, approximate="tanh") * (x[t] @ tensors[w + "w3.weight"].T)
+                gate, up = x[t] @ tensors[w + "w1.weight"].T, x[t] @ tensors[w + "w3.weight"].T
+                act = F.gelu(gate, approximate="tanh") * up
                 out[t] += weight * (act @ tensors[w + "w2.weight"].T)
         return out
 
@@ -431,7 +432,8 @@ def grok(folder: str, hpcai_layout: bool = False) -> Reference:
             h = h + rms(out, tensors[p + "post_attn_norm.weight"], 1e-5)
             x = rms(h, tensors[p + "pre_moe_norm.weight"], 1e-5)
             h = h + rms(moe(x, p), tensors[p + "post_moe_norm.weight"], 1e-5)
-        return rms(h, tensors["model.norm.weight"], 1e-5) @ tensors["lm_head.weight"].T * GROK["output_multiplier_scale"]
+        logits = rms(h, tensors["model.norm.weight"], 1e-5) @ tensors["lm_head.weight"].T
+        return logits * GROK["output_multiplier_scale"]
     return reference
 
 
@@ -464,16 +466,24 @@ REMOTE_ARCHITECTURES = {case.architecture for case in CASES.values()} | set(ALIA
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def remote(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory) -> tuple[RemoteCase, str, Reference]:
     case = CASES[request.param]
     folder = str(tmp_path_factory.mktemp(request.param))
-    reference = case.build(folder)
+    return case, folder, case.build(folder)
+
+
+def load(case: RemoteCase, folder: str, **options) -> ModelRunner:
     with pytest.MonkeyPatch.context() as patch:
         if case.rope_hidden_size is not None:
             patch.setattr(BaichuanForCausalLM, "ROPE_HIDDEN_SIZE", case.rope_hidden_size)
-        runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=512,
-                                               max_running_requests=8, trust_remote_code=True))
-    return case, folder, runner, reference
+        return ModelRunner(ModelRunnerConfig(model_path=folder, max_total_tokens=512, max_running_requests=8,
+                                             trust_remote_code=True, **options))
+
+
+@pytest.fixture(scope="module")
+def remote(checkpoint):
+    case, folder, reference = checkpoint
+    return case, folder, load(case, folder, device="cpu"), reference
 
 
 def test_loads_without_running_repository_code(remote):
@@ -493,6 +503,20 @@ def test_batched_greedy_decoding_matches_reference(remote):
     _, _, runner, reference = remote
     for prompt, output in zip(PROMPTS, PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)):
         assert output == reference(prompt + output[:-1])[len(prompt) - 1:].argmax(-1).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_follows_reference(checkpoint):
+    """The CUDA path (Triton kernels, fused MoE, Triton attention unless ALiBi, CUDA-graph decode) in bfloat16:
+    prefill logits near the float32 reference, and every greedy token within bfloat16 noise of its argmax."""
+    case, folder, reference = checkpoint
+    runner = load(case, folder, device="cuda", dtype="bfloat16")
+    for prompt, logits in zip(PROMPTS, runner_logits(runner, PROMPTS)):
+        assert relative_max_error(logits.cpu(), reference(prompt)) < 3e-2
+    for prompt, output in zip(PROMPTS, PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)):
+        expected = reference(prompt + output[:-1])[len(prompt) - 1:]
+        chosen = expected.gather(1, torch.tensor(output)[:, None])[:, 0]
+        assert (chosen >= expected.max(-1).values - 2e-2 * expected.abs().max()).all()
 
 
 def test_every_remote_architecture_is_registered():
