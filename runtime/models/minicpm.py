@@ -49,6 +49,11 @@ def residual_scale(config: ModelConfig) -> float:
 
 
 class MiniCPMForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def standard_config(config: dict) -> dict:
+        # MiniCPM's configuration code ties the head by default; released configs may leave it implicit
+        return {**config, "tie_word_embeddings": config.get("tie_word_embeddings", True)}
+
     @property
     def embed_scale(self) -> float:
         return float(self.config.hf.get("scale_emb", 1.0))

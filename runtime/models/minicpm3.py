@@ -78,7 +78,8 @@ class MiniCPM3ForCausalLM(MiniCPMForCausalLM):
     @staticmethod
     def standard_config(config: dict) -> dict:
         head_dim = int(config["qk_nope_head_dim"]) + int(config["qk_rope_head_dim"])
-        return {**config, "head_dim": head_dim, "num_key_value_heads": config["num_attention_heads"]}
+        return {**MiniCPMForCausalLM.standard_config(config), "head_dim": head_dim,
+                "num_key_value_heads": config["num_attention_heads"]}
 
     @property
     def attention_scale(self) -> float:
