@@ -11,18 +11,15 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def create_attention_backend(name: str, spec: AttentionSpec, kv_pool: KVPool) -> AttentionBackend:
-    """"auto": triton on CUDA when it is importable and the model needs nothing only the torch backend has (ALiBi),
-    torch otherwise."""
+    """"auto": triton on CUDA when it is importable, torch otherwise."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     on_cuda = kv_pool.device.type == "cuda"
     if name == "auto":
-        name = "triton" if on_cuda and spec.alibi_slopes is None and _triton_backend_available() else "torch"
+        name = "triton" if on_cuda and _triton_backend_available() else "torch"
     if name == "triton":
         if not on_cuda:
             raise ValueError("attention_backend triton needs a CUDA device")
-        if spec.alibi_slopes is not None:
-            raise ValueError("attention_backend triton has no ALiBi; use attention_backend torch (or auto)")
         from runtime.worker.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(spec, kv_pool)

@@ -16,7 +16,7 @@ Semantics of `forward`, for every backend:
   window and the others attend to the whole sequence (Gemma 2 and 3 alternate).
 - With `spec.logit_cap = c`, scaled scores s become c * tanh(s / c) before the softmax (Gemma 2's soft-capping).
 - With `spec.alibi_slopes` (one per q head), head h adds slopes[h] * (key position - query position) to its scaled
-  scores (ALiBi: Baichuan 13B). Only the torch backend implements it; "auto" picks it for such models.
+  scores (ALiBi: Baichuan 13B).
 - Returns [T, Hq * D] in the dtype of q.
 """
 
