@@ -158,7 +158,7 @@ def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """The per-expert loop: for each expert with tokens, gather them, gate/up, activation, down, scale by the routing
     weight and add into the output (transformers' MoE blocks)."""
     out = torch.zeros_like(x)
@@ -168,6 +168,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         if token_index.numel() == 0:
             continue
         gate, up = F.linear(x[token_index], w13[expert]).chunk(2, dim=-1)
-        expert_out = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[token_index, choice, None]
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+        expert_out = F.linear(act * up, w2[expert]) * topk_weights[token_index, choice, None]
         out.index_add_(0, token_index, expert_out.to(out.dtype))
     return out
