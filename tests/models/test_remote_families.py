@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from runtime.models import MODEL_REGISTRY, model_config_from_hf
 from runtime.models.baichuan import BaichuanForCausalLM, alibi_slopes
@@ -517,6 +519,26 @@ def test_cuda_bfloat16_follows_reference(checkpoint):
         expected = reference(prompt + output[:-1])[len(prompt) - 1:]
         chosen = expected.gather(1, torch.tensor(output)[:, None])[:, 0]
         assert (chosen >= expected.max(-1).values - 2e-2 * expected.abs().max()).all()
+
+
+@pytest.mark.parametrize("name", ["BaichuanForCausalLM-13b", "MiniCPM3ForCausalLM", "Grok1ForCausalLM"])
+def test_two_rank_logits_equal_the_reference(name, tmp_path):
+    """Tensor parallelism over two CPU processes (tests/models/test_tp.py's worker): ALiBi slopes of each rank's
+    heads, latent attention's per-head projections, GeGLU experts split by their intermediate dimension."""
+    from tests.models.test_tp import PROMPTS as TP_PROMPTS
+    from tests.models.test_tp import REPO_ROOT
+
+    folder, out = str(tmp_path / "model"), str(tmp_path / "logits.safetensors")
+    reference = CASES[name].build(folder)
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.models.test_tp", str(rank), folder, str(tmp_path / "store"),
+                               out], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(2)]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, output.decode()[-3000:]
+    expected = torch.cat([reference(prompt) for prompt in TP_PROMPTS])
+    assert relative_max_error(load_file(out)["logits"], expected) < 1e-4
 
 
 def test_every_remote_architecture_is_registered():
