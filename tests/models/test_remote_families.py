@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -561,15 +562,17 @@ def test_unsupported_variants_are_refused_by_name():
                               "residual_moe": True})
 
 
-def write_remote_tokenizer(folder: str, with_tokenizer_json: bool) -> None:
-    """A tokenizer folder whose class is repository code (as ChatGLM's and Qwen's are), that code leaving a mark."""
-    os.makedirs(folder)
+def write_remote_tokenizer(folder: str, with_tokenizer_json: bool, words: int = 5) -> None:
+    """A tokenizer whose class is repository code (as ChatGLM's and Qwen's are), that code leaving a mark if run; with
+    a tokenizer.json of specials <unk> <s> </s> and words w3, w4, ... (one token each)."""
+    os.makedirs(folder, exist_ok=True)
     if with_tokenizer_json:
-        from tokenizers import Tokenizer, models, pre_tokenizers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+        vocab = {"<unk>": 0, "</s>": 1, "<s>": 2, **{f"w{i}": i for i in range(3, words)}}
         tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
         tokenizer.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "ChatGLMTokenizer", "eos_token": "</s>", "unk_token": "<unk>",
@@ -582,8 +585,8 @@ def test_remote_tokenizer_is_read_from_tokenizer_json_without_its_code(tmp_path)
     folder = str(tmp_path / "tok")
     write_remote_tokenizer(folder, with_tokenizer_json=True)
     tokenizer = load_tokenizer(ServerArgs(model_path=folder, trust_remote_code=True))
-    assert tokenizer.encode("hello world", add_special_tokens=False) == [3, 4]
-    assert tokenizer.eos_token_id == 2
+    assert tokenizer.encode("w3 w4", add_special_tokens=False) == [3, 4]
+    assert tokenizer.eos_token_id == 1
     assert not [name for name in os.listdir(folder) if name.endswith(MARK)]
 
 
@@ -592,4 +595,38 @@ def test_remote_tokenizer_without_tokenizer_json_is_refused(tmp_path):
     write_remote_tokenizer(folder, with_tokenizer_json=False)
     with pytest.raises(TokenizerLoadError, match="tokenization_chatglm.ChatGLMTokenizer.*never runs"):
         load_tokenizer(ServerArgs(model_path=folder, trust_remote_code=True))
+    assert not [name for name in os.listdir(folder) if name.endswith(MARK)]
+
+
+@pytest.fixture(scope="module")
+def served_chatglm(tmp_path_factory):
+    """`python -m runtime --trust-remote-code` on the tiny ChatGLM with its repository-code tokenizer."""
+    from tests.e2e.test_server import Server
+
+    folder = str(tmp_path_factory.mktemp("chatglm-served"))
+    reference = chatglm(folder)
+    write_remote_tokenizer(folder, with_tokenizer_json=True, words=128)
+    server = Server(tmp_path_factory.mktemp("server") / "server.log", "--model-path", folder, "--trust-remote-code",
+                    "--device", "cpu", "--max-running-requests", "8", "--max-total-tokens", "1024",
+                    ready_line=f"Ready: serving {folder} at ")
+    try:
+        server.wait_ready()
+        yield server, folder, reference
+        server.proc.send_signal(signal.SIGTERM)  # a clean stop frees the shared memory
+        assert server.proc.wait(60) == 0, server.output()[-3000:]
+    finally:
+        server.kill()
+
+
+def test_served_from_text_with_reference_greedy_tokens_and_no_repository_code(served_chatglm):
+    server, folder, reference = served_chatglm
+    prompts = ["w5 w17 w33 w9 w90", "w8 w8 w21"]  # words only (ids 0-2 are the specials)
+    status, out = server.post("/generate", {"text": prompts, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 6, "ignore_eos": True}})
+    assert status == 200, out
+    for prompt, answer in zip(prompts, out):
+        ids = [int(word[1:]) for word in prompt.split()]
+        output = answer["output_ids"]
+        assert output == reference(ids + output[:-1])[len(ids) - 1:].argmax(-1).tolist()
+        assert answer["text"].split() == [f"w{i}" for i in output if i >= 3]
     assert not [name for name in os.listdir(folder) if name.endswith(MARK)]
