@@ -414,13 +414,12 @@ def grok(folder: str, hpcai_layout: bool = False) -> Reference:
     def moe(x: torch.Tensor, p: str) -> torch.Tensor:
         logits = x @ tensors[p + "block_sparse_moe.gate.weight"].T
         weights, chosen = (30.0 * torch.tanh(logits / 30.0)).softmax(-1).topk(2, dim=-1)  # not renormalized
+        dense_weights = torch.zeros_like(logits).scatter(1, chosen, weights)  # [T, E]: 0 for experts not chosen
         out = torch.zeros_like(x)
-        for t in range(x.shape[0]):
-            for weight, e in zip(weights[t], chosen[t].tolist()):
-                w = p + f"block_sparse_moe.experts.{e}."
-                gate, up = x[t] @ tensors[w + "w1.weight"].T, x[t] @ tensors[w + "w3.weight"].T
-                act = F.gelu(gate, approximate="tanh") * up
-                out[t] += weight * (act @ tensors[w + "w2.weight"].T)
+        for e in range(experts):
+            w = p + f"block_sparse_moe.experts.{e}."
+            act = F.gelu(x @ tensors[w + "w1.weight"].T, approximate="tanh") * (x @ tensors[w + "w3.weight"].T)
+            out += dense_weights[:, e:e + 1] * (act @ tensors[w + "w2.weight"].T)
         return out
 
     def reference(tokens: list[int]) -> torch.Tensor:
