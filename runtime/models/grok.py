@@ -2,9 +2,10 @@
 repositories): a 64-layer top-2-of-8 MoE with sandwich norms and three scalars.
 
 - Layers: h += post_attn_norm(attn(pre_attn_norm(h))); h += post_moe_norm(moe(pre_moe_norm(h))), all RMSNorm.
-- Attention: GQA, rope, scores soft-capped: 30 tanh(s / 30) (`attn_logit_softcapping`, `max_attn_value`).
-- MoE: router logits soft-capped at 30 the same way, softmax, top `num_experts_per_tok`, weights not renormalized;
-  experts are GeGLU (gelu, tanh approximation): w2(gelu(w1 x) * w3 x).
+- Attention: GQA, rope, scores scaled by `attn_output_multiplier` (head_dim^-0.5) and soft-capped: 30 tanh(s / 30)
+  (`attn_logit_softcapping`, `max_attn_value`).
+- MoE: softmax of the router logits (xAI's code; soft-capped first when the config names `router_logit_softcapping`),
+  top `num_experts_per_tok`, weights not renormalized; GeGLU experts (gelu, tanh approximation): w2(gelu(w1 x) * w3 x).
 - Scalars: embeddings x `embedding_multiplier_scale`, logits x `output_multiplier_scale`.
 Grok-2's additions (a dense MLP beside the MoE, `residual_moe`) are refused.
 
@@ -27,7 +28,6 @@ from runtime.models.config import ModelConfigError
 from runtime.models.gemma2 import SandwichDecoderLayer
 from runtime.models.llama import LlamaForCausalLM, llama_attention
 
-ROUTER_LOGIT_CAP = 30.0
 EXPERT_PATTERN = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(w1|w2|w3)\.weight$")
 EXPERT_PARTS = {"w1": "gate", "w3": "up", "w2": "down"}
 RENAMES = ((".attn.", ".self_attn."), (".moe_block.", ".block_sparse_moe."), (".linear_v.", ".w3."),
@@ -37,9 +37,15 @@ RENAMES = ((".attn.", ".self_attn."), (".moe_block.", ".block_sparse_moe."), (".
 
 
 class GrokMoeBlock(SparseMoeBlock):
+    def __init__(self, *args, router_logit_cap: float | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.router_logit_cap = router_logit_cap
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x).float()
-        return self.experts(x, torch.tanh(logits / ROUTER_LOGIT_CAP) * ROUTER_LOGIT_CAP)
+        if self.router_logit_cap:
+            logits = torch.tanh(logits / self.router_logit_cap) * self.router_logit_cap
+        return self.experts(x, logits)
 
 
 class Grok1ForCausalLM(LlamaForCausalLM):
@@ -59,6 +65,10 @@ class Grok1ForCausalLM(LlamaForCausalLM):
         return float(self.config.hf.get("output_multiplier_scale", 1.0))
 
     @property
+    def attention_scale(self) -> float:
+        return float(self.config.hf.get("attn_output_multiplier") or self.config.head_dim ** -0.5)
+
+    @property
     def attn_logit_cap(self) -> float | None:
         hf = self.config.hf
         cap = float(hf.get("attn_logit_softcapping", hf.get("max_attn_value", 30.0)))
@@ -68,7 +78,7 @@ class Grok1ForCausalLM(LlamaForCausalLM):
         config, hf = self.config, self.config.hf
         moe = GrokMoeBlock(config.hidden_size, int(hf["num_local_experts"]), int(hf["num_experts_per_tok"]),
                            int(hf.get("moe_intermediate_size") or config.intermediate_size), False, self.tp,
-                           self.dtype, activation="gelu")
+                           self.dtype, activation="gelu", router_logit_cap=hf.get("router_logit_softcapping"))
         return SandwichDecoderLayer(llama_attention(config, layer_id, self.rotary, self.tp, self.dtype), moe,
                                     lambda: RMSNorm(config.hidden_size, config.norm_eps, self.dtype))
 

@@ -381,7 +381,8 @@ GROK_HPCAI_NAMES = ((".self_attn.", ".attn."), (".block_sparse_moe.", ".moe_bloc
 
 
 def grok(folder: str, hpcai_layout: bool = False) -> Reference:
-    """Random weights large enough that the attention and router caps bend the scores."""
+    """Random weights large enough that the attention cap bends the scores, and the router's when the config asks
+    for one (SGLang's layout here; xAI's original routes on the raw logits, as the hpcai-tech port does)."""
     hidden, heads, kv_heads, head_dim, inter, experts = 64, 4, 2, 16, 32, 4
     gen = torch.Generator().manual_seed(2)
 
@@ -405,15 +406,18 @@ def grok(folder: str, hpcai_layout: bool = False) -> Reference:
                             p + f"block_sparse_moe.experts.{e}.w2.weight": rand(hidden, inter)})
     if hpcai_layout:
         config = {"architectures": ["Grok1ModelForCausalLM"], "model_type": "grok-1", **GROK, "num_experts": 4,
-                  "max_attn_value": 30.0}
+                  "max_attn_value": 30.0, "attn_output_multiplier": 0.2}
         write_checkpoint(folder, renamed(tensors, GROK_HPCAI_NAMES), config, "grok1")
     else:
-        config = {"architectures": ["Grok1ForCausalLM"], "model_type": "grok-1", **GROK, "num_local_experts": 4}
+        config = {"architectures": ["Grok1ForCausalLM"], "model_type": "grok-1", **GROK, "num_local_experts": 4,
+                  "router_logit_softcapping": 30.0}
         write_checkpoint(folder, tensors, config, "grok1")
 
     def moe(x: torch.Tensor, p: str) -> torch.Tensor:
         logits = x @ tensors[p + "block_sparse_moe.gate.weight"].T
-        weights, chosen = (30.0 * torch.tanh(logits / 30.0)).softmax(-1).topk(2, dim=-1)  # not renormalized
+        if not hpcai_layout:
+            logits = 30.0 * torch.tanh(logits / 30.0)
+        weights, chosen = logits.softmax(-1).topk(2, dim=-1)  # not renormalized
         dense_weights = torch.zeros_like(logits).scatter(1, chosen, weights)  # [T, E]: 0 for experts not chosen
         out = torch.zeros_like(x)
         for e in range(experts):
@@ -430,7 +434,8 @@ def grok(folder: str, hpcai_layout: bool = False) -> Reference:
             x = rms(h, tensors[p + "pre_attn_norm.weight"], 1e-5)
             q, k, v = ((x @ tensors[p + f"self_attn.{n}_proj.weight"].T).view(length, -1, head_dim).transpose(0, 1)
                        for n in "qkv")
-            out = attend(rope(q), rope(k), v, head_dim ** -0.5, cap=30.0) @ tensors[p + "self_attn.o_proj.weight"].T
+            scale = 0.2 if hpcai_layout else head_dim ** -0.5
+            out = attend(rope(q), rope(k), v, scale, cap=30.0) @ tensors[p + "self_attn.o_proj.weight"].T
             h = h + rms(out, tensors[p + "post_attn_norm.weight"], 1e-5)
             x = rms(h, tensors[p + "pre_moe_norm.weight"], 1e-5)
             h = h + rms(moe(x, p), tensors[p + "post_moe_norm.weight"], 1e-5)
