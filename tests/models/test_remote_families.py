@@ -512,18 +512,24 @@ def test_batched_greedy_decoding_matches_reference(remote):
         assert output == reference(prompt + output[:-1])[len(prompt) - 1:].argmax(-1).tolist()
 
 
+def worst_prefill_error(runner: ModelRunner, reference: Reference) -> float:
+    return max(relative_max_error(logits.float().cpu(), reference(prompt))
+               for prompt, logits in zip(PROMPTS, runner_logits(runner, PROMPTS)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bfloat16_follows_reference(checkpoint):
-    """The CUDA path (Triton kernels, fused MoE, Triton attention unless ALiBi, CUDA-graph decode) in bfloat16:
-    prefill logits near the float32 reference, and every greedy token within bfloat16 noise of its argmax."""
+    """The CUDA path (Triton kernels, fused MoE, Triton attention, CUDA-graph decode) in bfloat16 is as close to the
+    float32 reference as the torch path in bfloat16 on the CPU (twice its error, plus 1e-2): prefill logits, and each
+    greedy token's reference logit within that of the reference's best."""
     case, folder, reference = checkpoint
+    tolerance = 2 * worst_prefill_error(load(case, folder, device="cpu", dtype="bfloat16"), reference) + 1e-2
     runner = load(case, folder, device="cuda", dtype="bfloat16")
-    for prompt, logits in zip(PROMPTS, runner_logits(runner, PROMPTS)):
-        assert relative_max_error(logits.cpu(), reference(prompt)) < 3e-2
+    assert worst_prefill_error(runner, reference) < tolerance
     for prompt, output in zip(PROMPTS, PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)):
         expected = reference(prompt + output[:-1])[len(prompt) - 1:]
         chosen = expected.gather(1, torch.tensor(output)[:, None])[:, 0]
-        assert (chosen >= expected.max(-1).values - 2e-2 * expected.abs().max()).all()
+        assert (chosen >= expected.max(-1).values - tolerance * expected.abs().max()).all()
 
 
 @pytest.mark.parametrize("name", ["BaichuanForCausalLM-13b", "MiniCPM3ForCausalLM", "Grok1ForCausalLM"])
