@@ -23,8 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from runtime.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, WeightShapeError, \
-    copy_checked
+from runtime.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    WeightShapeError,
+    copy_checked,
+)
 from runtime.layers.norm import RMSNorm
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.rotary import RotaryEmbedding

@@ -10,8 +10,8 @@ from __future__ import annotations
 from runtime.models.cohere import CohereForCausalLM
 from runtime.models.config import ModelConfig, ModelConfigError
 from runtime.models.dbrx import DbrxForCausalLM
-from runtime.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from runtime.models.decoder import CausalLM
+from runtime.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from runtime.models.gemma import GemmaForCausalLM
 from runtime.models.gemma2 import Gemma2ForCausalLM
 from runtime.models.gemma3 import Gemma3ForCausalLM

@@ -32,8 +32,13 @@ from runtime.layers.grouped_topk import GroupedTopk
 from runtime.layers.mla import MlaAttention, MlaShape
 from runtime.layers.mlp import GatedMLP
 from runtime.layers.moe import FusedMoE
-from runtime.model_loader.weight_map import LLAMA_PACKED, WeightTarget, expert_target, packed_target, \
-    rotary_halves_order
+from runtime.model_loader.weight_map import (
+    LLAMA_PACKED,
+    WeightTarget,
+    expert_target,
+    packed_target,
+    rotary_halves_order,
+)
 from runtime.models.config import ModelConfig
 from runtime.models.decoder import CausalLM
 from runtime.models.llama import LlamaDecoderLayer
