@@ -110,6 +110,20 @@ def test_decode_steps_match_transformers(checkpoints, case, backend):
             assert relative_max_error(got, want) < 1e-4, f"step {step}"
 
 
+def test_fp8_latent_cache(checkpoints):
+    """--kv-cache-dtype fp8_e4m3 stores the latent rows in fp8: the prompt's logits stay within fp8's precision of
+    transformers' (3 mantissa bits: up to ~11% of the largest logit on this tiny random model); a misread cache
+    (wrong bytes, a lost scale) is off by far more."""
+    folder, reference = checkpoints["DeepseekV3ForCausalLM"]
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=256,
+                                           max_running_requests=4, kv_cache_dtype="fp8_e4m3"))
+    assert runner.kv_pool.k[0].dtype == torch.float8_e4m3fn
+    for prompt, logits in zip(PROMPTS, runner_logits(runner, PROMPTS)):
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        assert relative_max_error(logits, expected) < 0.25
+
+
 def test_v3_multi_token_prediction_layer_is_skipped(checkpoints, tmp_path):
     """DeepSeek-V3 checkpoints hold model.layers.{num_hidden_layers}.* (the MTP module): not a layer we build."""
     folder, _ = checkpoints["DeepseekV3ForCausalLM"]
