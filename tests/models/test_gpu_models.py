@@ -15,7 +15,7 @@ import torch
 from runtime.messages import BatchPlan
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
-from tests.model_fixtures import _CACHE_ARG, PlanDriver, _returned_cache, runner_logits, save_tiny_model, tiny_cases
+from tests.model_fixtures import PlanDriver, runner_logits, save_tiny_model, tiny_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,19 +52,6 @@ def make_runner(folder: str, dtype: str, **overrides) -> ModelRunner:
     return ModelRunner(ModelRunnerConfig(**{**config, **overrides}))
 
 
-@torch.inference_mode()
-def hf_greedy_steps(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy tokens and the float32 logits each was chosen from, through its KV cache, on the GPU."""
-    out = model(torch.tensor([prompt], device="cuda"), use_cache=True)
-    logits = [out.logits[0, -1].float()]
-    tokens = [int(logits[-1].argmax())]
-    for _ in range(new_tokens - 1):
-        out = model(torch.tensor([[tokens[-1]]], device="cuda"), use_cache=True, **{_CACHE_ARG: _returned_cache(out)})
-        logits.append(out.logits[0, -1].float())
-        tokens.append(int(logits[-1].argmax()))
-    return tokens, logits
-
-
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x.float() - reference.float()).abs().max() / reference.float().abs().max())
 
@@ -85,21 +72,24 @@ def test_prefill_logits_as_close_to_float32_as_transformers(tiny, dtype):
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_greedy_decoding_follows_transformers(tiny, dtype):
-    """Batched greedy decoding (prefill, then CUDA-graph decode steps) picks transformers' tokens; where they part,
-    transformers' own logits had the two candidates within rounding of each other (a near tie)."""
+    """Batched greedy decoding (prefill, then CUDA-graph decode steps): teacher-forced through our own tokens, each
+    pick is the float32 model's best token, or within twice transformers' own 16-bit rounding of it at that step (a
+    near tie that rounding may break either way). Comparing token streams with transformers' 16-bit run instead
+    would fail on the first such tie, after which the two streams share nothing."""
     folder, reference = tiny
     runner = make_runner(folder, dtype)
     assert runner.graph_runner is not None
     outputs = PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)
     low = copy.deepcopy(reference).to(DTYPES[dtype])
     for prompt, ours in zip(PROMPTS, outputs):
-        theirs, logits = hf_greedy_steps(low, prompt, NEW_TOKENS)
-        diverged = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if diverged is None:
-            continue
-        step = logits[diverged]
-        gap = float(step[theirs[diverged]] - step[ours[diverged]])
-        assert gap <= 2e-2 * float(step.abs().max()), (prompt, diverged, gap)
+        ids = torch.tensor([prompt + ours[:-1]], device="cuda")
+        picked = slice(len(prompt) - 1, None)
+        with torch.inference_mode():
+            exact = reference(ids).logits[0, picked].float()
+            noise = (low(ids).logits[0, picked].float() - exact).abs().amax(dim=-1)
+        gap = exact.amax(dim=-1) - exact.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0]
+        worst = int(torch.argmax(gap - 2 * noise))
+        assert gap[worst] <= 2 * noise[worst] + 1e-3, (prompt, worst, float(gap[worst]), float(noise[worst]))
 
 
 def test_triton_attention_matches_torch_attention(tiny):
