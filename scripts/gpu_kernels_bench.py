@@ -113,8 +113,8 @@ LLAMA = Shape()
 MIXTRAL = MoeShape()
 DEEPSEEK_V2_LITE = MlaShape()
 MLA_DECODE_SHAPES = ((1, 4096), (64, 1024), (64, 4096), (256, 4096))
-MLA_SWEEP = [MlaTiles(16, 16, 4, 2), MlaTiles(16, 32, 4, 2), MlaTiles(16, 32, 8, 2), MlaTiles(16, 64, 4, 1),
-             MlaTiles(16, 64, 8, 2)]
+MLA_SWEEP = [MlaTiles(16, 16, 4, 2), MlaTiles(16, 16, 8, 2), MlaTiles(16, 32, 4, 2), MlaTiles(16, 32, 8, 2),
+             MlaTiles(16, 32, 8, 3), MlaTiles(16, 64, 8, 2)]
 L2_DEFEAT_BYTES = 256 << 20  # an input set this size or more is never L2-resident (50 MB on an H100)
 DECODE_SWEEP = [DecodeTiles(32, 4, 2), DecodeTiles(64, 4, 2), DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 2),
                 DecodeTiles(64, 8, 2), DecodeTiles(32, 4, 4)]
