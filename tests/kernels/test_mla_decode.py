@@ -56,7 +56,8 @@ def test_absorbed_attention_equals_up_projected_attention(seed):
     cache = torch.cat([latent, k_rope], dim=-1)
     table = torch.arange(length, dtype=torch.int32)[None]
     latent_out = mla_decode_ref(absorbed_q, cache, table, torch.tensor([0]), torch.tensor([length]), LATENT, scale)
-    assert torch.allclose(torch.einsum("hl,hvl->hv", latent_out[0], w_uv), expected, atol=1e-10)
+    # the reference computes in float32
+    assert relative_error(torch.einsum("hl,hvl->hv", latent_out[0], w_uv), expected) < 1e-6
 
 
 def test_mla_decode_reads_only_the_row_own_slots(seed):
