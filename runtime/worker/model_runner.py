@@ -293,9 +293,10 @@ class ModelRunner:
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return False
+        from runtime.worker.attention.mla_backend import MlaAttentionBackend
         from runtime.worker.attention.triton_backend import TritonAttentionBackend
 
-        if not isinstance(self.attention, TritonAttentionBackend):
+        if not isinstance(self.attention, (TritonAttentionBackend, MlaAttentionBackend)):
             log.info("CUDA graphs off: the %s attention backend is not capturable", type(self.attention).__name__)
             return False
         return True
