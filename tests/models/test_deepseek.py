@@ -4,6 +4,9 @@
 - decode steps, where the absorbed-weight path reads the latent cache, give transformers' logits step after step
   (transformers up-projects keys and values from its own latent cache), with the torch backend and with the MLA
   backend's Triton decode kernel (in Triton's interpreter on the CPU);
+- a prefix reused from the cache and a prompt prefilled in chunks beside decode rows give transformers' tokens;
+- an fp8 latent cache stays within fp8's precision;
+- two-rank tensor parallelism (heads split, latent replicated): tests/models/test_tp.py;
 - a V3 checkpoint's multi-token-prediction layer is skipped;
 - a V3 checkpoint served end to end (`python -m runtime`, overlap scheduling) answers transformers' greedy tokens.
 Cases (tests/model_fixtures.py): V2 with yarn rope (mscale) and group-limited routing, V2 with q_lora_rank and two
@@ -26,7 +29,7 @@ from runtime.worker.attention.mla_backend import MlaAttentionBackend
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.e2e.test_server import Server
-from tests.model_fixtures import _CACHE_ARG, relative_max_error, runner_logits, save_tiny_model
+from tests.model_fixtures import _CACHE_ARG, PlanDriver, relative_max_error, runner_logits, save_tiny_model
 
 CASES = ["DeepseekV2ForCausalLM-yarn", "DeepseekV2ForCausalLM-q_lora", "DeepseekV3ForCausalLM"]
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7, 64, 12], [70, 1, 2, 3]]
@@ -108,6 +111,25 @@ def test_decode_steps_match_transformers(checkpoints, case, backend):
         expected = hf_decode_logits(reference, prompt, DECODE_STEPS)
         for step, (got, want) in enumerate(zip(row, expected)):
             assert relative_max_error(got, want) < 1e-4, f"step {step}"
+
+
+def test_prefix_reuse_and_chunks_mixed_with_decode_rows(checkpoints):
+    """A second request reuses the first one's cached latent rows for their common prefix (a radix-cache hit) and
+    prefills the rest in chunks, in the same steps as the first one's decode rows: both answer transformers' greedy
+    tokens."""
+    folder, reference = checkpoints["DeepseekV2ForCausalLM-q_lora"]
+    driver = PlanDriver(make_runner(folder))
+    first = driver.start(PROMPTS[0])
+    driver.prefill([first])
+    second = driver.start(PROMPTS[0][:6] + [99, 3, 17, 40, 2], prefix_of=first, prefix_len=6)
+    while not second.output:  # its prompt in chunks of 2, each step beside the first request's decode row
+        driver.step([(first, 1), (second, min(2, len(second.tokens) - len(second.slots)))])
+    driver.decode([first, second], 4)
+    for seq in (first, second):
+        prompt = seq.tokens[:len(seq.tokens) - len(seq.output)]
+        with torch.no_grad():
+            logits = reference(torch.tensor([seq.tokens[:-1]])).logits[0, len(prompt) - 1:]
+        assert seq.output == logits.argmax(-1).tolist()
 
 
 def test_fp8_latent_cache(checkpoints):
