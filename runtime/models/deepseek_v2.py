@@ -15,8 +15,9 @@ time so that the common "rotate half" rotary applies. Yarn scaling (DeepSeek's c
 mscale_all_dim) scales cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim) (runtime/layers/rotary.py)
 and the softmax scale by mscale(factor, mscale_all_dim)^2.
 
-V3 checkpoints carry a multi-token-prediction layer after the last one (model.layers.{num_hidden_layers}.*, for
-speculative decoding): it is skipped.
+Checkpoints quantized in their config (DeepSeek-V3 / R1 as released: fp8 blocks) are refused: the experts have no
+quantized path yet. V3 checkpoints carry a multi-token-prediction layer after the last one
+(model.layers.{num_hidden_layers}.*, for speculative decoding): it is skipped.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from runtime.model_loader.weight_map import (
     packed_target,
     rotary_halves_order,
 )
-from runtime.models.config import ModelConfig
+from runtime.models.config import ModelConfig, ModelConfigError
 from runtime.models.decoder import CausalLM
 from runtime.models.llama import LlamaDecoderLayer
 from runtime.worker.attention.base import AttentionSpec
@@ -88,7 +89,7 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.routing.select(self.gate(x), self.gate.e_score_correction_bias)
-        out = self.experts.run_routed(x, weights.to(torch.float32), ids)
+        out = self.experts.run_routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -101,7 +102,13 @@ class DeepseekV2ForCausalLM(CausalLM):
     @staticmethod
     def standard_config(config: dict) -> dict:
         # the rotary layer turns the qk_rope_head_dim dimensions (transformers writes head_dim so, old configs don't)
-        return {**config, "head_dim": int(config["qk_rope_head_dim"]), "partial_rotary_factor": 1.0}
+        quantization = (config.get("quantization_config") or {}).get("quant_method")
+        if quantization:
+            # DeepSeek-V3 / R1 ship fp8 block-quantized: their experts would need a quantized MoE path
+            raise ModelConfigError(f"{config['architectures'][0]} checkpoints quantized with {quantization} are not "
+                                   f"served yet (the routed experts have no quantized path); use a bfloat16 "
+                                   f"checkpoint (--quantization fp8 then quantizes its dense linear layers)")
+        return {**config, "head_dim": int(config["qk_rope_head_dim"])}
 
     def rope_interleaved(self) -> bool:
         return True

@@ -7,7 +7,7 @@
 - a prefix reused from the cache and a prompt prefilled in chunks beside decode rows give transformers' tokens;
 - an fp8 latent cache stays within fp8's precision;
 - two-rank tensor parallelism (heads split, latent replicated): tests/models/test_tp.py;
-- a V3 checkpoint's multi-token-prediction layer is skipped;
+- a V3 checkpoint's multi-token-prediction layer is skipped; an fp8-quantized one (as released) is refused by name;
 - a V3 checkpoint served end to end (`python -m runtime`, overlap scheduling) answers transformers' greedy tokens.
 Cases (tests/model_fixtures.py): V2 with yarn rope (mscale) and group-limited routing, V2 with q_lora_rank and two
 shared experts, V3 with sigmoid noaux_tc routing (non-zero correction bias), q_lora_rank and yarn."""
@@ -15,6 +15,7 @@ shared experts, V3 with sigmoid noaux_tc routing (non-zero correction bias), q_l
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from runtime.models.config import ModelConfigError
 from runtime.worker.attention.mla_backend import MlaAttentionBackend
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
@@ -144,6 +146,20 @@ def test_fp8_latent_cache(checkpoints):
         with torch.no_grad():
             expected = reference(torch.tensor([prompt])).logits[0]
         assert relative_max_error(logits, expected) < 0.25
+
+
+def test_fp8_block_quantized_checkpoint_is_refused_by_name(checkpoints, tmp_path):
+    folder, _ = checkpoints["DeepseekV3ForCausalLM"]
+    quantized = str(tmp_path / "fp8")
+    shutil.copytree(folder, quantized)
+    with open(os.path.join(quantized, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}
+    with open(os.path.join(quantized, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ModelConfigError, match="DeepseekV3ForCausalLM checkpoints quantized with fp8 are not served"):
+        make_runner(quantized)
 
 
 def test_v3_multi_token_prediction_layer_is_skipped(checkpoints, tmp_path):
