@@ -2,7 +2,8 @@
 `tiny_cases`: rope types, sliding windows, soft-capping, MoE through the fused Triton kernel, q/k norms...) through
 the CUDA path (Triton layer kernels, Triton attention, CUDA-graph decode) against transformers on the same GPU, in
 bfloat16 and float16; the Triton attention backend against the torch backend on whole-model greedy outputs; decode
-replayed from CUDA graphs against eager decode (on a dense, an MoE and a soft-capped, windowed family)."""
+replayed from CUDA graphs against eager decode (on a dense, an MoE, a soft-capped, windowed family and DeepSeek V3's
+MLA, whose decode runs the MLA Triton kernel)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 CASES = tiny_cases()
-MOE_ARCHITECTURES = ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe", "Dbrx")
-GRAPH_CASES = ["LlamaForCausalLM-llama3", "MixtralForCausalLM", "Gemma2ForCausalLM"]
+MOE_ARCHITECTURES = ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe", "Dbrx", "Deepseek")
+GRAPH_CASES = ["LlamaForCausalLM-llama3", "MixtralForCausalLM", "Gemma2ForCausalLM", "DeepseekV3ForCausalLM"]
 # room for the longest prompt and its answer, within every case's rope (dynamic NTK's tiny case needs it explicit)
 CONTEXT_LENGTH = 64
 
