@@ -13,6 +13,7 @@ from runtime.models.cohere import CohereForCausalLM
 from runtime.models.config import ModelConfig, ModelConfigError
 from runtime.models.dbrx import DbrxForCausalLM
 from runtime.models.decoder import CausalLM
+from runtime.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from runtime.models.gemma import GemmaForCausalLM
 from runtime.models.gemma2 import Gemma2ForCausalLM
 from runtime.models.gemma3 import Gemma3ForCausalLM
@@ -53,6 +54,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     # Families whose modeling code lives only in their checkpoint repositories (never run: built from config.json)
     "Grok1ForCausalLM": Grok1ForCausalLM,
     "Grok1ModelForCausalLM": Grok1ForCausalLM,
