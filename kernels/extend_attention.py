@@ -91,7 +91,9 @@ def _extend_kernel(
     q = tl.load(q_ptr + (extend_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     q_pos = prefix_len + offs_m  # position of each query token in its sequence
-    slope = tl.load(alibi_ptr + head) * LOG2E if ALIBI else 0.0
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + head) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -115,7 +117,9 @@ def _extend_kernel(
         visible = mask_n[None, :]
         if WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        bias = slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+        bias = 0.0
+        if ALIBI:
+            bias = slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
         if n0 < full_end:
             m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
                                                  v_scale, bias, SOFTCAP, PRECISION, WINDOW, ALIBI)
@@ -139,7 +143,9 @@ def _extend_kernel(
         visible = mask_n[None, :] & (k_idx[None, :] <= offs_m[:, None])
         if WINDOW:
             visible = visible & (k_idx[None, :] > offs_m[:, None] - sliding_window)
-        bias = slope * (k_idx[None, :] - offs_m[:, None]).to(tl.float32)
+        bias = 0.0
+        if ALIBI:  # key and query positions share the row's prefix length
+            bias = slope * (k_idx[None, :] - offs_m[:, None]).to(tl.float32)
         if n0 < diagonal:
             m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, bias,
                                                  SOFTCAP, PRECISION, WINDOW, ALIBI)
