@@ -357,10 +357,14 @@ def minicpm_moe(folder: str) -> Reference:
     return hf_reference(model)
 
 
-def minicpm3(folder: str) -> Reference:
+MINICPM3_MLA = dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+
+
+def minicpm3(folder: str, q_lora_rank: int | None = MINICPM3_MLA["q_lora_rank"]) -> Reference:
+    """Without `q_lora_rank`, q comes from one self_attn.q_proj (loaded as is, not as a part of a packed qkv)."""
     import transformers as tf
 
-    mla = dict(q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+    mla = {**MINICPM3_MLA, "q_lora_rank": q_lora_rank}
     model = random_hf(tf.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, **mla, rope_interleave=False,
                                           first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2,
                                           tie_word_embeddings=False))
@@ -463,6 +467,8 @@ CASES = {
     "MiniCPMForCausalLM": RemoteCase("MiniCPMForCausalLM", minicpm, "transformers Llama"),
     "MiniCPMForCausalLM-moe": RemoteCase("MiniCPMForCausalLM", minicpm_moe, "transformers Mixtral"),
     "MiniCPM3ForCausalLM": RemoteCase("MiniCPM3ForCausalLM", minicpm3, "transformers DeepSeek-V3"),
+    "MiniCPM3ForCausalLM-q_proj": RemoteCase("MiniCPM3ForCausalLM", lambda f: minicpm3(f, q_lora_rank=None),
+                                             "transformers DeepSeek-V3"),
     "Grok1ForCausalLM": RemoteCase("Grok1ForCausalLM", grok, "reference here"),
     "Grok1ModelForCausalLM": RemoteCase("Grok1ModelForCausalLM", lambda f: grok(f, hpcai_layout=True),
                                         "reference here"),
@@ -497,6 +503,20 @@ def test_loads_without_running_repository_code(remote):
     case, folder, runner, _ = remote
     assert runner.info.architecture == case.architecture
     assert not [name for name in os.listdir(folder) if name.endswith(MARK)]
+
+
+def test_kv_pool_layout(remote):
+    """MiniCPM3 caches one latent row per token and layer, keys only (kv_lora_rank + qk_rope_head_dim values; the
+    values are its latent part); every other family caches keys and values per kv head."""
+    case, _, runner, _ = remote
+    spec, pool = runner.attention_spec, runner.kv_pool
+    if case.architecture == "MiniCPM3ForCausalLM":
+        row = MINICPM3_MLA["kv_lora_rank"] + MINICPM3_MLA["qk_rope_head_dim"]
+        assert (spec.num_kv_heads, spec.head_dim, spec.latent_value_dim) == (1, row, MINICPM3_MLA["kv_lora_rank"])
+        assert pool.keys_only and pool.v == []
+        assert [tuple(k.shape[1:]) for k in pool.k] == [(1, row)] * spec.num_layers
+    else:
+        assert not pool.keys_only and len(pool.v) == len(pool.k) == spec.num_layers
 
 
 def test_prefill_logits_match_reference(remote):
