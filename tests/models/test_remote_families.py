@@ -532,6 +532,20 @@ def test_batched_greedy_decoding_matches_reference(remote):
         assert output == reference(prompt + output[:-1])[len(prompt) - 1:].argmax(-1).tolist()
 
 
+def test_minicpm3_decodes_through_the_mla_kernel(tmp_path):
+    """MiniCPM3's decode steps through the MLA backend (kernels/mla_decode.py over the latent cache, in Triton's
+    interpreter on the CPU; the path CUDA takes): batched greedy tokens are the reference's."""
+    pytest.importorskip("triton")
+    from runtime.worker.attention.mla_backend import MlaAttentionBackend
+
+    case, folder = CASES["MiniCPM3ForCausalLM"], str(tmp_path / "model")
+    reference = case.build(folder)
+    runner = load(case, folder, device="cpu")
+    runner.attention = MlaAttentionBackend(runner.attention_spec, runner.kv_pool)
+    for prompt, output in zip(PROMPTS, PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)):
+        assert output == reference(prompt + output[:-1])[len(prompt) - 1:].argmax(-1).tolist()
+
+
 def worst_prefill_error(runner: ModelRunner, reference: Reference) -> float:
     return max(relative_max_error(logits.float().cpu(), reference(prompt))
                for prompt, logits in zip(PROMPTS, runner_logits(runner, PROMPTS)))
