@@ -11,7 +11,7 @@
 #                  (~3 min, mostly Triton compiles)
 #   baichuan2-13b  configs/Baichuan2-13B-Chat (28 GB bf16, ALiBi through the Triton kernels and CUDA graphs):
 #                  bench_one_batch batch 1 and 64, input 1024, output 128 (~2 min)
-#   minicpm3-4b    configs/MiniCPM3-4B (8 GB bf16, latent attention in plain torch over the common cache), same shapes
+#   minicpm3-4b    configs/MiniCPM3-4B (8 GB bf16, MLA: latent cache, MLA decode kernel, CUDA graphs), same shapes
 #
 # LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_remote_families.
 set -uo pipefail
