@@ -34,18 +34,21 @@ def tiny(request, tmp_path_factory):
 
 
 def test_every_registered_architecture_has_a_case():
-    """The bare decoders (embedding models) are checked against transformers by the embedding tests."""
+    """The bare decoders (embedding models) are checked against transformers by the embedding tests, the families
+    whose code lives in their checkpoint repositories by test_remote_families.py."""
     from runtime.models.config import EMBEDDING_ARCHITECTURES
+    from tests.models.test_remote_families import REMOTE_ARCHITECTURES
 
     bare = set(EMBEDDING_ARCHITECTURES.values())
-    assert {case.architecture for case in CASES.values()} == set(MODEL_REGISTRY) - bare
+    assert {case.architecture for case in CASES.values()} == set(MODEL_REGISTRY) - bare - REMOTE_ARCHITECTURES
 
 
 def test_architecture_facts(tiny):
     case, runner, _ = tiny
     assert runner.info.architecture == case.architecture
     spec = runner.attention_spec
-    assert (spec.num_q_heads, spec.num_kv_heads) == (4, 2)
+    # MLA (DeepSeek) caches one latent "head" per token
+    assert (spec.num_q_heads, spec.num_kv_heads) == ((4, 1) if spec.latent_value_dim else (4, 2))
     windows = [spec.window(layer) for layer in range(spec.num_layers)]
     expected = {"MistralForCausalLM": [8, 8] if getattr(case.config, "sliding_window", None) else [None, None],
                 "Gemma2ForCausalLM": [8, None], "Gemma3ForCausalLM": [8, None]}.get(case.architecture, [None, None])
