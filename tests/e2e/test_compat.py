@@ -210,7 +210,10 @@ def test_abort_request_answers_the_output_so_far(server):
         "text": PROMPT, "rid": "to-abort", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}})))
     thread.start()
     time.sleep(3)
-    assert server.post("/abort_request", {"rid": "to-abort"})[0] == 200
+    request = urllib.request.Request(server.url + "/abort_request", data=json.dumps({"rid": "to-abort"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
     thread.join(60)
     status, out = result["r"]
     assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "abort", out
