@@ -62,7 +62,7 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     stop_regex: list[str] = []  # validated patterns; a match in the output's tail ends the request
     stream_interval: int | None = None  # tokens between streamed updates; None: the server's --stream-interval
     grammar: GrammarSpec | None = None  # constrained decoding: the sampler masks what the grammar forbids
-    # SGLang's serialized processor (runtime/custom_logit_processor.py), passed untouched to the worker, which
+    # SGLang's serialized processor (runtime/worker/custom_logit_processor.py), passed untouched to the worker, which
     # loads and runs it on the row's logits with `custom_params`; only with --enable-custom-logit-processor.
     custom_logit_processor: str | None = None
     custom_params: dict[str, Any] | None = None

@@ -6,7 +6,7 @@ Semantics follow SGLang. Per row, on the raw logits:
   3. min_new_tokens: while the row has produced fewer tokens, its EOS ids and stop_token_ids are -inf
      (not for a row with a grammar: the grammar decides when the output may end);
   3b. a grammar's token mask (runtime/constrained/row_matchers.py): the tokens it forbids are -inf;
-  3c. a custom logit processor (runtime/custom_logit_processor.py), called once per distinct processor on its
+  3c. a custom logit processor (runtime/worker/custom_logit_processor.py), called once per distinct processor on its
       rows' logits with their custom_params (one dict per request, the same object every step, so a processor
       may keep per-request state in it);
   4. temperature < 1e-6: greedy argmax, no randomness. Otherwise divide by the temperature and keep
@@ -232,7 +232,7 @@ class Sampler:
         if serialized is None:
             return None
         if serialized not in self._custom_processors:
-            from runtime.custom_logit_processor import load_processor  # dill: an optional dependency
+            from runtime.worker.custom_logit_processor import load_processor  # dill: an optional dependency
 
             if len(self._custom_processors) >= CUSTOM_PROCESSOR_CACHE:
                 del self._custom_processors[next(iter(self._custom_processors))]  # rows keep their own reference

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from runtime.custom_logit_processor import CustomLogitProcessor
 from runtime.default_model import default_model_path
+from runtime.worker.custom_logit_processor import CustomLogitProcessor
 from tests.e2e.test_server import Server
 from tests.model_fixtures import hf_smollm2
 

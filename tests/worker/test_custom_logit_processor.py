@@ -12,8 +12,8 @@ import dill
 import pytest
 import torch
 
-from runtime.custom_logit_processor import CustomLogitProcessor, load_processor
 from runtime.messages import SamplingParams
+from runtime.worker.custom_logit_processor import CustomLogitProcessor, load_processor
 from runtime.worker.sampling import Sampler
 
 VOCAB = 32

@@ -398,7 +398,7 @@ def to_sampling_params(p: NativeSamplingParams, prompt_len: int, context_length:
 
 def check_custom_logit_processor(value: Any, enabled: bool, field: str = "custom_logit_processor") -> str | None:
     """A request's custom_logit_processor, checked for SGLang's wire form (JSON {"callable": hex}) without
-    loading it: only a worker loads it (runtime/custom_logit_processor.py). Refused unless the server runs
+    loading it: only a worker loads it (runtime/worker/custom_logit_processor.py). Refused unless the server runs
     with --enable-custom-logit-processor."""
     if value is None:
         return None
