@@ -77,6 +77,11 @@ DESELECTED = {
         "bigger model", "wants Llama-3.1-8B's extraction; SmolLM2-135M continues the JSON with another field"),
     "test_openai_server.py::TestOpenAIServerv1Responses::test_response_prefill": Deselection(
         "bigger model", "wants Llama-3.1-8B's extraction; SmolLM2-135M continues the JSON with another field"),
+    **{f"test_openai_server.py::TestOpenAIServerv1Responses::{name}": Deselection(
+        "bigger model", "wants the reply to end within 16/32 tokens (Llama-3.2's short answer); SmolLM2-135M's runs "
+        "on, and a reply cut by max_output_tokens is `incomplete` (a response.incomplete event), as OpenAI and "
+        "SGLang 0.5.23 answer") for name in ("test_response", "test_response_stream", "test_response_completion",
+                                             "test_response_completion_stream")},
     "test_openai_server.py::TestOpenAIV1Rerank": Deselection(
         "bigger model", "needs a cross-encoder reranker checkpoint (DEFAULT_SMALL_CROSS_ENCODER_MODEL_NAME_FOR_TEST)"),
     "test_openai_server.py::TestOpenAIServerCustomLogitProcessor": Deselection(
