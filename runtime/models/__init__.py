@@ -18,6 +18,7 @@ from runtime.models.glm import GlmForCausalLM
 from runtime.models.glm4 import Glm4ForCausalLM
 from runtime.models.llama import ExaoneForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from runtime.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
+from runtime.models.llava import LlavaForConditionalGeneration
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
@@ -45,6 +46,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    # Vision language models (runtime/multimodal/ preprocesses their images in the ingress)
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

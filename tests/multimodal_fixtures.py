@@ -1,0 +1,77 @@
+"""Tiny random vision language checkpoints built with transformers (model, processor and chat template saved
+together, as on the hub), images, and the arena plumbing the worker tests need."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from runtime.messages import IMAGE_PAD_BASE, ArenaTensor, ImageItem
+from shm.arena import Arena
+
+# A processor chat template in the LLaVA 1.5 hub style: image parts become the <image> placeholder.
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% if m['content'] is string %}{{ m['content'] }}"
+                  "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}"
+                  "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def smollm2_tokenizer_with(tokens: list[str]):
+    from runtime.server_args import ServerArgs
+    from runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ServerArgs())
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    return tokenizer
+
+
+def save_tiny_llava(folder: str):
+    """A LLaVA 1.5 layout (CLIP tower, MLP projector, Llama LM; 28x28 images of 16 tokens) with random weights and
+    its processor, saved in `folder`. Returns the transformers model."""
+    import transformers as tf
+
+    tokenizer = smollm2_tokenizer_with(["<image>"])
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    text = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          initializer_range=0.2, eos_token_id=2, bos_token_id=1)
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 image_size=28, patch_size=7, projection_dim=32, initializer_range=0.2)
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                            vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                  chat_template=LLAVA_TEMPLATE)
+    processor.save_pretrained(folder)
+    return model
+
+
+def random_image(seed: int, width: int = 40, height: int = 32):
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png_bytes(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tensor, pad_id: int) -> ImageItem:
+    """What the ingress sends for one image: its pixel values put in `arena`."""
+    array = pixel_values.contiguous().numpy()
+    block = arena.put(array.tobytes())
+    return ImageItem(offset=offset, length=length, pad_id=IMAGE_PAD_BASE + pad_id,
+                     tensors={"pixel_values": ArenaTensor(arena.name, block, list(array.shape), str(array.dtype))})
