@@ -4,8 +4,8 @@ patch conv (no bias) + class token + learned positions -> pre-LayerNorm -> pre-n
 biases, MLP with quick_gelu) . The towers' callers want the hidden states after a given layer (LLaVA: the
 second-to-last), so `forward` stops at `num_layers_used` and returns every state up to it. Images are encoded in one
 batch: [N, 3, H, W] -> [N, 1 + patches, hidden]. The tower is replicated on every tensor-parallel rank (it is small
-next to the language model). Parameter names are transformers' CLIPVisionTransformer's under `transformer.`; checkpoints name the
-same tensors under `vision_model.` (hub) or directly (transformers 5 saves of LLaVA).
+next to the language model). Parameter names are transformers' CLIPVisionTransformer's under `transformer.`;
+checkpoints name the same tensors under `vision_model.` (hub) or directly (transformers 5 saves of LLaVA).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class CLIPVisionTransformer(nn.Module):
         self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)  # (sic: transformers' name)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(
-            VisionEncoderLayer(hidden, int(vision_config["num_attention_heads"]), int(vision_config["intermediate_size"]),
-                               vision_config.get("hidden_act", "quick_gelu"), eps)
+            VisionEncoderLayer(hidden, int(vision_config["num_attention_heads"]),
+                               int(vision_config["intermediate_size"]), vision_config.get("hidden_act", "quick_gelu"), eps)
             for _ in range(num_layers_used))
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:

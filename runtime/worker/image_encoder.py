@@ -39,7 +39,8 @@ class ImageEncoder:
         self.free_row(row)
         if images:
             if not hasattr(self.model, "encode_images"):
-                raise ValueError(f"a request with images reached {type(self.model).__name__}, which has no vision tower")
+                raise ValueError(f"a request with images reached {type(self.model).__name__}, which has no vision "
+                                 "tower")
             self.rows[row] = list(images)
 
     def free_row(self, row: int) -> None:

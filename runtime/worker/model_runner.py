@@ -370,7 +370,8 @@ class ModelRunner:
     def _graph_step(self, plan: BatchPlan) -> bool:
         """Decode steps the captured graphs cover: every row samples and none owes prompt logprobs."""
         return (self.graph_runner is not None and self.graph_runner.can_run(plan.extend_lens) and all(plan.sample)
-                and not any(row in self.prompt_logprob_rows for row in plan.rows) and not self.image_encoder.needs(plan))
+                and not any(row in self.prompt_logprob_rows for row in plan.rows)
+                and not self.image_encoder.needs(plan))
 
     def _eager_step(self, plan: BatchPlan, pending: PendingStep) -> None:
         num_tokens = len(plan.input_ids)
