@@ -1,7 +1,7 @@
 """The CLIP vision transformer (ViT) that LLaVA 1.5 / 1.6 and Yi-VL use as their image encoder.
 
 patch conv (no bias) + class token + learned positions -> pre-LayerNorm -> pre-norm encoder layers (attention with
-biases, MLP with quick_gelu) . The towers' callers want the hidden states after a given layer (LLaVA: the
+biases, MLP with quick_gelu). The towers' callers want the hidden states after a given layer (LLaVA: the
 second-to-last), so `forward` stops at `num_layers_used` and returns every state up to it. Images are encoded in one
 batch: [N, 3, H, W] -> [N, 1 + patches, hidden]. The tower is replicated on every tensor-parallel rank (it is small
 next to the language model). Parameter names are transformers' CLIPVisionTransformer's under `transformer.`;
@@ -81,14 +81,14 @@ class CLIPVisionTransformer(nn.Module):
     def __init__(self, vision_config: dict, num_layers_used: int):
         super().__init__()
         hidden = int(vision_config["hidden_size"])
+        heads, intermediate = int(vision_config["num_attention_heads"]), int(vision_config["intermediate_size"])
         eps = float(vision_config.get("layer_norm_eps", 1e-5))
         self.embeddings = CLIPEmbeddings(hidden, int(vision_config["image_size"]), int(vision_config["patch_size"]),
                                          int(vision_config.get("num_channels", 3)))
         self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)  # (sic: transformers' name)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(
-            VisionEncoderLayer(hidden, int(vision_config["num_attention_heads"]),
-                               int(vision_config["intermediate_size"]), vision_config.get("hidden_act", "quick_gelu"), eps)
+            VisionEncoderLayer(hidden, heads, intermediate, vision_config.get("hidden_act", "quick_gelu"), eps)
             for _ in range(num_layers_used))
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
