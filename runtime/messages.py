@@ -105,14 +105,14 @@ class ArenaTensor(Struct, frozen=True):
 class ImageItem(Struct, frozen=True):
     """One image of a prompt, preprocessed by the ingress with the checkpoint's HF image processor.
 
-    Its `length` tokens start at prompt position `offset`; the ingress wrote them as `pad_id` (IMAGE_PAD_BASE plus a
-    hash of the pixels), so the radix cache shares a prefix only between prompts that hold the same image there. The
-    worker replaces their embeddings with the vision tower's output. `tensors` are the processor's outputs for this
-    image by name (pixel_values, image_sizes, image_grid_thw, ...)."""
+    Its `length` tokens start at prompt position `offset`; the ingress wrote them as ids from IMAGE_PAD_BASE on, drawn
+    from a hash of the pixels (runtime/multimodal/inputs.py), so the radix cache shares a prefix only between prompts
+    that hold the same image there. The worker replaces their embeddings with the vision tower's output. `tensors` are
+    the processor's outputs for this image by name (pixel_values, image_sizes, ...); all of a request's tensors lie
+    in one arena block (ArenaTensor.block names the tensor's bytes inside it and the block's end)."""
 
     offset: int
     length: int
-    pad_id: int
     tensors: dict[str, ArenaTensor]
 
 

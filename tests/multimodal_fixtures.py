@@ -8,7 +8,7 @@ import io
 import numpy as np
 import torch
 
-from runtime.messages import IMAGE_PAD_BASE, ArenaTensor, ImageItem
+from runtime.messages import ArenaTensor, ImageItem
 from shm.arena import Arena
 
 # A processor chat template in the LLaVA 1.5 hub style: image parts become the <image> placeholder.
@@ -69,9 +69,9 @@ def png_bytes(image) -> bytes:
     return out.getvalue()
 
 
-def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tensor, pad_id: int) -> ImageItem:
+def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tensor) -> ImageItem:
     """What the ingress sends for one image: its pixel values put in `arena`."""
     array = pixel_values.contiguous().numpy()
     block = arena.put(array.tobytes())
-    return ImageItem(offset=offset, length=length, pad_id=IMAGE_PAD_BASE + pad_id,
+    return ImageItem(offset=offset, length=length,
                      tensors={"pixel_values": ArenaTensor(arena.name, block, list(array.shape), str(array.dtype))})

@@ -45,7 +45,7 @@ def _prompt(processor, arena, text: str, seeds: list[int]):
     served, items = list(ids), []
     for k, (start, seed) in enumerate(zip(starts, seeds)):
         served[start:start + length] = [IMAGE_PAD_BASE + seed] * length
-        items.append(image_item(arena, start, length, inputs["pixel_values"][k:k + 1], seed))
+        items.append(image_item(arena, start, length, inputs["pixel_values"][k:k + 1]))
     return ids, inputs["pixel_values"], served, items
 
 
