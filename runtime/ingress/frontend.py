@@ -48,6 +48,7 @@ from runtime.messages import (
     TextUpdates,
     TokenLogprobs,
 )
+from runtime.multimodal.media import MediaError
 from runtime.server_args import ServerArgs
 from shm.ring import RingTimeout
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from actors.channel import Channel
+    from runtime.multimodal.inputs import ProcessedPrompt, VisionInputs
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +173,11 @@ class _Gather:
 
 class Frontend:
     def __init__(self, args: ServerArgs, model_info: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
-                 to_scheduler: Channel | list[Channel]):
+                 to_scheduler: Channel | list[Channel], vision: VisionInputs | None = None):
         """`to_scheduler` is the Channel of IngressToScheduler messages, or one per data-parallel
         replica (runtime.ingress.dispatcher picks one per request); `tokenizer` is the HF tokenizer
-        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
+        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init); `vision` reads and preprocesses
+        the images of requests to a vision language model (None: the model takes no images)."""
         self.args = args
         self.model_info = model_info
         self.tokenizer = tokenizer
@@ -192,6 +195,7 @@ class Frontend:
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.max_unfinished = self.dispatcher.size * model_info.max_running_requests + args.max_queued_requests
         self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
+        self.vision = vision
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):
@@ -296,13 +300,14 @@ class Frontend:
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0
-                       ) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0,
+                       images: ProcessedPrompt | None = None) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
         request, a single update); the last has .finish set. Leaving early aborts the request.
         `deadline` (time.monotonic()): past it the request is aborted and fails with 504.
         Requests of one `group` (the n samples of a prompt) are served by one data-parallel replica.
-        Higher `priority` runs first (batch requests run below interactive ones)."""
+        Higher `priority` runs first (batch requests run below interactive ones). `images`: the prompt's images as
+        VisionInputs preprocessed them (input_ids are then its ids)."""
         if self._closed is not None:
             raise self._closed
         if self.draining:
@@ -312,6 +317,8 @@ class Frontend:
                                     "/encode")
         input_ids = self._check_prompt(rid, input_ids)
         self._check_load(priority)
+        if images is not None and images.images and self.dispatcher.size > 1:
+            raise RequestError(400, "images: not served with --dp-size > 1 yet")
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
@@ -322,8 +329,15 @@ class Frontend:
                                                             f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
+            items = []
+            if images is not None and images.images:
+                try:  # allocated right before the send: the scheduler frees arena blocks in this order
+                    input_ids, items = self.vision.place(images)
+                except MediaError as err:
+                    done = True
+                    raise RequestError(err.status, str(err)) from None
             self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
-                                                   priority=priority), group)
+                                                   priority=priority, images=items), group)
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()

@@ -1,0 +1,197 @@
+"""VisionInputs: a request's images -> prompt ids and ImageItems, in the ingress.
+
+1. load: every image the request names is read and decoded on the media threads (runtime/multimodal/media.py),
+   after the per-request count limit (--limit-mm-per-prompt);
+2. preprocess, on one processor thread (never the event loop, never the scheduler): the chat template renders the
+   conversation with the model's image placeholder (the checkpoint processor's template by default, or
+   --chat-template), and the checkpoint's own HF processor (AutoProcessor: its image processor and its placeholder
+   expansion) turns text and images into input ids and pixel tensors (numpy: the ingress runs without torch);
+3. place, right before the request is sent: each image's token run is rewritten as ids from IMAGE_PAD_BASE drawn
+   from a hash of its tensors (the radix cache then shares KV between prompts with the same image at the same place,
+   and never between different images), and the tensors are copied into one block of the image arena (one block per
+   request: allocated and sent in the same order, so the scheduler can release blocks in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.messages import IMAGE_PAD_BASE, ArenaTensor, ImageItem
+from runtime.multimodal.media import ImageRef, MediaError, MediaLimits, load_image
+from shm.arena import Arena, ArenaBlock, ArenaTimeout
+
+DETAILS = ("auto", "low", "high")
+ALIGN = 64  # each tensor's bytes start at a multiple of this in the request's block
+
+
+@dataclass
+class ProcessedImage:
+    offset: int  # first token of its run in the prompt
+    length: int
+    tensors: dict[str, np.ndarray]
+    pad_ids: list[int]
+
+
+@dataclass
+class ProcessedPrompt:
+    input_ids: list[int]  # the processor's ids (image runs still hold the image token: the prompt checks see them)
+    images: list[ProcessedImage]
+
+
+class VisionInputs:
+    def __init__(self, args, arena: Arena | None):
+        from transformers import AutoProcessor
+
+        from runtime.chat_templates import load_chat_template
+
+        self.processor = AutoProcessor.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.chat_template = load_chat_template(args.chat_template) if args.chat_template else (
+            getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template)
+        self.limits = MediaLimits.from_args(args)
+        self.max_images = parse_mm_limit(args.limit_mm_per_prompt)["image"]
+        self.arena = arena
+        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="media-fetch")
+        # One thread: the processor's tokenizer keeps its state unshared.
+        self._process_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="media-process")
+
+    # ------------------------------------------------------------------ requests
+    async def chat(self, messages: list[dict], refs: list[ImageRef], tools: list | None, add_generation_prompt: bool,
+                   continue_final_message: bool) -> ProcessedPrompt:
+        """`messages` as chat_message_dicts makes them with image parts kept ({"type": "image"} in their content)."""
+        images = await self._load(refs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._process_pool, self._chat, messages, images, tools,
+                                          add_generation_prompt, continue_final_message, refs)
+
+    async def prompt(self, text: str, refs: list[ImageRef]) -> ProcessedPrompt:
+        """SGLang's /generate text with image_data: the text's image placeholders (the processor's image token) take
+        the images in order; a text without any gets one per image in front, as LLaVA's prompts put them."""
+        placeholders = text.count(self.image_token)
+        if placeholders == 0:
+            text = (self.image_token + "\n") * len(refs) + text
+        elif placeholders != len(refs):
+            raise MediaError("image_data", f"the text has {placeholders} image placeholders ({self.image_token}) for "
+                                           f"{len(refs)} images")
+        images = await self._load(refs)
+        return await asyncio.get_running_loop().run_in_executor(self._process_pool, self._process, text, images,
+                                                                True, refs)
+
+    def place(self, prompt: ProcessedPrompt) -> tuple[list[int], list[ImageItem]]:
+        """The ids to send (image runs as pad ids) and the ImageItems, their tensors copied into one new arena block.
+        Call right before sending the request (see the module docstring); raises MediaError(503) when the arena is
+        full."""
+        if self.arena is None:
+            raise MediaError("images", "this server has no image arena", 500)
+        ids = list(prompt.input_ids)
+        layout, total = [], 0
+        for image in prompt.images:
+            for name, array in image.tensors.items():
+                layout.append((image, name, array, total))
+                total += (array.nbytes + ALIGN - 1) // ALIGN * ALIGN
+        try:
+            block, view = self.arena.alloc(total, timeout=0)
+        except ArenaTimeout:
+            raise MediaError("images", "the images of requests in flight fill the image arena (--image-arena-mb); "
+                                       "retry later", 503) from None
+        except ValueError:
+            raise MediaError("images", f"the request's images need {total} bytes; the image arena holds "
+                                       f"{self.arena.capacity} (--image-arena-mb)") from None
+        tensors: dict[int, dict[str, ArenaTensor]] = {id(image): {} for image in prompt.images}
+        try:
+            for image, name, array, offset in layout:
+                view[offset:offset + array.nbytes] = memoryview(np.ascontiguousarray(array)).cast("B")
+                tensors[id(image)][name] = ArenaTensor(self.arena.name, ArenaBlock(block.start + offset, array.nbytes,
+                                                                                   block.end),
+                                                       list(array.shape), str(array.dtype))
+        finally:
+            view.release()
+        items = []
+        for image in prompt.images:
+            ids[image.offset:image.offset + image.length] = image.pad_ids
+            items.append(ImageItem(offset=image.offset, length=image.length, tensors=tensors[id(image)]))
+        return ids, items
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._process_pool.shutdown(wait=False, cancel_futures=True)
+        if self.arena is not None:
+            self.arena.close()
+
+    # ------------------------------------------------------------------ steps
+    async def _load(self, refs: list[ImageRef]) -> list:
+        if len(refs) > self.max_images:
+            raise MediaError(refs[self.max_images].field, f"{len(refs)} images in one request; this server takes at "
+                                                          f"most {self.max_images} (--limit-mm-per-prompt)")
+        for ref in refs:
+            if ref.detail not in DETAILS:
+                raise MediaError(ref.field + ".detail", f"must be one of {', '.join(DETAILS)}, got {ref.detail!r}")
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self._fetch_pool, load_image, ref.source, ref.field,
+                                                                self.limits, ref.detail) for ref in refs)))
+
+    def _chat(self, messages, images, tools, add_generation_prompt, continue_final_message, refs) -> ProcessedPrompt:
+        if not self.chat_template:
+            raise MediaError("messages", "the model has no chat template for images; start the server with "
+                                         "--chat-template")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message)
+        except Exception as err:  # jinja2 and template errors: the conversation is at fault
+            raise MediaError("messages", f"the chat template cannot render them: {err}") from None
+        if text.count(self.image_token) != len(images):
+            raise MediaError("messages", f"the chat template placed {text.count(self.image_token)} image "
+                                         f"placeholders for {len(images)} images")
+        return self._process(text, images, False, refs)
+
+    def _process(self, text: str, images: list, add_special_tokens: bool, refs: list[ImageRef]) -> ProcessedPrompt:
+        try:
+            out = self.processor(text=[text], images=images or None, return_tensors="np",
+                                 add_special_tokens=add_special_tokens)
+        except (ValueError, TypeError, OSError) as err:
+            raise MediaError(refs[0].field if len(refs) == 1 else "images", f"the image processor refused the "
+                                                                              f"images: {err}") from None
+        ids = [int(t) for t in out["input_ids"][0]]
+        positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        counts = self._tokens_per_image(len(positions), len(images), out)
+        tensors = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        processed, start = [], 0
+        for k, count in enumerate(counts):
+            offset = positions[start]
+            if positions[start + count - 1] != offset + count - 1:
+                raise MediaError(refs[k].field, "the processor split an image's tokens")
+            own = {name: array[k:k + 1] for name, array in tensors.items()}
+            processed.append(ProcessedImage(offset, count, own, pad_ids(own, count)))
+            start += count
+        return ProcessedPrompt(ids, processed)
+
+    def _tokens_per_image(self, total: int, num_images: int, out) -> list[int]:
+        if num_images == 0 and total == 0:
+            return []
+        if num_images == 0 or total % num_images:
+            raise MediaError("images", f"the processor made {total} image tokens for {num_images} images")
+        return [total // num_images] * num_images
+
+
+def pad_ids(tensors: dict[str, np.ndarray], length: int) -> list[int]:
+    """`length` ids from IMAGE_PAD_BASE up, 30 bits each, cycling through a 256-bit hash of the image's tensors."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    words = np.frombuffer(digest.digest(), dtype="<u4") & ((1 << 30) - 1)
+    return [IMAGE_PAD_BASE + int(words[j % len(words)]) for j in range(length)]
+
+
+def parse_mm_limit(value: str) -> dict[str, int]:
+    """--limit-mm-per-prompt (vLLM's flag, validated by runtime.server_args): JSON like {"image": 8}."""
+    return {"image": 8, **json.loads(value)}
