@@ -1,0 +1,242 @@
+"""Vision language serving on one GPU with dummy weights: image prefill throughput through the ModelRunner, then a
+server answering requests with one image each. Prints two tables (markdown) and writes them to --out.
+
+The checkpoint folder is built here: config.json of the shape (--shape llava-1.5-7b: CLIP ViT-L/14 at 336 px, 576
+image tokens, a Llama-2-7B language model; --shape tiny: a CPU dry run), a CLIP image processor, and the tokenizer of
+--tokenizer with the <image> token added (the vocabulary is sized to it).
+
+    python scripts/gpu_vision.py --out /tmp/gpu_vision            # on the GPU (scripts/gpu_vision.sh)
+    python scripts/gpu_vision.py --shape tiny --device cpu --requests 8 --concurrency 4 --batch-sizes 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+SHAPES = {
+    "llava-1.5-7b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14, projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5), image_size=336),
+    "tiny": dict(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+                    patch_size=7, projection_dim=32),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048), image_size=28),
+}
+
+
+def build_checkpoint(shape: str, tokenizer_path: str, folder: str) -> None:
+    import transformers as tf
+
+    spec = SHAPES[shape]
+    tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    text = tf.LlamaConfig(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**spec["vision"]), text_config=text,
+                            image_token_index=image_token, vision_feature_layer=-2,
+                            vision_feature_select_strategy="default")
+    config.architectures = ["LlavaForConditionalGeneration"]
+    os.makedirs(folder, exist_ok=True)
+    config.save_pretrained(folder)
+    size = spec["image_size"]
+    processor = tf.LlavaProcessor(
+        image_processor=tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        tokenizer=tokenizer, patch_size=spec["vision"]["patch_size"], vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template="{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                      "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+                      "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    processor.save_pretrained(folder)
+
+
+def random_png(seed: int, size: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens: int) -> list[str]:
+    """Image prefill through the ModelRunner: B requests of one image (fresh pixels each) and `text_tokens` text
+    tokens in one step; the vision tower's share timed separately."""
+    import torch
+    import transformers as tf
+
+    from runtime.messages import ArenaTensor, BatchPlan, ImageItem, NewRow, SamplingParams
+    from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
+    from shm import Arena, run_prefix, sweep
+
+    processor = tf.AutoProcessor.from_pretrained(folder)
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, load_format="dummy", device=device,
+                                           max_running_requests=max(batch_sizes), disable_cuda_graph=True,
+                                           max_total_tokens=max(batch_sizes) * 2048))
+    prefix = f"{run_prefix()}vis{uuid.uuid4().hex[:6]}_"
+    arena = Arena.create(prefix + "images", 1 << 30)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    size = processor.image_processor.crop_size["height"]
+    sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
+    rows = ["| batch | image tokens/req | prefill tokens | vision ms | step ms | prefill tok/s | images/s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    batch_id = 0
+    for batch in batch_sizes:
+        for trial in range(3):  # the first is a warm-up
+            from PIL import Image
+
+            images = [Image.open(io.BytesIO(random_png(1000 * trial + i, size))) for i in range(batch)]
+            inputs = processor(text=["USER: <image>\n" + "describe " * text_tokens] * batch, images=images,
+                               return_tensors="pt")
+            plan = BatchPlan(batch_id=batch_id, rows=[], prefix_lens=[], extend_lens=[], input_ids=[], out_slots=[],
+                             sample=[], future_slots=[])
+            batch_id += 1
+            next_slot = 1
+            for i in range(batch):
+                ids = inputs["input_ids"][i].tolist()
+                start = ids.index(image_token)
+                length = ids.count(image_token)
+                ids[start:start + length] = [(1 << 30) + i] * length
+                array = inputs["pixel_values"][i:i + 1].numpy()
+                tensor = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape), str(array.dtype))
+                item = ImageItem(offset=start, length=length, tensors={"pixel_values": tensor})
+                plan.new_rows.append(NewRow(row=i, prefix_slots=[], sampling=SamplingParams(temperature=0.0),
+                                            images=[item]))
+                plan.rows.append(i)
+                plan.prefix_lens.append(0)
+                plan.extend_lens.append(len(ids))
+                plan.input_ids.extend(ids)
+                plan.out_slots.extend(range(next_slot, next_slot + len(ids)))
+                next_slot += len(ids)
+                plan.sample.append(True)
+                plan.future_slots.append(i)
+            pixels = torch.cat([inputs["pixel_values"]]).to(runner.device, runner.dtype)
+            sync()
+            start_time = time.perf_counter()
+            with torch.inference_mode():
+                runner.model.encode_images([{"pixel_values": pixels[i:i + 1]} for i in range(batch)])
+            sync()
+            vision_ms = (time.perf_counter() - start_time) * 1e3
+            start_time = time.perf_counter()
+            runner.step(plan)
+            sync()
+            step_ms = (time.perf_counter() - start_time) * 1e3
+            plan_free = BatchPlan(batch_id=batch_id, rows=[], prefix_lens=[], extend_lens=[], input_ids=[],
+                                  out_slots=[], sample=[], future_slots=[], freed_rows=list(range(batch)))
+            batch_id += 1
+            runner.step(plan_free)
+            arena.release(item.tensors["pixel_values"].block)
+        tokens = len(plan.input_ids)
+        rows.append(f"| {batch} | {length} | {tokens} | {vision_ms:.1f} | {step_ms:.1f} | "
+                    f"{tokens / step_ms * 1e3:,.0f} | {batch / step_ms * 1e3:,.1f} |")
+    runner.image_encoder.close()
+    arena.close()
+    sweep(prefix)
+    return rows
+
+
+def serving_table(folder: str, device: str, requests: int, concurrency: list[int], output_len: int,
+                  log_dir: str) -> list[str]:
+    """A server (dummy weights) answering chat requests with one distinct image each (a data URL of a random PNG)
+    and a short question; non-streamed, greedy, ignore_eos."""
+    port = 30000 + os.getpid() % 2000
+    log_path = os.path.join(log_dir, "server.log")
+    log = open(log_path, "w")
+    flags = ["--model-path", folder, "--load-format", "dummy", "--port", str(port), "--device", device,
+             "--image-arena-mb", "2048"]
+    server = subprocess.Popen([sys.executable, "-m", "runtime", *flags], stdout=log, stderr=subprocess.STDOUT,
+                              cwd=REPO)
+    rows = ["| concurrency | requests | req/s | output tok/s | mean latency s | p99 latency s | prompt tokens/req |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    try:
+        deadline = time.monotonic() + 300
+        while "Ready: serving" not in open(log_path).read():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start:\n" + open(log_path).read()[-3000:])
+            time.sleep(0.5)
+        size = SHAPES_BY_FOLDER[folder]
+        urls = ["data:image/png;base64," + base64.b64encode(random_png(i, size)).decode() for i in range(requests)]
+
+        def one(i: int) -> tuple[float, dict]:
+            body = {"model": "llava", "temperature": 0, "max_tokens": output_len, "ignore_eos": True,
+                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i]}},
+                                                              {"type": "text", "text": "What is in this image?"}]}]}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                             data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            start = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=600) as response:
+                answer = json.load(response)
+            return time.perf_counter() - start, answer["usage"]
+
+        one(0)  # warm-up
+        for level in concurrency:
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(level) as pool:
+                results = list(pool.map(one, range(requests)))
+            wall = time.perf_counter() - start
+            latencies = sorted(r[0] for r in results)
+            output = sum(r[1]["completion_tokens"] for r in results)
+            prompt = sum(r[1]["prompt_tokens"] for r in results) / len(results)
+            rows.append(f"| {level} | {requests} | {requests / wall:.2f} | {output / wall:,.0f} | "
+                        f"{sum(latencies) / len(latencies):.2f} | {latencies[int(0.99 * (len(latencies) - 1))]:.2f} | "
+                        f"{prompt:.0f} |")
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    return rows
+
+
+SHAPES_BY_FOLDER: dict[str, int] = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
+    parser.add_argument("--tokenizer", default=None, help="a Llama tokenizer folder (default: .models/llama-3-8b-dummy "
+                                                          "or /work/shared/models/llama-3-8b-dummy)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--text-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--out", default="/tmp/gpu_vision")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer = args.tokenizer or next(p for p in (os.path.join(REPO, ".models/llama-3-8b-dummy"),
+                                                   "/work/shared/models/llama-3-8b-dummy") if os.path.isdir(p))
+    folder = os.path.join(args.out, f"checkpoint-{args.shape}")
+    build_checkpoint(args.shape, tokenizer, folder)
+    SHAPES_BY_FOLDER[folder] = SHAPES[args.shape]["image_size"]
+    tables = [f"### Image prefill ({args.shape}, dummy weights, {args.device})", "",
+              *prefill_table(folder, args.device, args.batch_sizes, args.text_tokens), "",
+              f"### Serving one image per request ({args.shape}, {args.output_len} output tokens)", "",
+              *serving_table(folder, args.device, args.requests, args.concurrency, args.output_len, args.out)]
+    text = "\n".join(tables)
+    print(text)
+    with open(os.path.join(args.out, "gpu_vision.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
