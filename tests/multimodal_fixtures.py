@@ -27,9 +27,13 @@ def smollm2_tokenizer_with(tokens: list[str]):
     return tokenizer
 
 
-def save_tiny_llava(folder: str):
+GRID_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def save_tiny_llava(folder: str, kind: str = "llava"):
     """A LLaVA 1.5 layout (CLIP tower, MLP projector, Llama LM; 28x28 images of 16 tokens) with random weights and
-    its processor, saved in `folder`. Returns the transformers model."""
+    its processor, saved in `folder`; kind "llava_next": LLaVA-NeXT's (anyres tiles of 28x28 on GRID_PINPOINTS, an
+    image newline). Returns the transformers model."""
     import transformers as tf
 
     tokenizer = smollm2_tokenizer_with(["<image>"])
@@ -39,17 +43,29 @@ def save_tiny_llava(folder: str):
                           initializer_range=0.2, eos_token_id=2, bos_token_id=1)
     vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                  image_size=28, patch_size=7, projection_dim=32, initializer_range=0.2)
-    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                            vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if kind == "llava_next":
+        config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                    image_grid_pinpoints=GRID_PINPOINTS)
+        model_class, processor_class = tf.LlavaNextForConditionalGeneration, tf.LlavaNextProcessor
+        image_processor = tf.LlavaNextImageProcessor(size={"shortest_edge": 28},
+                                                     crop_size={"height": 28, "width": 28},
+                                                     image_grid_pinpoints=GRID_PINPOINTS)
+    else:
+        config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model_class, processor_class = tf.LlavaForConditionalGeneration, tf.LlavaProcessor
+        image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     torch.manual_seed(0)
-    model = tf.LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        if kind == "llava_next":
+            model.model.image_newline.normal_()
     model.save_pretrained(folder)
-    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                   chat_template=LLAVA_TEMPLATE)
     processor.save_pretrained(folder)
@@ -69,9 +85,11 @@ def png_bytes(image) -> bytes:
     return out.getvalue()
 
 
-def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tensor) -> ImageItem:
-    """What the ingress sends for one image: its pixel values put in `arena`."""
-    array = pixel_values.contiguous().numpy()
-    block = arena.put(array.tobytes())
-    return ImageItem(offset=offset, length=length,
-                     tensors={"pixel_values": ArenaTensor(arena.name, block, list(array.shape), str(array.dtype))})
+def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tensor, **others: torch.Tensor
+               ) -> ImageItem:
+    """What the ingress sends for one image: its pixel values (and other tensors, e.g. image_sizes) put in `arena`."""
+    tensors = {}
+    for name, tensor in {"pixel_values": pixel_values, **others}.items():
+        array = tensor.contiguous().numpy()
+        tensors[name] = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape), str(array.dtype))
+    return ImageItem(offset=offset, length=length, tensors=tensors)

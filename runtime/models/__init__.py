@@ -19,6 +19,7 @@ from runtime.models.glm4 import Glm4ForCausalLM
 from runtime.models.llama import ExaoneForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from runtime.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
 from runtime.models.llava import LlavaForConditionalGeneration
+from runtime.models.llava_next import LlavaNextForConditionalGeneration
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
@@ -48,6 +49,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     # Vision language models (runtime/multimodal/ preprocesses their images in the ingress)
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

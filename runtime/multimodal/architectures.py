@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration"})
+VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
 
 
 def is_vision_language_folder(model_path: str | None) -> bool:

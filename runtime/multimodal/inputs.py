@@ -162,7 +162,7 @@ class VisionInputs:
                                                                               f"images: {err}") from None
         ids = [int(t) for t in out["input_ids"][0]]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        counts = self._tokens_per_image(len(positions), len(images), out)
+        counts = self._tokens_per_image(len(positions), images)
         tensors = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
         processed, start = [], 0
         for k, count in enumerate(counts):
@@ -174,12 +174,19 @@ class VisionInputs:
             start += count
         return ProcessedPrompt(ids, processed)
 
-    def _tokens_per_image(self, total: int, num_images: int, out) -> list[int]:
-        if num_images == 0 and total == 0:
-            return []
-        if num_images == 0 or total % num_images:
-            raise MediaError("images", f"the processor made {total} image tokens for {num_images} images")
-        return [total // num_images] * num_images
+    def _tokens_per_image(self, total: int, images: list) -> list[int]:
+        """How many of the prompt's image tokens each image has (adjacent images' runs touch): the processor says
+        for size-dependent counts (anyres), else they share the total evenly."""
+        counts_for = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        counts = None
+        if images and counts_for is not None:
+            counts = getattr(counts_for(image_sizes=[(image.height, image.width) for image in images]),
+                             "num_image_tokens", None)
+        if counts is None and images and total % len(images) == 0:
+            counts = [total // len(images)] * len(images)
+        if counts is None or sum(counts) != total or len(counts) != len(images):
+            raise MediaError("images", f"the processor made {total} image tokens for {len(images)} images")
+        return list(counts)
 
 
 def pad_ids(tensors: dict[str, np.ndarray], length: int) -> list[int]:

@@ -1,6 +1,7 @@
-"""LLaVA 1.5 (CLIP tower + projector + Llama LM), a tiny random checkpoint built and saved by transformers, against
-transformers in float32: greedy tokens with two images in one prompt, prefilled whole and in chunks that cut through
-the image spans, batched with a text-only request; a prefix that ends inside an image (a radix-cache hit there)."""
+"""LLaVA 1.5 (CLIP tower + projector + Llama LM) and LLaVA-NeXT (anyres tiles, unpadding, image newlines), tiny random
+checkpoints built and saved by transformers, against transformers in float32: greedy tokens with two images of
+different sizes in one prompt, prefilled whole and in chunks that cut through the image spans, batched with a
+text-only request; a prefix that ends inside an image (a radix-cache hit there)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from tests.multimodal_fixtures import image_item, random_image, save_tiny_llava
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def llava(request, tmp_path_factory):
     import transformers as tf
 
-    folder = str(tmp_path_factory.mktemp("llava"))
-    reference = save_tiny_llava(folder)
+    folder = str(tmp_path_factory.mktemp(request.param))
+    reference = save_tiny_llava(folder, request.param)
     processor = tf.AutoProcessor.from_pretrained(folder)
     runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=1024,
                                            max_running_requests=4))
@@ -35,23 +36,26 @@ def llava(tmp_path_factory):
     sweep(prefix)
 
 
-def _prompt(processor, arena, text: str, seeds: list[int]):
-    """The processor's ids and pixels, and what the ingress sends: image runs as pad ids, pixels in the arena."""
-    inputs = processor(text=text, images=[random_image(s) for s in seeds], return_tensors="pt")
+def _prompt(processor, arena, text: str, images: list[tuple[int, int, int]]):
+    """The processor's inputs, and what the ingress sends: image runs (separated by text) as pad ids, tensors in the
+    arena. `images`: (seed, width, height) each."""
+    inputs = processor(text=text, images=[random_image(*image) for image in images], return_tensors="pt")
     ids = inputs["input_ids"][0].tolist()
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     starts = [i for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != image_token)]
-    length = ids.count(image_token) // len(seeds)
     served, items = list(ids), []
-    for k, (start, seed) in enumerate(zip(starts, seeds)):
-        served[start:start + length] = [IMAGE_PAD_BASE + seed] * length
-        items.append(image_item(arena, start, length, inputs["pixel_values"][k:k + 1]))
-    return ids, inputs["pixel_values"], served, items
+    for k, start in enumerate(starts):
+        length = next((j for j in range(start, len(ids)) if ids[j] != image_token), len(ids)) - start
+        served[start:start + length] = [IMAGE_PAD_BASE + images[k][0]] * length
+        others = {"image_sizes": inputs["image_sizes"][k:k + 1]} if "image_sizes" in inputs else {}
+        items.append(image_item(arena, start, length, inputs["pixel_values"][k:k + 1], **others))
+    return ids, inputs, served, items
 
 
-def _hf_greedy(model, ids, pixel_values):
+def _hf_greedy(model, ids, inputs):
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, use_cache=True)
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = model(input_ids=torch.tensor([ids]), use_cache=True, **extra)
         tokens = [int(out.logits[0, -1].argmax())]
         cache = getattr(out, _CACHE_ARG)
         for _ in range(NEW_TOKENS - 1):
@@ -64,8 +68,9 @@ def _hf_greedy(model, ids, pixel_values):
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_greedy_with_images_matches_transformers(llava, chunk):
     reference, processor, runner, arena = llava
-    ids, pixels, served, items = _prompt(processor, arena, "USER: <image>\nand <image>\nWhich is brighter?", [3, 4])
-    expected = _hf_greedy(reference, ids, pixels)
+    ids, inputs, served, items = _prompt(processor, arena, "USER: <image>\nand <image>\nWhich is brighter?",
+                                         [(3, 40, 32), (4, 20, 61)])
+    expected = _hf_greedy(reference, ids, inputs)
     text_ids = processor.tokenizer.encode("The capital of France is")
     _, text_expected = hf_greedy(_text_lm(reference), text_ids, NEW_TOKENS)
     driver = PlanDriver(runner)
@@ -81,8 +86,8 @@ def test_prefix_hit_inside_an_image(llava):
     """A second request with the same image whose cached prefix ends inside the image span encodes the image again
     and takes only the positions it computes."""
     reference, processor, runner, arena = llava
-    ids, pixels, served, items = _prompt(processor, arena, "USER: <image>\nDescribe it.", [5])
-    expected = _hf_greedy(reference, ids, pixels)
+    ids, inputs, served, items = _prompt(processor, arena, "USER: <image>\nDescribe it.", [(5, 50, 50)])
+    expected = _hf_greedy(reference, ids, inputs)
     driver = PlanDriver(runner)
     first = driver.start(served, images=items)
     driver.prefill([first])
