@@ -4,6 +4,8 @@ together, as on the hub), images, and the arena plumbing the worker tests need."
 from __future__ import annotations
 
 import io
+import json
+import os
 
 import numpy as np
 import torch
@@ -43,7 +45,24 @@ def save_tiny_llava(folder: str, kind: str = "llava"):
                           initializer_range=0.2, eos_token_id=2, bos_token_id=1)
     vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                  image_size=28, patch_size=7, projection_dim=32, initializer_range=0.2)
-    if kind == "llava_next":
+    processor_options = dict(patch_size=7, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if kind == "llava_onevision":
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=28, patch_size=7)
+        text = tf.Qwen2Config(**{k: getattr(text, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                 "num_hidden_layers", "num_attention_heads",
+                                                                 "num_key_value_heads", "max_position_embeddings",
+                                                                 "initializer_range", "eos_token_id", "bos_token_id")})
+        # anyres_max_1: a 2x2 grid is scaled down, so the tiny images exercise it
+        config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                         vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                         image_grid_pinpoints=GRID_PINPOINTS, vision_aspect_ratio="anyres_max_1")
+        model_class, processor_class = tf.LlavaOnevisionForConditionalGeneration, tf.LlavaOnevisionProcessor
+        image_processor = tf.LlavaOnevisionImageProcessor(size={"height": 28, "width": 28},
+                                                          image_grid_pinpoints=GRID_PINPOINTS)
+        processor_options = dict(num_image_tokens=16, vision_feature_select_strategy="full",
+                                 vision_aspect_ratio="anyres_max_1")
+    elif kind == "llava_next":
         config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
                                     vision_feature_layer=-2, vision_feature_select_strategy="default",
                                     image_grid_pinpoints=GRID_PINPOINTS)
@@ -62,12 +81,19 @@ def save_tiny_llava(folder: str, kind: str = "llava"):
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
-        if kind == "llava_next":
+        if kind != "llava":
             model.model.image_newline.normal_()
     model.save_pretrained(folder)
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
-                                  vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                  chat_template=LLAVA_TEMPLATE)
+    if kind == "llava_onevision":  # its processor wants a video processor (torchvision): saved part by part
+        image_processor.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "LlavaOnevisionProcessor", **processor_options}, f)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(LLAVA_TEMPLATE)
+        return model
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_TEMPLATE,
+                                **processor_options)
     processor.save_pretrained(folder)
     return model
 

@@ -20,6 +20,7 @@ from runtime.models.llama import ExaoneForCausalLM, LlamaForCausalLM, Qwen2ForCa
 from runtime.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
 from runtime.models.llava import LlavaForConditionalGeneration
 from runtime.models.llava_next import LlavaNextForConditionalGeneration
+from runtime.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
@@ -50,6 +51,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     # Vision language models (runtime/multimodal/ preprocesses their images in the ingress)
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

@@ -1,7 +1,9 @@
-"""The CLIP vision transformer (ViT) that LLaVA 1.5 / 1.6 and Yi-VL use as their image encoder.
+"""The CLIP vision transformer (ViT) that LLaVA 1.5 / 1.6 and Yi-VL use as their image encoder, and SigLIP's
+(LLaVA-OneVision), which differs only in its embeddings and the absence of the pre-LayerNorm.
 
-patch conv (no bias) + class token + learned positions -> pre-LayerNorm -> pre-norm encoder layers (attention with
-biases, MLP with quick_gelu). The towers' callers want the hidden states after a given layer (LLaVA: the
+CLIP: patch conv (no bias) + class token + learned positions -> pre-LayerNorm -> pre-norm encoder layers (attention
+with biases, MLP with quick_gelu). SigLIP: patch conv (with bias) + learned positions, no class token -> the same
+encoder layers (MLP with gelu tanh). The towers' callers want the hidden states after a given layer (LLaVA: the
 second-to-last), so `forward` stops at `num_layers_used` and returns every state up to it. Images are encoded in one
 batch: [N, 3, H, W] -> [N, 1 + patches, hidden]. The tower is replicated on every tensor-parallel rank (it is small
 next to the language model). Parameter names are transformers' CLIPVisionTransformer's under `transformer.`;
@@ -77,18 +79,33 @@ class CLIPEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, hidden: int, image_size: int, patch_size: int, channels: int):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(channels, hidden, kernel_size=patch_size, stride=patch_size)
+        self.position_embedding = nn.Embedding((image_size // patch_size) ** 2, hidden)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        return patches + self.position_embedding.weight
+
+
 class CLIPVisionTransformer(nn.Module):
     def __init__(self, vision_config: dict, num_layers_used: int):
         super().__init__()
         hidden = int(vision_config["hidden_size"])
         heads, intermediate = int(vision_config["num_attention_heads"]), int(vision_config["intermediate_size"])
-        eps = float(vision_config.get("layer_norm_eps", 1e-5))
-        self.embeddings = CLIPEmbeddings(hidden, int(vision_config["image_size"]), int(vision_config["patch_size"]),
-                                         int(vision_config.get("num_channels", 3)))
-        self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)  # (sic: transformers' name)
+        siglip = vision_config.get("model_type") == "siglip_vision_model"
+        eps = float(vision_config.get("layer_norm_eps", 1e-6 if siglip else 1e-5))
+        embeddings = SiglipEmbeddings if siglip else CLIPEmbeddings
+        self.embeddings = embeddings(hidden, int(vision_config["image_size"]), int(vision_config["patch_size"]),
+                                     int(vision_config.get("num_channels", 3)))
+        # (sic: transformers' name)
+        self.pre_layrnorm = nn.Identity() if siglip else nn.LayerNorm(hidden, eps=eps)
+        default_act = "gelu_pytorch_tanh" if siglip else "quick_gelu"
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(
-            VisionEncoderLayer(hidden, heads, intermediate, vision_config.get("hidden_act", "quick_gelu"), eps)
+            VisionEncoderLayer(hidden, heads, intermediate, vision_config.get("hidden_act", default_act), eps)
             for _ in range(num_layers_used))
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -114,7 +131,7 @@ class CLIPVisionModel(nn.Module):
         return self.transformer(pixel_values)
 
     def used_weight(self, name: str) -> bool:
-        if "post_layernorm" in name or "position_ids" in name:
+        if "post_layernorm" in name or "position_ids" in name or ".head." in name:
             return False
         if ".encoder.layers." in name:
             return int(name.split(".encoder.layers.")[1].split(".")[0]) < self.num_layers_used

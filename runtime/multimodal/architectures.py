@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 
-VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration"})
+VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                                           "LlavaOnevisionForConditionalGeneration"})
 
 
 def is_vision_language_folder(model_path: str | None) -> bool:

@@ -46,11 +46,10 @@ class ProcessedPrompt:
 
 class VisionInputs:
     def __init__(self, args, arena: Arena | None):
-        from transformers import AutoProcessor
-
         from runtime.chat_templates import load_chat_template
+        from runtime.multimodal.processor import load_processor
 
-        self.processor = AutoProcessor.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+        self.processor = load_processor(args.model_path, args.trust_remote_code)
         self.tokenizer = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
@@ -163,7 +162,9 @@ class VisionInputs:
         ids = [int(t) for t in out["input_ids"][0]]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         counts = self._tokens_per_image(len(positions), images)
-        tensors = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+        # per-image tensors only (batch_num_images and the like are per prompt)
+        tensors = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")
+                   and np.asarray(v).shape[:1] == (len(images),)}
         processed, start = [], 0
         for k, count in enumerate(counts):
             offset = positions[start]

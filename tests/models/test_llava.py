@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from runtime.messages import IMAGE_PAD_BASE
+from runtime.multimodal.processor import load_processor
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from shm import Arena, run_prefix, sweep
 from tests.model_fixtures import _CACHE_ARG, PlanDriver, hf_greedy
@@ -19,13 +20,11 @@ from tests.multimodal_fixtures import image_item, random_image, save_tiny_llava
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next"])
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
 def llava(request, tmp_path_factory):
-    import transformers as tf
-
     folder = str(tmp_path_factory.mktemp(request.param))
     reference = save_tiny_llava(folder, request.param)
-    processor = tf.AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=1024,
                                            max_running_requests=4))
     prefix = f"{run_prefix()}llava{uuid.uuid4().hex[:6]}_"
