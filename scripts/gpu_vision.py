@@ -1,9 +1,13 @@
 """Vision language serving on one GPU with dummy weights: image prefill throughput through the ModelRunner, then a
 server answering requests with one image each. Prints two tables (markdown) and writes them to --out.
 
-The checkpoint folder is built here: config.json of the shape (--shape llava-1.5-7b: CLIP ViT-L/14 at 336 px, 576
-image tokens, a Llama-2-7B language model; --shape tiny: a CPU dry run), a CLIP image processor, and the tokenizer of
---tokenizer with the <image> token added (the vocabulary is sized to it).
+The checkpoint folder is built here: config.json of the shape, its image processor, and the tokenizer of --tokenizer
+with the <image> token added (the vocabulary is sized to it; the shapes' own tokenizers are not on the machine):
+- llava-onevision-7b (default): llava-hf/llava-onevision-qwen2-7b-ov-hf's shape, SigLIP so400m/14 at 384 px (729
+  tokens a tile), anyres up to 6x6 tiles capped at anyres_max_9, Qwen2-7B; the benchmark's 384x384 images take
+  1 + 1 tiles: 729 + 729 + 27 newlines = 1485 image tokens;
+- llava-1.5-7b: CLIP ViT-L/14 at 336 px (576 image tokens), Llama-2-7B;
+- tiny: a CPU dry run.
 
     python scripts/gpu_vision.py --out /tmp/gpu_vision            # on the GPU (scripts/gpu_vision.sh)
     python scripts/gpu_vision.py --shape tiny --device cpu --requests 8 --concurrency 4 --batch-sizes 1 2
@@ -28,18 +32,37 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+ONEVISION_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 SHAPES = {
+    "llava-onevision-7b": dict(
+        kind="onevision",
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0),
+        image_size=384),
     "llava-1.5-7b": dict(
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                     image_size=336, patch_size=14, projection_dim=768),
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5), image_size=336),
+    "tiny-onevision": dict(
+        kind="onevision",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=384,
+                    patch_size=14),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096), image_size=384),
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
                     patch_size=7, projection_dim=32),
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=2048), image_size=28),
 }
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+                 "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
 def build_checkpoint(shape: str, tokenizer_path: str, folder: str) -> None:
@@ -49,22 +72,37 @@ def build_checkpoint(shape: str, tokenizer_path: str, folder: str) -> None:
     tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_path)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tokenizer.convert_tokens_to_ids("<image>")
+    os.makedirs(folder, exist_ok=True)
+    if spec.get("kind") == "onevision":
+        text = tf.Qwen2Config(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+        config = tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**spec["vision"]), text_config=text,
+                                         image_token_index=image_token, vision_feature_layer=-1,
+                                         vision_feature_select_strategy="full",
+                                         image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_9")
+        config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+        config.save_pretrained(folder)
+        tf.LlavaOnevisionImageProcessor(size={"height": 384, "width": 384},
+                                        image_grid_pinpoints=ONEVISION_PINPOINTS).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 729,
+                       "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}, f)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(CHAT_TEMPLATE)
+        return
     text = tf.LlamaConfig(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id)
     config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**spec["vision"]), text_config=text,
                             image_token_index=image_token, vision_feature_layer=-2,
                             vision_feature_select_strategy="default")
     config.architectures = ["LlavaForConditionalGeneration"]
-    os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
     size = spec["image_size"]
     processor = tf.LlavaProcessor(
         image_processor=tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tokenizer, patch_size=spec["vision"]["patch_size"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template="{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-                      "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
-                      "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(folder)
 
 
@@ -81,20 +119,20 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
     """Image prefill through the ModelRunner: B requests of one image (fresh pixels each) and `text_tokens` text
     tokens in one step; the vision tower's share timed separately."""
     import torch
-    import transformers as tf
 
     from runtime.messages import ArenaTensor, BatchPlan, ImageItem, NewRow, SamplingParams
+    from runtime.multimodal.processor import load_processor
     from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
     from shm import Arena, run_prefix, sweep
 
-    processor = tf.AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     runner = ModelRunner(ModelRunnerConfig(model_path=folder, load_format="dummy", device=device,
                                            max_running_requests=max(batch_sizes), disable_cuda_graph=True,
                                            max_total_tokens=max(batch_sizes) * 2048))
     prefix = f"{run_prefix()}vis{uuid.uuid4().hex[:6]}_"
     arena = Arena.create(prefix + "images", 1 << 30)
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    size = processor.image_processor.crop_size["height"]
+    size = SHAPES_BY_FOLDER[folder]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     rows = ["| batch | image tokens/req | prefill tokens | vision ms | step ms | prefill tok/s | images/s |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -115,9 +153,13 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
                 start = ids.index(image_token)
                 length = ids.count(image_token)
                 ids[start:start + length] = [(1 << 30) + i] * length
-                array = inputs["pixel_values"][i:i + 1].numpy()
-                tensor = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape), str(array.dtype))
-                item = ImageItem(offset=start, length=length, tensors={"pixel_values": tensor})
+                tensors = {}
+                for name in ("pixel_values", "image_sizes"):
+                    if name in inputs:
+                        array = inputs[name][i:i + 1].numpy()
+                        tensors[name] = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape),
+                                                    str(array.dtype))
+                item = ImageItem(offset=start, length=length, tensors=tensors)
                 plan.new_rows.append(NewRow(row=i, prefix_slots=[], sampling=SamplingParams(temperature=0.0),
                                             images=[item]))
                 plan.rows.append(i)
@@ -128,11 +170,12 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
                 next_slot += len(ids)
                 plan.sample.append(True)
                 plan.future_slots.append(i)
-            pixels = torch.cat([inputs["pixel_values"]]).to(runner.device, runner.dtype)
+            on_device = {name: inputs[name].to(runner.device) for name in ("pixel_values", "image_sizes")
+                         if name in inputs}
             sync()
             start_time = time.perf_counter()
             with torch.inference_mode():
-                runner.model.encode_images([{"pixel_values": pixels[i:i + 1]} for i in range(batch)])
+                runner.model.encode_images([{name: t[i:i + 1] for name, t in on_device.items()} for i in range(batch)])
             sync()
             vision_ms = (time.perf_counter() - start_time) * 1e3
             start_time = time.perf_counter()
@@ -143,7 +186,7 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
                                   out_slots=[], sample=[], future_slots=[], freed_rows=list(range(batch)))
             batch_id += 1
             runner.step(plan_free)
-            arena.release(item.tensors["pixel_values"].block)
+            arena.release(max((t.block for t in item.tensors.values()), key=lambda b: b.end))
         tokens = len(plan.input_ids)
         rows.append(f"| {batch} | {length} | {tokens} | {vision_ms:.1f} | {step_ms:.1f} | "
                     f"{tokens / step_ms * 1e3:,.0f} | {batch / step_ms * 1e3:,.1f} |")
@@ -211,13 +254,13 @@ SHAPES_BY_FOLDER: dict[str, int] = {}
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="llava-onevision-7b", choices=sorted(SHAPES))
     parser.add_argument("--tokenizer", default=None, help="a Llama tokenizer folder (default: .models/llama-3-8b-dummy "
                                                           "or /work/shared/models/llama-3-8b-dummy)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--text-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--out", default="/tmp/gpu_vision")

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Vision language models on one GPU (about 3 minutes on an H200): LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 tower,
-# 576 image tokens, Llama-2-7B language model) with dummy weights. Two tables: image prefill through the ModelRunner
-# (vision tower batched, 1 / 8 / 32 images per step), and a server answering chat requests with one distinct image
-# each (data URLs, preprocessed by the ingress, pixels through the shared-memory arena) at 16 and 64 concurrent
-# requests. Logs, the built checkpoint folder and gpu_vision.md go to $OUT (or /tmp/gpu_vision).
+# Vision language models on one GPU (about 3 minutes on an H200): LLaVA-OneVision-7B's shape (SigLIP so400m/14-384
+# tower, anyres, Qwen2-7B; 384x384 images of 1485 tokens) with dummy weights (SHAPE=llava-1.5-7b: CLIP ViT-L/14-336
+# and Llama-2-7B). Two tables: image prefill through the ModelRunner (vision tower batched, 1 / 8 / 32 images per
+# step), and a server answering 128 chat requests with one distinct image each (data URLs, preprocessed by the
+# ingress, pixels through the shared-memory arena) at 16 and 64 concurrent requests. Logs, the built checkpoint
+# folder and gpu_vision.md go to $OUT (or /tmp/gpu_vision).
 #
 #   bash scripts/gpu_vision.sh
-#   SHAPE=tiny DEVICE=cpu EXTRA="--requests 8 --concurrency 4 --batch-sizes 1 2" bash scripts/gpu_vision.sh  # dry run
+#   SHAPE=tiny-onevision DEVICE=cpu EXTRA="--requests 8 --concurrency 4 --batch-sizes 1 2" bash scripts/gpu_vision.sh  # dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_vision}"
@@ -19,5 +20,5 @@ if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec, xgrammar"
 fi
 
 # shellcheck disable=SC2086
-timeout 420 python3 scripts/gpu_vision.py --shape "${SHAPE:-llava-1.5-7b}" --device "${DEVICE:-cuda}" \
+timeout 420 python3 scripts/gpu_vision.py --shape "${SHAPE:-llava-onevision-7b}" --device "${DEVICE:-cuda}" \
   --out "$LOG_DIR" ${EXTRA:-} 2>&1 | tee "$LOG_DIR/gpu_vision.log" | grep -v "Warning\|^W[0-9]"
