@@ -173,7 +173,7 @@ class Deployment:
         self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
         # images of requests in flight, written by the ingress, read by the workers, released by the scheduler
         self.image_arena = Arena.create(segment_name(self.sup.prefix, "images"), args.image_arena_mb << 20) \
-            if self.node == 0 and is_vision_language_folder(args.model_path) else None
+            if self.layout.nnodes == 1 and is_vision_language_folder(args.model_path) else None
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
 

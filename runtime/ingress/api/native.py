@@ -73,7 +73,7 @@ class NativeApi:
                                  "--skip-tokenizer-init", "return_text_in_logprobs")
         check_sequence_count(_sequence_count(body), args.max_seqs_per_request, "text or input_ids (prompts x n)")
         prompts, is_batch = await self._prompts(body)
-        images = await self._images(body, prompts, is_batch)
+        images = await prompt_images(self.frontend.vision, body, prompts, is_batch)
         count = len(prompts)
         sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)
         rids = per_prompt(body.rid, count, "rid", is_batch)
@@ -144,36 +144,6 @@ class NativeApi:
             return ids, True
         raise HttpError(400, "input_ids: expected a list of token ids or a list of token-id lists, not a mix",
                         "input_ids")
-
-    async def _images(self, body: GenerateBody, prompts: list[list[int]], is_batch: bool
-                      ) -> list[ProcessedPrompt | None]:
-        """SGLang's image_data (a string or a list of them per prompt: base64, data URL, path or URL; for a batch, one
-        such entry per prompt): each text prompt with images is processed again with them, replacing its ids."""
-        out: list[ProcessedPrompt | None] = [None] * len(prompts)
-        if body.image_data is None:
-            return out
-        if body.text is None:
-            raise HttpError(400, "image_data: needs `text` (the image placeholders are expanded from the text)",
-                            "image_data")
-        if is_batch:
-            if not isinstance(body.image_data, list) or len(body.image_data) != len(prompts):
-                raise HttpError(400, f"image_data: for a batch of {len(prompts)} texts, a list of as many entries",
-                                "image_data")
-            entries = [(e, f"image_data[{i}]") for i, e in enumerate(body.image_data)]
-        else:
-            entries = [(body.image_data, "image_data")]
-        texts = body.text if is_batch else [body.text]
-        for i, (entry, field) in enumerate(entries):
-            if entry is None:
-                continue
-            sources = entry if isinstance(entry, list) else [entry]
-            refs = [ImageRef(s, f"{field}[{k}]" if isinstance(entry, list) else field) for k, s in enumerate(sources)]
-            try:
-                out[i] = await self.frontend.vision.prompt(texts[i], refs)
-            except MediaError as err:
-                raise HttpError(err.status, str(err), err.field) from None
-            prompts[i] = out[i].input_ids
-        return out
 
     async def _stream(self, generation: Generation, as_list: bool, with_text: bool) -> StreamingResponse:
         sequences = generation.sequences
@@ -329,6 +299,39 @@ async def _encode(frontend, text: str, field: str) -> list[int]:
         return await frontend.encode_async(text, field)
     except RequestError as err:
         raise HttpError(err.status, err.message, field) from None
+
+
+async def prompt_images(vision, body: GenerateBody, prompts: list[list[int]], is_batch: bool
+                        ) -> list[ProcessedPrompt | None]:
+    """SGLang's image_data (a string or a list of them per prompt: base64, data URL, path or URL; for a batch, one
+    such entry per prompt): each text prompt with images is processed again with them, replacing its ids."""
+    out: list[ProcessedPrompt | None] = [None] * len(prompts)
+    if body.image_data is None:
+        return out
+    if vision is None:
+        raise HttpError(400, "image_data: this model takes no images (not a vision language model)", "image_data")
+    if body.text is None:
+        raise HttpError(400, "image_data: needs `text` (the image placeholders are expanded from the text)",
+                        "image_data")
+    if is_batch:
+        if not isinstance(body.image_data, list) or len(body.image_data) != len(prompts):
+            raise HttpError(400, f"image_data: for a batch of {len(prompts)} texts, a list of as many entries",
+                            "image_data")
+        entries = [(e, f"image_data[{i}]") for i, e in enumerate(body.image_data)]
+    else:
+        entries = [(body.image_data, "image_data")]
+    texts = body.text if is_batch else [body.text]
+    for i, (entry, field) in enumerate(entries):
+        if entry is None:
+            continue
+        sources = entry if isinstance(entry, list) else [entry]
+        refs = [ImageRef(s, f"{field}[{k}]" if isinstance(entry, list) else field) for k, s in enumerate(sources)]
+        try:
+            out[i] = await vision.prompt(texts[i], refs)
+        except MediaError as err:
+            raise HttpError(err.status, str(err), err.field) from None
+        prompts[i] = out[i].input_ids
+    return out
 
 
 def _sequence_count(body: GenerateBody) -> int:
