@@ -178,6 +178,8 @@ class VisionInputs:
     def _tokens_per_image(self, total: int, images: list) -> list[int]:
         """How many of the prompt's image tokens each image has (adjacent images' runs touch): the processor says
         for size-dependent counts (anyres), else they share the total evenly."""
+        if not images and total == 0:
+            return []
         counts_for = getattr(self.processor, "_get_num_multimodal_tokens", None)
         counts = None
         if images and counts_for is not None:
