@@ -1,5 +1,5 @@
-"""Kernel micro-benchmarks on CUDA at Llama-3-8B shapes (the fused MoE at Mixtral-8x7B's): each Triton kernel against
-its torch counterpart.
+"""Kernel micro-benchmarks on CUDA at Llama-3-8B shapes (the fused MoE at Mixtral-8x7B's, MLA decode at
+DeepSeek-V2-Lite's): each Triton kernel against its torch counterpart.
 
 Every case first checks the kernel at the benchmark shape against its reference (fresh random inputs, output
 poisoned with NaN), then times it. Two timings per side:
@@ -14,7 +14,7 @@ Decode attention also runs at serving-at-saturation shapes (batch 256 and 512 at
 would copy it all). "of copy" = GB/s over the copy bandwidth (the issue's bar: >= 85%).
 
     python3 scripts/gpu_kernels_bench.py [--table PATH] [--sweep]
-        [--only decode,backend,extend,elementwise,sampling,moe,fp8] [--decode-shapes all|saturation]
+        [--only decode,backend,extend,elementwise,sampling,moe,fp8,mla] [--decode-shapes all|saturation]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from kernels.decode_attention import (  # noqa: E402
 from kernels.extend_attention import ExtendTiles, default_extend_tiles, extend_attention, extend_attention_ref  # noqa: E402
 from kernels.fused_moe import MoeTiles, default_moe_tiles, fused_moe, fused_moe_ref  # noqa: E402
 from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
+from kernels.mla_decode import MlaTiles, default_mla_tiles, mla_decode, mla_decode_ref  # noqa: E402
 from kernels.rmsnorm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache  # noqa: E402
 from kernels.sampling import SamplingTiles, keep_mask_ref, sample_from_probs, sample_from_probs_ref, sampling_thresholds  # noqa: E402
@@ -97,9 +98,23 @@ class MoeShape:
     top_k: int = 2
 
 
+@dataclass(frozen=True)
+class MlaShape:
+    """DeepSeek-V2-Lite's attention (configs/DeepSeek-V2-Lite), one GPU: 16 heads over one latent cache row."""
+
+    num_heads: int = 16
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+
+
 DTYPE = torch.bfloat16
 LLAMA = Shape()
 MIXTRAL = MoeShape()
+DEEPSEEK_V2_LITE = MlaShape()
+MLA_DECODE_SHAPES = ((1, 4096), (64, 1024), (64, 4096), (256, 4096))
+MLA_SWEEP = [MlaTiles(16, 16, 4, 2), MlaTiles(16, 16, 8, 2), MlaTiles(16, 32, 4, 2), MlaTiles(16, 32, 8, 2),
+             MlaTiles(16, 32, 8, 3), MlaTiles(16, 64, 8, 2)]
 L2_DEFEAT_BYTES = 256 << 20  # an input set this size or more is never L2-resident (50 MB on an H100)
 DECODE_SWEEP = [DecodeTiles(32, 4, 2), DecodeTiles(64, 4, 2), DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 2),
                 DecodeTiles(64, 8, 2), DecodeTiles(32, 4, 4)]
@@ -475,8 +490,53 @@ def case_moe(rows: list[Row], args: Args) -> None:
                         note))
 
 
+def torch_latent_decode(q, cache, slots, latent_dim, scale):
+    """The torch backend's way for MLA: gather the rows' latent cache, one SDPA (one kv head, values = the
+    latent part of the keys)."""
+    keys = cache[slots].transpose(1, 2)  # [B, 1, L, latent + rope]
+    return F.scaled_dot_product_attention(q[:, None], keys, keys[..., :latent_dim], scale=scale)[:, 0]
+
+
+def case_mla(rows: list[Row], args: Args) -> None:
+    """MLA decode over the latent cache (absorbed q: [B, 16, 512 + 64]); bytes: the rows' cache entries, read once
+    per block of 16 heads (all of V2-Lite's heads: once)."""
+    s = DEEPSEEK_V2_LITE
+    width = s.kv_lora_rank + s.qk_rope_head_dim
+    scale = (s.qk_nope_head_dim + s.qk_rope_head_dim) ** -0.5
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, seq_len in MLA_DECODE_SHAPES:
+        cache_bytes = batch * seq_len * width * 2
+        sets = num_sets(cache_bytes)
+        cache = randn(batch * seq_len * sets + 1, 1, width)
+        tables = (torch.randperm(batch * seq_len * sets, device="cuda") + 1).view(sets, batch, seq_len)
+        tables_i32 = tables.to(torch.int32)
+        queries = [randn(batch, s.num_heads, width) for _ in range(sets)]
+        rows_t = torch.arange(batch, device="cuda")
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+        splits = choose_num_kv_splits(batch, 1, seq_len, num_sms)
+
+        def calls(num_splits, tiles=None):
+            return [lambda i=i: mla_decode(queries[i], cache, tables_i32[i], rows_t, seq_lens, s.kv_lora_rank, scale,
+                                           num_splits, tiles=tiles) for i in range(sets)]
+
+        out = torch.full((batch, s.num_heads, s.kv_lora_rank), float("nan"), dtype=DTYPE, device="cuda")
+        mla_decode(queries[0], cache, tables_i32[0], rows_t, seq_lens, s.kv_lora_rank, scale, splits, out=out)
+        ref = mla_decode_ref(queries[0][:8], cache, tables_i32[0], rows_t[:8], seq_lens[:8], s.kv_lora_rank, scale)
+        err = rel_err(out[:8], ref)
+        torch_calls = [lambda i=i: torch_latent_decode(queries[i], cache, tables[i], s.kv_lora_rank, scale)
+                       for i in range(sets)]
+        note = f"{sets} input sets; tiles {default_mla_tiles(s.kv_lora_rank)}"
+        if args.sweep:
+            results = {(tiles, n): bench_graph(calls(n, tiles)) for tiles in MLA_SWEEP for n in (1, 4, 16, 64)}
+            best = min(results, key=results.get)
+            note += f"; best {best[0]} splits={best[1]}: {results[best]:.1f} us"
+        rows.append(Row("mla_decode", f"B={batch} L={seq_len} H={s.num_heads} splits={splits}",
+                        bench_graph(calls(splits)), bench_eager(calls(splits)[0]), bench_graph(torch_calls),
+                        bench_eager(torch_calls[0]), err, cache_bytes, note))
+
+
 CASES = {"decode": case_decode, "backend": case_backend, "extend": case_extend, "elementwise": case_elementwise,
-         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8}
+         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8, "mla": case_mla}
 
 
 def format_table(rows: list[Row], bandwidth: float) -> str:

@@ -11,6 +11,9 @@
 #   families   every tiny family against transformers on the GPU (tests/models/test_gpu_models.py, fused MoE and
 #              attention kernel tests)
 #   moe-kernel the fused MoE kernel at Mixtral-8x7B shapes against the per-expert torch loop (gpu_kernels_bench)
+#   deepseek   configs/DeepSeek-V2-Lite (31 GB bf16, MLA + 64 experts): the MLA decode kernel against the torch
+#              latent SDPA and copy bandwidth (gpu_kernels_bench --only mla), then bench_one_batch batch 1 and 64,
+#              input 1024, output 128 (~3 min)
 #
 # LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_models.
 set -uo pipefail
@@ -37,18 +40,23 @@ section_qwen2_moe() {
 
 section_families() {
   timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_gpu_models.py tests/kernels/test_fused_moe.py \
-    tests/kernels/test_attention.py tests/kernels/test_triton_backend.py
+    tests/kernels/test_attention.py tests/kernels/test_triton_backend.py tests/kernels/test_mla_decode.py
 }
 
 section_moe_kernel() {
   python3 scripts/gpu_kernels_bench.py --only moe --table "$LOG_DIR/moe_kernel.md"
 }
 
+section_deepseek() {
+  python3 scripts/gpu_kernels_bench.py --only mla --table "$LOG_DIR/mla_kernel.md" || return
+  bench_one_batch configs/DeepSeek-V2-Lite one_batch_deepseek_v2_lite
+}
+
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(mixtral)
 for name in "${sections[@]}"; do
   if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: mixtral qwen2-moe families moe-kernel" >&2
+    echo "unknown section '$name'; known: mixtral qwen2-moe families moe-kernel deepseek" >&2
     exit 2
   fi
 done
@@ -69,10 +77,11 @@ for name in "${sections[@]}"; do
   summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
 done
 
-for name in mixtral qwen2-moe; do
+for name in mixtral qwen2-moe deepseek; do
   [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
 done
 [ -f "$LOG_DIR/moe_kernel.md" ] && { echo; cat "$LOG_DIR/moe_kernel.md"; }
+[ -f "$LOG_DIR/mla_kernel.md" ] && { echo; cat "$LOG_DIR/mla_kernel.md"; }
 echo
 echo "| section | result | time |"
 echo "| --- | --- | --- |"

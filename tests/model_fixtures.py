@@ -219,6 +219,8 @@ def tiny_cases() -> dict[str, TinyCase]:
     common = dict(TINY_COMMON)
     moe = dict(num_experts_per_tok=2, moe_intermediate_size=32)
     pad = dict(pad_token_id=0)  # for configs whose default pad id lies past the tiny vocabulary
+    mla = dict(**{**common, "num_key_value_heads": 4}, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, **moe)
     cases = [
         TinyCase("LlamaForCausalLM", tf.LlamaConfig(**common, rope_scaling=_rope(
             "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))),
@@ -263,12 +265,25 @@ def tiny_cases() -> dict[str, TinyCase]:
             **common, **pad, original_max_position_embeddings=32, partial_rotary_factor=0.5,
             rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
                           "long_factor": [1.5, 3.0, 5.0, 8.0]})),
+        # MLA (latent cache, absorbed decode) + DeepSeek MoE: one dense layer, then shared + routed experts
+        TinyCase("DeepseekV2ForCausalLM", tf.DeepseekV2Config(  # V2-Lite's shape: no q_lora_rank; yarn as V2's
+            **mla, q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+            rope_scaling=_rope("yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32.0,
+                               beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707))),
+        TinyCase("DeepseekV2ForCausalLM", tf.DeepseekV2Config(**{**mla, "n_shared_experts": 2}, q_lora_rank=24,
+                                                              routed_scaling_factor=1.5)),
+        TinyCase("DeepseekV3ForCausalLM", tf.DeepseekV3Config(  # V3's routing: sigmoid, noaux_tc, renormalized
+            **mla, q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+            rope_scaling=_rope("yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32.0,
+                               beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))),
     ]
     names: dict[str, TinyCase] = {}
     for case in cases:
         suffix = {"LlamaForCausalLM": lambda c: c.config.rope_scaling["rope_type"],
                   "MistralForCausalLM": lambda c: "sliding" if c.config.sliding_window else "nemo",
-                  "StableLmForCausalLM": lambda c: "12b" if c.config.qk_layernorm else "1.6b"}.get(case.architecture)
+                  "StableLmForCausalLM": lambda c: "12b" if c.config.qk_layernorm else "1.6b",
+                  "DeepseekV2ForCausalLM": lambda c: "q_lora" if c.config.q_lora_rank else "yarn"}.get(
+            case.architecture)
         names[case.architecture + (f"-{suffix(case)}" if suffix else "")] = case
     return names
 
@@ -287,6 +302,9 @@ def save_tiny_model(case_name: str, folder: str, generation_eos: list[int] | Non
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek V3's routing bias (zeros): make it choose
+                buffer.add_(torch.randn_like(buffer) * 0.3)
     model.save_pretrained(folder, safe_serialization=True)
     if case.layout == "exaone":
         _rewrite_as_exaone(folder)

@@ -73,6 +73,11 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, H], router_logits [T, E] -> [T, H], summed over the ranks."""
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return self.run_routed(x, weights, ids)
+
+    def run_routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H] with routing already chosen (weights [T, k] float32, expert ids [T, k]) -> [T, H], summed over
+        the ranks: for families with their own routing (DeepSeek's grouped top-k)."""
         if x.is_cuda and fused_moe is not None:
             out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
         else:

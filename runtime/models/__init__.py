@@ -11,6 +11,7 @@ from runtime.models.cohere import CohereForCausalLM
 from runtime.models.config import ModelConfig, ModelConfigError
 from runtime.models.dbrx import DbrxForCausalLM
 from runtime.models.decoder import CausalLM
+from runtime.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from runtime.models.gemma import GemmaForCausalLM
 from runtime.models.gemma2 import Gemma2ForCausalLM
 from runtime.models.gemma3 import Gemma3ForCausalLM
@@ -48,6 +49,8 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     # Vision language models (runtime/multimodal/ preprocesses their images in the ingress)
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,

@@ -64,12 +64,13 @@ class VisionInputs:
 
     # ------------------------------------------------------------------ requests
     async def chat(self, messages: list[dict], refs: list[ImageRef], tools: list | None, add_generation_prompt: bool,
-                   continue_final_message: bool) -> ProcessedPrompt:
-        """`messages` as chat_message_dicts makes them with image parts kept ({"type": "image"} in their content)."""
+                   continue_final_message: bool, template_kwargs: dict | None = None) -> ProcessedPrompt:
+        """`messages` as chat_message_dicts makes them with image parts kept ({"type": "image"} in their content);
+        `template_kwargs`: variables of the template (OpenAI chat's chat_template_kwargs, already checked)."""
         images = await self._load(refs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._process_pool, self._chat, messages, images, tools,
-                                          add_generation_prompt, continue_final_message, refs)
+                                          add_generation_prompt, continue_final_message, refs, template_kwargs or {})
 
     async def prompt(self, text: str, refs: list[ImageRef]) -> ProcessedPrompt:
         """SGLang's /generate text with image_data: the text's image placeholders (the processor's image token) take
@@ -137,14 +138,16 @@ class VisionInputs:
         return list(await asyncio.gather(*(loop.run_in_executor(self._fetch_pool, load_image, ref.source, ref.field,
                                                                 self.limits, ref.detail) for ref in refs)))
 
-    def _chat(self, messages, images, tools, add_generation_prompt, continue_final_message, refs) -> ProcessedPrompt:
+    def _chat(self, messages, images, tools, add_generation_prompt, continue_final_message, refs,
+              template_kwargs) -> ProcessedPrompt:
         if not self.chat_template:
             raise MediaError("messages", "the model has no chat template for images; start the server with "
                                          "--chat-template")
         try:
             text = self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tools=tools,
                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message)
+                                                      continue_final_message=continue_final_message,
+                                                      **template_kwargs)
         except Exception as err:  # jinja2 and template errors: the conversation is at fault
             raise MediaError("messages", f"the chat template cannot render them: {err}") from None
         if text.count(self.image_token) != len(images):

@@ -6,6 +6,11 @@ and one v scale per layer (k_scales, v_scales: the checkpoint's, or 1.0). Slot 0
 padding slot: never handed out by the scheduler, it absorbs writes of padded tokens (CUDA graphs)
 so that they never clobber a live token. The scheduler's SlotAllocator hands out slots
 1..num_slots-1, so `num_slots = max_total_tokens + 1`.
+
+A keys-only pool (`keys_only=True`) serves multi-head latent attention (DeepSeek V2/V3): per layer one tensor
+[num_slots, 1, kv_lora_rank + qk_rope_head_dim] holding each token's compressed latent and its rotated rope key; the
+values are the latent part of the same rows (runtime/layers/mla.py), so `v` is empty and a token costs half the
+bytes that a K and V pool of that width would.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from runtime.layers.quantization.kv_cache import is_fp8
 class KVPool:
     def __init__(self, max_total_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, k_scales: list[float] | None = None,
-                 v_scales: list[float] | None = None):
+                 v_scales: list[float] | None = None, keys_only: bool = False):
         if max_total_tokens <= 0:
             raise ValueError(f"max_total_tokens must be positive, got {max_total_tokens}")
         self.max_total_tokens = max_total_tokens
@@ -27,6 +32,7 @@ class KVPool:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.keys_only = keys_only
         self.dtype = dtype
         self.quantized = is_fp8(dtype)
         # a pool in the model dtype stores values as they are: a checkpoint's scales serve fp8 pools only
@@ -37,20 +43,22 @@ class KVPool:
         self.device = torch.device(device)
         shape = (self.num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [] if keys_only else [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
 
     @staticmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes of K and V for one token over all layers."""
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        keys_only: bool = False) -> int:
+        """Bytes of K and V (keys only: K) for one token over all layers."""
+        tensors = 1 if keys_only else 2
+        return tensors * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k/v [T, Hkv, D] of new tokens at `slots` [T]."""
-        if self.quantized:  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
-            k = to_fp8(k, self.k_scales[layer_id], self.dtype).view(torch.uint8)
-            v = to_fp8(v, self.v_scales[layer_id], self.dtype).view(torch.uint8)
-            self.k[layer_id].view(torch.uint8).index_copy_(0, slots, k)
-            self.v[layer_id].view(torch.uint8).index_copy_(0, slots, v)
-            return
-        self.k[layer_id].index_copy_(0, slots, k.to(self.dtype))
-        self.v[layer_id].index_copy_(0, slots, v.to(self.dtype))
+    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """Write k/v [T, Hkv, D] of new tokens at `slots` [T] (v is None for a keys-only pool)."""
+        pairs = [(self.k[layer_id], k, self.k_scales[layer_id])]
+        if not self.keys_only:
+            pairs.append((self.v[layer_id], v, self.v_scales[layer_id]))
+        for pool, new, scale in pairs:
+            if self.quantized:  # index_copy_ has no fp8 kernel on the CPU: copy the bytes
+                pool.view(torch.uint8).index_copy_(0, slots, to_fp8(new, scale, self.dtype).view(torch.uint8))
+            else:
+                pool.index_copy_(0, slots, new.to(self.dtype))

@@ -190,8 +190,10 @@ class ModelRunner:
         self.max_total_tokens = self._pool_size()
         if self.tp.size > 1:  # every rank holds its share of the same slots
             self.max_total_tokens = agree_min(self.max_total_tokens, self.device)
-        self.kv_pool = KVPool(self.max_total_tokens, self.attention_spec.num_layers, self.attention_spec.num_kv_heads,
-                              self.attention_spec.head_dim, self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v)
+        spec = self.attention_spec
+        self.kv_pool = KVPool(self.max_total_tokens, spec.num_layers, spec.num_kv_heads, spec.head_dim,
+                              self.kv_cache_dtype, self.device, kv_scales.k, kv_scales.v,
+                              keys_only=spec.latent_value_dim is not None)
         log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
                  f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
                  if config.quantization or config.torchao_config else "")
@@ -245,7 +247,8 @@ class ModelRunner:
         free memory minus the (1 - fraction) share kept for activations); on the CPU a quarter of the
         available RAM, capped. An explicit max_total_tokens is used as given on the CPU and as a cap on CUDA."""
         spec = self.attention_spec
-        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.kv_cache_dtype)
+        per_token = KVPool.bytes_per_token(spec.num_layers, spec.num_kv_heads, spec.head_dim, self.kv_cache_dtype,
+                                           keys_only=spec.latent_value_dim is not None)
         wanted = self.config.max_total_tokens
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -293,9 +296,10 @@ class ModelRunner:
     def _cuda_graphs_possible(self) -> bool:
         if self.device.type != "cuda" or self.config.disable_cuda_graph:
             return False
+        from runtime.worker.attention.mla_backend import MlaAttentionBackend
         from runtime.worker.attention.triton_backend import TritonAttentionBackend
 
-        if not isinstance(self.attention, TritonAttentionBackend):
+        if not isinstance(self.attention, (TritonAttentionBackend, MlaAttentionBackend)):
             log.info("CUDA graphs off: the %s attention backend is not capturable", type(self.attention).__name__)
             return False
         return True

@@ -4,7 +4,8 @@ At temperature 1, 50 samples of each grammar (JSON schema, regex, EBNF; half str
 tool calls always parse; a grammar that cannot finish in max_tokens ends with `length`; constrained requests
 mix with free ones, logprobs, stop strings and the radix cache; a repeated schema is a compile-cache hit;
 the openai client's `parse()` gets its pydantic object, a streamed chat follows its response_format; the
-tool-call round trip works."""
+tool-call round trip works; a second server with `--disable-overlap-schedule` gives the same greedy constrained
+outputs (the overlap loop fills each mask one step late, on the worker)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("structured") / "server.log", "--max-running-requests", "64",
-                 "--max-total-tokens", "16384")
+def running_server(log_path, *flags: str):
+    srv = Server(log_path, "--max-running-requests", "64", "--max-total-tokens", "16384", *flags)
     try:
         srv.wait_ready()
         yield srv
@@ -55,6 +54,11 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             pass
         srv.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from running_server(tmp_path_factory.mktemp("structured") / "server.log")
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +227,25 @@ def test_openai_parse_and_json_mode(client):
                                             max_tokens=60, temperature=0.0, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), WEATHER)
+
+
+def test_overlap_and_no_overlap_give_the_same_constrained_outputs(server, tmp_path):
+    """Greedy constrained requests, all at once so that they share batches: the overlap scheduler (masks filled one
+    step behind, on the worker) and `--disable-overlap-schedule` answer token for token alike."""
+    bodies = [{"text": "A person:", "sampling_params": {"json_schema": json.dumps(PERSON), "max_new_tokens": 48}},
+              {"text": "Call me at", "sampling_params": {"regex": PHONE, "max_new_tokens": 16}},
+              {"text": "Answers:", "sampling_params": {"ebnf": EBNF, "max_new_tokens": 8}},
+              {"text": "Letters:", "sampling_params": {"regex": "[a-z]{40}", "max_new_tokens": 5}}]
+    bodies = [{**b, "sampling_params": {**b["sampling_params"], "temperature": 0.0}} for b in bodies]
+
+    def answers(srv) -> list[tuple[str, dict]]:
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            results = list(pool.map(lambda body: post(srv, "/generate", body), bodies))
+        assert all(status == 200 for status, _ in results), results
+        return [(out["text"], out["meta_info"]["finish_reason"]) for _, out in results]
+
+    overlapped = answers(server)
+    for server_without in running_server(tmp_path / "no_overlap.log", "--disable-overlap-schedule"):
+        assert answers(server_without) == overlapped
+    assert jsonschema.validate(json.loads(overlapped[0][0]), PERSON) is None
+    assert re.fullmatch(PHONE, overlapped[1][0].strip())

@@ -2,7 +2,8 @@
 `tiny_cases`: rope types, sliding windows, soft-capping, MoE through the fused Triton kernel, q/k norms...) through
 the CUDA path (Triton layer kernels, Triton attention, CUDA-graph decode) against transformers on the same GPU, in
 bfloat16 and float16; the Triton attention backend against the torch backend on whole-model greedy outputs; decode
-replayed from CUDA graphs against eager decode (on a dense, an MoE and a soft-capped, windowed family)."""
+replayed from CUDA graphs against eager decode (on a dense, an MoE, a soft-capped, windowed family and DeepSeek V3's
+MLA, whose decode runs the MLA Triton kernel)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 CASES = tiny_cases()
-GRAPH_CASES = ["LlamaForCausalLM-llama3", "MixtralForCausalLM", "Gemma2ForCausalLM"]
+MOE_ARCHITECTURES = ("Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe", "Dbrx", "Deepseek")
+GRAPH_CASES = ["LlamaForCausalLM-llama3", "MixtralForCausalLM", "Gemma2ForCausalLM", "DeepseekV3ForCausalLM"]
 # room for the longest prompt and its answer, within every case's rope (dynamic NTK's tiny case needs it explicit)
 CONTEXT_LENGTH = 64
 
@@ -51,54 +53,65 @@ def make_runner(folder: str, dtype: str, **overrides) -> ModelRunner:
     return ModelRunner(ModelRunnerConfig(**{**config, **overrides}))
 
 
-@torch.inference_mode()
-def hf_greedy_steps(model, prompt: list[int], new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """transformers' greedy tokens and the float32 logits each was chosen from, through its KV cache, on the GPU."""
-    out = model(torch.tensor([prompt], device="cuda"), use_cache=True)
-    logits = [out.logits[0, -1].float()]
-    tokens = [int(logits[-1].argmax())]
-    for _ in range(new_tokens - 1):
-        out = model(torch.tensor([[tokens[-1]]], device="cuda"), use_cache=True, **{_CACHE_ARG: _returned_cache(out)})
-        logits.append(out.logits[0, -1].float())
-        tokens.append(int(logits[-1].argmax()))
-    return tokens, logits
-
-
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x.float() - reference.float()).abs().max() / reference.float().abs().max())
 
 
+def per_token_error(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """[L, V] logits -> [L]: each position's largest deviation, relative to the reference's largest logit."""
+    return (x.float() - reference.float()).abs().amax(dim=-1) / reference.float().abs().max()
+
+
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_prefill_logits_as_close_to_float32_as_transformers(tiny, dtype):
-    """Our logits in 16-bit are within a small factor of transformers' own 16-bit error against float32."""
+def test_prefill_logits_as_close_to_float32_as_transformers(tiny, dtype, request):
+    """Our logits in 16-bit are within a small factor of transformers' own 16-bit error against float32, token by
+    token. In a mixture of experts, a token whose top-k experts are near a tie may be routed differently by either
+    16-bit run (the fused kernel rounds in another order than transformers' loop: each layer's output agrees to
+    3e-3, yet one token of the tiny Mixtral flips an expert in the next layer); one such token per prompt is allowed."""
     folder, reference = tiny
     runner = make_runner(folder, dtype)
     low = copy.deepcopy(reference).to(DTYPES[dtype])
+    moe = any(name in request.node.callspec.id for name in MOE_ARCHITECTURES)
     for prompt, ours in zip(PROMPTS, runner_logits(runner, PROMPTS)):
         ids = torch.tensor([prompt], device="cuda")
         with torch.inference_mode():
             exact, theirs = reference(ids).logits[0], low(ids).logits[0]
-        ours_error, their_error = relative_error(ours, exact), relative_error(theirs, exact)
-        assert ours_error <= 2 * their_error + 2e-3, (ours_error, their_error)
+        ours_error, their_error = per_token_error(ours, exact), per_token_error(theirs, exact)
+        outliers = int((ours_error > 2 * their_error.max() + 2e-3).sum())
+        assert outliers <= (1 if moe else 0), (prompt, ours_error.tolist(), float(their_error.max()))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V] float32: the logits each of `tokens` was picked from, feeding them one at a time through
+    transformers' cache (as it decodes: dynamic and longrope rope depend on the length of each call)."""
+    out = model(torch.tensor([prompt], device="cuda"), use_cache=True)
+    logits = [out.logits[0, -1].float()]
+    for token in tokens[:-1]:
+        out = model(torch.tensor([[token]], device="cuda"), use_cache=True, **{_CACHE_ARG: _returned_cache(out)})
+        logits.append(out.logits[0, -1].float())
+    return torch.stack(logits)
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_greedy_decoding_follows_transformers(tiny, dtype):
-    """Batched greedy decoding (prefill, then CUDA-graph decode steps) picks transformers' tokens; where they part,
-    transformers' own logits had the two candidates within rounding of each other (a near tie)."""
+def test_greedy_decoding_follows_transformers(tiny, dtype, request):
+    """Batched greedy decoding (prefill, then CUDA-graph decode steps): teacher-forced through our own tokens, each
+    pick is the float32 model's best token, or within twice transformers' own 16-bit rounding of it at that step (a
+    near tie that rounding may break either way). Comparing token streams with transformers' 16-bit run instead
+    would fail on the first such tie, after which the two streams share nothing. A mixture of experts may route one
+    step differently (see the prefill test) and is allowed one such step per prompt."""
     folder, reference = tiny
     runner = make_runner(folder, dtype)
     assert runner.graph_runner is not None
     outputs = PlanDriver(runner).generate(PROMPTS, NEW_TOKENS)
     low = copy.deepcopy(reference).to(DTYPES[dtype])
+    moe = any(name in request.node.callspec.id for name in MOE_ARCHITECTURES)
     for prompt, ours in zip(PROMPTS, outputs):
-        theirs, logits = hf_greedy_steps(low, prompt, NEW_TOKENS)
-        diverged = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-        if diverged is None:
-            continue
-        step = logits[diverged]
-        gap = float(step[theirs[diverged]] - step[ours[diverged]])
-        assert gap <= 2e-2 * float(step.abs().max()), (prompt, diverged, gap)
+        exact = teacher_forced_logits(reference, prompt, ours)
+        noise = (teacher_forced_logits(low, prompt, ours) - exact).abs().amax(dim=-1)
+        gap = exact.amax(dim=-1) - exact.gather(1, torch.tensor(ours, device="cuda")[:, None])[:, 0]
+        outliers = int((gap > 2 * noise + 1e-3).sum())
+        assert outliers <= (1 if moe else 0), (prompt, gap.tolist(), noise.tolist())
 
 
 def test_triton_attention_matches_torch_attention(tiny):

@@ -47,7 +47,8 @@ def test_architecture_facts(tiny):
     case, runner, _ = tiny
     assert runner.info.architecture == case.architecture
     spec = runner.attention_spec
-    assert (spec.num_q_heads, spec.num_kv_heads) == (4, 2)
+    # MLA (DeepSeek) caches one latent "head" per token
+    assert (spec.num_q_heads, spec.num_kv_heads) == ((4, 1) if spec.latent_value_dim else (4, 2))
     windows = [spec.window(layer) for layer in range(spec.num_layers)]
     expected = {"MistralForCausalLM": [8, 8] if getattr(case.config, "sliding_window", None) else [None, None],
                 "Gemma2ForCausalLM": [8, None], "Gemma3ForCausalLM": [8, None]}.get(case.architecture, [None, None])

@@ -29,7 +29,8 @@ def sharded_logits(folder: str, tp: TensorParallel) -> torch.Tensor:
     config = read_model_config(checkpoint)
     model = load_model(checkpoint, config, "auto", torch.float32, torch.device("cpu"), 64, tp, seed=0)
     spec = model.attention_spec()
-    pool = KVPool(64, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu")
+    pool = KVPool(64, spec.num_layers, spec.num_kv_heads, spec.head_dim, torch.float32, "cpu",
+                  keys_only=spec.latent_value_dim is not None)
     attention = TorchAttentionBackend(spec, pool)
     req_to_token = torch.zeros(len(PROMPTS), 64, dtype=torch.int32)
     total = sum(map(len, PROMPTS))
@@ -53,14 +54,25 @@ def worker(rank: int, folder: str, store: str, out: str) -> None:
 CASES = {
     "kv_heads_split": dict(num_key_value_heads=2, vocab_size=128),
     "kv_heads_replicated_odd_vocab": dict(num_key_value_heads=1, vocab_size=127),
+    "latent_replicated": dict(num_key_value_heads=4, vocab_size=128),  # MLA: heads split, the latent on every rank
 }
 
 
 @pytest.mark.parametrize("architecture, case", [("LlamaForCausalLM", "kv_heads_split"),
                                                 ("Qwen2ForCausalLM", "kv_heads_replicated_odd_vocab"),
-                                                ("OlmoeForCausalLM", "kv_heads_split")])
+                                                ("OlmoeForCausalLM", "kv_heads_split"),
+                                                ("DeepseekV2ForCausalLM", "latent_replicated")])
 def test_two_rank_logits_equal_the_unsharded_model(case, architecture, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     from tests.model_fixtures import TINY_COMMON, relative_max_error
 
@@ -70,7 +82,12 @@ def test_two_rank_logits_equal_the_unsharded_model(case, architecture, tmp_path)
         "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
         # experts split their intermediate dimension; q/k norms span all heads (an all-reduced mean square)
         "OlmoeForCausalLM": (OlmoeConfig, OlmoeForCausalLM, dict(num_experts=4, num_experts_per_tok=2,
-                                                                 intermediate_size=32, pad_token_id=0))}[architecture]
+                                                                 intermediate_size=32, pad_token_id=0)),
+        # MLA with q_lora_rank (q, kv_b_proj and o_proj split by heads) and shared + routed experts
+        "DeepseekV2ForCausalLM": (DeepseekV2Config, DeepseekV2ForCausalLM, dict(
+            q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1))}[architecture]
     torch.manual_seed(0)
     reference = model_class(config_class(**{**TINY_COMMON, **CASES[case], **extra})).eval()
     for name, param in reference.named_parameters():  # transformers initialises biases and norms to constants

@@ -32,7 +32,7 @@ from runtime.ingress.api.sequence import Job, Sequence
 from runtime.ingress.api.structured import reasoning_grammar, request_grammar
 from runtime.ingress.api.tools import chat_tools, template_tool_calls
 from runtime.ingress.errors import RequestError
-from runtime.ingress.frontend import Frontend
+from runtime.ingress.frontend import Frontend, checked_template_kwargs
 from runtime.messages import GrammarSpec, LogprobOptions, TokenLogprobs
 from runtime.multimodal.inputs import ProcessedPrompt
 from runtime.multimodal.media import MediaError
@@ -158,13 +158,14 @@ class OpenAIApi:
         try:
             if vision is not None:  # a vision language model: its processor renders and tokenizes
                 images = await vision.chat(messages, image_refs, tools.template_tools, add_generation_prompt,
-                                           continue_final)
+                                           continue_final, checked_template_kwargs(body.chat_template_kwargs))
                 input_ids = images.input_ids
             else:
                 input_ids = await self.frontend.apply_chat_template_async(messages, tools.template_tools,
-                                                                          add_generation_prompt, continue_final)
+                                                                          add_generation_prompt, continue_final,
+                                                                          body.chat_template_kwargs)
         except RequestError as err:
-            raise HttpError(err.status, err.message, "messages") from None
+            raise HttpError(err.status, err.message, err.param or "messages") from None
         except MediaError as err:
             raise HttpError(err.status, str(err), err.field) from None
         check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, "messages")

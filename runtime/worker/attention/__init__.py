@@ -11,7 +11,8 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def create_attention_backend(name: str, spec: AttentionSpec, kv_pool: KVPool) -> AttentionBackend:
-    """"auto": triton on CUDA when it is importable, torch otherwise."""
+    """"auto": triton on CUDA when it is importable, torch otherwise. Latent attention (MLA) with triton is the MLA
+    backend (mla_backend.py)."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     on_cuda = kv_pool.device.type == "cuda"
@@ -20,6 +21,10 @@ def create_attention_backend(name: str, spec: AttentionSpec, kv_pool: KVPool) ->
     if name == "triton":
         if not on_cuda:
             raise ValueError("attention_backend triton needs a CUDA device")
+        if spec.latent_value_dim is not None:
+            from runtime.worker.attention.mla_backend import MlaAttentionBackend
+
+            return MlaAttentionBackend(spec, kv_pool)
         from runtime.worker.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(spec, kv_pool)

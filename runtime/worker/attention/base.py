@@ -16,6 +16,10 @@ Semantics of `forward`, for every backend:
   window and the others attend to the whole sequence (Gemma 2 and 3 alternate).
 - With `spec.logit_cap = c`, scaled scores s become c * tanh(s / c) before the softmax (Gemma 2's soft-capping).
 - Returns [T, Hq * D] in the dtype of q.
+
+Multi-head latent attention (`spec.latent_value_dim = R`, DeepSeek V2/V3, runtime/layers/mla.py) is the same call
+with one kv head and `v=None`: k [T, 1, D] is each token's cache entry (latent then rope key), the pool keeps keys
+only, and the values are the first R dimensions of each cached key. Returns [T, Hq * R].
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class AttentionSpec:
     sliding_window: int | None = None
     window_layers: tuple[int, ...] | None = None  # the layers that use sliding_window; None: all of them
     logit_cap: float | None = None
+    # MLA: no value cache; the values are the first latent_value_dim dimensions of each (single-head) cached key
+    latent_value_dim: int | None = None
+
+    @property
+    def value_dim(self) -> int:
+        return self.latent_value_dim or self.head_dim
 
     def window(self, layer_id: int) -> int | None:
         """The sliding window of one layer (None: it attends to the whole sequence)."""

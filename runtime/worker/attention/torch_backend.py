@@ -13,6 +13,8 @@ Models whose layers differ in sliding window get one mask per distinct window. S
 computed with explicit matmuls and a float32 softmax, as transformers' eager attention does: SDPA cannot cap them.
 An fp8 pool is gathered, converted to q's dtype, and its per-layer scales applied outside the gather: k_scale in the
 softmax scale, v_scale on the output.
+Multi-head latent attention (spec.latent_value_dim, base.py) is the one-kv-head case whose values are the first
+latent_value_dim dimensions of the gathered keys (SDPA takes a value width other than the key width).
 """
 
 from __future__ import annotations
@@ -94,24 +96,26 @@ class TorchAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
         self.kv_pool.store(layer_id, batch.out_slots, k, v)
-        k_pool, v_pool = self.kv_pool.k[layer_id], self.kv_pool.v[layer_id]
+        k_pool = self.kv_pool.k[layer_id]
+        v_pool = None if self.kv_pool.keys_only else self.kv_pool.v[layer_id]
         window = self.spec.window(layer_id)
         scales = (self.kv_pool.k_scales[layer_id], self.kv_pool.v_scales[layer_id])
-        num_tokens, num_heads, head_dim = q.shape
+        num_tokens, num_heads, value_dim = q.shape[0], q.shape[1], self.spec.value_dim
         if len(self.groups) == 1 and self.groups[0].num_rows == batch.batch_size and \
                 self.groups[0].max_queries == 1:
             return self._attend(q, k_pool, v_pool, self.groups[0], window, scales).reshape(num_tokens,
-                                                                                          num_heads * head_dim)
-        out = torch.empty_like(q)
+                                                                                          num_heads * value_dim)
+        out = q.new_empty(num_tokens, num_heads, value_dim)
         for group in self.groups:
             out[group.token_index] = self._attend(q[group.token_index], k_pool, v_pool, group, window, scales)
-        return out.view(num_tokens, num_heads * head_dim)
+        return out.view(num_tokens, num_heads * value_dim)
 
-    def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: _RowGroup,
+    def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor | None, group: _RowGroup,
                 window: int | None, scales: tuple[float, float]) -> torch.Tensor:
-        """q [N, Hq, D] of the group's tokens -> attention output [N, Hq, D]."""
+        """q [N, Hq, D] of the group's tokens -> attention output [N, Hq, Dv] (v_pool None: values are the first Dv
+        dimensions of the keys)."""
         n, Q, G = group.num_rows, group.max_queries, self.group_size
-        Hkv, D = self.spec.num_kv_heads, self.spec.head_dim
+        Hkv, D, Dv = self.spec.num_kv_heads, self.spec.head_dim, self.spec.value_dim
         if Q == 1:
             queries = q.view(n, Hkv, G, D)
         else:
@@ -121,14 +125,12 @@ class TorchAttentionBackend:
         # index_select is several times faster than advanced indexing on the CPU; it has no fp8 kernel there, so an
         # fp8 pool is gathered as bytes
         k_scale, v_scale = scales
-        if self.kv_pool.quantized:
-            keys = k_pool.view(torch.uint8).index_select(0, group.kv_slots).view(k_pool.dtype).to(q.dtype)
-            values = v_pool.view(torch.uint8).index_select(0, group.kv_slots).view(v_pool.dtype).to(q.dtype)
+        keys = self._gather(k_pool, group.kv_slots, q.dtype).view(n, group.max_keys, Hkv, D).transpose(1, 2)
+        if v_pool is None:
+            values = keys[..., :Dv]  # [n, Hkv, L, Dv]
+            v_scale = k_scale
         else:
-            keys = k_pool.index_select(0, group.kv_slots)
-            values = v_pool.index_select(0, group.kv_slots)
-        keys = keys.view(n, group.max_keys, Hkv, D).transpose(1, 2)  # [n, Hkv, L, D]
-        values = values.view(n, group.max_keys, Hkv, D).transpose(1, 2)
+            values = self._gather(v_pool, group.kv_slots, q.dtype).view(n, group.max_keys, Hkv, Dv).transpose(1, 2)
         mask = group.masks[window]
         scale = self.spec.scale * k_scale
         if self.spec.logit_cap is None:
@@ -138,9 +140,14 @@ class TorchAttentionBackend:
         if v_scale != 1.0:
             out = out * v_scale
         if Q == 1:
-            return out.reshape(n, Hkv * G, D)
-        out = out.view(n, Hkv, G, Q, D).permute(0, 3, 1, 2, 4).reshape(n * Q, Hkv * G, D)
+            return out.reshape(n, Hkv * G, Dv)
+        out = out.view(n, Hkv, G, Q, Dv).permute(0, 3, 1, 2, 4).reshape(n * Q, Hkv * G, Dv)
         return out[group.query_index]
+
+    def _gather(self, pool: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kv_pool.quantized:
+            return pool.view(torch.uint8).index_select(0, slots).view(pool.dtype).to(dtype)
+        return pool.index_select(0, slots)
 
     def _capped_attention(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           mask: torch.Tensor | None, scale: float) -> torch.Tensor:
