@@ -119,3 +119,45 @@ def image_item(arena: Arena, offset: int, length: int, pixel_values: torch.Tenso
         array = tensor.contiguous().numpy()
         tensors[name] = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape), str(array.dtype))
     return ImageItem(offset=offset, length=length, tensors=tensors)
+
+
+QWEN2_VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+                     "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                     "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                     "{% endif %}")
+
+
+def save_tiny_qwen2_vl(folder: str):
+    """A Qwen2-VL layout (its ViT: 14 px patches, 2x2 merge; M-RoPE sections 2/3/3 of a 16-wide head) with random
+    weights, its image processor (56x56 to 112x112 pixels), tokenizer and template, saved in `folder` part by part
+    (the processor's video part needs torchvision). Returns the transformers model."""
+    import transformers as tf
+
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = smollm2_tokenizer_with(special)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                eos_token_id=2, bos_token_id=1)
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.2)
+    config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = tf.Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(folder)
+    tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with open(os.path.join(folder, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "Qwen2VLProcessor"}, f)
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write(QWEN2_VL_TEMPLATE)
+    return model

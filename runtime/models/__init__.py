@@ -26,6 +26,7 @@ from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
 from runtime.models.qwen2_moe import Qwen2MoeForCausalLM
+from runtime.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from runtime.models.qwen3 import Qwen3ForCausalLM
 from runtime.models.qwen3_moe import Qwen3MoeForCausalLM
 from runtime.models.stablelm import StableLmForCausalLM
@@ -55,6 +56,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

@@ -25,16 +25,20 @@ from runtime.models.llama import LlamaForCausalLM
 RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
            ("language_model.lm_head.", "lm_head."), ("model.vision_tower.", "vision_tower."),
            ("model.multi_modal_projector.", "multi_modal_projector."))
-TEXT_FAMILIES = ("llama", "mistral", "qwen2")
+# text_config.model_type -> the decoder family (Qwen2-VL's text model is a Qwen2 with M-RoPE)
+TEXT_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen2_vl": "qwen2",
+                 "qwen2_vl_text": "qwen2"}
 
 
 def vision_language_config(config: dict) -> dict:
     """config.json of a vision language model -> the text model's facts at the top level (what ModelConfig parses),
-    with the whole original under `vision_language` for the tower's facts."""
-    text = dict(config.get("text_config") or {})
-    family = text.get("model_type", "llama")
-    if family not in TEXT_FAMILIES:
-        raise ModelConfigError(f"text_config.model_type {family!r} is not supported (only {', '.join(TEXT_FAMILIES)})")
+    with the whole original under `vision_language` for the tower's facts. The text model's facts are in
+    `text_config`, or at the top level (Qwen2-VL's hub configs)."""
+    text = dict(config.get("text_config") or {k: v for k, v in config.items() if k != "vision_config"})
+    family = TEXT_FAMILIES.get(text.get("model_type", "llama"))
+    if family is None:
+        raise ModelConfigError(f"text_config.model_type {text.get('model_type')!r} is not supported (only "
+                               f"{', '.join(TEXT_FAMILIES)})")
     text.setdefault("vocab_size", config.get("vocab_size"))
     if "tie_word_embeddings" in config:
         text["tie_word_embeddings"] = config["tie_word_embeddings"]

@@ -7,7 +7,7 @@ import json
 import os
 
 VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                                           "LlavaOnevisionForConditionalGeneration"})
+                                           "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration"})
 
 
 def is_vision_language_folder(model_path: str | None) -> bool:

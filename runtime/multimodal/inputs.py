@@ -165,15 +165,11 @@ class VisionInputs:
         ids = [int(t) for t in out["input_ids"][0]]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         counts = self._tokens_per_image(len(positions), images)
-        # per-image tensors only (batch_num_images and the like are per prompt)
-        tensors = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask")
-                   and np.asarray(v).shape[:1] == (len(images),)}
         processed, start = [], 0
-        for k, count in enumerate(counts):
+        for k, (count, own) in enumerate(zip(counts, _per_image(out, len(images)))):
             offset = positions[start]
             if positions[start + count - 1] != offset + count - 1:
                 raise MediaError(refs[k].field, "the processor split an image's tokens")
-            own = {name: array[k:k + 1] for name, array in tensors.items()}
             processed.append(ProcessedImage(offset, count, own, pad_ids(own, count)))
             start += count
         return ProcessedPrompt(ids, processed)
@@ -193,6 +189,23 @@ class VisionInputs:
         if counts is None or sum(counts) != total or len(counts) != len(images):
             raise MediaError("images", f"the processor made {total} image tokens for {len(images)} images")
         return list(counts)
+
+
+def _per_image(out, num_images: int) -> list[dict[str, np.ndarray]]:
+    """The processor's image tensors, image by image: those with a row per image, and those whose rows are all images'
+    patches end to end (Qwen2-VL's pixel_values, image_grid_thw giving each image's patch count); tensors per prompt
+    (batch_num_images and the like) are left out."""
+    arrays = {k: np.asarray(v) for k, v in out.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    patch_rows = np.prod(arrays["image_grid_thw"], axis=1) if "image_grid_thw" in arrays else None
+    images: list[dict[str, np.ndarray]] = [{} for _ in range(num_images)]
+    for name, array in arrays.items():
+        if patch_rows is not None and name != "image_grid_thw" and array.shape[0] == patch_rows.sum():
+            for k, part in enumerate(np.split(array, np.cumsum(patch_rows)[:-1])):
+                images[k][name] = part
+        elif array.shape[:1] == (num_images,):
+            for k in range(num_images):
+                images[k][name] = array[k:k + 1]
+    return images
 
 
 def pad_ids(tensors: dict[str, np.ndarray], length: int) -> list[int]:

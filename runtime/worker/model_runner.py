@@ -388,6 +388,7 @@ class ModelRunner:
                                    prefix_lens=plan.prefix_lens, extend_lens=plan.extend_lens,
                                    req_to_token=self.req_to_token)
         batch.input_embeds = self.image_encoder.input_embeds(plan, input_ids)
+        batch.rope_positions = self.image_encoder.rope_positions(plan)
         self.req_to_token[batch.rows[batch.token_batch_index], batch.positions] = out_slots.to(torch.int32)
         if batch.batch_size:
             self._forward_and_sample(plan, batch, pending)
@@ -415,7 +416,8 @@ class ModelRunner:
     def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
         self.attention.prepare(batch)
         compiled = (self.compiled_forward is not None and batch.mode == ForwardMode.DECODE
-                    and batch.batch_size <= self.config.torch_compile_max_bs and batch.input_embeds is None)
+                    and batch.batch_size <= self.config.torch_compile_max_bs and batch.input_embeds is None
+                    and batch.rope_positions is None)
         hidden = (self.compiled_forward if compiled else self.model)(batch, self.attention)
         starts = _running_sum(plan.extend_lens)
         pending.embeddings = self.pooler.step(plan, hidden, starts)
