@@ -128,10 +128,11 @@ QWEN2_VL_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if 
                      "{% endif %}")
 
 
-def save_tiny_qwen2_vl(folder: str):
+def save_tiny_qwen2_vl(folder: str, kind: str = "qwen2_vl"):
     """A Qwen2-VL layout (its ViT: 14 px patches, 2x2 merge; M-RoPE sections 2/3/3 of a 16-wide head) with random
     weights, its image processor (56x56 to 112x112 pixels), tokenizer and template, saved in `folder` part by part
-    (the processor's video part needs torchvision). Returns the transformers model."""
+    (the processor's video part needs torchvision); kind "qwen2_5_vl": Qwen2.5-VL's (RMSNorm, gated MLP, windows of
+    2x2 merged units with block 1 attending the whole image). Returns the transformers model."""
     import transformers as tf
 
     special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -143,11 +144,19 @@ def save_tiny_qwen2_vl(folder: str):
                 eos_token_id=2, bos_token_id=1)
     vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, in_channels=3, initializer_range=0.2)
-    config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"])
+    config_class, model_class, processor_class = (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration,
+                                                  "Qwen2VLProcessor")
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=56,
+                      fullatt_block_indexes=[1], hidden_act="silu", initializer_range=0.2)
+        config_class, model_class, processor_class = (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+                                                      "Qwen2_5_VLProcessor")
+    config = config_class(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                          vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    model = tf.Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -157,7 +166,7 @@ def save_tiny_qwen2_vl(folder: str):
                              temporal_patch_size=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "processor_config.json"), "w") as f:
-        json.dump({"processor_class": "Qwen2VLProcessor"}, f)
+        json.dump({"processor_class": processor_class}, f)
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(QWEN2_VL_TEMPLATE)
     return model

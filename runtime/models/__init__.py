@@ -25,6 +25,7 @@ from runtime.models.llava_onevision import LlavaOnevisionForConditionalGeneratio
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
+from runtime.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from runtime.models.qwen2_moe import Qwen2MoeForCausalLM
 from runtime.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from runtime.models.qwen3 import Qwen3ForCausalLM
@@ -57,6 +58,7 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

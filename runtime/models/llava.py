@@ -27,7 +27,7 @@ RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model
            ("model.multi_modal_projector.", "multi_modal_projector."))
 # text_config.model_type -> the decoder family (Qwen2-VL's text model is a Qwen2 with M-RoPE)
 TEXT_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen2_vl": "qwen2",
-                 "qwen2_vl_text": "qwen2"}
+                 "qwen2_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen2_5_vl_text": "qwen2"}
 
 
 def vision_language_config(config: dict) -> dict:

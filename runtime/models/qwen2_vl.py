@@ -76,13 +76,16 @@ class VisionBlock(nn.Module):
         out = torch.cat([F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
                          .transpose(0, 1) for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
         x = x + self.attn.proj(out.reshape(n, dim))
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.norm2(x))))
+        return x + self.feed_forward(self.norm2(x))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.fc2(self.act(self.mlp.fc1(x)))
 
 
 class Qwen2VisionTransformer(nn.Module):
     def __init__(self, vision: dict, text_hidden: int):
         super().__init__()
-        dim = int(vision.get("embed_dim", 1280))
+        dim = self.embed_dim(vision)
         self.heads = int(vision.get("num_heads", 16))
         self.patch_size = int(vision.get("patch_size", 14))
         self.temporal_patch_size = int(vision.get("temporal_patch_size", 2))
@@ -96,13 +99,22 @@ class Qwen2VisionTransformer(nn.Module):
         spatial = head_dim // 2
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial),
                              persistent=False)
-        mlp_dim = int(dim * float(vision.get("mlp_ratio", 4)))
-        self.blocks = nn.ModuleList(VisionBlock(dim, self.heads, mlp_dim, vision.get("hidden_act", "quick_gelu"))
-                                    for _ in range(int(vision.get("depth", 32))))
+        self.blocks = nn.ModuleList(self.build_block(vision, dim) for _ in range(int(vision.get("depth", 32))))
         merged = dim * self.merge ** 2
         self.merger = nn.Module()
-        self.merger.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.merger.ln_q = self.build_norm(dim)
         self.merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, text_hidden))
+
+    @staticmethod
+    def embed_dim(vision: dict) -> int:
+        return int(vision.get("embed_dim", 1280))
+
+    def build_block(self, vision: dict, dim: int) -> nn.Module:
+        mlp_dim = int(dim * float(vision.get("mlp_ratio", 4)))
+        return VisionBlock(dim, self.heads, mlp_dim, vision.get("hidden_act", "quick_gelu"))
+
+    def build_norm(self, dim: int) -> nn.Module:
+        return nn.LayerNorm(dim, eps=1e-6)
 
     def rotary(self, grids: list[tuple[int, int, int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [patches, 1, head_dim] of every patch's (row, column), in merge-block order."""
@@ -125,11 +137,15 @@ class Qwen2VisionTransformer(nn.Module):
         lengths = [h * w for t, h, w in grids for _ in range(t)]  # attention within each frame
         for block in self.blocks:
             x = block(x, cos, sin, lengths)
-        merged = self.merger.ln_q(x).view(-1, x.shape[-1] * self.merge ** 2)
-        return self.merger.mlp(merged)
+        return self.merge_tokens(x)
+
+    def merge_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merger.mlp(self.merger.ln_q(x).view(-1, x.shape[-1] * self.merge ** 2))
 
 
 class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
+    vision_class = Qwen2VisionTransformer
+
     def __init__(self, config, max_positions, tp, dtype, device):
         full = config.hf["vision_language"]
         self.mrope_section = list(config.hf["mrope_section"])
@@ -138,7 +154,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         self.merge = int(vision.get("spatial_merge_size", 2))
         self.image_token_id = int(full.get("image_token_id", full.get("image_token_index", 151655)))
         with device:
-            self.visual = Qwen2VisionTransformer(vision, config.hidden_size).to(dtype)
+            self.visual = self.vision_class(vision, config.hidden_size).to(dtype)
 
     @staticmethod
     def standard_config(config: dict) -> dict:

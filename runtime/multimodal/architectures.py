@@ -7,7 +7,8 @@ import json
 import os
 
 VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                                           "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration"})
+                                           "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                                           "Qwen2_5_VLForConditionalGeneration"})
 
 
 def is_vision_language_folder(model_path: str | None) -> bool:

@@ -1,4 +1,5 @@
-"""Qwen2-VL (its ViT at dynamic resolution, M-RoPE), a tiny random checkpoint built and saved by transformers, against
+"""Qwen2-VL (its ViT at dynamic resolution, M-RoPE) and Qwen2.5-VL (window attention in its ViT), tiny random
+checkpoints built and saved by transformers, against
 transformers' own generate in float32: greedy tokens with two images of different sizes, prefilled whole and in
 chunks that cut through the image runs, batched with a text-only request (whose M-RoPE ids are its plain positions),
 and decoding past the images (positions moved on by the images' extent)."""
@@ -21,10 +22,10 @@ from tests.multimodal_fixtures import random_image, save_tiny_qwen2_vl
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def qwen2_vl(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("qwen2_vl"))
-    reference = save_tiny_qwen2_vl(folder)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen2_vl(request, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp(request.param))
+    reference = save_tiny_qwen2_vl(folder, request.param)
     processor = load_processor(folder)
     runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=1024,
                                            max_running_requests=4))
