@@ -6,8 +6,10 @@ with the <image> token added (the vocabulary is sized to it; the shapes' own tok
 - llava-onevision-7b (default): llava-hf/llava-onevision-qwen2-7b-ov-hf's shape, SigLIP so400m/14 at 384 px (729
   tokens a tile), anyres up to 6x6 tiles capped at anyres_max_9, Qwen2-7B; the benchmark's 384x384 images take
   1 + 1 tiles: 729 + 729 + 27 newlines = 1485 image tokens;
+- qwen2-vl-7b: Qwen/Qwen2-VL-7B-Instruct's shape (its ViT: 32 blocks of 1280, 2x2 merger; M-RoPE 16/24/24;
+  Qwen2-7B); 448x448 images are 32x32 patches, 256 tokens;
 - llava-1.5-7b: CLIP ViT-L/14 at 336 px (576 image tokens), Llama-2-7B;
-- tiny: a CPU dry run.
+- tiny, tiny-onevision, tiny-qwen2-vl: CPU dry runs.
 
     python scripts/gpu_vision.py --out /tmp/gpu_vision            # on the GPU (scripts/gpu_vision.sh)
     python scripts/gpu_vision.py --shape tiny --device cpu --requests 8 --concurrency 4 --batch-sizes 1 2
@@ -33,7 +35,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 ONEVISION_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
 SHAPES = {
+    "qwen2-vl-7b": dict(
+        kind="qwen2_vl",
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        image_size=448),
     "llava-onevision-7b": dict(
         kind="onevision",
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
@@ -46,6 +60,14 @@ SHAPES = {
                     image_size=336, patch_size=14, projection_dim=768),
         text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5), image_size=336),
+    "tiny-qwen2-vl": dict(
+        kind="qwen2_vl",
+        vision=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        image_size=448),
     "tiny-onevision": dict(
         kind="onevision",
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=384,
@@ -73,6 +95,25 @@ def build_checkpoint(shape: str, tokenizer_path: str, folder: str) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     os.makedirs(folder, exist_ok=True)
+    if spec.get("kind") == "qwen2_vl":
+        special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        tokenizer.add_special_tokens({"additional_special_tokens": special})
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in special}
+        config = tf.Qwen2VLConfig(text_config=dict(vocab_size=len(tokenizer), **spec["text"],
+                                                   bos_token_id=tokenizer.bos_token_id,
+                                                   eos_token_id=tokenizer.eos_token_id),
+                                  vision_config=spec["vision"], image_token_id=ids["<|image_pad|>"],
+                                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"])
+        config.architectures = ["Qwen2VLForConditionalGeneration"]
+        config.save_pretrained(folder)
+        tf.Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "processor_config.json"), "w") as f:
+            json.dump({"processor_class": "Qwen2VLProcessor"}, f)
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(QWEN_TEMPLATE)
+        return
     if spec.get("kind") == "onevision":
         text = tf.Qwen2Config(vocab_size=len(tokenizer), **spec["text"], bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id)
@@ -121,6 +162,7 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
     import torch
 
     from runtime.messages import ArenaTensor, BatchPlan, ImageItem, NewRow, SamplingParams
+    from runtime.multimodal.inputs import split_per_image
     from runtime.multimodal.processor import load_processor
     from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
     from shm import Arena, run_prefix, sweep
@@ -131,7 +173,10 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
                                            max_total_tokens=max(batch_sizes) * 2048))
     prefix = f"{run_prefix()}vis{uuid.uuid4().hex[:6]}_"
     arena = Arena.create(prefix + "images", 1 << 30)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    text = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "describe " * text_tokens}]}], add_generation_prompt=True,
+        tokenize=False)
     size = SHAPES_BY_FOLDER[folder]
     sync = torch.cuda.synchronize if runner.device.type == "cuda" else (lambda: None)
     rows = ["| batch | image tokens/req | prefill tokens | vision ms | step ms | prefill tok/s | images/s |",
@@ -142,23 +187,20 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
             from PIL import Image
 
             images = [Image.open(io.BytesIO(random_png(1000 * trial + i, size))) for i in range(batch)]
-            inputs = processor(text=["USER: <image>\n" + "describe " * text_tokens] * batch, images=images,
-                               return_tensors="pt")
+            requests = [processor(text=[text], images=[image], return_tensors="np", add_special_tokens=False)
+                        for image in images]
+            per_image = [split_per_image(inputs, 1)[0] for inputs in requests]
             plan = BatchPlan(batch_id=batch_id, rows=[], prefix_lens=[], extend_lens=[], input_ids=[], out_slots=[],
                              sample=[], future_slots=[])
             batch_id += 1
             next_slot = 1
             for i in range(batch):
-                ids = inputs["input_ids"][i].tolist()
+                ids = [int(t) for t in requests[i]["input_ids"][0]]
                 start = ids.index(image_token)
                 length = ids.count(image_token)
                 ids[start:start + length] = [(1 << 30) + i] * length
-                tensors = {}
-                for name in ("pixel_values", "image_sizes"):
-                    if name in inputs:
-                        array = inputs[name][i:i + 1].numpy()
-                        tensors[name] = ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape),
-                                                    str(array.dtype))
+                tensors = {name: ArenaTensor(arena.name, arena.put(array.tobytes()), list(array.shape),
+                                             str(array.dtype)) for name, array in per_image[i].items()}
                 item = ImageItem(offset=start, length=length, tensors=tensors)
                 plan.new_rows.append(NewRow(row=i, prefix_slots=[], sampling=SamplingParams(temperature=0.0),
                                             images=[item]))
@@ -170,12 +212,12 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
                 next_slot += len(ids)
                 plan.sample.append(True)
                 plan.future_slots.append(i)
-            on_device = {name: inputs[name].to(runner.device) for name in ("pixel_values", "image_sizes")
-                         if name in inputs}
+            on_device = [{name: torch.from_numpy(array).to(runner.device) for name, array in tensors.items()}
+                         for tensors in per_image]
             sync()
             start_time = time.perf_counter()
             with torch.inference_mode():
-                runner.model.encode_images([{name: t[i:i + 1] for name, t in on_device.items()} for i in range(batch)])
+                runner.model.encode_images(on_device)
             sync()
             vision_ms = (time.perf_counter() - start_time) * 1e3
             start_time = time.perf_counter()

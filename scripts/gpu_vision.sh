@@ -7,6 +7,7 @@
 # folder and gpu_vision.md go to $OUT (or /tmp/gpu_vision).
 #
 #   bash scripts/gpu_vision.sh
+#   SHAPE=qwen2-vl-7b bash scripts/gpu_vision.sh   # Qwen2-VL-7B's shape (448x448 images, 256 tokens each)
 #   SHAPE=tiny-onevision DEVICE=cpu EXTRA="--requests 8 --concurrency 4 --batch-sizes 1 2" bash scripts/gpu_vision.sh  # dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -166,7 +166,7 @@ class VisionInputs:
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
         counts = self._tokens_per_image(len(positions), images)
         processed, start = [], 0
-        for k, (count, own) in enumerate(zip(counts, _per_image(out, len(images)))):
+        for k, (count, own) in enumerate(zip(counts, split_per_image(out, len(images)))):
             offset = positions[start]
             if positions[start + count - 1] != offset + count - 1:
                 raise MediaError(refs[k].field, "the processor split an image's tokens")
@@ -191,7 +191,7 @@ class VisionInputs:
         return list(counts)
 
 
-def _per_image(out, num_images: int) -> list[dict[str, np.ndarray]]:
+def split_per_image(out, num_images: int) -> list[dict[str, np.ndarray]]:
     """The processor's image tensors, image by image: those with a row per image, and those whose rows are all images'
     patches end to end (Qwen2-VL's pixel_values, image_grid_thw giving each image's patch count); tensors per prompt
     (batch_num_images and the like) are left out."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from runtime.messages import IMAGE_PAD_BASE, ArenaTensor, ImageItem
-from runtime.multimodal.inputs import _per_image
+from runtime.multimodal.inputs import split_per_image
 from runtime.multimodal.processor import load_processor
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from shm import Arena, run_prefix, sweep
@@ -55,7 +55,7 @@ def test_greedy_with_images_matches_transformers(qwen2_vl, chunk):
     ids = inputs["input_ids"][0].tolist()
     image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     starts = [i for i, t in enumerate(ids) if t == image_token and ids[i - 1] != image_token]
-    per_image = _per_image({k: v.numpy() for k, v in inputs.items()}, len(images))
+    per_image = split_per_image({k: v.numpy() for k, v in inputs.items()}, len(images))
     served, items = list(ids), []
     for k, start in enumerate(starts):
         length = next(j for j in range(start, len(ids)) if ids[j] != image_token) - start
