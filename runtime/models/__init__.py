@@ -86,5 +86,12 @@ def model_config_from_hf(config: dict, generation_config: dict | None = None) ->
     return ModelConfig.from_hf(standard, generation_config, architecture)
 
 
+# LLaVA's own repository layout (lmms-lab/... checkpoints): their tower config lives on the hub, they ship no processor
+ORIGINAL_LLAVA = ("LlavaLlamaForCausalLM", "LlavaQwenForCausalLM", "LlavaMistralForCausalLM")
+
+
 def _unsupported(architecture) -> str:
-    return f"unsupported architecture {architecture}; supported: {', '.join(MODEL_REGISTRY)}"
+    names = architecture if isinstance(architecture, list) else [architecture]
+    hint = ("; LLaVA's original-repository layout is not read: serve its transformers conversion (llava-hf/..., "
+            "LlavaForConditionalGeneration and its NeXT / OneVision forms)") if set(names) & set(ORIGINAL_LLAVA) else ""
+    return f"unsupported architecture {architecture}; supported: {', '.join(MODEL_REGISTRY)}{hint}"
