@@ -20,12 +20,23 @@ from tests.multimodal_fixtures import image_item, random_image, save_tiny_llava
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def kinds_on_devices(kinds: tuple[str, ...]) -> list:
+    """Each kind on the CPU, and on CUDA where there is one."""
+    return [pytest.param((kind, device), id=f"{kind}-{device}", marks=[NO_CUDA] if device == "cuda" else [])
+            for kind in kinds for device in ("cpu", "cuda")]
+
+
+@pytest.fixture(scope="module", params=kinds_on_devices(("llava", "llava_next", "llava_onevision")))
 def llava(request, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp(request.param))
-    reference = save_tiny_llava(folder, request.param)
+    kind, device = request.param
+    folder = str(tmp_path_factory.mktemp(kind))
+    reference = save_tiny_llava(folder, kind)
     processor = load_processor(folder)
-    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=1024,
+    # float32 on CUDA too (Triton attention, eager image steps): the greedy tokens must match transformers' exactly
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device=device, dtype="float32", max_total_tokens=1024,
                                            max_running_requests=4))
     prefix = f"{run_prefix()}llava{uuid.uuid4().hex[:6]}_"
     arena = Arena.create(prefix + "images", 1 << 20)
@@ -104,3 +115,12 @@ def _text_lm(reference):
             return reference(input_ids=input_ids, **kwargs)
 
     return TextOnly()
+
+
+def test_image_tokens_without_images_are_refused(llava):
+    """A scheduler bug (image ids in a row that got no images) is a clear error, not an out-of-range lookup."""
+    _, _, runner, _ = llava
+    driver = PlanDriver(runner)
+    seq = driver.start([1, 2, IMAGE_PAD_BASE + 7, 3])
+    with pytest.raises(ValueError, match="image tokens in a row that has no images"):
+        driver.prefill([seq])

@@ -17,17 +17,19 @@ from runtime.multimodal.processor import load_processor
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from shm import Arena, run_prefix, sweep
 from tests.model_fixtures import PlanDriver
+from tests.models.test_llava import kinds_on_devices
 from tests.multimodal_fixtures import random_image, save_tiny_qwen2_vl
 
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=kinds_on_devices(("qwen2_vl", "qwen2_5_vl")))
 def qwen2_vl(request, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp(request.param))
-    reference = save_tiny_qwen2_vl(folder, request.param)
+    kind, device = request.param
+    folder = str(tmp_path_factory.mktemp(kind))
+    reference = save_tiny_qwen2_vl(folder, kind)
     processor = load_processor(folder)
-    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=1024,
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device=device, dtype="float32", max_total_tokens=1024,
                                            max_running_requests=4))
     prefix = f"{run_prefix()}qwenvl{uuid.uuid4().hex[:6]}_"
     arena = Arena.create(prefix + "images", 1 << 20)
