@@ -170,3 +170,46 @@ def save_tiny_qwen2_vl(folder: str, kind: str = "qwen2_vl"):
     with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
         f.write(QWEN2_VL_TEMPLATE)
     return model
+
+
+def save_original_llava_onevision(folder: str):
+    """The tiny LLaVA-OneVision of save_tiny_llava rewritten in LLaVA's original repository layout
+    (LlavaQwenForCausalLM, `mm_*` keys, `model.mm_projector.0/2`, `model.vision_tower.vision_tower.vision_model.*`;
+    the tower's config in a folder `mm_vision_tower` names, no processor, a tokenizer without <image>). Returns the
+    transformers model (same weights)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = os.path.join(folder, "hf")
+    model = save_tiny_llava(hf, "llava_onevision")
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    tower = os.path.join(folder, "tower")
+    os.makedirs(tower)
+    with open(os.path.join(tower, "config.json"), "w") as f:
+        json.dump(config["vision_config"], f)
+    renames = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+               ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+               ("multi_modal_projector.linear_2.", "model.mm_projector.2."), ("image_newline", "model.image_newline"))
+    tensors = {}
+    for name, tensor in load_file(os.path.join(hf, "model.safetensors")).items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        tensors[name] = tensor
+    original = os.path.join(folder, "original")
+    os.makedirs(original)
+    save_file(tensors, os.path.join(original, "model.safetensors"), metadata={"format": "pt"})
+    text = {k: v for k, v in config["text_config"].items() if k not in ("architectures",)}
+    with open(os.path.join(original, "config.json"), "w") as f:
+        json.dump({**text, "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+                   "mm_vision_tower": tower, "mm_vision_select_layer": -1, "mm_vision_select_feature": "patch",
+                   "mm_projector_type": "mlp2x_gelu", "mm_patch_merge_type": "spatial_unpad",
+                   "image_aspect_ratio": "anyres_max_1", "image_grid_pinpoints": GRID_PINPOINTS,
+                   "image_token_index": config["image_token_index"], "mm_hidden_size": 32}, f)
+    from runtime.server_args import ServerArgs
+    from runtime.tokenizer import load_tokenizer
+
+    load_tokenizer(ServerArgs()).save_pretrained(original)
+    return model, original

@@ -39,6 +39,7 @@ from runtime.models.qwen3 import Qwen3ForCausalLM
 from runtime.models.qwen3_moe import Qwen3MoeForCausalLM
 from runtime.models.stablelm import StableLmForCausalLM
 from runtime.models.xverse import XverseForCausalLM, XverseMoeForCausalLM
+from runtime.multimodal.llava_original import ORIGINAL_LLAVA, hf_layout
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -96,23 +97,19 @@ def model_class(architecture: str) -> type[CausalLM]:
 
 def model_config_from_hf(config: dict, generation_config: dict | None = None) -> ModelConfig:
     architectures = config.get("architectures") or []
-    supported = [a for a in architectures if a in MODEL_REGISTRY]
+    supported = [a for a in architectures if a in MODEL_REGISTRY or a in ORIGINAL_LLAVA]
     if not supported:
         raise ModelConfigError(_unsupported(architectures or "(none in config.json)"))
     architecture = supported[0]
     try:
+        if architecture in ORIGINAL_LLAVA:  # read as the transformers layout it corresponds to
+            config = hf_layout(config, int(config.get("image_token_index", 0)))
+            architecture = config["architectures"][0]
         standard = MODEL_REGISTRY[architecture].standard_config(config)
     except KeyError as missing:
         raise ModelConfigError(f"config.json lacks {missing.args[0]!r}") from None
     return ModelConfig.from_hf(standard, generation_config, architecture)
 
 
-# LLaVA's own repository layout (lmms-lab/... checkpoints): their tower config lives on the hub, they ship no processor
-ORIGINAL_LLAVA = ("LlavaLlamaForCausalLM", "LlavaQwenForCausalLM", "LlavaMistralForCausalLM")
-
-
 def _unsupported(architecture) -> str:
-    names = architecture if isinstance(architecture, list) else [architecture]
-    hint = ("; LLaVA's original-repository layout is not read: serve its transformers conversion (llava-hf/..., "
-            "LlavaForConditionalGeneration and its NeXT / OneVision forms)") if set(names) & set(ORIGINAL_LLAVA) else ""
-    return f"unsupported architecture {architecture}; supported: {', '.join(MODEL_REGISTRY)}{hint}"
+    return f"unsupported architecture {architecture}; supported: {', '.join(MODEL_REGISTRY)}"

@@ -8,7 +8,8 @@ step needs, in one batch, and scatters the result over the prompt's image positi
 
 Checkpoint names: both transformers layouts are read, the saved one (`language_model.model.*`,
 `language_model.lm_head.*`, `vision_tower.*`, `multi_modal_projector.*`) and the in-memory one of transformers 5
-(`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*`).
+(`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*`), and LLaVA's
+original repository's (`model.*`, `model.mm_projector.0/2.*`, `model.vision_tower.vision_tower.*`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from runtime.models.llama import LlamaForCausalLM
 
 # checkpoint prefix -> ours
 RENAMES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-           ("language_model.lm_head.", "lm_head."), ("model.vision_tower.", "vision_tower."),
-           ("model.multi_modal_projector.", "multi_modal_projector."))
+           ("language_model.lm_head.", "lm_head."), ("model.vision_tower.vision_tower.", "vision_tower."),
+           ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+           # LLaVA's original repository layout (runtime/multimodal/llava_original.py)
+           ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+           ("model.mm_projector.2.", "multi_modal_projector.linear_2."))
 # text_config.model_type -> the decoder family (Qwen2-VL's text model is a Qwen2 with M-RoPE)
 TEXT_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen2_vl": "qwen2",
                  "qwen2_vl_text": "qwen2", "qwen2_5_vl": "qwen2", "qwen2_5_vl_text": "qwen2"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from runtime.multimodal.llava_original import ORIGINAL_LLAVA
+
 VISION_LANGUAGE_ARCHITECTURES = frozenset({"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                                            "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                                            "Qwen2_5_VLForConditionalGeneration"})
@@ -17,4 +19,5 @@ def is_vision_language_folder(model_path: str | None) -> bool:
         return False
     with open(os.path.join(model_path, "config.json")) as f:
         architectures = json.load(f).get("architectures") or []
-    return bool(VISION_LANGUAGE_ARCHITECTURES.intersection(architectures))
+    return bool(VISION_LANGUAGE_ARCHITECTURES.intersection(architectures)
+                or set(ORIGINAL_LLAVA).intersection(architectures))

@@ -40,7 +40,7 @@ class ProcessedImage:
 
 @dataclass
 class ProcessedPrompt:
-    input_ids: list[int]  # the processor's ids (image runs still hold the image token: the prompt checks see them)
+    input_ids: list[int]  # the processor's ids, image runs as 0 (in any vocabulary) until place() writes them
     images: list[ProcessedImage]
 
 
@@ -164,6 +164,8 @@ class VisionInputs:
                                                                               f"images: {err}") from None
         ids = [int(t) for t in out["input_ids"][0]]
         positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        for i in positions:  # place() writes the images' ids there; the image token itself may lie past the vocabulary
+            ids[i] = 0
         counts = self._tokens_per_image(len(positions), images)
         processed, start = [], 0
         for k, (count, own) in enumerate(zip(counts, split_per_image(out, len(images)))):

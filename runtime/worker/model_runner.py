@@ -474,6 +474,7 @@ class ModelRunner:
         row, prefix, count = plan.rows[i], plan.prefix_lens[i], plan.extend_lens[i]
         # image tokens are scored as the model's image token
         image_token = getattr(self.model, "image_token_id", 0)
+        image_token = image_token if 0 <= image_token < self.model_config.vocab_size else 0
         chunk_ids = [t if t < IMAGE_PAD_BASE else image_token for t in plan.input_ids[start:start + count]]
         carry = self.prompt_carry.pop(row, None)
         # logits[j] scores the token at position prefix + j + 1

@@ -124,3 +124,29 @@ def test_image_tokens_without_images_are_refused(llava):
     seq = driver.start([1, 2, IMAGE_PAD_BASE + 7, 3])
     with pytest.raises(ValueError, match="image tokens in a row that has no images"):
         driver.prefill([seq])
+
+
+def test_original_repository_layout(tmp_path):
+    """LLaVA-OneVision in LLaVA's own layout (lmms-lab/...: LlavaQwenForCausalLM, no processor) serves as its
+    transformers conversion does: the same greedy tokens from the processor built for it."""
+    from tests.multimodal_fixtures import save_original_llava_onevision
+
+    reference, folder = save_original_llava_onevision(str(tmp_path))
+    processor = load_processor(folder)
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=512,
+                                           max_running_requests=2))
+    assert runner.model_config.architecture == "LlavaOnevisionForConditionalGeneration"
+    prefix = f"{run_prefix()}llavaorig{uuid.uuid4().hex[:6]}_"
+    arena = Arena.create(prefix + "images", 1 << 20)
+    try:
+        ids, inputs, served, items = _prompt(processor, arena, "USER: <image>\nWhat is it?", [(6, 30, 50)])
+        assert processor.tokenizer.convert_tokens_to_ids("<image>") == reference.config.image_token_index
+        driver = PlanDriver(runner)
+        seq = driver.start(served, images=items)
+        driver.prefill([seq], chunk=9)
+        driver.decode([seq], NEW_TOKENS - 1)
+        assert seq.output == _hf_greedy(reference, ids, inputs)
+    finally:
+        runner.image_encoder.close()
+        arena.close()
+        sweep(prefix)
