@@ -80,8 +80,9 @@ def hf_layout(config: dict, image_token_id: int) -> dict:
             "vision_aspect_ratio": config["image_aspect_ratio"]}
 
 
-def build_processor(model_path: str, config: dict):
-    """The transformers processor equivalent to the checkpoint's own preprocessing (see the module docstring)."""
+def build_processor(model_path: str, config: dict, without_video):
+    """The transformers processor equivalent to the checkpoint's own preprocessing (see the module docstring);
+    `without_video(cls)` is the processor class taking no video processor (runtime/multimodal/processor.py)."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
@@ -94,8 +95,6 @@ def build_processor(model_path: str, config: dict):
     patch = int(vision["patch_size"])
     kind = form(config)
     if kind == "onevision":
-        from runtime.multimodal.processor import without_video
-
         image_processor = transformers.LlavaOnevisionImageProcessor(
             size={"height": size, "width": size}, image_grid_pinpoints=layout["image_grid_pinpoints"], **norm)
         return without_video(transformers.LlavaOnevisionProcessor)(

@@ -31,7 +31,7 @@ def load_processor(model_path: str, trust_remote_code: bool = False):
     with open(os.path.join(model_path, "config.json")) as f:
         config = json.load(f)
     if is_original_llava(config):
-        return build_processor(model_path, config)
+        return build_processor(model_path, config, without_video)
     try:
         return transformers.AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (ImportError, AttributeError, ValueError, TypeError) as err:
