@@ -128,10 +128,10 @@ class Engine:
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
         vision = None
-        if self._deployment.image_arena is not None:
+        if self._deployment.image_arenas:
             from runtime.multimodal.inputs import VisionInputs
 
-            vision = VisionInputs(self.server_args, Arena.attach(self._deployment.image_arena.name))
+            vision = VisionInputs(self.server_args, [Arena.attach(a.name) for a in self._deployment.image_arenas])
         self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers, vision)
 
         async def start_mailbox() -> AsyncMailbox:

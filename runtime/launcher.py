@@ -172,8 +172,10 @@ class Deployment:
         slots += ["relay"] if self.relayed else []
         self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
         # images of requests in flight, written by the ingress, read by the workers, released by the scheduler
-        self.image_arena = Arena.create(segment_name(self.sup.prefix, "images"), args.image_arena_mb << 20) \
-            if self.layout.nnodes == 1 and is_vision_language_folder(args.model_path) else None
+        # one per replica (its scheduler releases the blocks in its order): written by the ingress, read by the workers
+        self.image_arenas = [Arena.create(segment_name(self.sup.prefix, f"images{r}"), args.image_arena_mb << 20)
+                             for r in range(self.layout.dp_size)] \
+            if self.layout.nnodes == 1 and is_vision_language_folder(args.model_path) else []
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
 
@@ -250,7 +252,7 @@ class Deployment:
         config = IngressConfig(args=self.args, model_info=model_info, to_schedulers=[c.name for c in to_schedulers],
                                listen_fd=-1 if self.listener is None else self.listener.fileno(),
                                heartbeat_segment=self.heartbeats.name,
-                               image_arena=self.image_arena.name if self.image_arena is not None else "")
+                               image_arenas=[arena.name for arena in self.image_arenas])
         return self._spec("ingress", "ingress", INGRESS_CLASS, config,
                           [self.detokenizer_to_ingress, *(c.scheduler_to_ingress for c in self.replicas)],
                           to_schedulers, NO_TORCH)
@@ -298,9 +300,9 @@ class Deployment:
         if self.heartbeats is not None:
             self.heartbeats.close()
             self.heartbeats = None
-        if self.image_arena is not None:
-            self.image_arena.close()
-            self.image_arena = None
+        for arena in self.image_arenas:
+            arena.close()
+        self.image_arenas = []
         if self.listener is not None:
             self.listener.close()
             self.listener = None

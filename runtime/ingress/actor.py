@@ -50,7 +50,8 @@ class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
     to_schedulers: list[str] = msgspec.field(default_factory=lambda: ["ingress_to_scheduler"])
     listen_fd: int = -1  # a listening socket inherited from the launcher; -1: bind args.host:args.port here
     heartbeat_segment: str = ""  # the run's Heartbeats segment, read by /health ("": no heartbeat checks)
-    image_arena: str = ""  # the arena segment for images (a vision language model); "": the model takes no images
+    # the image arenas, one per replica (a vision language model); none: the model takes no images
+    image_arenas: list[str] = []
 
 
 class IngressInfo(msgspec.Struct):
@@ -86,10 +87,10 @@ class IngressActor(AsyncActor):
         self.sock = adopt_listener(fd) if fd >= 0 else listen(args, self.server_config.backlog)
         self.tokenizer = load_tokenizer(args)
         self.vision = None
-        if self.config.image_arena:
+        if self.config.image_arenas:
             from runtime.multimodal.inputs import VisionInputs
 
-            self.vision = VisionInputs(args, Arena.attach(self.config.image_arena))
+            self.vision = VisionInputs(args, [Arena.attach(name) for name in self.config.image_arenas])
         self.to_schedulers = [self.ref(name).channel for name in self.config.to_schedulers]
         self.model_info = self.config.model_info or self._wait_for_engine(args.ready_timeout)
 

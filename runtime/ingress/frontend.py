@@ -312,8 +312,6 @@ class Frontend:
                                     "/encode")
         input_ids = self._check_prompt(rid, input_ids)
         self._check_load(priority)
-        if images is not None and images.images and self.dispatcher.size > 1:
-            raise RequestError(400, "images: not served with --dp-size > 1 yet")
         loop = asyncio.get_running_loop()
         state = _RequestStream(stream)
         started = time.time()
@@ -324,15 +322,18 @@ class Frontend:
                                                             f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            items = []
+            prepare = None
             if images is not None and images.images:
-                try:  # allocated right before the send: the scheduler frees arena blocks in this order
-                    input_ids, items = self.vision.place(images)
-                except MediaError as err:
-                    done = True
-                    raise RequestError(err.status, str(err)) from None
-            self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
-                                                   priority=priority, images=items), group)
+                def prepare(replica: int, request: GenerateRequest) -> GenerateRequest:
+                    # allocated right before the send: the replica's scheduler frees arena blocks in this order
+                    ids, items = self.vision.place(images, replica)
+                    return msgspec.structs.replace(request, input_ids=ids, images=items)
+            try:
+                self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                                       priority=priority), group, prepare)
+            except MediaError as err:
+                done = True
+                raise RequestError(err.status, str(err)) from None
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()

@@ -45,7 +45,8 @@ class ProcessedPrompt:
 
 
 class VisionInputs:
-    def __init__(self, args, arena: Arena | None):
+    def __init__(self, args, arenas: list[Arena]):
+        """`arenas`: the image arena of each data-parallel replica."""
         from runtime.chat_templates import load_chat_template
         from runtime.multimodal.processor import load_processor
 
@@ -57,7 +58,7 @@ class VisionInputs:
             getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template)
         self.limits = MediaLimits.from_args(args)
         self.max_images = parse_mm_limit(args.limit_mm_per_prompt)["image"]
-        self.arena = arena
+        self.arenas = arenas
         self._fetch_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="media-fetch")
         # One thread: the processor's tokenizer keeps its state unshared.
         self._process_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="media-process")
@@ -85,12 +86,13 @@ class VisionInputs:
         return await asyncio.get_running_loop().run_in_executor(self._process_pool, self._process, text, images,
                                                                 True, refs)
 
-    def place(self, prompt: ProcessedPrompt) -> tuple[list[int], list[ImageItem]]:
-        """The ids to send (image runs as pad ids) and the ImageItems, their tensors copied into one new arena block.
-        Call right before sending the request (see the module docstring); raises MediaError(503) when the arena is
-        full."""
-        if self.arena is None:
-            raise MediaError("images", "this server has no image arena", 500)
+    def place(self, prompt: ProcessedPrompt, replica: int = 0) -> tuple[list[int], list[ImageItem]]:
+        """The ids to send (image runs as pad ids) and the ImageItems, their tensors copied into one new block of the
+        replica's arena. Call right before sending the request to that replica (see the module docstring); raises
+        MediaError(503) when the arena is full."""
+        if not self.arenas:
+            raise MediaError("images", "this server has no image arena (--nnodes > 1 takes no images)", 500)
+        arena = self.arenas[replica]
         ids = list(prompt.input_ids)
         layout, total = [], 0
         for image in prompt.images:
@@ -98,18 +100,18 @@ class VisionInputs:
                 layout.append((image, name, array, total))
                 total += (array.nbytes + ALIGN - 1) // ALIGN * ALIGN
         try:
-            block, view = self.arena.alloc(total, timeout=0)
+            block, view = arena.alloc(total, timeout=0)
         except ArenaTimeout:
             raise MediaError("images", "the images of requests in flight fill the image arena (--image-arena-mb); "
                                        "retry later", 503) from None
         except ValueError:
             raise MediaError("images", f"the request's images need {total} bytes; the image arena holds "
-                                       f"{self.arena.capacity} (--image-arena-mb)") from None
+                                       f"{arena.capacity} (--image-arena-mb)") from None
         tensors: dict[int, dict[str, ArenaTensor]] = {id(image): {} for image in prompt.images}
         try:
             for image, name, array, offset in layout:
                 view[offset:offset + array.nbytes] = memoryview(np.ascontiguousarray(array)).cast("B")
-                tensors[id(image)][name] = ArenaTensor(self.arena.name, ArenaBlock(block.start + offset, array.nbytes,
+                tensors[id(image)][name] = ArenaTensor(arena.name, ArenaBlock(block.start + offset, array.nbytes,
                                                                                    block.end),
                                                        list(array.shape), str(array.dtype))
         finally:
@@ -123,8 +125,8 @@ class VisionInputs:
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._process_pool.shutdown(wait=False, cancel_futures=True)
-        if self.arena is not None:
-            self.arena.close()
+        for arena in self.arenas:
+            arena.close()
 
     # ------------------------------------------------------------------ steps
     async def _load(self, refs: list[ImageRef]) -> list:
