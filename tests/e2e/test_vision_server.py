@@ -96,6 +96,11 @@ def test_native_image_data_and_the_radix_cache(server, checkpoint):
     status, other = server.post("/generate", {**request, "image_data": data_url(random_image(4))})
     assert status == 200, other
     assert other["meta_info"]["cached_tokens"] < 4 + image_tokens // 2  # another image shares only the text before
+    status, scored = server.post("/generate", {**request, "return_logprob": True, "logprob_start_len": 0})
+    assert status == 200, scored
+    prompt = scored["meta_info"]["input_token_logprobs"]  # image positions are scored as the image token
+    assert len(prompt) == scored["meta_info"]["prompt_tokens"]
+    assert [entry[1] for entry in prompt].count(checkpoint[2].tokenizer.convert_tokens_to_ids("<image>")) == 16
 
 
 def test_local_files_only_under_the_allowed_folder(server, checkpoint):
