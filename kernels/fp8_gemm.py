@@ -37,19 +37,26 @@ class Fp8GemmTiles:
     num_stages: int = 4
 
 
-def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
-    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M); K split until the grid holds about two
-    programs per SM, keeping at least four K steps per split."""
-    block_m = max(16, triton.next_power_of_2(m))
-    block_n = 64
-    block_k = 128 if block_m <= 16 else 64
+def choose_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
+    """K splits (a power of two) until the grid holds about two programs per SM, keeping at least four K steps per
+    split: fewer steps would spend more on the partials and their reduction than the extra programs gain."""
     n_tiles = triton.cdiv(n, block_n)
     max_split = max(1, triton.cdiv(k, block_k) // 4)
     split_k = 1
     while n_tiles * split_k < 2 * num_sms and split_k * 2 <= max_split:
         split_k *= 2
-    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=4,
-                        num_stages=4 if block_m <= 32 else 3)
+    return split_k
+
+
+def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
+    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Compiled for sm_90 (Triton 3.x, ahead of
+    time): cp.async-pipelined 16-byte loads of the weight; mma.sync up to 32 rows, wgmma at 64; 84-99 registers,
+    16-29 KB of shared memory per program, so several programs share an SM."""
+    block_m = max(16, triton.next_power_of_2(m))
+    block_n = 64
+    block_k = 128 if block_m <= 16 else 64
+    return Fp8GemmTiles(block_m, block_n, block_k, choose_split_k(n, k, block_n, block_k, num_sms), use_dot=True,
+                        num_warps=4, num_stages=4 if block_m <= 32 else 3)
 
 
 @triton.jit

@@ -4,14 +4,28 @@ scripts/gpu_quant.sh fp8-gemm, the same tests in bf16 plus a CUDA-graph replay a
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
-from kernels.fp8_gemm import Fp8GemmTiles, default_fp8_gemm_tiles, fp8_weight_only_gemm, fp8_weight_only_gemm_ref  # noqa: E402
+from kernels.fp8_gemm import (  # noqa: E402
+    Fp8GemmTiles,
+    _fp8_gemm_kernel,
+    _split_k_reduce_kernel,
+    default_fp8_gemm_tiles,
+    fp8_weight_only_gemm,
+    fp8_weight_only_gemm_ref,
+)
 from tests.kernel_fixtures import CUDA, DEVICE, DTYPES, TOLERANCE, relative_error  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
 FP8 = torch.float8_e4m3fn
 # K = 200 and N = 72 are multiples of no tile size: the last K step and the last N block are partial
 N, K = 72, 200
@@ -75,6 +89,57 @@ def test_default_tiles_fill_the_gpu(m, k, n):
     k_steps_per_split = k // tiles.block_k // tiles.split_k
     assert k_steps_per_split >= 4
     assert programs >= 2 * 132 or k_steps_per_split < 8, tiles
+
+
+def compile_for_sm90(kernel, signature: dict, constants: dict, aligned: list[str], tiles: Fp8GemmTiles | None):
+    """Compile `kernel` ahead of time for Hopper (no GPU needed: Triton ships ptxas) as its JIT would specialise it
+    for Llama-3-8B's shapes: pointers and the named integers divisible by 16. Returns the PTX."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(signature) + list(constants)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    options = {} if tiles is None else {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
+    """For the default tiles at M = 1, 16, 32, 64 (K = N = 4096), written to y or to split partials: whether the
+    sm_90 PTX has cp.async (pipelined, vectorized weight loads) and tensor-core instructions."""
+    facts = {}
+    for m in (1, 16, 32, 64):
+        tiles = default_fp8_gemm_tiles(m, 4096, 4096)
+        for split in (False, True):
+            signature = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                         "out_ptr": "*fp32" if split else "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                         "steps_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
+                         "stride_om": "i32"}
+            constants = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
+                         "USE_DOT": tiles.use_dot, "APPLY_SCALE": not split, "PRECISION": "tf32"}
+            aligned = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "N", "K", "stride_xm", "stride_wn", "stride_os",
+                       "stride_om"]
+            ptx = compile_for_sm90(_fp8_gemm_kernel, signature, constants, aligned, tiles)
+            facts[f"m={m} split={split}"] = {"cp.async": "cp.async" in ptx,
+                                             "tensor cores": "wgmma" in ptx or "mma.sync" in ptx}
+    reduce_signature = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "SPLIT_K": "i32",
+                        "stride_ps": "i32", "stride_pm": "i32", "stride_om": "i32"}
+    compile_for_sm90(_split_k_reduce_kernel, reduce_signature, {"BLOCK_N": 1024}, list(reduce_signature), None)
+    return facts
+
+
+def test_default_tiles_compile_for_hopper_with_pipelined_loads():
+    """What Triton's interpreter accepts and the GPU compiler refuses (Python globals in a kernel, dtype mixes)
+    shows here, and so does a weight read by single-byte loads instead of cp.async-pipelined 16-byte copies (the
+    K offsets must stay provably aligned). In a subprocess: the interpreter, on in this one, patches triton.language
+    for good."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    code = "import json; from tests.kernels.test_fp8_gemm import default_tiles_ptx_facts as f; print(json.dumps(f()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(facts) == 8 and all(all(found.values()) for found in facts.values()), facts
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
