@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_quant.sh                     # every section
 #   bash scripts/gpu_quant.sh one-batch serving   # chosen sections
+#   bash scripts/gpu_quant.sh fp8-gemm            # the weight-only fp8 GEMM alone, about 3 minutes (one table)
 #
 # Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out).
 set -uo pipefail
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_quant}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ALL=(tests kernels one-batch serving)
+ALL=(tests kernels one-batch serving)  # fp8-gemm runs when named
 MODEL="${GPU_MODEL:-}"
 for candidate in shared/models/llama-3-8b-dummy ../shared/models/llama-3-8b-dummy /work/shared/models/llama-3-8b-dummy \
                  .models/llama-3-8b-dummy; do
@@ -65,6 +66,31 @@ PY
   return $status
 }
 
+# The weight-only fp8 GEMM (kernels/fp8_gemm.py): its tests in bf16 on CUDA, the kernel against cuBLAS bf16 and the
+# previous fp8 path (_scaled_mm) at Llama-3-8B's decode shapes, bench_one_batch bf16 vs fp8 at batch 1 and 64
+# (128 in / 256 out, one model load each), then the tile sweep (last: FP8_GEMM_SWEEP=0 skips it), in one table.
+section_fp8_gemm() {
+  local status=0
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
+    tests/layers/test_gpu_quantization.py || status=1
+  timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --json "$LOG_DIR/fp8_gemm.json" \
+    >"$LOG_DIR/fp8_gemm_bench.log" 2>&1 || status=1
+  grep -vE '^\|' "$LOG_DIR/fp8_gemm_bench.log" | tail -5
+  for kind in bf16 fp8; do
+    timeout 200 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+      --batch-size 1 64 --input-len 128 --output-len 256 --output "$LOG_DIR/fp8_gemm_one_batch_$kind.json" \
+      $([ $kind = fp8 ] && echo --quantization fp8) >"$LOG_DIR/fp8_gemm_one_batch_$kind.log" 2>&1 || status=1
+    grep -vE '^\|' "$LOG_DIR/fp8_gemm_one_batch_$kind.log" | tail -3
+  done
+  if [ "${FP8_GEMM_SWEEP:-1}" != 0 ]; then
+    timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --sweep --json "$LOG_DIR/fp8_gemm_sweep.json" \
+      >"$LOG_DIR/fp8_gemm_sweep.log" 2>&1 || status=1
+    grep -vE '^\|' "$LOG_DIR/fp8_gemm_sweep.log" | tail -5
+  fi
+  python3 scripts/fp8_gemm_report.py "$LOG_DIR" || status=1
+  return $status
+}
+
 serve_and_bench() {  # name, server flags...
   local name=$1 port=30157 status=0
   shift
@@ -111,6 +137,7 @@ for name in "${sections[@]}"; do
 done
 [ -f "$LOG_DIR/fp8_kernels.md" ] && { echo; cat "$LOG_DIR/fp8_kernels.md"; }
 [ -f "$LOG_DIR/one-batch.log" ] && { echo; grep -E '^\|' "$LOG_DIR/one-batch.log" | tail -6; }
+[ -f "$LOG_DIR/fp8-gemm.log" ] && { echo; grep -E '^\|' "$LOG_DIR/fp8-gemm.log"; }
 if [ -f "$LOG_DIR/serving.log" ]; then
   echo; grep -E "KV cache:|Output token throughput|Request throughput|Median TPOT|Median TTFT" "$LOG_DIR/serving.log"
 fi
