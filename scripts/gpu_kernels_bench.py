@@ -428,7 +428,7 @@ FP8_GEMM_TOKENS = (1, 8, 32, 64)
 
 def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
     """--sweep's tiles for M rows: tl.dot shapes around the default (and GEMV at M = 1) at the default rule's K
-    split, and the default shape at half and twice that split."""
+    split, and the default shape unsplit and at half and twice that split."""
     block_m = max(16, triton.next_power_of_2(m))
     if block_m == 16:
         shapes = [(16, 64, 128, True, 4, 4), (16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3),
@@ -444,7 +444,7 @@ def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTil
     tiles = [Fp8GemmTiles(bm, bn, bk, choose_split_k(n, k, bn, bk, num_sms), dot, warps, stages)
              for bm, bn, bk, dot, warps, stages in shapes]
     default = tiles[0]
-    for split_k in {max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}:
+    for split_k in sorted({1, max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}):
         tiles.append(replace(default, split_k=split_k))
     return tiles
 
