@@ -10,7 +10,8 @@ H200's 132 SMs reading (4096 / 64 = 64), so K is split and every split writes a 
 a second kernel sums, scales and casts (deterministic, unlike atomics; the partials are small and stay in L2). With
 SPLIT_K = 1 the first kernel writes y directly. Two ways to multiply a tile:
 - USE_DOT: tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] (BLOCK_M >= 16, rows past M masked);
-- GEMV (M <= 4): a broadcast product summed over K, no tensor-core padding of M to 16.
+- GEMV (for M of 1..4): a broadcast product summed over K, no padding of M to 16; the defaults use tl.dot, whose
+  weight loads Triton pipelines through shared memory (cp.async), and the GPU bench's --sweep times both.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def choose_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int = 13
 
 def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
     """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Compiled for sm_90 (Triton 3.x, ahead of
-    time): cp.async-pipelined 16-byte loads of the weight; mma.sync up to 32 rows, wgmma at 64; 84-99 registers,
-    16-29 KB of shared memory per program, so several programs share an SM."""
+    time): cp.async-pipelined 16-byte loads of the weight; mma.sync up to 32 rows, wgmma at 64; 84-99 registers and
+    25-53 KB of shared memory per program, so several programs share an SM."""
     block_m = max(16, triton.next_power_of_2(m))
     block_n = 64
     block_k = 128 if block_m <= 16 else 64
