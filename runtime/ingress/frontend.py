@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT_S = 60.0  # flush_cache / server_info: the scheduler answers between two steps
 INLINE_TOKENIZE_CHARS = 4096  # shorter texts are tokenized on the loop: a thread hop would cost more
+# apply_chat_template's own arguments (and what transformers reserves): chat_template_kwargs may not set them
+RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                                    "add_generation_prompt", "continue_final_message", "return_dict",
+                                    "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs"})
 
 
 class OrderedSender:
@@ -227,7 +231,8 @@ class Frontend:
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.encode, text)
 
     async def apply_chat_template_async(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
-                                        continue_final_message: bool) -> list[int]:
+                                        continue_final_message: bool,
+                                        template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """apply_chat_template() off the event loop for long conversations, after the length check."""
         if self._closed is not None:
             raise self._closed
@@ -238,7 +243,7 @@ class Frontend:
         if chars > limit:
             raise RequestError(400, f"messages: {chars} characters of content cannot fit the model's context of "
                                     f"{self.model_info.context_length} tokens (at most {limit} characters)")
-        args = (messages, tools, add_generation_prompt, continue_final_message)
+        args = (messages, tools, add_generation_prompt, continue_final_message, template_kwargs)
         if chars <= INLINE_TOKENIZE_CHARS:
             return self.apply_chat_template(*args)
         return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.apply_chat_template, *args)
@@ -255,19 +260,9 @@ class Frontend:
         return None if self.health_check is None else self.health_check()
 
     def apply_chat_template(self, messages: list[dict], tools: list | None, add_generation_prompt: bool,
-                            continue_final_message: bool) -> list[int]:
-        tokenizer = self._need_tokenizer("messages")
-        conversation = _normalize_messages(messages)
-        if tools is not None and not isinstance(tools, list):
-            raise RequestError(400, f"tools: expected a list, got {type(tools).__name__}")
-        try:
-            text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt,
-                                                 continue_final_message=continue_final_message)
-        except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
-            raise RequestError(400, f"messages: the chat template cannot render them: {err}") from None
-        # The template already wrote the special tokens (BOS included) as text.
-        return tokenizer.encode(text, add_special_tokens=False)
+                            continue_final_message: bool, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        return render_chat(self._need_tokenizer("messages"), messages, tools, add_generation_prompt,
+                           continue_final_message, template_kwargs)
 
     # ------------------------------------------------------------------ requests
     def _check_prompt(self, rid: str, input_ids: list[int], generates: bool = True) -> list[int]:
@@ -515,6 +510,29 @@ def max_token_chars(tokenizer) -> int:
     if tokenizer is None:
         return 1
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list | None, add_generation_prompt: bool,
+                continue_final_message: bool, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages -> prompt ids through the tokenizer's chat template. `template_kwargs` (OpenAI chat's
+    `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`) become variables of the template; they may not set
+    what this call passes itself."""
+    conversation = _normalize_messages(messages)
+    if tools is not None and not isinstance(tools, list):
+        raise RequestError(400, f"tools: expected a list, got {type(tools).__name__}")
+    template_kwargs = template_kwargs or {}
+    clash = sorted(set(template_kwargs) & RESERVED_TEMPLATE_ARGS)
+    if clash:
+        raise RequestError(400, f"chat_template_kwargs: {', '.join(clash)} cannot be set here; use the request's "
+                                f"own fields", "chat_template_kwargs")
+    try:
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **template_kwargs)
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+        raise RequestError(400, f"messages: the chat template cannot render them: {err}") from None
+    # The template already wrote the special tokens (BOS included) as text.
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _normalize_messages(messages: list[dict]) -> list[dict]:

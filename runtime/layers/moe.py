@@ -38,8 +38,12 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
 
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-                 tp: TensorParallel, dtype: torch.dtype):
+                 tp: TensorParallel, dtype: torch.dtype, activation: str = "silu"):
+        """activation: of the gate, "silu" (SwiGLU) or "gelu" (GeGLU, tanh approximation: Grok-1)."""
         super().__init__()
+        if activation not in ("silu", "gelu"):
+            raise ValueError(f"MoE activation {activation!r} is not supported (silu, gelu)")
+        self.activation = activation
         self.tp = tp
         self.num_experts = num_experts
         self.top_k = top_k
@@ -79,7 +83,7 @@ class FusedMoE(nn.Module):
         """x [T, H] with routing already chosen (weights [T, k] float32, expert ids [T, k]) -> [T, H], summed over
         the ranks: for families with their own routing (DeepSeek's grouped top-k)."""
         if x.is_cuda and fused_moe is not None:
-            out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
+            out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, activation=self.activation)
         else:
             out = self._expert_loop(x, weights, ids)
         return self.tp.all_reduce(out)
@@ -91,7 +95,8 @@ class FusedMoE(nn.Module):
             if token_index.numel() == 0:
                 continue
             gate, up = F.linear(x[token_index], self.w13_weight[expert]).chunk(2, dim=-1)
-            expert_out = F.linear(F.silu(gate) * up, self.w2_weight[expert]) * weights[token_index, choice, None]
+            act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+            expert_out = F.linear(act * up, self.w2_weight[expert]) * weights[token_index, choice, None]
             out.index_add_(0, token_index, expert_out.to(out.dtype))
         return out
 
@@ -100,10 +105,11 @@ class SparseMoeBlock(nn.Module):
     """Router (`gate`, replicated) + experts. Its output is summed over tensor-parallel ranks."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-                 tp: TensorParallel, dtype: torch.dtype):
+                 tp: TensorParallel, dtype: torch.dtype, activation: str = "silu"):
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, num_experts, False, dtype)
-        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize, tp, dtype)
+        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize, tp, dtype,
+                                activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))

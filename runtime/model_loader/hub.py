@@ -5,7 +5,8 @@ The hub is Hugging Face (huggingface_hub: HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT, 
 SGLANG_USE_MODELSCOPE or RUNTIME_USE_MODELSCOPE is true, then ModelScope (the optional `modelscope`
 library: MODELSCOPE_CACHE). --download-dir picks the cache of either, --revision the branch, tag or
 commit. Only what serving reads is fetched: configs, tokenizer files and safetensors weights (our
-loader reads no `.bin` pickles, so they are never downloaded). Any failure is a HubError whose
+loader reads no `.bin` pickles, so they are never downloaded, and runs no repository Python, so no `*.py` either,
+whatever --trust-remote-code says). Any failure is a HubError whose
 message is one line naming the id, the hub and the cause.
 """
 
@@ -25,7 +26,6 @@ TRUE_VALUES = ("1", "true", "yes", "on")
 CONFIG_PATTERNS = ["*.json"]  # config, generation_config, the safetensors index, tokenizer.json and its config
 TOKENIZER_PATTERNS = ["*.model", "*.tiktoken", "tokenizer*", "vocab*", "merges.txt", "*.jinja"]
 WEIGHT_PATTERNS = ["*.safetensors"]
-CODE_PATTERNS = ["*.py"]  # only with --trust-remote-code
 
 
 class HubError(RuntimeError):
@@ -46,12 +46,10 @@ def is_hub_id(path: str | None) -> bool:
     return path.count("/") <= 1 and all(part for part in path.split("/"))
 
 
-def allow_patterns(load_format: str, trust_remote_code: bool, tokenizer_only: bool = False) -> list[str]:
+def allow_patterns(load_format: str, tokenizer_only: bool = False) -> list[str]:
     patterns = CONFIG_PATTERNS + TOKENIZER_PATTERNS
     if not tokenizer_only and load_format != "dummy":  # dummy weights need only the config
         patterns = patterns + WEIGHT_PATTERNS
-    if trust_remote_code:
-        patterns = patterns + CODE_PATTERNS
     return patterns
 
 
@@ -111,7 +109,7 @@ def resolve_model_paths(args: ServerArgs, environ: Mapping[str, str] | None = No
     changes: dict[str, str] = {}
     if is_hub_id(args.model_path):
         folder = download("--model-path", args.model_path,
-                          allow_patterns(args.load_format, args.trust_remote_code), args.revision,
+                          allow_patterns(args.load_format), args.revision,
                           args.download_dir, environ)
         if args.load_format != "dummy" and not glob.glob(os.path.join(folder, "*.safetensors")):
             raise HubError(f"--model-path {args.model_path}: the repository has no *.safetensors weights (only "
@@ -121,6 +119,6 @@ def resolve_model_paths(args: ServerArgs, environ: Mapping[str, str] | None = No
             changes["served_model_name"] = args.model_path
     if is_hub_id(args.tokenizer_path):
         changes["tokenizer_path"] = download("--tokenizer-path", args.tokenizer_path,
-                                             allow_patterns(args.load_format, args.trust_remote_code, True),
+                                             allow_patterns(args.load_format, True),
                                              args.revision, args.download_dir, environ)
     return msgspec.structs.replace(args, **changes) if changes else args

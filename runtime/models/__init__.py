@@ -7,6 +7,8 @@ with a message that names it and lists the supported ones.
 
 from __future__ import annotations
 
+from runtime.models.baichuan import BaichuanForCausalLM
+from runtime.models.chatglm import ChatGLMForCausalLM
 from runtime.models.cohere import CohereForCausalLM
 from runtime.models.config import ModelConfig, ModelConfigError
 from runtime.models.dbrx import DbrxForCausalLM
@@ -17,15 +19,21 @@ from runtime.models.gemma2 import Gemma2ForCausalLM
 from runtime.models.gemma3 import Gemma3ForCausalLM
 from runtime.models.glm import GlmForCausalLM
 from runtime.models.glm4 import Glm4ForCausalLM
+from runtime.models.grok import Grok1ForCausalLM
+from runtime.models.internlm2 import InternLM2ForCausalLM
 from runtime.models.llama import ExaoneForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from runtime.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
+from runtime.models.minicpm import MiniCPMForCausalLM
+from runtime.models.minicpm3 import MiniCPM3ForCausalLM
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
+from runtime.models.qwen import QWenLMHeadModel
 from runtime.models.qwen2_moe import Qwen2MoeForCausalLM
 from runtime.models.qwen3 import Qwen3ForCausalLM
 from runtime.models.qwen3_moe import Qwen3MoeForCausalLM
 from runtime.models.stablelm import StableLmForCausalLM
+from runtime.models.xverse import XverseForCausalLM, XverseMoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -48,6 +56,19 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    # Families whose modeling code lives only in their checkpoint repositories (never run: built from config.json)
+    "Grok1ForCausalLM": Grok1ForCausalLM,
+    "Grok1ModelForCausalLM": Grok1ForCausalLM,
+    "ChatGLMModel": ChatGLMForCausalLM,
+    "ChatGLMForConditionalGeneration": ChatGLMForCausalLM,
+    "InternLM2ForCausalLM": InternLM2ForCausalLM,
+    "BaichuanForCausalLM": BaichuanForCausalLM,
+    "BaiChuanForCausalLM": BaichuanForCausalLM,
+    "MiniCPMForCausalLM": MiniCPMForCausalLM,
+    "MiniCPM3ForCausalLM": MiniCPM3ForCausalLM,
+    "XverseForCausalLM": XverseForCausalLM,
+    "XverseMoeForCausalLM": XverseMoeForCausalLM,
+    "QWenLMHeadModel": QWenLMHeadModel,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,

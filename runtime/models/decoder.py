@@ -5,7 +5,7 @@ A family subclasses `CausalLM` and says what differs:
   `forward(hidden, residual, batch, attn) -> (hidden, residual)`; residual is None before the first layer (the
   norms fuse the residual add, see runtime/layers/norm.py);
 - `build_norm()`: the final norm; `embed_scale` (Gemma multiplies embeddings by sqrt(hidden));
-- `attention_scale`, `attn_logit_cap`, `final_logit_cap`, `logit_scale`: attention and logit facts;
+- `attention_scale`, `attn_logit_cap`, `final_logit_cap`, `logit_scale`, `alibi_slopes`: attention and logit facts;
 - `standard_config(config)`: renames in config.json before ModelConfig parses it (for families that name the
   common facts differently);
 - `weight_targets(name, tensor)`: which parameter(s) each checkpoint tensor fills (runtime/model_loader/weight_map.py);
@@ -57,6 +57,7 @@ class CausalLM(nn.Module):
     attn_logit_cap: float | None = None
     final_logit_cap: float | None = None
     logit_scale: float | None = None
+    alibi_slopes: tuple[float, ...] | None = None  # per q head of this rank (Baichuan 13B): no rope, score biases
 
     def __init__(self, config: ModelConfig, max_positions: int, tp: TensorParallel, dtype: torch.dtype,
                  device: torch.device):
@@ -79,8 +80,8 @@ class CausalLM(nn.Module):
     def standard_config(config: dict) -> dict:
         return config
 
-    def build_rotary(self) -> RotaryEmbedding:
-        """One table shared by all layers."""
+    def build_rotary(self) -> RotaryEmbedding | None:
+        """One table shared by all layers (None: no rotary, e.g. ALiBi)."""
         config = self.config
         return RotaryEmbedding(config.head_dim, self.max_positions, config.rope, self.device, config.rotary_dim)
 
@@ -99,7 +100,8 @@ class CausalLM(nn.Module):
         return AttentionSpec(num_layers=self.config.num_layers, num_q_heads=attn.num_heads,
                              num_kv_heads=attn.num_kv_heads, head_dim=self.config.head_dim,
                              scale=self.attention_scale, sliding_window=self.config.sliding_window,
-                             window_layers=self.config.sliding_window_layers, logit_cap=self.attn_logit_cap)
+                             window_layers=self.config.sliding_window_layers, logit_cap=self.attn_logit_cap,
+                             alibi_slopes=self.alibi_slopes)
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         """Final hidden states [T, hidden] of the batch's new tokens (logits are computed separately,

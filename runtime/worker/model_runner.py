@@ -162,6 +162,9 @@ class ModelRunner:
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
         self.model_config = read_model_config(checkpoint)
+        if config.trust_remote_code and config.tp_rank == 0:
+            log.info("--trust-remote-code: %s is built from its config.json; no repository code is run",
+                     self.model_config.architecture)
         if config.is_embedding and self.model_config.architecture in EMBEDDING_ARCHITECTURES:
             bare = EMBEDDING_ARCHITECTURES[self.model_config.architecture]
             self.model_config = dataclasses.replace(self.model_config, architecture=bare)

@@ -202,11 +202,30 @@ def test_responses_not_stored_and_refusals(client, fake, url):
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(response.id)
     for body, field in (({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
-                        ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+                        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
                         ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0]"),
                         ({}, "input")):
         status, raw = post(url, "/v1/responses", body)
         assert status == 400 and msgspec.json.decode(raw)["error"]["param"] == field
+
+
+def test_responses_text_format_is_a_grammar(fake, url):
+    """The Responses API's flat `text.format` constrains like chat's response_format and is echoed back."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "name": "w", "schema": schema, "strict": True}
+    status, raw = post(url, "/v1/responses", {"input": "hi", "max_output_tokens": 1, "text": {"format": fmt}})
+    assert status == 200 and msgspec.json.decode(raw)["text"]["format"] == fmt
+    grammar = fake.calls[-1].sampling.grammar
+    assert (grammar.kind, grammar.field) == ("json_schema", "text.format.schema")
+    status, _ = post(url, "/v1/responses", {"input": "hi", "max_output_tokens": 1,
+                                            "text": {"format": {"type": "json_object"}}})
+    assert status == 200 and fake.calls[-1].sampling.grammar.kind == "json_object"
+    assert post(url, "/v1/responses", {"input": "hi", "max_output_tokens": 1})[0] == 200
+    assert fake.calls[-1].sampling.grammar is None
+    for bad, param in (({"type": "json_schema", "name": "w"}, "text.format.schema"),
+                       ({"type": "json_schema", "schema": "{"}, "text.format.schema")):
+        status, raw = post(url, "/v1/responses", {"input": "hi", "text": {"format": bad}})
+        assert status == 400 and msgspec.json.decode(raw)["error"]["param"] == param
 
 
 def test_stored_responses_survive_a_new_server_on_the_same_store(client, fake, storage, tokenizer):

@@ -3,12 +3,15 @@ real SmolLM2 tokenizer and chat template."""
 
 from __future__ import annotations
 
+import copy
+
 import openai
 import pytest
 
 from httpd import ServerConfig
 from runtime.ingress.api.app import create_server
 from runtime.ingress.errors import RequestError
+from runtime.ingress.frontend import render_chat
 from runtime.messages import LogprobOptions
 from runtime.server_args import ServerArgs
 from tests.fake_frontend import FakeFrontend, ServerThread, fake_logprob
@@ -108,6 +111,34 @@ def test_chat_completion(client, fake, tokenizer):
     assert out.usage.prompt_tokens == len(ids)
     assert fake.chat_calls[-1] == (messages, None, True, False)
     assert fake.calls[-1].input_ids == ids
+
+
+def test_chat_template_kwargs_reach_the_template(client, fake, tokenizer):
+    """SGLang's and vLLM's `chat_template_kwargs` (Qwen3's enable_thinking...) are variables of the template;
+    they may not override the arguments the server passes itself."""
+    messages = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model="m", messages=messages, max_tokens=1,
+                                   extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert fake.template_kwargs[-1] == {"enable_thinking": False}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=messages, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    assert err.value.body["param"] == "chat_template_kwargs"
+    assert "add_generation_prompt cannot be set here" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="m", messages=messages, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": ["enable_thinking"]})
+    assert "chat_template_kwargs" in err.value.message
+
+
+def test_render_chat_passes_template_variables(tokenizer):
+    thinking = copy.copy(tokenizer)
+    thinking.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                              "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = render_chat(thinking, messages, None, True, False)
+    off = render_chat(thinking, messages, None, True, False, {"enable_thinking": False})
+    assert thinking.decode(plain) == "Hi" and thinking.decode(off) == "Hi<think></think>"
 
 
 def test_chat_defaults_fill_the_context_at_temperature_one(client, fake, tokenizer):

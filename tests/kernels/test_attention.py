@@ -162,6 +162,25 @@ def test_soft_capped_scores_match_reference(dtype, sliding_window, seed):
     assert relative_error(out, ref) < TOLERANCE[dtype], f"decode (seed {seed})"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_alibi_scores_match_reference(dtype, seed):
+    """ALiBi (Baichuan 13B): slope_h * (key position - query position) added to head h's scores, in both kernels, with
+    slopes steep enough that the result differs from plain attention."""
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)
+    args = extend_inputs(dtype, 4, 2, 32, [0, 20, 9], [11, 1, 6])
+    out = torch.full_like(args[0], float("nan"))
+    extend_attention(*args, 11, 0.2, out=out, alibi_slopes=slopes)
+    ref = extend_attention_ref(*args, 0.2, alibi_slopes=slopes)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"extend (seed {seed})"
+    assert relative_error(extend_attention_ref(*args, 0.2), ref) > 10 * TOLERANCE[dtype]
+    q, k_pool, v_pool, rows = args[0][:3], args[3], args[4], args[6]
+    seq_lens = torch.tensor([40, 21, 15], dtype=torch.int32, device=DEVICE)
+    table = random_table(int(rows.max()) + 1, 40, k_pool.shape[0])
+    out = decode_attention(q, k_pool, v_pool, table, rows, seq_lens, 0.2, 2, alibi_slopes=slopes)
+    ref = decode_attention_ref(q, k_pool, v_pool, table, rows, seq_lens, 0.2, alibi_slopes=slopes)
+    assert relative_error(out, ref) < TOLERANCE[dtype], f"decode (seed {seed})"
+
+
 def test_extend_attention_non_power_of_two_head_dim(seed):
     args = extend_inputs(torch.float32, 4, 2, 48, [6, 0], [5, 12])
     out = torch.full_like(args[0], float("nan"))

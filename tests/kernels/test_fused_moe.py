@@ -48,6 +48,18 @@ def test_fused_moe_matches_the_expert_loop(dtype, num_tokens, num_experts, top_k
     assert relative_error(out, ref) < 2 * TOLERANCE[dtype], f"seed {seed}"
 
 
+def test_fused_moe_gelu_experts(seed):
+    """Grok-1's GeGLU experts (gelu, tanh approximation); the silu result differs."""
+    x = torch.randn(9, 32, dtype=torch.float32, device=DEVICE)
+    w13 = torch.randn(4, 96, 32, dtype=torch.float32, device=DEVICE) * 0.3
+    w2 = torch.randn(4, 32, 48, dtype=torch.float32, device=DEVICE) * 0.3
+    weights, ids = routed(9, 4, 2)
+    out = fused_moe(x, w13, w2, weights, ids, activation="gelu")
+    ref = fused_moe_ref(x, w13, w2, weights, ids, activation="gelu")
+    assert relative_error(out, ref) < 2 * TOLERANCE[torch.float32], f"seed {seed}"
+    assert relative_error(fused_moe_ref(x, w13, w2, weights, ids), ref) > 0.05
+
+
 def test_fused_moe_other_tiles(seed):
     """Blocks of 32 rows and K tiles that do not divide the hidden size."""
     x = torch.randn(20, 40, dtype=torch.float16, device=DEVICE)

@@ -107,3 +107,17 @@ def test_triton_backend_rejects_a_spec_with_uneven_groups():
     spec = AttentionSpec(num_layers=1, num_q_heads=6, num_kv_heads=4, head_dim=16, scale=0.25)
     with pytest.raises(ValueError, match="num_q_heads"):
         TritonAttentionBackend(spec, KVPool(10, 1, 4, 16, torch.float32, DEVICE))
+
+
+def test_triton_backend_matches_torch_backend_with_alibi():
+    """Baichuan 13B's ALiBi (GQA here, so the torch backend's folded head order is checked too)."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    spec = AttentionSpec(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=32, scale=0.5,
+                         alibi_slopes=(0.5, 0.25, 0.125, 0.0625))
+    steps = Steps(spec, torch.float32)
+    assert steps.step([0, 3], [12, 4], seed) == ForwardMode.EXTEND
+    steps.share_prefix(1, source=0, length=8)
+    assert steps.step([0, 1, 3], [1, 6, 1], seed) == ForwardMode.EXTEND
+    assert steps.step([1, 3, 0], [1, 1, 1], seed) == ForwardMode.DECODE

@@ -41,7 +41,7 @@ def kept(patterns: list[str]) -> set[str]:
 
 
 def test_allow_patterns_keep_safetensors_configs_and_tokenizer_only():
-    files = kept(allow_patterns("auto", trust_remote_code=False))
+    files = kept(allow_patterns("auto"))
     assert files == {
         "config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -49,11 +49,11 @@ def test_allow_patterns_keep_safetensors_configs_and_tokenizer_only():
     assert not {f for f in files if f.endswith((".bin", ".pth", ".pt", ".gguf", ".onnx", ".md", ".png"))}
 
 
-def test_allow_patterns_dummy_tokenizer_only_and_remote_code():
-    assert not {f for f in kept(allow_patterns("dummy", False)) if f.endswith(".safetensors")}
-    assert not {f for f in kept(allow_patterns("auto", False, tokenizer_only=True)) if f.endswith(".safetensors")}
-    assert "modeling_custom.py" not in kept(allow_patterns("auto", False))
-    assert "modeling_custom.py" in kept(allow_patterns("auto", True))
+def test_allow_patterns_dummy_tokenizer_only_and_never_code():
+    """Repository Python is never run (--trust-remote-code included), so it is never fetched."""
+    assert not {f for f in kept(allow_patterns("dummy")) if f.endswith(".safetensors")}
+    assert not {f for f in kept(allow_patterns("auto", tokenizer_only=True)) if f.endswith(".safetensors")}
+    assert "modeling_custom.py" not in kept(allow_patterns("auto"))
 
 
 def test_hub_id_detection(tmp_path):

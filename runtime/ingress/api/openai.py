@@ -152,9 +152,10 @@ class OpenAIApi:
                             "continue_final_message")
         try:
             input_ids = await self.frontend.apply_chat_template_async(messages, tools.template_tools,
-                                                                      add_generation_prompt, continue_final)
+                                                                      add_generation_prompt, continue_final,
+                                                                      body.chat_template_kwargs)
         except RequestError as err:
-            raise HttpError(err.status, err.message, "messages") from None
+            raise HttpError(err.status, err.message, err.param or "messages") from None
         check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, "messages")
 
         top = body.top_logprobs

@@ -232,6 +232,7 @@ class ChatBody(_OpenAISampling):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     separate_reasoning: bool | None = None  # SGLang's: false keeps <think>...</think> in the content
+    chat_template_kwargs: dict[str, Any] | None = None  # variables of the chat template (enable_thinking, ...)
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
 

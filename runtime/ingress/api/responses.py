@@ -6,7 +6,8 @@ requests and server restarts.
 A request's conversation is the previous response's (when chained), its output as an assistant
 message, then `input` (a string: one user message; or a list of message items with text content).
 `instructions` go first as a system message and, as in OpenAI's API, are not carried to the next
-turn. Text output only: tools, `text.format` other than text, and `background` are refused."""
+turn. `text.format` json_object / json_schema constrain the output with the grammar backend, as chat's
+response_format does. Tools and `background` are refused."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from runtime.ingress.api.protocol import (
     to_sampling_params,
 )
 from runtime.ingress.api.sequence import Job, Sequence
+from runtime.ingress.api.structured import text_format_grammar
 from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.ingress.store.responses import ResponseStore, StoredResponse
@@ -54,6 +56,10 @@ class InputItem(Struct):
 
 class TextFormat(Struct):
     type: str = "text"
+    name: str | None = None
+    schema: Any = None
+    strict: bool | None = None
+    description: str | None = None
 
 
 class TextOptions(Struct):
@@ -99,7 +105,10 @@ class ResponsesApi:
         params = NativeSamplingParams(max_new_tokens=body.max_output_tokens, temperature=body.temperature,
                                       top_p=body.top_p)
         check_sampling(params, info.vocab_size, RESPONSES_FIELDS)
-        sampling = to_sampling_params(params, len(input_ids), info.context_length, RESPONSES_FIELDS, None)
+        text_format = body.text.format if body.text is not None and body.text.format is not None else TextFormat()
+        grammar = text_format_grammar(self.frontend, text_format.type, text_format.schema)
+        sampling = to_sampling_params(params, len(input_ids), info.context_length, RESPONSES_FIELDS, None,
+                                      grammar=grammar)
         view = _ResponseView(self.frontend.served_model_name, body)
         sequence = Sequence(Job(view.id, input_ids, sampling, LogprobOptions()), arrival)
         view.sequence = sequence
@@ -167,9 +176,6 @@ class ResponsesApi:
 def _refuse_unsupported(body: ResponsesBody) -> None:
     if body.tools:
         raise HttpError(400, "tools: tool use is not supported on /v1/responses yet", "tools")
-    if body.text is not None and body.text.format is not None and body.text.format.type != "text":
-        raise HttpError(400, f"text.format: type {body.text.format.type!r} is not supported yet (it needs "
-                             "grammar-constrained decoding); only 'text'", "text.format")
     if body.background:
         raise HttpError(400, "background: background responses are not supported", "background")
 
@@ -237,9 +243,14 @@ class _ResponseView:
             "top_p": sequence.job.sampling.top_p, "incomplete_details":
                 {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "error": None, "metadata": body.metadata or {}, "parallel_tool_calls": True, "tool_choice": "auto",
-            "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "store": body.store,
+            "tools": [], "text": {"format": self._format()}, "truncation": "disabled", "store": body.store,
             "usage": usage, "user": body.user,
         }
+
+    def _format(self) -> dict:
+        text = self.body.text
+        given = text.format if text is not None and text.format is not None else TextFormat()
+        return {k: v for k, v in msgspec.structs.asdict(given).items() if v is not None}
 
     def _event(self, kind: str, **fields) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence_number, **fields}

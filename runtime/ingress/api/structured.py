@@ -7,7 +7,14 @@ from __future__ import annotations
 import msgspec
 
 from httpd import HttpError
-from runtime.constrained.grammars import GrammarError, after_reasoning, from_fields, from_response_format
+from runtime.constrained.grammars import (
+    GrammarError,
+    after_reasoning,
+    from_fields,
+    from_response_format,
+    grammar_spec,
+    json_object_text,
+)
 from runtime.constrained.reasoning import ReasoningParser
 from runtime.ingress.api.protocol import FieldNames, NativeSamplingParams, ResponseFormat
 from runtime.messages import GrammarSpec
@@ -42,6 +49,25 @@ def response_format_grammar(frontend, response_format: ResponseFormat | None) ->
     except GrammarError as err:
         raise HttpError(400, err.message, err.field) from None
     return None if spec is None else check_grammar(frontend, spec)
+
+
+def text_format_grammar(frontend, kind: str, schema) -> GrammarSpec | None:
+    """The Responses API's `text.format`: {"type": "text" | "json_object"} or {"type": "json_schema", "name": ...,
+    "schema": {...}, "strict": ...} (flat, unlike chat's response_format)."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return check_grammar(frontend, grammar_spec("json_object", "", "text.format"))
+    if kind == "json_schema":
+        if schema is None:
+            raise HttpError(400, "text.format.schema: required with type json_schema", "text.format.schema")
+        try:
+            source = json_object_text(schema, "text.format.schema")
+        except GrammarError as err:
+            raise HttpError(400, err.message, err.field) from None
+        return check_grammar(frontend, grammar_spec("json_schema", source, "text.format.schema"))
+    raise HttpError(400, f"text.format.type: must be one of text, json_object, json_schema; got {kind!r}",
+                    "text.format.type")
 
 
 def request_grammar(frontend, params: NativeSamplingParams, response_format: ResponseFormat | None,

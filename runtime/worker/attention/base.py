@@ -15,6 +15,8 @@ Semantics of `forward`, for every backend:
   (Mistral's convention: W keys including itself); with `spec.window_layers` set, only those layers use the
   window and the others attend to the whole sequence (Gemma 2 and 3 alternate).
 - With `spec.logit_cap = c`, scaled scores s become c * tanh(s / c) before the softmax (Gemma 2's soft-capping).
+- With `spec.alibi_slopes` (one per q head), head h adds slopes[h] * (key position - query position) to its scaled
+  scores (ALiBi: Baichuan 13B).
 - Returns [T, Hq * D] in the dtype of q.
 
 Multi-head latent attention (`spec.latent_value_dim = R`, DeepSeek V2/V3, runtime/layers/mla.py) is the same call
@@ -47,6 +49,7 @@ class AttentionSpec:
     sliding_window: int | None = None
     window_layers: tuple[int, ...] | None = None  # the layers that use sliding_window; None: all of them
     logit_cap: float | None = None
+    alibi_slopes: tuple[float, ...] | None = None  # per q head of this rank
     # MLA: no value cache; the values are the first latent_value_dim dimensions of each (single-head) cached key
     latent_value_dim: int | None = None
 

@@ -9,8 +9,10 @@ boolean masks. Rows are split in two groups:
   with a causal mask offset by each row's prefix length.
 GQA without copying K/V: the G = Hq / Hkv query heads that share a kv head are folded into the
 query-length dimension, so SDPA sees Hkv heads of G * L queries each.
-Models whose layers differ in sliding window get one mask per distinct window. Soft-capped scores (Gemma 2) are
-computed with explicit matmuls and a float32 softmax, as transformers' eager attention does: SDPA cannot cap them.
+Models whose layers differ in sliding window get one mask per distinct window. ALiBi models (spec.alibi_slopes) get
+float masks instead: slope_h * (key position - query position) where attention is allowed, -inf elsewhere.
+Soft-capped scores (Gemma 2) are computed with explicit matmuls and a float32 softmax, as transformers' eager
+attention does: SDPA cannot cap them.
 An fp8 pool is gathered, converted to q's dtype, and its per-layer scales applied outside the gather: k_scale in the
 softmax scale, v_scale on the output.
 Multi-head latent attention (spec.latent_value_dim, base.py) is the one-kv-head case whose values are the first
@@ -37,7 +39,7 @@ class _RowGroup:
     query_index: torch.Tensor  # int64 [N]: where that token sits in the padded [rows * max_queries] layout
     kv_slots: torch.Tensor  # int64 [rows * max_keys]: pool slot of each key position, row-major
     # per sliding window (None: no window): bool [rows, 1, G * max_queries, max_keys], True where attention is
-    # allowed, or None where nothing needs masking
+    # allowed, or None where nothing needs masking; with ALiBi float32 [rows, Hkv, G * max_queries, max_keys] biases
     masks: dict[int | None, torch.Tensor | None]
     num_rows: int
     max_queries: int
@@ -51,6 +53,9 @@ class TorchAttentionBackend:
         self.group_size = spec.num_q_heads // spec.num_kv_heads
         self.windows = spec.distinct_windows()
         self.groups: list[_RowGroup] = []
+        self.alibi_slopes = None if spec.alibi_slopes is None else \
+            torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=kv_pool.device).view(spec.num_kv_heads,
+                                                                                             self.group_size)
 
     def prepare(self, batch: ForwardBatch) -> None:
         extend_cpu = batch.extend_lens_cpu
@@ -79,6 +84,9 @@ class TorchAttentionBackend:
         all_keys_visible = max_queries == 1 and all(batch.seq_lens_cpu[i] == max_keys for i in rows)
         masks = {}
         for window in self.windows:
+            if self.alibi_slopes is not None:
+                masks[window] = self._alibi_mask(key_pos, query_pos, query_valid, window)
+                continue
             if all_keys_visible and (window is None or max_keys <= window):
                 masks[window] = None  # one query per row, every row sees all max_keys keys: nothing to mask
                 continue
@@ -92,6 +100,19 @@ class TorchAttentionBackend:
         slots = batch.req_to_token[batch.rows[index], :max_keys].long()
         slots = torch.where(key_pos[None, :] < seq_g[:, None], slots, 0)
         return _RowGroup(token_index, query_index, slots.reshape(-1), masks, len(rows), max_queries, max_keys)
+
+    def _alibi_mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor, query_valid: torch.Tensor,
+                    window: int | None) -> torch.Tensor:
+        """float32 [n, Hkv, G * Q, L]: slope * (key - query position) where allowed (causal, window), else -inf."""
+        allowed = key_pos[None, None, :] <= query_pos[:, :, None]
+        if window is not None:
+            allowed &= key_pos[None, None, :] > query_pos[:, :, None] - window
+        allowed |= ~query_valid[:, :, None]
+        distance = (key_pos[None, None, :] - query_pos[:, :, None]).float()  # [n, Q, L]
+        bias = self.alibi_slopes[None, :, :, None, None] * distance[:, None, None]  # [n, Hkv, G, Q, L]
+        bias = bias.masked_fill(~allowed[:, None, None], float("-inf"))
+        n, Q, L = distance.shape
+        return bias.reshape(n, self.spec.num_kv_heads, self.group_size * Q, L)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 batch: ForwardBatch) -> torch.Tensor:
@@ -132,6 +153,8 @@ class TorchAttentionBackend:
         else:
             values = self._gather(v_pool, group.kv_slots, q.dtype).view(n, group.max_keys, Hkv, Dv).transpose(1, 2)
         mask = group.masks[window]
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(queries.dtype)
         scale = self.spec.scale * k_scale
         if self.spec.logit_cap is None:
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
@@ -154,5 +177,5 @@ class TorchAttentionBackend:
         cap = self.spec.logit_cap
         scores = torch.tanh(queries @ keys.transpose(-1, -2) * (scale / cap)) * cap
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores + mask if mask.is_floating_point() else scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype) @ values

@@ -43,6 +43,8 @@ class TritonAttentionBackend:
         self.decode = False
         self.num_single = 0  # leading rows of one new token, attended by the decode kernel
         self.num_kv_splits = 1
+        self.alibi_slopes = None if spec.alibi_slopes is None else \
+            torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=device)
         self._allocate_decode_scratch(initial_scratch_rows)
         self.part_o = self.part_lse = None
 
@@ -94,7 +96,8 @@ class TritonAttentionBackend:
         if self.decode:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
                                    self.num_kv_splits, window, part_o=self.part_o, part_lse=self.part_lse,
-                                   logit_cap=spec.logit_cap, k_scale=k_scale, v_scale=v_scale)
+                                   logit_cap=spec.logit_cap, k_scale=k_scale, v_scale=v_scale,
+                                   alibi_slopes=self.alibi_slopes)
         else:
             out = torch.empty_like(q)
             single = self.num_single
@@ -102,9 +105,9 @@ class TritonAttentionBackend:
                 decode_attention(q[:single], k_pool, v_pool, batch.req_to_token, self.single_rows,
                                  self.single_seq_lens, spec.scale, self.num_kv_splits, window, out=out[:single],
                                  part_o=self.part_o, part_lse=self.part_lse, logit_cap=spec.logit_cap,
-                                 k_scale=k_scale, v_scale=v_scale)
+                                 k_scale=k_scale, v_scale=v_scale, alibi_slopes=self.alibi_slopes)
             extend_attention(q[single:], k[single:], v[single:], k_pool, v_pool, batch.req_to_token,
                              self.extend_rows, self.extend_prefix_lens, self.extend_lens, self.extend_start,
                              batch.max_extend_len, spec.scale, window, out=out[single:], logit_cap=spec.logit_cap,
-                             k_scale=k_scale, v_scale=v_scale)
+                             k_scale=k_scale, v_scale=v_scale, alibi_slopes=self.alibi_slopes)
         return out.view(q.shape[0], spec.num_q_heads * spec.head_dim)

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The families whose code lives in their checkpoint repositories, on one GPU, in one call. Each section's output goes
+# to the terminal and to $LOG_DIR/<section>.log; a summary table comes last.
+#
+#   bash scripts/gpu_remote_families.sh                      # check baichuan2-13b minicpm3-4b (~8 min)
+#   bash scripts/gpu_remote_families.sh check                # sections in the order given
+#
+# Sections:
+#   check          every remote family's tiny checkpoint on CUDA in bfloat16 against its float32 reference
+#                  (tests/models/test_remote_families.py -k cuda), the ALiBi attention kernels and the GeGLU fused MoE
+#                  (~3 min, mostly Triton compiles)
+#   baichuan2-13b  configs/Baichuan2-13B-Chat (28 GB bf16, ALiBi through the Triton kernels and CUDA graphs):
+#                  bench_one_batch batch 1 and 64, input 1024, output 128 (~2 min)
+#   minicpm3-4b    configs/MiniCPM3-4B (8 GB bf16, MLA: latent cache, MLA decode kernel, CUDA graphs), same shapes
+#
+# LOG_DIR is $OUT when set (the device tool brings back what lands there), else /tmp/gpu_remote_families.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR="${OUT:-/tmp/gpu_remote_families}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+
+bench_one_batch() {  # bench_one_batch <config folder> <json name>
+  timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
+    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
+  local status=$?
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  return $status
+}
+
+section_check() {
+  timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_remote_families.py -k cuda \
+    && timeout 600 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
+      tests/kernels/test_triton_backend.py tests/kernels/test_fused_moe.py -k "alibi or gelu"
+}
+
+section_baichuan2_13b() {
+  bench_one_batch configs/Baichuan2-13B-Chat one_batch_baichuan2_13b
+}
+
+section_minicpm3_4b() {
+  bench_one_batch configs/MiniCPM3-4B one_batch_minicpm3_4b
+}
+
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(check baichuan2-13b minicpm3-4b)
+for name in "${sections[@]}"; do
+  if ! declare -F "section_${name//-/_}" >/dev/null; then
+    echo "unknown section '$name'; known: check baichuan2-13b minicpm3-4b" >&2
+    exit 2
+  fi
+done
+
+if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+summary=()
+failed=0
+for name in "${sections[@]}"; do
+  echo "=== $name ==="
+  start=$(date +%s)
+  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -ne 0 ] && failed=1
+  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
+done
+
+for name in baichuan2-13b minicpm3-4b; do
+  [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
+done
+echo
+echo "| section | result | time |"
+echo "| --- | --- | --- |"
+printf '%s\n' "${summary[@]}"
+exit "$failed"
