@@ -71,7 +71,7 @@ PY
 # (128 in / 256 out, one model load each), then the tile sweep (last: FP8_GEMM_SWEEP=0 skips it), in one table.
 section_fp8_gemm() {
   local status=0
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py \
     tests/layers/test_gpu_quantization.py || status=1
   timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --json "$LOG_DIR/fp8_gemm.json" \
     >"$LOG_DIR/fp8_gemm_bench.log" 2>&1 || status=1

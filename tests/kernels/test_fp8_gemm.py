@@ -4,12 +4,6 @@ scripts/gpu_quant.sh fp8-gemm, the same tests in bf16 plus a CUDA-graph replay a
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,9 +17,16 @@ from kernels.fp8_gemm import (  # noqa: E402
     fp8_weight_only_gemm,
     fp8_weight_only_gemm_ref,
 )
-from tests.kernel_fixtures import CUDA, DEVICE, DTYPES, TOLERANCE, relative_error  # noqa: E402
+from tests.kernel_fixtures import (  # noqa: E402
+    CUDA,
+    DEVICE,
+    DTYPES,
+    TOLERANCE,
+    compile_for_sm90,
+    facts_without_interpreter,
+    relative_error,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 FP8 = torch.float8_e4m3fn
 # K = 200 and N = 72 are multiples of no tile size: the last K step and the last N block are partial
 N, K = 72, 200
@@ -91,19 +92,6 @@ def test_default_tiles_fill_the_gpu(m, k, n):
     assert programs >= 2 * 132 or k_steps_per_split < 8, tiles
 
 
-def compile_for_sm90(kernel, signature: dict, constants: dict, aligned: list[str], tiles: Fp8GemmTiles | None):
-    """Compile `kernel` ahead of time for Hopper (no GPU needed: Triton ships ptxas) as its JIT would specialise it
-    for Llama-3-8B's shapes: pointers and the named integers divisible by 16. Returns the PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(signature) + list(constants)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    options = {} if tiles is None else {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
-    source = ASTSource(kernel, {**signature, **dict.fromkeys(constants, "constexpr")}, constants, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
-
 def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
     """For the default tiles at M = 1, 16, 32, 64 (K = N = 4096), written to y or to split partials: whether the
     sm_90 PTX has cp.async (pipelined, vectorized weight loads) and tensor-core instructions."""
@@ -131,14 +119,8 @@ def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
 def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     """What Triton's interpreter accepts and the GPU compiler refuses (Python globals in a kernel, dtype mixes)
     shows here, and so does a weight read by single-byte loads instead of cp.async-pipelined 16-byte copies (the
-    K offsets must stay provably aligned). In a subprocess: the interpreter, on in this one, patches triton.language
-    for good."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    code = "import json; from tests.kernels.test_fp8_gemm import default_tiles_ptx_facts as f; print(json.dumps(f()))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    K offsets must stay provably aligned)."""
+    facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "default_tiles_ptx_facts")
     assert len(facts) == 8 and all(all(found.values()) for found in facts.values()), facts
 
 

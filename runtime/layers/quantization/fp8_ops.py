@@ -18,8 +18,9 @@ import torch
 
 try:  # Triton is needed on CUDA only (pyproject's gpu extra); CPU installs run the torch code
     from kernels.fp8_gemm import fp8_weight_only_gemm
+    from kernels.fp8_quant import per_token_quant_fp8
 except ImportError:
-    fp8_weight_only_gemm = None
+    fp8_weight_only_gemm = per_token_quant_fp8 = None
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -44,7 +45,10 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_per_token(x: torch.Tensor, scale_ub: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] -> (fp8 [T, K], scale float32 [T, 1]), dynamically; `scale_ub` caps each token's amax (fbgemm's
-    activation_scale_ub, which keeps outlier tokens from wasting the range of the others)."""
+    activation_scale_ub, which keeps outlier tokens from wasting the range of the others). On CUDA one Triton kernel
+    (kernels/fp8_quant.py) computes the same bits as the torch code below."""
+    if per_token_quant_fp8 is not None and x.is_cuda:
+        return per_token_quant_fp8(x if x.stride(-1) == 1 else x.contiguous(), scale_ub, MIN_AMAX)
     amax = x.abs().amax(dim=1, keepdim=True).float()
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub)
