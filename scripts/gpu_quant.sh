@@ -6,8 +6,9 @@
 #   bash scripts/gpu_quant.sh                     # every section
 #   bash scripts/gpu_quant.sh one-batch serving   # chosen sections
 #   bash scripts/gpu_quant.sh fp8-gemm            # the weight-only fp8 GEMM alone, about 3 minutes (one table)
+#   FP8_GEMM_SWEEP=1 bash scripts/gpu_quant.sh fp8-gemm   # and its tile sweep, about a minute more
 #
-# Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out).
+# Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out), FP8_GEMM_SWEEP (0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_quant}"
@@ -68,7 +69,7 @@ PY
 
 # The weight-only fp8 GEMM (kernels/fp8_gemm.py): its tests in bf16 on CUDA, the kernel against cuBLAS bf16 and the
 # previous fp8 path (_scaled_mm) at Llama-3-8B's decode shapes, bench_one_batch bf16 vs fp8 at batch 1 and 64
-# (128 in / 256 out, one model load each), then the tile sweep (last: FP8_GEMM_SWEEP=0 skips it), in one table.
+# (128 in / 256 out, one model load each), and with FP8_GEMM_SWEEP=1 the tile sweep (about a minute more), in one table.
 section_fp8_gemm() {
   local status=0
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py \
@@ -82,7 +83,7 @@ section_fp8_gemm() {
       $([ $kind = fp8 ] && echo --quantization fp8) >"$LOG_DIR/fp8_gemm_one_batch_$kind.log" 2>&1 || status=1
     grep -vE '^\|' "$LOG_DIR/fp8_gemm_one_batch_$kind.log" | tail -3
   done
-  if [ "${FP8_GEMM_SWEEP:-1}" != 0 ]; then
+  if [ "${FP8_GEMM_SWEEP:-0}" = 1 ]; then
     timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --sweep --json "$LOG_DIR/fp8_gemm_sweep.json" \
       >"$LOG_DIR/fp8_gemm_sweep.log" 2>&1 || status=1
     grep -vE '^\|' "$LOG_DIR/fp8_gemm_sweep.log" | tail -5
