@@ -255,6 +255,24 @@ def test_online_fp8_and_torchao_stay_close_to_the_full_precision_model(tiny):
     assert online.weight.dtype == FP8 and online.weight_scale.shape == (64,)
 
 
+def test_a_model_through_the_weight_only_kernel_is_closer_to_full_precision(tiny, monkeypatch):
+    """The whole tiny model with online fp8, its decode-sized linears through the weight-only kernel (the dispatch
+    opened to the CPU, the kernel in Triton's interpreter): unquantized activations make it closer to the
+    full-precision model than the quantized-activation path, and it still differs from it (fp8 weights)."""
+    pytest.importorskip("triton")
+    from runtime.layers.quantization import fp8_linear
+
+    expected = runner_logits(runner(tiny), PROMPTS)
+
+    def error(model: ModelRunner) -> float:
+        return max(rel(got, ref) for got, ref in zip(runner_logits(model, PROMPTS), expected))
+
+    scaled_mm_error = error(runner(tiny, quantization="fp8"))
+    monkeypatch.setattr(fp8_linear, "weight_only_kernel_applies", lambda x: x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS)
+    weight_only_error = error(runner(tiny, quantization="fp8"))
+    assert 0 < weight_only_error < scaled_mm_error, (weight_only_error, scaled_mm_error)
+
+
 def test_fp8_kv_cache_holds_more_tokens(tiny, monkeypatch):
     import runtime.worker.model_runner as model_runner
 
