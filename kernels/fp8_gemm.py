@@ -38,11 +38,12 @@ class Fp8GemmTiles:
     num_stages: int = 4
 
 
-def choose_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
+def choose_split_k(m: int, n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
     """K splits (a power of two) until the grid holds about two programs per SM, keeping at least four K steps per
-    split: fewer steps would spend more on the partials and their reduction than the extra programs gain."""
+    split (fewer would spend more on the partials and their reduction than the extra programs gain) and the float32
+    partials' traffic (m x n x 4 bytes, written and read, per split) under half the fp8 weight's bytes."""
     n_tiles = triton.cdiv(n, block_n)
-    max_split = max(1, triton.cdiv(k, block_k) // 4)
+    max_split = max(1, min(triton.cdiv(k, block_k) // 4, k // (16 * max(1, m))))
     split_k = 1
     while n_tiles * split_k < 2 * num_sms and split_k * 2 <= max_split:
         split_k *= 2
@@ -50,14 +51,17 @@ def choose_split_k(n: int, k: int, block_n: int, block_k: int, num_sms: int = 13
 
 
 def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
-    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Compiled for sm_90 (Triton 3.x, ahead of
-    time): cp.async-pipelined 16-byte loads of the weight; mma.sync up to 32 rows, wgmma at 64; 84-99 registers and
-    25-53 KB of shared memory per program, so several programs share an SM."""
+    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Every program reads all of x's rows over its
+    K range, so from 32 rows on the tiles widen to 128 channels: with 64, x's bytes re-read from L2 would reach twice
+    the weight's. Compiled for sm_90 (Triton 3.x, ahead of time): cp.async-pipelined 16-byte loads of the weight,
+    mma.sync up to 32 rows and wgmma at 64, 99-127 registers, no spills, 29-49 KB of shared memory per program."""
     block_m = max(16, triton.next_power_of_2(m))
-    block_n = 64
-    block_k = 128 if block_m <= 16 else 64
-    return Fp8GemmTiles(block_m, block_n, block_k, choose_split_k(n, k, block_n, block_k, num_sms), use_dot=True,
-                        num_warps=4, num_stages=4 if block_m <= 32 else 3)
+    if block_m == 16:
+        block_n, block_k, num_warps = 64, 128, 4
+    else:
+        block_n, block_k, num_warps = 128, 64, 8
+    split_k = choose_split_k(m, n, k, block_n, block_k, num_sms)
+    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=num_warps, num_stages=4)
 
 
 @triton.jit

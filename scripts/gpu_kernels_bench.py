@@ -427,26 +427,25 @@ FP8_GEMM_TOKENS = (1, 8, 32, 64)
 
 
 def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
-    """--sweep's tiles for M rows: tl.dot shapes around the default (and GEMV at M = 1) at the default rule's K
+    """--sweep's tiles for M rows: the default, other tl.dot shapes (and GEMV at M = 1) at the default rule's K
     split, and the default shape unsplit and at half and twice that split."""
-    block_m = max(16, triton.next_power_of_2(m))
-    if block_m == 16:
-        shapes = [(16, 64, 128, True, 4, 4), (16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3),
-                  (16, 128, 128, True, 4, 3), (16, 64, 128, True, 8, 4)]
+    default = default_fp8_gemm_tiles(m, n, k, num_sms)
+    if default.block_m == 16:
+        shapes = [(16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3), (16, 128, 128, True, 4, 3),
+                  (16, 128, 128, True, 8, 3), (16, 64, 128, True, 8, 4)]
         if m == 1:
             shapes += [(1, 32, 256, False, 4, 3), (1, 64, 256, False, 4, 3)]
-    elif block_m == 32:
+    elif default.block_m == 32:
         shapes = [(32, 64, 64, True, 4, 4), (32, 64, 128, True, 4, 3), (32, 128, 64, True, 4, 3),
-                  (32, 64, 64, True, 8, 4)]
+                  (32, 128, 64, True, 8, 3)]
     else:
-        shapes = [(64, 64, 64, True, 4, 3), (64, 64, 64, True, 4, 4), (64, 128, 64, True, 8, 3),
-                  (64, 64, 128, True, 4, 3), (64, 128, 128, True, 8, 3)]
-    tiles = [Fp8GemmTiles(bm, bn, bk, choose_split_k(n, k, bn, bk, num_sms), dot, warps, stages)
-             for bm, bn, bk, dot, warps, stages in shapes]
-    default = tiles[0]
+        shapes = [(64, 64, 64, True, 4, 3), (64, 128, 64, True, 8, 3), (64, 64, 128, True, 4, 3),
+                  (64, 256, 64, True, 8, 3), (64, 128, 128, True, 8, 3)]
+    tiles = [default] + [Fp8GemmTiles(bm, bn, bk, choose_split_k(m, n, k, bn, bk, num_sms), dot, warps, stages)
+                         for bm, bn, bk, dot, warps, stages in shapes]
     for split_k in sorted({1, max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}):
         tiles.append(replace(default, split_k=split_k))
-    return tiles
+    return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
 
 
 def case_fp8_gemm(rows: list[Row], args: Args) -> None:

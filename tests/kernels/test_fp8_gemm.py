@@ -83,13 +83,16 @@ def test_mismatched_shapes_are_refused():
 @pytest.mark.parametrize("m", [1, 8, 16, 24, 64])
 def test_default_tiles_fill_the_gpu(m, k, n):
     """At Llama-3-8B's decode shapes: every row in one tile; K split until the grid holds about two programs per SM,
-    but never into splits of fewer than four K steps (the partials and the reduction would cost more)."""
+    but never into splits of fewer than four K steps, nor so many that the float32 partials move more than half
+    the weight's bytes."""
     tiles = default_fp8_gemm_tiles(m, n, k, num_sms=132)
     assert tiles.block_m >= m and tiles.block_m >= 16 and tiles.block_m & (tiles.block_m - 1) == 0
     programs = -(-n // tiles.block_n) * tiles.split_k
     k_steps_per_split = k // tiles.block_k // tiles.split_k
-    assert k_steps_per_split >= 4
-    assert programs >= 2 * 132 or k_steps_per_split < 8, tiles
+    partial_bytes = 2 * tiles.split_k * m * n * 4 if tiles.split_k > 1 else 0
+    assert k_steps_per_split >= 4 and partial_bytes <= n * k / 2, tiles
+    capped = k_steps_per_split < 8 or 2 * partial_bytes > n * k / 2
+    assert programs >= 2 * 132 or capped, tiles
 
 
 def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
