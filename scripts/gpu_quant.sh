@@ -30,7 +30,7 @@ fi
 
 section_tests() {
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/layers/test_gpu_quantization.py \
-    tests/kernels/test_fp8_kv_cache.py
+    tests/kernels/test_fp8_kv_cache.py tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py
 }
 
 section_kernels() {
