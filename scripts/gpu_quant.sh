@@ -23,10 +23,9 @@ done
 SERVE_PROMPTS="${SERVE_PROMPTS:-128}"
 SERVE_LEN="${SERVE_LEN:-1024}"
 
-if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
+gpu_install_wheels
 
 section_tests() {
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/layers/test_gpu_quantization.py \
@@ -122,28 +121,12 @@ section_serving() {
 [ -z "$MODEL" ] && { echo "no llama-3-8b-dummy folder found; set GPU_MODEL" >&2; exit 2; }
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
-summary=()
-failed=0
-for name in "${sections[@]}"; do
-  if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: ${ALL[*]}" >&2
-    exit 2
-  fi
-  echo "=== $name ==="
-  start=$(date +%s)
-  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -ne 0 ] && failed=1
-  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
-done
+gpu_run_sections "${ALL[*]}" -- "${sections[@]}"
 [ -f "$LOG_DIR/fp8_kernels.md" ] && { echo; cat "$LOG_DIR/fp8_kernels.md"; }
 [ -f "$LOG_DIR/one-batch.log" ] && { echo; grep -E '^\|' "$LOG_DIR/one-batch.log" | tail -6; }
 [ -f "$LOG_DIR/fp8-gemm.log" ] && { echo; grep -E '^\|' "$LOG_DIR/fp8-gemm.log"; }
 if [ -f "$LOG_DIR/serving.log" ]; then
   echo; grep -E "KV cache:|Output token throughput|Request throughput|Median TPOT|Median TTFT" "$LOG_DIR/serving.log"
 fi
-echo
-echo "| section | result | time |"
-echo "| --- | --- | --- |"
-printf '%s\n' "${summary[@]}"
-exit "$failed"
+gpu_print_summary
+exit "$GPU_FAILED"
