@@ -535,7 +535,9 @@ class ModelRunner:
             if min(plan.input_ids) < -futures or any(vocab <= t < IMAGE_PAD_BASE for t in plan.input_ids):
                 raise ValueError(f"BatchPlan.input_ids must be token ids below {vocab}, image tokens from "
                                  f"{IMAGE_PAD_BASE} or placeholders down to -{futures}")
-            with_images = set(self.image_encoder.rows) | {new_row.row for new_row in plan.new_rows if new_row.images}
+            # the rows that hold images once this plan's new rows are registered
+            with_images = (set(self.image_encoder.rows) - {new_row.row for new_row in plan.new_rows}) | {
+                new_row.row for new_row in plan.new_rows if new_row.images}
             for row, start, extend in zip(plan.rows, _running_sum(plan.extend_lens), plan.extend_lens):
                 if row not in with_images and max(plan.input_ids[start:start + extend]) >= IMAGE_PAD_BASE:
                     raise ValueError(f"BatchPlan row {row}: image tokens in a row that has no images")
