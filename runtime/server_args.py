@@ -292,7 +292,8 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "media_allow_private_networks": FlagDoc("Images", "off", "fetch image URLs whose host is a loopback, private "
                       "or link-local address (refused by default: SSRF); for closed networks"),
     "image_arena_mb": FlagDoc("Images", "256", "shared memory (MiB) for the preprocessed images of requests in "
-                      "flight, passed to the workers by handle; a request that does not fit gets a 503"),
+                      "flight (per data-parallel replica), passed to the workers by handle; a request that finds it "
+                      "full waits up to 5 s, then gets a 503"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp", "--data-parallel-size"],
                 "dist_init_addr": ["--nccl-init-addr", "--nccl-init"]}

@@ -310,6 +310,10 @@ class Frontend:
         if self.model_info.is_embedding:
             raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
                                     "/encode")
+        if images is not None and images.images:
+            await self.vision.wait_for_room(images)  # no await from here to the send: blocks go out in order
+            if self._closed is not None:
+                raise self._closed
         input_ids = self._check_prompt(rid, input_ids)
         self._check_load(priority)
         loop = asyncio.get_running_loop()

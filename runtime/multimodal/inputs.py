@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ from shm.arena import Arena, ArenaBlock, ArenaTimeout
 
 DETAILS = ("auto", "low", "high")
 ALIGN = 64  # each tensor's bytes start at a multiple of this in the request's block
+ARENA_WAIT_S = 5.0  # how long a request waits for room in a full image arena before its 503
+ARENA_POLL_S = 0.002
 
 
 @dataclass
@@ -86,6 +89,16 @@ class VisionInputs:
         return await asyncio.get_running_loop().run_in_executor(self._process_pool, self._process, text, images,
                                                                 True, refs)
 
+    async def wait_for_room(self, prompt: ProcessedPrompt, timeout: float = ARENA_WAIT_S) -> None:
+        """Wait (up to `timeout`) until every replica's arena can take the prompt's images now: requests in flight
+        give their blocks back as they finish. place() answers 503 if there is still no room."""
+        nbytes = block_bytes(prompt)
+        if any(nbytes > arena.capacity for arena in self.arenas):
+            return  # never fits: place() says so
+        deadline = time.monotonic() + timeout
+        while not all(arena.can_alloc(nbytes) for arena in self.arenas) and time.monotonic() < deadline:
+            await asyncio.sleep(ARENA_POLL_S)
+
     def place(self, prompt: ProcessedPrompt, replica: int = 0) -> tuple[list[int], list[ImageItem]]:
         """The ids to send (image runs as pad ids) and the ImageItems, their tensors copied into one new block of the
         replica's arena. Call right before sending the request to that replica (see the module docstring); raises
@@ -98,7 +111,7 @@ class VisionInputs:
         for image in prompt.images:
             for name, array in image.tensors.items():
                 layout.append((image, name, array, total))
-                total += (array.nbytes + ALIGN - 1) // ALIGN * ALIGN
+                total += aligned(array.nbytes)
         try:
             block, view = arena.alloc(total, timeout=0)
         except ArenaTimeout:
@@ -193,6 +206,15 @@ class VisionInputs:
         if counts is None or sum(counts) != total or len(counts) != len(images):
             raise MediaError("images", f"the processor made {total} image tokens for {len(images)} images")
         return list(counts)
+
+
+def aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+def block_bytes(prompt: ProcessedPrompt) -> int:
+    """The size of the arena block place() allocates for the prompt's images."""
+    return sum(aligned(array.nbytes) for image in prompt.images for array in image.tensors.values())
 
 
 def split_per_image(out, num_images: int) -> list[dict[str, np.ndarray]]:
