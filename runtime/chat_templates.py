@@ -52,11 +52,48 @@ _LLAMA2 = (
     "{%- endfor -%}"
 )
 
+# LLaVA's conversation formats (SGLang's names): a message's content may be a list of parts, whose images render as
+# the "<image>" placeholder (each on its own line, before the message's text, as LLaVA was trained).
+_LLAVA_CONTENT = (
+    "{%- macro content(message) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] in ('image', 'image_url') -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\n') }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+_CHATML_LLAVA = _LLAVA_CONTENT + (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content(message) + '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+_LLAVA_LLAMA_3 = _LLAVA_CONTENT + (
+    "{{- bos_token -}}"
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are "
+    "able to understand the visual content that the user provides, and assist the user with a variety of tasks using "
+    "natural language.<|eot_id|>' }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content(message) | trim + '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+)
+
 BUILTIN_CHAT_TEMPLATES: dict[str, str] = {
     "chatml": _CHATML,
     "qwen2": _QWEN2,
     "llama-3": _LLAMA3,
     "llama-2": _LLAMA2,
+    "chatml-llava": _CHATML_LLAVA,
+    "llava_llama_3": _LLAVA_LLAMA_3,
 }
 
 

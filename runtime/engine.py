@@ -40,6 +40,7 @@ from runtime.ingress.api.native import (
     ids_logprob_triples,
     logprob_options,
     logprob_triples,
+    prompt_images,
     token_ids_logprob_per_prompt,
     top_logprob_triples,
 )
@@ -63,9 +64,9 @@ from runtime.messages import TokenLogprobs
 from runtime.model_loader.hub import resolve_model_paths
 from runtime.server_args import ServerArgs, ServerArgsError, validate
 from runtime.tokenizer import load_tokenizer
-from shm import run_prefix
+from shm import Arena, run_prefix
 
-_UNSUPPORTED = ("image_data", "lora_path")
+_UNSUPPORTED = ("lora_path",)
 
 
 class EngineError(RuntimeError):
@@ -127,7 +128,12 @@ class Engine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-loop", daemon=True)
         self._thread.start()
-        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers)
+        vision = None
+        if self._deployment.image_arenas:
+            from runtime.multimodal.inputs import VisionInputs
+
+            vision = VisionInputs(self.server_args, [Arena.attach(a.name) for a in self._deployment.image_arenas])
+        self.frontend = Frontend(self.server_args, self.model_info, tokenizer, to_schedulers, vision)
 
         async def start_mailbox() -> AsyncMailbox:
             return AsyncMailbox(Mailbox(inbound), self.frontend.on_message).start()
@@ -143,7 +149,8 @@ class Engine:
                  custom_logit_processor: Any = None, **unsupported: Any) -> dict | list[dict] | Iterator[dict]:
         """The output dict of POST /generate ({"text", "output_ids", "meta_info"}) for one prompt, a
         list of them for a list of prompts (or n > 1). With stream=True an iterator of such dicts
-        with the text so far (each with "index" when there are several sequences)."""
+        with the text so far (each with "index" when there are several sequences). `image_data` (a vision language
+        model): as /generate takes it (docs/multimodal.md)."""
         body = self._body(prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num,
                           stream, token_ids_logprob, custom_logit_processor, unsupported)
         if stream:
@@ -191,6 +198,7 @@ class Engine:
 
     def _body(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len, top_logprobs_num, stream,
               token_ids_logprob, custom_logit_processor, unsupported: dict) -> GenerateBody:
+        image_data = unsupported.pop("image_data", None)  # SGLang's Engine argument (a vision language model)
         for name, value in unsupported.items():
             if name not in _UNSUPPORTED:
                 raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
@@ -204,13 +212,13 @@ class Engine:
                "return_logprob": return_logprob, "stream": stream, "token_ids_logprob": token_ids_logprob,
                "custom_logit_processor": custom_logit_processor,
                "logprob_start_len": -1 if logprob_start_len is None else logprob_start_len,
-               "top_logprobs_num": 0 if top_logprobs_num is None else top_logprobs_num}
+               "top_logprobs_num": 0 if top_logprobs_num is None else top_logprobs_num, "image_data": image_data}
         try:
             return msgspec.convert(raw, GenerateBody)
         except msgspec.ValidationError as err:  # names the field: "... - at `$.sampling_params.top_p`"
             raise ValueError(f"invalid request: {err}") from None
 
-    def _sequences(self, body: GenerateBody) -> tuple[list[Sequence], bool]:
+    async def _sequences(self, body: GenerateBody) -> tuple[list[Sequence], bool]:
         """One Sequence per (prompt, n); the same checks and defaults as POST /generate."""
         arrival = time.perf_counter()
         info = self.model_info
@@ -229,6 +237,7 @@ class Engine:
             prompts = body.input_ids if is_batch else [body.input_ids]
         if not prompts:
             raise ValueError("prompt: the batch is empty")
+        images = await prompt_images(self.frontend.vision, body, prompts, is_batch)
         count = len(prompts)
         sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)
         return_logprob = per_prompt(body.return_logprob, count, "return_logprob", is_batch)
@@ -251,7 +260,7 @@ class Engine:
                                                 NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar,
                                                 custom_logit_processor=processor)
                 sequences.append(Sequence(Job(rid if params.n == 1 else f"{rid}-{j}", ids, sampling_j, options,
-                                              group=rid if params.n > 1 else None), arrival))
+                                              group=rid if params.n > 1 else None, images=images[i]), arrival))
         return sequences, is_batch or len(sequences) > 1
 
     def _output(self, sequence: Sequence) -> dict:
@@ -283,14 +292,14 @@ class Engine:
 
     async def _generate(self, body: GenerateBody) -> dict | list[dict]:
         with _engine_errors():
-            sequences, as_list = self._sequences(body)
+            sequences, as_list = await self._sequences(body)
             await Generation(self.frontend, sequences, None).run_to_end()
             outputs = [self._output(s) for s in sequences]
         return outputs if as_list else outputs[0]
 
     async def _stream(self, body: GenerateBody) -> AsyncIterator[dict]:
         with _engine_errors():
-            sequences, as_list = self._sequences(body)
+            sequences, as_list = await self._sequences(body)
             generation = Generation(self.frontend, sequences, None)
             async with aclosing(generation.updates(True)) as updates:
                 async for update in updates:

@@ -60,8 +60,9 @@ from runtime.default_model import DEFAULT_MODEL_NAME
 from runtime.distributed.layout import Layout, RankSlot
 from runtime.messages import ModelInfo
 from runtime.model_loader.hub import HubError, resolve_model_paths
+from runtime.multimodal.architectures import is_vision_language_folder
 from runtime.server_args import ServerArgs
-from shm import Heartbeats, segment_name, sweep_stale
+from shm import Arena, Heartbeats, segment_name, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,11 @@ class Deployment:
             slots += [self.layout.scheduler_name(r) for r in range(self.layout.dp_size)] + ["detokenizer"]
         slots += ["relay"] if self.relayed else []
         self.heartbeats = Heartbeats.create(segment_name(self.sup.prefix, "heartbeat"), slots)
+        # images of requests in flight, written by the ingress, read by the workers, released by the scheduler
+        # one per replica (its scheduler releases the blocks in its order): written by the ingress, read by the workers
+        self.image_arenas = [Arena.create(segment_name(self.sup.prefix, f"images{r}"), args.image_arena_mb << 20)
+                             for r in range(self.layout.dp_size)] \
+            if self.layout.nnodes == 1 and is_vision_language_folder(args.model_path) else []
         self.model_info: ModelInfo | None = None
         self.port: int | None = None  # where the ingress listens, once started
 
@@ -245,7 +251,8 @@ class Deployment:
         to_schedulers = [c.ingress_to_scheduler for c in self.replicas]
         config = IngressConfig(args=self.args, model_info=model_info, to_schedulers=[c.name for c in to_schedulers],
                                listen_fd=-1 if self.listener is None else self.listener.fileno(),
-                               heartbeat_segment=self.heartbeats.name)
+                               heartbeat_segment=self.heartbeats.name,
+                               image_arenas=[arena.name for arena in self.image_arenas])
         return self._spec("ingress", "ingress", INGRESS_CLASS, config,
                           [self.detokenizer_to_ingress, *(c.scheduler_to_ingress for c in self.replicas)],
                           to_schedulers, NO_TORCH)
@@ -293,6 +300,9 @@ class Deployment:
         if self.heartbeats is not None:
             self.heartbeats.close()
             self.heartbeats = None
+        for arena in self.image_arenas:
+            arena.close()
+        self.image_arenas = []
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Struct
 
 from actors.control import Shutdown
+from shm.arena import ArenaBlock
 
 # --------------------------------------------------------------------------------------------
 # Request-level data shared by several mailboxes
@@ -102,6 +103,33 @@ class TokenLogprobs(Struct):
     ids_logprobs: list[list[float]] = []  # per position, the logprobs of LogprobOptions.token_ids_logprob
 
 
+class ArenaTensor(Struct, frozen=True):
+    """A tensor whose bytes lie in a shared-memory arena (shm/arena.py), passed by handle: the rings carry only this."""
+
+    arena: str  # the arena's segment name
+    block: ArenaBlock
+    shape: list[int]
+    dtype: str  # torch dtype name without "torch.", e.g. "float32"
+
+
+class ImageItem(Struct, frozen=True):
+    """One image of a prompt, preprocessed by the ingress with the checkpoint's HF image processor.
+
+    Its `length` tokens start at prompt position `offset`; the ingress wrote them as ids from IMAGE_PAD_BASE on, drawn
+    from a hash of the pixels (runtime/multimodal/inputs.py), so the radix cache shares a prefix only between prompts
+    that hold the same image there. The worker replaces their embeddings with the vision tower's output. `tensors` are
+    the processor's outputs for this image by name (pixel_values, image_sizes, ...); all of a request's tensors lie
+    in one arena block (ArenaTensor.block names the tensor's bytes inside it and the block's end)."""
+
+    offset: int
+    length: int
+    tensors: dict[str, ArenaTensor]
+
+
+# Token ids from here up stand for image tokens (ImageItem.pad_id); vocabularies stay far below it.
+IMAGE_PAD_BASE = 1 << 30
+
+
 # --------------------------------------------------------------------------------------------
 # ingress -> scheduler
 # --------------------------------------------------------------------------------------------
@@ -119,6 +147,7 @@ class GenerateRequest(Struct, tag="generate"):
     embed: bool = False
     # Higher runs first. Interactive requests are 0; /v1/batches requests run below them (BATCH_PRIORITY).
     priority: int = 0
+    images: list[ImageItem] = []  # in prompt order; their arena blocks are released by the scheduler when it finishes
 
 
 BATCH_PRIORITY = -1
@@ -158,6 +187,7 @@ class NewRow(Struct):
     # sampling step counter, so a retracted request samples exactly as if it had never left.
     prior_output_ids: list[int] = []
     embed: bool = False  # the row pools its hidden states from its first token on (an embedding request)
+    images: list[ImageItem] = []  # the request's images (a vision language model encodes them when a chunk needs them)
 
 
 class BatchPlan(Struct, tag="plan"):

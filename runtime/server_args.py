@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 
 import msgspec
 
@@ -95,6 +97,16 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     file_max_bytes: int = 200 * 1024 * 1024  # OpenAI's limit per uploaded file
     batch_max_requests: int = 50_000  # OpenAI's limit per batch
 
+    # Images (vision language models: runtime/multimodal/)
+    limit_mm_per_prompt: str = '{"image": 8}'  # vLLM's flag: JSON, most items of each modality per request
+    allowed_local_media_path: str | None = None  # None: no local files
+    media_fetch_timeout: float = 10.0
+    media_max_bytes: int = 20 * 1024 * 1024
+    media_max_redirects: int = 3
+    media_max_pixels: int = 40_000_000
+    media_allow_private_networks: bool = False
+    image_arena_mb: int = 256
+
 
 class FlagDoc(msgspec.Struct, frozen=True):
     """One flag's line in --help and in docs/flags.md (both generated from FLAG_DOCS)."""
@@ -122,7 +134,8 @@ FLAG_DOCS: dict[str, FlagDoc] = {
     "served_model_name": FlagDoc("Model and tokenizer", "the model path",
                       "the name in OpenAI responses and `/v1/models`"),
     "chat_template": FlagDoc("Model and tokenizer", "the tokenizer's",
-                      "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`)"),
+                      "a Jinja file, or a built-in name (`chatml`, `llama-3`, `llama-2`, `qwen2`, `chatml-llava`, "
+                      "`llava_llama_3`); for a vision language model: its processor's template"),
     "skip_tokenizer_init": FlagDoc("Model and tokenizer", "off",
                       "no tokenizer: requests give `input_ids`, responses carry ids only"),
     "is_embedding": FlagDoc("Model and tokenizer", "off",
@@ -272,6 +285,21 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "limit is raised to fit it"),
     "batch_max_requests": FlagDoc("Storage", "50000", "most requests in one `/v1/batches` input file (the batch "
                       "fails beyond)"),
+    # Images
+    "limit_mm_per_prompt": FlagDoc("Images", '`{"image": 8}`',
+                      "JSON: the most images (video, audio) one request may carry (400 beyond), as vLLM's flag"),
+    "allowed_local_media_path": FlagDoc("Images", "none", "a folder whose files (and only those, links resolved) "
+                      "requests may name as images by path or `file://` URL"),
+    "media_fetch_timeout": FlagDoc("Images", "10", "seconds to fetch one image URL, redirects included"),
+    "media_max_bytes": FlagDoc("Images", "20 MiB", "largest encoded image (a data URL, a fetched body, a file)"),
+    "media_max_redirects": FlagDoc("Images", "3", "redirects followed when fetching an image URL"),
+    "media_max_pixels": FlagDoc("Images", "40000000", "most pixels (width x height) of an image, checked before "
+                      "decoding"),
+    "media_allow_private_networks": FlagDoc("Images", "off", "fetch image URLs whose host is a loopback, private "
+                      "or link-local address (refused by default: SSRF); for closed networks"),
+    "image_arena_mb": FlagDoc("Images", "256", "shared memory (MiB) for the preprocessed images of requests in "
+                      "flight (per data-parallel replica), passed to the workers by handle; a request that finds it "
+                      "full waits up to 5 s, then gets a 503"),
 }
 FLAG_ALIASES = {"tp_size": ["--tp", "--tensor-parallel-size"], "dp_size": ["--dp", "--data-parallel-size"],
                 "dist_init_addr": ["--nccl-init-addr", "--nccl-init"]}
@@ -403,10 +431,29 @@ def validate(args: ServerArgs) -> ServerArgs:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise ServerArgsError(f"--allowed-origins: {origin!r} is not an origin like https://app.example (or *)")
     _validate_quantization(args)
+    _validate_media(args)
     if args.enable_custom_logit_processor and importlib.util.find_spec("dill") is None:
         raise ServerArgsError("--enable-custom-logit-processor needs the dill package: "
                               "pip install 'runtime[custom-logit-processor]' (or pip install dill)")
     return args
+
+
+def _validate_media(args: ServerArgs) -> None:
+    try:
+        limits = json.loads(args.limit_mm_per_prompt)
+    except json.JSONDecodeError:
+        raise ServerArgsError('--limit-mm-per-prompt must be JSON like {"image": 8}') from None
+    if not isinstance(limits, dict) or any(k not in ("image", "video", "audio") or not isinstance(v, int) or v < 0
+                                           for k, v in limits.items()):
+        raise ServerArgsError("--limit-mm-per-prompt must map image, video or audio to a count >= 0")
+    if args.media_fetch_timeout <= 0 or args.media_max_bytes < 1 or args.media_max_pixels < 1 \
+            or args.media_max_redirects < 0:
+        raise ServerArgsError("--media-fetch-timeout, --media-max-bytes and --media-max-pixels must be positive, "
+                              "--media-max-redirects >= 0")
+    if args.image_arena_mb < 1:
+        raise ServerArgsError("--image-arena-mb must be at least 1")
+    if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
+        raise ServerArgsError(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a folder")
 
 
 def validate_parallelism(args: ServerArgs) -> None:

@@ -111,28 +111,11 @@ section_bench_overlap() {
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
-for name in "${sections[@]}"; do
-  if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: ${ALL[*]} ${OPTIONAL[*]}" >&2
-    exit 2
-  fi
-done
 
-if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-summary=()
-failed=0
-for name in "${sections[@]}"; do
-  echo "=== $name ==="
-  start=$(date +%s)
-  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -ne 0 ] && failed=1
-  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
-done
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
+gpu_install_wheels
+gpu_run_sections "${ALL[*]} ${OPTIONAL[*]}" -- "${sections[@]}"
 
 if [ -f "$LOG_DIR/kernels_bench.md" ]; then
   echo
@@ -145,8 +128,5 @@ if [ -f "$LOG_DIR/bench-serving.log" ]; then
   echo; echo "--- bench-serving"
   grep -E "rate|throughput|Successful|Duration|Mean|Median|P99" "$LOG_DIR/bench-serving.log" | grep -v "E2E"
 fi
-echo
-echo "| section | result | time |"
-echo "| --- | --- | --- |"
-printf '%s\n' "${summary[@]}"
-exit "$failed"
+gpu_print_summary
+exit "$GPU_FAILED"

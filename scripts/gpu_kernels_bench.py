@@ -14,17 +14,19 @@ Decode attention also runs at serving-at-saturation shapes (batch 256 and 512 at
 would copy it all). "of copy" = GB/s over the copy bandwidth (the issue's bar: >= 85%).
 
     python3 scripts/gpu_kernels_bench.py [--table PATH] [--sweep]
-        [--only decode,backend,extend,elementwise,sampling,moe,fp8,mla] [--decode-shapes all|saturation]
+        [--only decode,backend,extend,elementwise,sampling,moe,fp8,fp8_gemm,mla] [--decode-shapes all|saturation]
+        [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +45,13 @@ from kernels.decode_attention import (  # noqa: E402
     default_decode_tiles,
 )
 from kernels.extend_attention import ExtendTiles, default_extend_tiles, extend_attention, extend_attention_ref  # noqa: E402
+from kernels.fp8_gemm import (  # noqa: E402
+    Fp8GemmTiles,
+    choose_split_k,
+    default_fp8_gemm_tiles,
+    fp8_weight_only_gemm,
+    fp8_weight_only_gemm_ref,
+)
 from kernels.fused_moe import MoeTiles, default_moe_tiles, fused_moe, fused_moe_ref  # noqa: E402
 from kernels.kv_store import store_kv, store_kv_ref  # noqa: E402
 from kernels.mla_decode import MlaTiles, default_mla_tiles, mla_decode, mla_decode_ref  # noqa: E402
@@ -75,6 +84,7 @@ class Row:
     rel_err: float | None = None
     bytes_moved: float | None = None
     note: str = ""
+    other_graph_us: float = math.nan  # a third implementation's graph timing, where a case has one (its note says)
 
 
 @dataclass
@@ -413,30 +423,89 @@ def case_sampling(rows: list[Row], args: Args) -> None:
                             triton_us, math.nan, sort_us, float(mismatched_rows), None, note))
 
 
-def case_fp8(rows: list[Row], args: Args) -> None:
-    """The fp8 linear of --quantization fp8 (per-token activation quantization + torch._scaled_mm row-wise, in the
-    "triton" columns) against cuBLAS bf16 (F.linear), at Llama-3-8B's decode shapes; and decode attention reading
-    an fp8_e4m3 KV pool against the same kernel on a bf16 pool (in the "torch" columns)."""
+FP8_GEMM_TOKENS = (1, 8, 32, 64)
+
+
+def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
+    """--sweep's tiles for M rows: the default, other tl.dot shapes (and GEMV at M = 1) at the default rule's K
+    split, and the default shape unsplit and at half and twice that split."""
+    default = default_fp8_gemm_tiles(m, n, k, num_sms)
+    if default.block_m == 16:
+        shapes = [(16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3), (16, 128, 128, True, 4, 3),
+                  (16, 128, 128, True, 8, 3), (16, 64, 128, True, 8, 4)]
+        if m == 1:
+            shapes += [(1, 32, 256, False, 4, 3), (1, 64, 256, False, 4, 3)]
+    elif default.block_m == 32:
+        shapes = [(32, 64, 64, True, 4, 4), (32, 64, 128, True, 4, 3), (32, 128, 64, True, 4, 3),
+                  (32, 128, 64, True, 8, 3)]
+    else:
+        shapes = [(64, 64, 64, True, 4, 3), (64, 128, 64, True, 8, 3), (64, 64, 128, True, 4, 3),
+                  (64, 256, 64, True, 8, 3), (64, 128, 128, True, 8, 3)]
+    tiles = [default] + [Fp8GemmTiles(bm, bn, bk, choose_split_k(m, n, k, bn, bk, num_sms), dot, warps, stages)
+                         for bm, bn, bk, dot, warps, stages in shapes]
+    for split_k in sorted({1, max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}):
+        tiles.append(replace(default, split_k=split_k))
+    return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
+
+
+def case_fp8_gemm(rows: list[Row], args: Args) -> None:
+    """The weight-only fp8 GEMM (kernels/fp8_gemm.py, the "triton" columns) against cuBLAS bf16 (F.linear, the
+    "torch" columns) at Llama-3-8B's decode shapes, M = 1..64 tokens; the note has the previous fp8 path
+    (per-token activation quantization + row-wise torch._scaled_mm). Graph timings cycle through enough weight
+    copies that none is L2-resident. Bytes: the fp8 weight. --sweep adds, per shape, the fastest of
+    fp8_gemm_candidates (its "torch" columns: the default tiles)."""
     from runtime.layers.quantization.fp8_ops import quantize_per_channel, quantize_per_token, scaled_mm
 
     s = LLAMA
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for name, k, n in (("qkv", s.hidden, s.hidden + 2 * s.num_kv_heads * s.head_dim), ("o", s.hidden, s.hidden),
                        ("gate_up", s.hidden, 2 * s.intermediate), ("down", s.intermediate, s.hidden)):
-        weight = randn(n, k) * 0.02
-        w_fp8, w_scale = quantize_per_channel(weight)
-        for tokens in (1, 16, 64, 256):
+        bf16_sets = [randn(n, k) * 0.02 for _ in range(num_sets(2 * n * k))]
+        fp8_sets = [quantize_per_channel(bf16_sets[i % len(bf16_sets)]) for i in range(num_sets(n * k))]
+        for tokens in FP8_GEMM_TOKENS:
             x = randn(tokens, k)
+            w_fp8, w_scale = fp8_sets[0]
 
-            def fp8_linear(x=x):
-                x_fp8, x_scale = quantize_per_token(x)
-                return scaled_mm(x_fp8, x_scale, w_fp8, w_scale, torch.bfloat16)
+            def kernel_calls(tiles=None, x=x):
+                return [lambda w=w, sc=sc: fp8_weight_only_gemm(x, w, sc, tiles) for w, sc in fp8_sets]
 
-            x_fp8, x_scale = quantize_per_token(x)
-            ref = (x_fp8.float() * x_scale) @ (w_fp8.float() * w_scale[:, None]).t()
-            rows.append(Row("fp8_linear", f"{name} T={tokens} K={k} N={n}", bench_graph([fp8_linear]),
-                            bench_eager(fp8_linear), bench_graph([lambda x=x: F.linear(x, weight)]),
-                            bench_eager(lambda x=x: F.linear(x, weight)), rel_err(fp8_linear(), ref), n * k,
-                            "vs cuBLAS bf16 (torch columns); floor: the fp8 weight bytes"))
+            def scaled_mm_calls(x=x):
+                def call(w, sc):
+                    x_fp8, x_scale = quantize_per_token(x)
+                    return scaled_mm(x_fp8, x_scale, w, sc, torch.bfloat16)
+                return [lambda w=w, sc=sc: call(w, sc) for w, sc in fp8_sets]
+
+            bf16_calls = [lambda w=w, x=x: F.linear(x, w) for w in bf16_sets]
+            kernel_us, bf16_us = bench_graph(kernel_calls()), bench_graph(bf16_calls)
+            scaled_us = bench_graph(scaled_mm_calls())
+            tiles = default_fp8_gemm_tiles(tokens, n, k, num_sms)
+            case = f"{name} M={tokens} K={k} N={n}"
+            err = rel_err(kernel_calls()[0](), fp8_weight_only_gemm_ref(x, w_fp8, w_scale))
+            rows.append(Row("fp8_gemm weight-only", case, kernel_us, bench_eager(kernel_calls()[0]), bf16_us,
+                            bench_eager(bf16_calls[0]), err, n * k,
+                            f"vs cuBLAS bf16; _scaled_mm path {scaled_us:.1f} us (the kernel "
+                            f"{scaled_us / kernel_us:.2f}x faster; _scaled_mm {bf16_us / scaled_us:.2f}x bf16); "
+                            f"tiles {tile_text(tiles)}", other_graph_us=scaled_us))
+            if args.sweep:
+                timed = [(bench_graph(kernel_calls(t)), t) for t in fp8_gemm_candidates(tokens, n, k, num_sms)]
+                best_us, best = min(timed, key=lambda pair: pair[0])
+                runner_up = sorted(timed, key=lambda pair: pair[0])[1:2]
+                note = f"best {tile_text(best)}" + (f"; next {tile_text(runner_up[0][1])} {runner_up[0][0]:.1f} us"
+                                                      if runner_up else "")
+                rows.append(Row("fp8_gemm sweep (torch = default tiles)", case, best_us, math.nan, kernel_us, math.nan,
+                                None, n * k, note))
+
+
+def tile_text(t: Fp8GemmTiles) -> str:
+    return (f"{'dot' if t.use_dot else 'gemv'} {t.block_m}x{t.block_n}x{t.block_k} split {t.split_k} "
+            f"w{t.num_warps} s{t.num_stages}")
+
+
+def case_fp8(rows: list[Row], args: Args) -> None:
+    """The weight-only fp8 GEMM (case_fp8_gemm), and decode attention reading an fp8_e4m3 KV pool against the same
+    kernel on a bf16 pool (in the "torch" columns)."""
+    case_fp8_gemm(rows, args)
+    s = LLAMA
     scale = s.head_dim**-0.5
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, seq_len in ((1, 4096), (64, 1024)):
@@ -536,7 +605,7 @@ def case_mla(rows: list[Row], args: Args) -> None:
 
 
 CASES = {"decode": case_decode, "backend": case_backend, "extend": case_extend, "elementwise": case_elementwise,
-         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8, "mla": case_mla}
+         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8, "fp8_gemm": case_fp8_gemm, "mla": case_mla}
 
 
 def format_table(rows: list[Row], bandwidth: float) -> str:
@@ -561,7 +630,9 @@ def format_table(rows: list[Row], bandwidth: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
-    parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    every_case = [name for name in CASES if name != "fp8_gemm"]  # the fp8 case runs it
+    parser.add_argument("--only", default=",".join(every_case), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--json", type=Path, help="also write the rows here, as a JSON list")
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes and split counts")
     parser.add_argument("--decode-shapes", default="all", choices=("all", "saturation"),
                         help="decode attention shapes: all, or only the serving-at-saturation ones")
@@ -589,6 +660,8 @@ def main() -> int:
     print(table)
     if args.table:
         args.table.write_text(table + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({"copy_bandwidth": bandwidth, "rows": [asdict(r) for r in rows]}, indent=1))
     bad = [r for r in rows if r.rel_err is not None and r.kernel != "sampling" and not r.rel_err <= 1e-2]
     for r in bad:
         print(f"ACCURACY FAILURE: {r.kernel} {r.case}: rel err {r.rel_err}", file=sys.stderr)

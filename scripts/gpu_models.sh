@@ -54,36 +54,16 @@ section_deepseek() {
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(mixtral)
-for name in "${sections[@]}"; do
-  if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: mixtral qwen2-moe families moe-kernel deepseek" >&2
-    exit 2
-  fi
-done
 
-if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-summary=()
-failed=0
-for name in "${sections[@]}"; do
-  echo "=== $name ==="
-  start=$(date +%s)
-  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -ne 0 ] && failed=1
-  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
-done
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
+gpu_install_wheels
+gpu_run_sections "mixtral qwen2-moe families moe-kernel deepseek" -- "${sections[@]}"
 
 for name in mixtral qwen2-moe deepseek; do
   [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
 done
 [ -f "$LOG_DIR/moe_kernel.md" ] && { echo; cat "$LOG_DIR/moe_kernel.md"; }
 [ -f "$LOG_DIR/mla_kernel.md" ] && { echo; cat "$LOG_DIR/mla_kernel.md"; }
-echo
-echo "| section | result | time |"
-echo "| --- | --- | --- |"
-printf '%s\n' "${summary[@]}"
-exit "$failed"
+gpu_print_summary
+exit "$GPU_FAILED"

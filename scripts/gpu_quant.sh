@@ -5,14 +5,16 @@
 #
 #   bash scripts/gpu_quant.sh                     # every section
 #   bash scripts/gpu_quant.sh one-batch serving   # chosen sections
+#   bash scripts/gpu_quant.sh fp8-gemm            # the weight-only fp8 GEMM alone, about 3 minutes (one table)
+#   FP8_GEMM_SWEEP=1 bash scripts/gpu_quant.sh fp8-gemm   # and its tile sweep, about a minute more
 #
-# Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out).
+# Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out), FP8_GEMM_SWEEP (0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_quant}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ALL=(tests kernels one-batch serving)
+ALL=(tests kernels one-batch serving)  # fp8-gemm runs when named
 MODEL="${GPU_MODEL:-}"
 for candidate in shared/models/llama-3-8b-dummy ../shared/models/llama-3-8b-dummy /work/shared/models/llama-3-8b-dummy \
                  .models/llama-3-8b-dummy; do
@@ -21,14 +23,13 @@ done
 SERVE_PROMPTS="${SERVE_PROMPTS:-128}"
 SERVE_LEN="${SERVE_LEN:-1024}"
 
-if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
+gpu_install_wheels
 
 section_tests() {
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/layers/test_gpu_quantization.py \
-    tests/kernels/test_fp8_kv_cache.py
+    tests/kernels/test_fp8_kv_cache.py tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py
 }
 
 section_kernels() {
@@ -65,6 +66,31 @@ PY
   return $status
 }
 
+# The weight-only fp8 GEMM (kernels/fp8_gemm.py): its tests in bf16 on CUDA, the kernel against cuBLAS bf16 and the
+# previous fp8 path (_scaled_mm) at Llama-3-8B's decode shapes, bench_one_batch bf16 vs fp8 at batch 1 and 64
+# (128 in / 256 out, one model load each), and with FP8_GEMM_SWEEP=1 the tile sweep (about a minute more), in one table.
+section_fp8_gemm() {
+  local status=0
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py \
+    tests/layers/test_gpu_quantization.py || status=1
+  timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --json "$LOG_DIR/fp8_gemm.json" \
+    >"$LOG_DIR/fp8_gemm_bench.log" 2>&1 || status=1
+  grep -vE '^\|' "$LOG_DIR/fp8_gemm_bench.log" | tail -5
+  for kind in bf16 fp8; do
+    timeout 200 python3 -m runtime.bench.one_batch --model-path "$MODEL" --load-format dummy --dtype bfloat16 \
+      --batch-size 1 64 --input-len 128 --output-len 256 --output "$LOG_DIR/fp8_gemm_one_batch_$kind.json" \
+      $([ $kind = fp8 ] && echo --quantization fp8) >"$LOG_DIR/fp8_gemm_one_batch_$kind.log" 2>&1 || status=1
+    grep -vE '^\|' "$LOG_DIR/fp8_gemm_one_batch_$kind.log" | tail -3
+  done
+  if [ "${FP8_GEMM_SWEEP:-0}" = 1 ]; then
+    timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --sweep --json "$LOG_DIR/fp8_gemm_sweep.json" \
+      >"$LOG_DIR/fp8_gemm_sweep.log" 2>&1 || status=1
+    grep -vE '^\|' "$LOG_DIR/fp8_gemm_sweep.log" | tail -5
+  fi
+  python3 scripts/fp8_gemm_report.py "$LOG_DIR" || status=1
+  return $status
+}
+
 serve_and_bench() {  # name, server flags...
   local name=$1 port=30157 status=0
   shift
@@ -95,27 +121,12 @@ section_serving() {
 [ -z "$MODEL" ] && { echo "no llama-3-8b-dummy folder found; set GPU_MODEL" >&2; exit 2; }
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
-summary=()
-failed=0
-for name in "${sections[@]}"; do
-  if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: ${ALL[*]}" >&2
-    exit 2
-  fi
-  echo "=== $name ==="
-  start=$(date +%s)
-  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -ne 0 ] && failed=1
-  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
-done
+gpu_run_sections "${ALL[*]} fp8-gemm" -- "${sections[@]}"
 [ -f "$LOG_DIR/fp8_kernels.md" ] && { echo; cat "$LOG_DIR/fp8_kernels.md"; }
 [ -f "$LOG_DIR/one-batch.log" ] && { echo; grep -E '^\|' "$LOG_DIR/one-batch.log" | tail -6; }
+[ -f "$LOG_DIR/fp8-gemm.log" ] && { echo; grep -E '^\|' "$LOG_DIR/fp8-gemm.log"; }
 if [ -f "$LOG_DIR/serving.log" ]; then
   echo; grep -E "KV cache:|Output token throughput|Request throughput|Median TPOT|Median TTFT" "$LOG_DIR/serving.log"
 fi
-echo
-echo "| section | result | time |"
-echo "| --- | --- | --- |"
-printf '%s\n' "${summary[@]}"
-exit "$failed"
+gpu_print_summary
+exit "$GPU_FAILED"

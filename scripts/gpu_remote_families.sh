@@ -44,34 +44,14 @@ section_minicpm3_4b() {
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(check baichuan2-13b minicpm3-4b)
-for name in "${sections[@]}"; do
-  if ! declare -F "section_${name//-/_}" >/dev/null; then
-    echo "unknown section '$name'; known: check baichuan2-13b minicpm3-4b" >&2
-    exit 2
-  fi
-done
 
-if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-summary=()
-failed=0
-for name in "${sections[@]}"; do
-  echo "=== $name ==="
-  start=$(date +%s)
-  "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
-  status=${PIPESTATUS[0]}
-  [ "$status" -ne 0 ] && failed=1
-  summary+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
-done
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
+gpu_install_wheels
+gpu_run_sections "check baichuan2-13b minicpm3-4b" -- "${sections[@]}"
 
 for name in baichuan2-13b minicpm3-4b; do
   [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
 done
-echo
-echo "| section | result | time |"
-echo "| --- | --- | --- |"
-printf '%s\n' "${summary[@]}"
-exit "$failed"
+gpu_print_summary
+exit "$GPU_FAILED"

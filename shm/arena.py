@@ -95,6 +95,12 @@ class Arena:
         offset = DATA_OFFSET + start % self.capacity
         return ArenaBlock(start, nbytes, end), self._mv[offset:offset + nbytes]
 
+    def can_alloc(self, nbytes: int) -> bool:
+        """Whether alloc(nbytes) would get its block now, without waiting for releases."""
+        w = self._q[OFF_ALLOC // 8]
+        start = w if (w % self.capacity) + nbytes <= self.capacity else w + self.capacity - w % self.capacity
+        return 0 <= nbytes <= self.capacity and start + ((nbytes + 7) & -8) - self._q[OFF_RELEASE // 8] <= self.capacity
+
     def put(self, data, timeout: float | None = None) -> ArenaBlock:
         """Copy a bytes-like object into a new block (one memcpy)."""
         view = memoryview(data)

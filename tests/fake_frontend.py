@@ -78,6 +78,7 @@ class FakeFrontend:
     token_timestamps: list[float] = field(default_factory=list)  # every update's, as --enable-token-timestamps does
     record_calls: bool = True  # keep every GenerateCall in .calls (off for benchmarks: memory grows)
     unhealthy: str | None = None  # what health() reports
+    vision: object = None  # a text-only model: no VisionInputs
 
     def __post_init__(self):
         tokenizer = self.tokenizer
@@ -152,7 +153,7 @@ class FakeFrontend:
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
                        stream: bool, deadline: float | None = None, group: str | None = None,
-                       priority: int = 0):
+                       priority: int = 0, images=None):
         if self.record_calls:
             self.calls.append(GenerateCall(rid, list(input_ids), sampling, logprobs, stream, deadline, priority))
         if self.reject is not None:

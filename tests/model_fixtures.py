@@ -53,7 +53,8 @@ class PlanDriver:
         self.batch_id = 0
 
     def start(self, prompt: list[int], sampling: SamplingParams = GREEDY,
-              logprobs: LogprobOptions = LogprobOptions(), prefix_of: Seq | None = None, prefix_len: int = 0) -> Seq:
+              logprobs: LogprobOptions = LogprobOptions(), prefix_of: Seq | None = None, prefix_len: int = 0,
+              images: list | None = None) -> Seq:
         """A new request; with `prefix_of`, its first prefix_len tokens reuse that request's KV slots
         (as a radix-cache hit would)."""
         prefix_slots = prefix_of.slots[:prefix_len] if prefix_of is not None else []
@@ -61,7 +62,7 @@ class PlanDriver:
             assert prefix_of.tokens[:prefix_len] == prompt[:prefix_len]
         seq = Seq(row=self.free_rows.pop(0), tokens=list(prompt), slots=list(prefix_slots), owned_slots=[])
         self.pending_new_rows.append(NewRow(row=seq.row, prefix_slots=list(prefix_slots), sampling=sampling,
-                                            logprobs=logprobs))
+                                            logprobs=logprobs, images=images or []))
         return seq
 
     def finish(self, seq: Seq) -> None:

@@ -121,7 +121,21 @@ def test_named_chat_templates(tokenizer):
     tokenizer.chat_template = load_chat_template("llama-2")
     with pytest.raises(Exception, match="alternate"):
         render(tokenizer, [CHAT[1], CHAT[1]])
-    assert set(BUILTIN_CHAT_TEMPLATES) == {"chatml", "qwen2", "llama-3", "llama-2"}
+    assert set(BUILTIN_CHAT_TEMPLATES) == {"chatml", "qwen2", "llama-3", "llama-2", "chatml-llava", "llava_llama_3"}
+
+
+def test_llava_chat_templates_place_images_before_the_text(tokenizer):
+    """SGLang's chatml-llava and llava_llama_3: an image part is "<image>\n" ahead of its message's text."""
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]}]
+    tokenizer.chat_template = load_chat_template("chatml-llava")
+    assert render(tokenizer, chat, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
+        "<|im_end|>\n<|im_start|>assistant\n")
+    tokenizer.chat_template = load_chat_template("llava_llama_3")
+    text = render(tokenizer, [{"role": "system", "content": "Be brief."}, *chat], add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+                         "<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|><|start_header_id|>assistant"
+                         "<|end_header_id|>\n\n")
 
 
 def test_bad_chat_template_values(tmp_path):

@@ -36,6 +36,7 @@ from runtime.ingress.store.responses import ResponseStore
 from runtime.messages import EngineReady, ModelInfo, Shutdown
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
+from shm import Arena
 
 FINAL_ANSWERS_S = 2.0  # after the drain: time for the last answers (503s) to be written
 DRAIN_POLL_S = 0.05
@@ -49,6 +50,8 @@ class IngressConfig(msgspec.Struct, forbid_unknown_fields=True):
     to_schedulers: list[str] = msgspec.field(default_factory=lambda: ["ingress_to_scheduler"])
     listen_fd: int = -1  # a listening socket inherited from the launcher; -1: bind args.host:args.port here
     heartbeat_segment: str = ""  # the run's Heartbeats segment, read by /health ("": no heartbeat checks)
+    # the image arenas, one per replica (a vision language model); none: the model takes no images
+    image_arenas: list[str] = []
 
 
 class IngressInfo(msgspec.Struct):
@@ -83,6 +86,11 @@ class IngressActor(AsyncActor):
         fd = self.config.listen_fd
         self.sock = adopt_listener(fd) if fd >= 0 else listen(args, self.server_config.backlog)
         self.tokenizer = load_tokenizer(args)
+        self.vision = None
+        if self.config.image_arenas:
+            from runtime.multimodal.inputs import VisionInputs
+
+            self.vision = VisionInputs(args, [Arena.attach(name) for name in self.config.image_arenas])
         self.to_schedulers = [self.ref(name).channel for name in self.config.to_schedulers]
         self.model_info = self.config.model_info or self._wait_for_engine(args.ready_timeout)
 
@@ -111,7 +119,7 @@ class IngressActor(AsyncActor):
     async def main(self) -> None:
         args = self.config.args
         loop = asyncio.get_running_loop()
-        frontend = Frontend(args, self.model_info, self.tokenizer, self.to_schedulers)
+        frontend = Frontend(args, self.model_info, self.tokenizer, self.to_schedulers, self.vision)
         health = None
         if self.config.heartbeat_segment:
             from runtime.ingress.health import HealthCheck

@@ -12,6 +12,7 @@ The dispatcher lives in the ingress process (no process and no ring hop of its o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from runtime.messages import AbortRequest, GenerateRequest
@@ -40,8 +41,10 @@ class Dispatcher:
     def size(self) -> int:
         return len(self.senders)
 
-    def submit(self, request: GenerateRequest, group: str | None = None) -> int:
-        """Send the request to a replica; which one."""
+    def submit(self, request: GenerateRequest, group: str | None = None,
+               prepare: Callable[[int, GenerateRequest], GenerateRequest] | None = None) -> int:
+        """Send the request to a replica; which one. `prepare(replica, request)`, when given, makes the request that is
+        sent, once the replica is chosen (its images go into that replica's arena)."""
         sticky = self._groups.get(group) if group is not None else None
         replica = sticky[0] if sticky is not None else self._pick()
         if group is not None:
@@ -52,6 +55,8 @@ class Dispatcher:
         self._replica_of[request.rid] = replica
         self.unfinished[replica] += 1
         self.dispatched[replica] += 1
+        if prepare is not None:
+            request = prepare(replica, request)
         self.senders[replica].send(request)
         return replica
 

@@ -48,6 +48,7 @@ from runtime.messages import (
     TextUpdates,
     TokenLogprobs,
 )
+from runtime.multimodal.media import MediaError
 from runtime.server_args import ServerArgs
 from shm.ring import RingTimeout
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from actors.channel import Channel
+    from runtime.multimodal.inputs import ProcessedPrompt, VisionInputs
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +177,11 @@ class _Gather:
 
 class Frontend:
     def __init__(self, args: ServerArgs, model_info: ModelInfo, tokenizer: PreTrainedTokenizerBase | None,
-                 to_scheduler: Channel | list[Channel]):
+                 to_scheduler: Channel | list[Channel], vision: VisionInputs | None = None):
         """`to_scheduler` is the Channel of IngressToScheduler messages, or one per data-parallel
         replica (runtime.ingress.dispatcher picks one per request); `tokenizer` is the HF tokenizer
-        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init)."""
+        from runtime.tokenizer.load_tokenizer (None with --skip-tokenizer-init); `vision` reads and preprocesses
+        the images of requests to a vision language model (None: the model takes no images)."""
         self.args = args
         self.model_info = model_info
         self.tokenizer = tokenizer
@@ -196,6 +199,7 @@ class Frontend:
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.max_unfinished = self.dispatcher.size * model_info.max_running_requests + args.max_queued_requests
         self.health_check = None  # () -> reason the engine is unhealthy, or None (set by the ingress actor)
+        self.vision = vision
 
     # ------------------------------------------------------------------ tokenizer
     def _need_tokenizer(self, what: str):
@@ -291,13 +295,14 @@ class Frontend:
         return input_ids
 
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams, logprobs: LogprobOptions,
-                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0
-                       ) -> AsyncIterator[TextUpdate]:
+                       stream: bool, deadline: float | None = None, group: str | None = None, priority: int = 0,
+                       images: ProcessedPrompt | None = None) -> AsyncIterator[TextUpdate]:
         """Yields the request's TextUpdate deltas (one merged delta per wake-up; for a non-streamed
         request, a single update); the last has .finish set. Leaving early aborts the request.
         `deadline` (time.monotonic()): past it the request is aborted and fails with 504.
         Requests of one `group` (the n samples of a prompt) are served by one data-parallel replica.
-        Higher `priority` runs first (batch requests run below interactive ones)."""
+        Higher `priority` runs first (batch requests run below interactive ones). `images`: the prompt's images as
+        VisionInputs preprocessed them (input_ids are then its ids)."""
         if self._closed is not None:
             raise self._closed
         if self.draining:
@@ -305,6 +310,10 @@ class Frontend:
         if self.model_info.is_embedding:
             raise RequestError(400, "this server serves an embedding model (--is-embedding): use /v1/embeddings or "
                                     "/encode")
+        if images is not None and images.images:
+            await self.vision.wait_for_room(images)  # no await from here to the send: blocks go out in order
+            if self._closed is not None:
+                raise self._closed
         input_ids = self._check_prompt(rid, input_ids)
         self._check_load(priority)
         loop = asyncio.get_running_loop()
@@ -317,8 +326,18 @@ class Frontend:
                                                             f"{deadline - time.monotonic():.3g} s; it was aborted"))
         done = False  # finished or rejected: the scheduler holds nothing for this rid any more
         try:
-            self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
-                                                   priority=priority), group)
+            prepare = None
+            if images is not None and images.images:
+                def prepare(replica: int, request: GenerateRequest) -> GenerateRequest:
+                    # allocated right before the send: the replica's scheduler frees arena blocks in this order
+                    ids, items = self.vision.place(images, replica)
+                    return msgspec.structs.replace(request, input_ids=ids, images=items)
+            try:
+                self.dispatcher.submit(GenerateRequest(rid, input_ids, sampling, logprobs, stream, time.time(),
+                                                       priority=priority), group, prepare)
+            except MediaError as err:
+                done = True
+                raise RequestError(err.status, str(err)) from None
             while True:
                 if not state.updates and state.error is None:
                     state.waiter = loop.create_future()
@@ -512,6 +531,16 @@ def max_token_chars(tokenizer) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
+def checked_template_kwargs(template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """chat_template_kwargs, refused when they would set what the template call passes itself."""
+    template_kwargs = template_kwargs or {}
+    clash = sorted(set(template_kwargs) & RESERVED_TEMPLATE_ARGS)
+    if clash:
+        raise RequestError(400, f"chat_template_kwargs: {', '.join(clash)} cannot be set here; use the request's "
+                                f"own fields", "chat_template_kwargs")
+    return template_kwargs
+
+
 def render_chat(tokenizer, messages: list[dict], tools: list | None, add_generation_prompt: bool,
                 continue_final_message: bool, template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Chat messages -> prompt ids through the tokenizer's chat template. `template_kwargs` (OpenAI chat's
@@ -520,11 +549,7 @@ def render_chat(tokenizer, messages: list[dict], tools: list | None, add_generat
     conversation = _normalize_messages(messages)
     if tools is not None and not isinstance(tools, list):
         raise RequestError(400, f"tools: expected a list, got {type(tools).__name__}")
-    template_kwargs = template_kwargs or {}
-    clash = sorted(set(template_kwargs) & RESERVED_TEMPLATE_ARGS)
-    if clash:
-        raise RequestError(400, f"chat_template_kwargs: {', '.join(clash)} cannot be set here; use the request's "
-                                f"own fields", "chat_template_kwargs")
+    template_kwargs = checked_template_kwargs(template_kwargs)
     try:
         text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,

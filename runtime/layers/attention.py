@@ -58,5 +58,5 @@ class SelfAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.normalize_qk(q, k)
         if self.rotary is not None:
-            q, k = self.rotary(batch.positions, q, k)
+            q, k = self.rotary(batch.positions if batch.rope_positions is None else batch.rope_positions, q, k)
         return self.o_proj(attn.forward(q, k, v, self.layer_id, batch))

@@ -23,17 +23,23 @@ from runtime.models.grok import Grok1ForCausalLM
 from runtime.models.internlm2 import InternLM2ForCausalLM
 from runtime.models.llama import ExaoneForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from runtime.models.llama_embedding import LlamaEmbeddingModel, Qwen2EmbeddingModel
+from runtime.models.llava import LlavaForConditionalGeneration
+from runtime.models.llava_next import LlavaNextForConditionalGeneration
+from runtime.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from runtime.models.minicpm import MiniCPMForCausalLM
 from runtime.models.minicpm3 import MiniCPM3ForCausalLM
 from runtime.models.mixtral import MixtralForCausalLM
 from runtime.models.olmoe import OlmoeForCausalLM
 from runtime.models.phi3 import Phi3ForCausalLM
 from runtime.models.qwen import QWenLMHeadModel
+from runtime.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from runtime.models.qwen2_moe import Qwen2MoeForCausalLM
+from runtime.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from runtime.models.qwen3 import Qwen3ForCausalLM
 from runtime.models.qwen3_moe import Qwen3MoeForCausalLM
 from runtime.models.stablelm import StableLmForCausalLM
 from runtime.models.xverse import XverseForCausalLM, XverseMoeForCausalLM
+from runtime.multimodal.llava_original import ORIGINAL_LLAVA, hf_layout
 
 MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -69,6 +75,12 @@ MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "XverseForCausalLM": XverseForCausalLM,
     "XverseMoeForCausalLM": XverseMoeForCausalLM,
     "QWenLMHeadModel": QWenLMHeadModel,
+    # Vision language models (runtime/multimodal/ preprocesses their images in the ingress)
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     # Bare decoders (no LM head), served as embedding models
     "LlamaModel": LlamaEmbeddingModel,
     "MistralModel": LlamaEmbeddingModel,
@@ -85,11 +97,14 @@ def model_class(architecture: str) -> type[CausalLM]:
 
 def model_config_from_hf(config: dict, generation_config: dict | None = None) -> ModelConfig:
     architectures = config.get("architectures") or []
-    supported = [a for a in architectures if a in MODEL_REGISTRY]
+    supported = [a for a in architectures if a in MODEL_REGISTRY or a in ORIGINAL_LLAVA]
     if not supported:
         raise ModelConfigError(_unsupported(architectures or "(none in config.json)"))
     architecture = supported[0]
     try:
+        if architecture in ORIGINAL_LLAVA:  # read as the transformers layout it corresponds to
+            config = hf_layout(config, int(config.get("image_token_index", 0)))
+            architecture = config["architectures"][0]
         standard = MODEL_REGISTRY[architecture].standard_config(config)
     except KeyError as missing:
         raise ModelConfigError(f"config.json lacks {missing.args[0]!r}") from None

@@ -40,7 +40,7 @@ class DecoderModel(nn.Module):
         self.embed_scale = embed_scale
 
     def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids)
+        hidden = self.embed_tokens(batch.input_ids) if batch.input_embeds is None else batch.input_embeds
         if self.embed_scale is not None:
             # transformers rounds the scale to the model dtype first (sqrt(3072) is 55.5 in bfloat16); a host float
             # keeps the step free of device syncs and capturable

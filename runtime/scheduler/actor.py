@@ -51,7 +51,7 @@ from runtime.messages import (
 from runtime.scheduler.core import ScheduledBatch, SchedulerConfig, SchedulerCore, StepUpdates
 from runtime.scheduler.stop_checker import make_decode
 from runtime.server_args import ServerArgs
-from shm import Heartbeat
+from shm import Arena, Heartbeat
 
 # Outbound channel names (ActorSpec.outbound[i].name) the launcher gives the scheduler.
 TO_WORKERS = "scheduler_to_worker"
@@ -97,6 +97,7 @@ class SchedulerActor(Actor):
         self.shutdown_deadline: float | None = None
         self.sent_at: dict[int, float] = {}
         self.watchdog_reported: set[int] = set()
+        self.image_arenas: dict[str, Arena] = {}  # attached when the first request with images arrives
         self.heartbeat = Heartbeat(self.config.heartbeat_segment, self.name) if self.config.heartbeat_segment \
             else None
         self.log.info("scheduler: %d KV slots, %d request rows, context %d, overlap %s, radix cache %s, chunked "
@@ -162,10 +163,12 @@ class SchedulerActor(Actor):
                 self.emit(step)
             case GenerateRequest():
                 if self.shutdown_deadline is not None:
+                    self.core.image_blocks.add(msg, self.core.num_batches - 1, accepted=False)
                     self.to_ingress.send(RequestRejected(rid=msg.rid, status=503,
                                                          message="the server is shutting down"))
                     return
                 if len(self.core.waiting) >= self.args.max_queued_requests:
+                    self.core.image_blocks.add(msg, self.core.num_batches - 1, accepted=False)
                     self.to_ingress.send(RequestRejected(rid=msg.rid, status=429, message=(
                         f"the server is overloaded: {len(self.core.waiting)} sequences are queued "
                         f"(--max-queued-requests {self.args.max_queued_requests}); retry later")))
@@ -193,6 +196,16 @@ class SchedulerActor(Actor):
                     self.shutdown_deadline = time.monotonic() + grace_s
             case _:
                 self.log.error("scheduler: unexpected message %s", type(msg).__name__)
+        if len(self.core.image_blocks):
+            self._release_image_blocks()
+
+    def _release_image_blocks(self) -> None:
+        oldest = self.core.in_flight[0].plan.batch_id if self.core.in_flight else self.core.num_batches
+        for name, block in self.core.image_blocks.releasable(oldest):
+            arena = self.image_arenas.get(name)
+            if arena is None:
+                arena = self.image_arenas[name] = Arena.attach(name)
+            arena.release(block)
 
     def send_batch(self, batch: ScheduledBatch) -> None:
         self.to_workers.send(batch.plan)

@@ -51,6 +51,7 @@ from runtime.messages import (
 from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
 from runtime.scheduler.chunk_control import MixedChunkSize
 from runtime.scheduler.grammar_gate import GrammarGate
+from runtime.scheduler.image_blocks import ImageBlockLedger
 from runtime.scheduler.policy import SchedulePolicy
 from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
@@ -169,6 +170,7 @@ class SchedulerCore:
         self._arrivals = itertools.count()
 
         self.reqs: dict[str, Req] = {}  # every unfinished request
+        self.image_blocks = ImageBlockLedger()  # arena blocks of requests' images, released in order
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # admission order
         self.in_flight: collections.deque[ScheduledBatch] = collections.deque()
@@ -190,6 +192,11 @@ class SchedulerCore:
 
     def add_request(self, msg: GenerateRequest) -> RequestRejected | None:
         """Queue a request, or say why it can never be served."""
+        rejection = self._queue_request(msg)
+        self.image_blocks.add(msg, self.num_batches - 1, accepted=rejection is None)
+        return rejection
+
+    def _queue_request(self, msg: GenerateRequest) -> RequestRejected | None:
         n = len(msg.input_ids)
         if msg.rid in self.reqs:
             return RequestRejected(rid=msg.rid, status=400, message=f"rid {msg.rid!r} is already in use")
@@ -473,7 +480,7 @@ class SchedulerCore:
             self.total_prompt_tokens += len(req.prompt_ids)
             self.total_cached_tokens += req.cached_tokens
         return NewRow(row=row, prefix_slots=list(req.slots), sampling=req.sampling, logprobs=req.msg.logprobs,
-                      prior_output_ids=list(req.output_ids), embed=req.msg.embed)
+                      prior_output_ids=list(req.output_ids), embed=req.msg.embed, images=req.msg.images)
 
     def _add_extend(self, req: Req, n: int, cols: PlanColumns) -> None:
         start = len(req.slots)
@@ -618,6 +625,7 @@ class SchedulerCore:
         req.status = ReqStatus.FINISHED
         req.finish = reason
         del self.reqs[req.rid]
+        self.image_blocks.finished(req.rid, self.num_batches - 1)
 
     # ---------------------------------------------------------------------------------------
     # priority

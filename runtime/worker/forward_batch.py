@@ -38,6 +38,11 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     max_seq_len: int
     max_extend_len: int
+    # [T, hidden]: the new tokens' input embeddings when some are image tokens (runtime/worker/image_encoder.py);
+    # None: the model embeds input_ids itself
+    input_embeds: torch.Tensor | None = None
+    # [3, T]: M-RoPE position ids (Qwen2-VL) when a row of the step holds images; None: `positions` everywhere
+    rope_positions: torch.Tensor | None = None
 
     @classmethod
     def build(cls, *, input_ids: torch.Tensor, out_slots: torch.Tensor, rows: list[int], prefix_lens: list[int],

@@ -57,6 +57,7 @@ from runtime.constrained.row_matchers import RowMatchers
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
 from runtime.messages import (
+    IMAGE_PAD_BASE,
     BatchPlan,
     BatchResult,
     GrammarReady,
@@ -73,6 +74,7 @@ from runtime.worker.attention import create_attention_backend
 from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
 from runtime.worker.distributed import agree_min, check_model_shards, join_tp_group
 from runtime.worker.forward_batch import ForwardBatch, ForwardMode
+from runtime.worker.image_encoder import ImageEncoder
 from runtime.worker.kv_pool import KVPool
 from runtime.worker.pooling import Pooler, read_pooling, vectors_to_bytes
 from runtime.worker.sampling import Sampler
@@ -218,6 +220,7 @@ class ModelRunner:
         self.grammar_cache = GrammarCompileCache(self._load_tokenizer, self.model_config.vocab_size, eos) \
             if config.grammar_backend == "xgrammar" else None
         self.row_matchers = RowMatchers(self.model_config.vocab_size, eos, self.device)
+        self.image_encoder = ImageEncoder(self.model, self.device)
 
     @property
     def info(self) -> ModelInfo:
@@ -374,7 +377,8 @@ class ModelRunner:
     def _graph_step(self, plan: BatchPlan) -> bool:
         """Decode steps the captured graphs cover: every row samples and none owes prompt logprobs."""
         return (self.graph_runner is not None and self.graph_runner.can_run(plan.extend_lens) and all(plan.sample)
-                and not any(row in self.prompt_logprob_rows for row in plan.rows))
+                and not any(row in self.prompt_logprob_rows for row in plan.rows)
+                and not self.image_encoder.needs(plan))
 
     def _eager_step(self, plan: BatchPlan, pending: PendingStep) -> None:
         num_tokens = len(plan.input_ids)
@@ -386,6 +390,8 @@ class ModelRunner:
         batch = ForwardBatch.build(input_ids=input_ids, out_slots=out_slots, rows=plan.rows,
                                    prefix_lens=plan.prefix_lens, extend_lens=plan.extend_lens,
                                    req_to_token=self.req_to_token)
+        batch.input_embeds = self.image_encoder.input_embeds(plan, input_ids)
+        batch.rope_positions = self.image_encoder.rope_positions(plan)
         self.req_to_token[batch.rows[batch.token_batch_index], batch.positions] = out_slots.to(torch.int32)
         if batch.batch_size:
             self._forward_and_sample(plan, batch, pending)
@@ -400,6 +406,7 @@ class ModelRunner:
             self.prompt_logprob_rows.pop(row, None)
             self.prompt_carry.pop(row, None)
             self.pooler.free_row(row)
+            self.image_encoder.free_row(row)
 
     def collect(self, pending: PendingStep) -> BatchResult:
         if pending.done is not None:
@@ -412,7 +419,8 @@ class ModelRunner:
     def _forward_and_sample(self, plan: BatchPlan, batch: ForwardBatch, pending: PendingStep) -> None:
         self.attention.prepare(batch)
         compiled = (self.compiled_forward is not None and batch.mode == ForwardMode.DECODE
-                    and batch.batch_size <= self.config.torch_compile_max_bs)
+                    and batch.batch_size <= self.config.torch_compile_max_bs and batch.input_embeds is None
+                    and batch.rope_positions is None)
         hidden = (self.compiled_forward if compiled else self.model)(batch, self.attention)
         starts = _running_sum(plan.extend_lens)
         pending.embeddings = self.pooler.step(plan, hidden, starts)
@@ -464,7 +472,10 @@ class ModelRunner:
     def _prompt_logprobs(self, plan: BatchPlan, i: int, start: int, logits: torch.Tensor) -> TokenLogprobs:
         """Logprobs of the prompt tokens scored by this chunk (see the module docstring)."""
         row, prefix, count = plan.rows[i], plan.prefix_lens[i], plan.extend_lens[i]
-        chunk_ids = plan.input_ids[start:start + count]
+        # image tokens are scored as the model's image token
+        image_token = getattr(self.model, "image_token_id", 0)
+        image_token = image_token if 0 <= image_token < self.model_config.vocab_size else 0
+        chunk_ids = [t if t < IMAGE_PAD_BASE else image_token for t in plan.input_ids[start:start + count]]
         carry = self.prompt_carry.pop(row, None)
         # logits[j] scores the token at position prefix + j + 1
         scoring, next_ids, first_position = logits[:-1], chunk_ids[1:], prefix + 1
@@ -493,6 +504,7 @@ class ModelRunner:
         self.pooler.free_row(new_row.row)
         if new_row.embed:
             self.pooler.add_row(new_row.row)
+        self.image_encoder.add_row(new_row.row, new_row.images)
         if new_row.logprobs.logprob_start_len >= 0 and not new_row.prior_output_ids:
             self.prompt_logprob_rows[new_row.row] = new_row.logprobs
 
@@ -520,7 +532,15 @@ class ModelRunner:
             raise ValueError(f"BatchPlan.out_slots must lie in 1..{self.max_total_tokens}")
         vocab, futures = self.model_config.vocab_size, len(self.future_tokens)
         if total and not -futures <= min(plan.input_ids) <= max(plan.input_ids) < vocab:
-            raise ValueError(f"BatchPlan.input_ids must be token ids below {vocab} or placeholders down to -{futures}")
+            if min(plan.input_ids) < -futures or any(vocab <= t < IMAGE_PAD_BASE for t in plan.input_ids):
+                raise ValueError(f"BatchPlan.input_ids must be token ids below {vocab}, image tokens from "
+                                 f"{IMAGE_PAD_BASE} or placeholders down to -{futures}")
+            # the rows that hold images once this plan's new rows are registered
+            with_images = (set(self.image_encoder.rows) - {new_row.row for new_row in plan.new_rows}) | {
+                new_row.row for new_row in plan.new_rows if new_row.images}
+            for row, start, extend in zip(plan.rows, _running_sum(plan.extend_lens), plan.extend_lens):
+                if row not in with_images and max(plan.input_ids[start:start + extend]) >= IMAGE_PAD_BASE:
+                    raise ValueError(f"BatchPlan row {row}: image tokens in a row that has no images")
 
 
 def _running_sum(lengths: list[int]) -> list[int]:

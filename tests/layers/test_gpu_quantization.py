@@ -1,5 +1,6 @@
-"""fp8 on CUDA (skipped without it; scripts/gpu_quant.sh runs it): the row-wise scaled GEMM, per-tensor and block
-layers against their dequantized products in bf16, and the fp8-weight + fp8-KV runner against the bf16 one."""
+"""fp8 on CUDA (skipped without it; scripts/gpu_quant.sh runs it): the row-wise scaled GEMM, per-channel, per-tensor
+and block layers in bf16 against the unquantized product (at a decode size, through the weight-only kernel, and
+above it), and the fp8-weight + fp8-KV runner against the bf16 one."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import torch
 
 from runtime.layers.linear import MergedColumnParallelLinear
 from runtime.layers.parallel import TensorParallel
-from runtime.layers.quantization.fp8_linear import Fp8BlockMethod, Fp8PerChannelMethod
-from runtime.layers.quantization.fp8_ops import quantize_blocks, quantize_per_channel, quantize_per_token, scaled_mm
+from runtime.layers.quantization.fp8_linear import Fp8BlockMethod, Fp8PerChannelMethod, Fp8PerTensorMethod
+from runtime.layers.quantization.fp8_ops import (
+    WEIGHT_ONLY_MAX_TOKENS,
+    quantize_blocks,
+    quantize_per_channel,
+    quantize_per_token,
+    scaled_mm,
+)
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import runner_logits, save_tiny_model
 
@@ -30,8 +37,10 @@ def test_rowwise_scaled_mm_on_cuda_is_the_dequantized_product():
     assert rel(out, expected) < 1e-2
 
 
-@pytest.mark.parametrize("method", [Fp8PerChannelMethod(), Fp8BlockMethod((128, 128))])
-def test_fp8_layers_on_cuda(method):
+@pytest.mark.parametrize("tokens", [7, WEIGHT_ONLY_MAX_TOKENS + 36])  # the weight-only kernel; quantized x + _scaled_mm
+@pytest.mark.parametrize("method", [Fp8PerChannelMethod(), Fp8PerTensorMethod(static_activations=False),
+                                    Fp8BlockMethod((128, 128))])
+def test_fp8_layers_on_cuda(method, tokens):
     with torch.device("cuda"):
         layer = MergedColumnParallelLinear(512, [256, 256], False, TensorParallel(), torch.bfloat16)
     layer.set_quant_method(method)
@@ -40,12 +49,19 @@ def test_fp8_layers_on_cuda(method):
     for shard in range(2):
         w = torch.randn(256, 512, device="cuda") * 0.05
         full.append(w)
-        q, s = quantize_blocks(w, (128, 128)) if isinstance(method, Fp8BlockMethod) else quantize_per_channel(w)
-        names = ("weight", "weight_scale_inv") if isinstance(method, Fp8BlockMethod) else ("weight", "weight_scale")
-        for name, tensor in zip(names, (q, s if isinstance(method, Fp8BlockMethod) else s[:, None])):
+        if isinstance(method, Fp8BlockMethod):
+            q, s = quantize_blocks(w, (128, 128))
+            tensors = {"weight": q, "weight_scale_inv": s}
+        elif isinstance(method, Fp8PerTensorMethod):
+            s = w.abs().max() / 448
+            tensors = {"weight": (w / s).to(torch.float8_e4m3fn), "weight_scale": s}
+        else:
+            q, s = quantize_per_channel(w)
+            tensors = {"weight": q, "weight_scale": s[:, None]}
+        for name, tensor in tensors.items():
             params[name].weight_loader(params[name], tensor, name, shard)
     method.process_weights_after_loading(layer)
-    x = torch.randn(7, 512, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 512, device="cuda", dtype=torch.bfloat16)
     assert rel(layer(x), x.float() @ torch.cat(full).t()) < 0.06
 
 

@@ -17,6 +17,7 @@ from runtime.layers.quantization import QuantizationConfigError, quant_config_fo
 from runtime.layers.quantization.fp8_linear import Fp8BlockMethod, Fp8PerChannelMethod, Fp8PerTensorMethod
 from runtime.layers.quantization.fp8_ops import (
     FP8,
+    WEIGHT_ONLY_MAX_TOKENS,
     expand_blocks,
     quantize_blocks,
     quantize_per_channel,
@@ -25,6 +26,7 @@ from runtime.layers.quantization.fp8_ops import (
     quantize_per_token_group,
     scaled_mm,
     to_fp8,
+    weight_only_kernel_applies,
 )
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.layers.quant_fixtures import CONFIGS, KV_SCALES, write_quantized
@@ -102,6 +104,46 @@ def test_a_quantized_layer_computes_the_dequantized_matmul(method):
         x_deq = ((groups / s).to(FP8).float() * s).view(5, 64)
     expected = x_deq @ torch.cat(dequantized).t()
     assert rel(layer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("method", [Fp8PerChannelMethod(), Fp8PerTensorMethod(static_activations=True)])
+def test_decode_sized_batches_take_the_weight_only_kernel(method, monkeypatch):
+    """On CUDA, up to WEIGHT_ONLY_MAX_TOKENS tokens, per-channel and per-tensor layers multiply the unquantized x by
+    the fp8 weight (kernels/fp8_gemm.py); more tokens quantize x for torch._scaled_mm. The CPU keeps _scaled_mm
+    always, so the dispatch is opened to the CPU here and the kernel runs in Triton's interpreter."""
+    pytest.importorskip("triton")
+    from runtime.layers.quantization import fp8_linear
+
+    assert not weight_only_kernel_applies(torch.randn(1, 64))  # the CPU path is unchanged
+    layer = QKVParallelLinear(64, 16, 4, 2, False, TensorParallel(), torch.float32)
+    layer.set_quant_method(method)
+    params = dict(layer.named_parameters())
+    dequantized = []
+    for shard, rows in (("q", 64), ("k", 32), ("v", 32)):
+        w = torch.randn(rows, 64)
+        if isinstance(method, Fp8PerChannelMethod):
+            q, s = quantize_per_channel(w)
+            tensors, deq = {"weight": q, "weight_scale": s[:, None]}, q.float() * s[:, None]
+        else:  # one scale per part, broadcast over its rows
+            s = w.abs().max() / 448
+            q = (w / s).to(FP8)
+            tensors, deq = {"weight": q, "weight_scale": s, "input_scale": torch.tensor(0.05)}, q.float() * s
+        for name, tensor in tensors.items():
+            params[name].weight_loader(params[name], tensor, f"{shard}_proj.{name}", shard)
+        dequantized.append(deq)
+    method.process_weights_after_loading(layer)
+    weight = torch.cat(dequantized)
+    calls = []
+    kernel = fp8_linear.weight_only_mm
+    monkeypatch.setattr(fp8_linear, "weight_only_kernel_applies", lambda x: x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS)
+    monkeypatch.setattr(fp8_linear, "weight_only_mm", lambda *args: calls.append(1) or kernel(*args))
+    decode = torch.randn(3, 64)
+    assert rel(layer(decode), decode @ weight.t()) < 1e-5  # x unquantized: the exact dequantized product
+    assert len(calls) == 1
+    prefill = torch.randn(WEIGHT_ONLY_MAX_TOKENS + 1, 64)
+    exact = prefill @ weight.t()
+    assert 1e-4 < rel(layer(prefill), exact) < 0.1  # x quantized to fp8: close, not exact
+    assert len(calls) == 1
 
 
 def test_scales_follow_their_rows_under_tensor_parallelism():
@@ -211,6 +253,24 @@ def test_online_fp8_and_torchao_stay_close_to_the_full_precision_model(tiny):
         assert 0 < error < bound, (options, error)
     online = runner(tiny, quantization="fp8").model.model.layers[0].mlp.down_proj
     assert online.weight.dtype == FP8 and online.weight_scale.shape == (64,)
+
+
+def test_a_model_through_the_weight_only_kernel_is_closer_to_full_precision(tiny, monkeypatch):
+    """The whole tiny model with online fp8, its decode-sized linears through the weight-only kernel (the dispatch
+    opened to the CPU, the kernel in Triton's interpreter): unquantized activations make it closer to the
+    full-precision model than the quantized-activation path, and it still differs from it (fp8 weights)."""
+    pytest.importorskip("triton")
+    from runtime.layers.quantization import fp8_linear
+
+    expected = runner_logits(runner(tiny), PROMPTS)
+
+    def error(model: ModelRunner) -> float:
+        return max(rel(got, ref) for got, ref in zip(runner_logits(model, PROMPTS), expected))
+
+    scaled_mm_error = error(runner(tiny, quantization="fp8"))
+    monkeypatch.setattr(fp8_linear, "weight_only_kernel_applies", lambda x: x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS)
+    weight_only_error = error(runner(tiny, quantization="fp8"))
+    assert 0 < weight_only_error < scaled_mm_error, (weight_only_error, scaled_mm_error)
 
 
 def test_fp8_kv_cache_holds_more_tokens(tiny, monkeypatch):

@@ -35,12 +35,15 @@ def tiny(request, tmp_path_factory):
 
 def test_every_registered_architecture_has_a_case():
     """The bare decoders (embedding models) are checked against transformers by the embedding tests, the families
-    whose code lives in their checkpoint repositories by test_remote_families.py."""
+    whose code lives in their checkpoint repositories by test_remote_families.py, the vision language models by
+    test_llava.py and test_qwen2_vl.py."""
     from runtime.models.config import EMBEDDING_ARCHITECTURES
+    from runtime.multimodal.architectures import VISION_LANGUAGE_ARCHITECTURES
     from tests.models.test_remote_families import REMOTE_ARCHITECTURES
 
     bare = set(EMBEDDING_ARCHITECTURES.values())
-    assert {case.architecture for case in CASES.values()} == set(MODEL_REGISTRY) - bare - REMOTE_ARCHITECTURES
+    assert {case.architecture for case in CASES.values()} == (set(MODEL_REGISTRY) - bare - REMOTE_ARCHITECTURES
+                                                              - VISION_LANGUAGE_ARCHITECTURES)
 
 
 def test_architecture_facts(tiny):

@@ -159,3 +159,19 @@ def test_block_handles_travel_in_ring_messages_across_processes(prefix):
         ring.close()
         arena.unlink()
         ring.unlink()
+
+
+def test_can_alloc_says_whether_alloc_would_wait(prefix):
+    arena = Arena.create(prefix + "a", 8192)
+    try:
+        first, view = arena.alloc(5000)
+        view.release()
+        assert arena.can_alloc(3000) and not arena.can_alloc(3300)
+        second, view = arena.alloc(3000)
+        view.release()
+        assert not arena.can_alloc(1000)  # 192 bytes left at the end: a block of 1000 needs the released start
+        arena.release(first)
+        assert arena.can_alloc(5000) and not arena.can_alloc(5200)  # skips the tail, waits for nothing up to 5000
+        assert not arena.can_alloc(9000)
+    finally:
+        arena.close()

@@ -75,9 +75,9 @@ class PriorityFrontend:
     def __getattr__(self, name: str):
         return getattr(self._frontend, name)
 
-    def generate(self, rid, input_ids, sampling, logprobs, stream, deadline=None, group=None):
+    def generate(self, rid, input_ids, sampling, logprobs, stream, deadline=None, group=None, images=None):
         return self._frontend.generate(rid, input_ids, sampling, logprobs, stream, deadline, group,
-                                       priority=self._priority)
+                                       priority=self._priority, images=images)
 
 
 def process_owner() -> str:

@@ -45,7 +45,8 @@ class Generation:
     def updates(self, stream: bool) -> AsyncIterator[TextUpdate]:
         if len(self.sequences) == 1:
             job = self.sequences[0].job
-            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream, job.deadline)
+            return self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs, stream, job.deadline,
+                                          images=job.images)
         return self._merged(stream)
 
     def fold(self, update: TextUpdate) -> int:
@@ -77,7 +78,8 @@ class Generation:
         async def pump(job: Job) -> None:
             try:
                 async with aclosing(self.frontend.generate(job.rid, job.input_ids, job.sampling, job.logprobs,
-                                                           stream, job.deadline, job.group)) as updates:
+                                                           stream, job.deadline, job.group,
+                                                           images=job.images)) as updates:
                     async for update in updates:
                         queue.put_nowait(update)
             except Exception as err:

@@ -40,6 +40,8 @@ from runtime.ingress.errors import RequestError
 from runtime.ingress.frontend import Frontend
 from runtime.ingress.model_identity import gguf_model_id
 from runtime.messages import LogprobOptions, SamplingParams, TokenLogprobs
+from runtime.multimodal.inputs import ProcessedPrompt
+from runtime.multimodal.media import ImageRef, MediaError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class NativeApi:
                                  "--skip-tokenizer-init", "return_text_in_logprobs")
         check_sequence_count(_sequence_count(body), args.max_seqs_per_request, "text or input_ids (prompts x n)")
         prompts, is_batch = await self._prompts(body)
+        images = await prompt_images(self.frontend.vision, body, prompts, is_batch)
         count = len(prompts)
         sampling = per_prompt(body.sampling_params, count, "sampling_params", is_batch)
         rids = per_prompt(body.rid, count, "rid", is_batch)
@@ -98,7 +101,7 @@ class NativeApi:
                                               NATIVE_DEFAULT_MAX_NEW_TOKENS, seed_offset=j, grammar=grammar,
                                               custom_logit_processor=processor)
                 job = Job(rid if params.n == 1 else f"{rid}-{j}", input_ids, params_j, options, deadline,
-                          group=rid if params.n > 1 else None)
+                          group=rid if params.n > 1 else None, images=images[i])
                 sequences.append(Sequence(job, arrival))
 
         if len({s.job.rid for s in sequences}) != len(sequences):
@@ -116,6 +119,8 @@ class NativeApi:
 
     async def _prompts(self, body: GenerateBody) -> tuple[list[list[int]], bool]:
         for name in _UNSUPPORTED_INPUTS:
+            if name == "image_data" and self.frontend.vision is not None:
+                continue
             if getattr(body, name) is not None:
                 raise HttpError(400, f"{name}: not supported yet by this server", name)
         if body.return_hidden_states:
@@ -300,6 +305,39 @@ async def _encode(frontend, text: str, field: str) -> list[int]:
         return await frontend.encode_async(text, field)
     except RequestError as err:
         raise HttpError(err.status, err.message, field) from None
+
+
+async def prompt_images(vision, body: GenerateBody, prompts: list[list[int]], is_batch: bool
+                        ) -> list[ProcessedPrompt | None]:
+    """SGLang's image_data (a string or a list of them per prompt: base64, data URL, path or URL; for a batch, one
+    such entry per prompt): each text prompt with images is processed again with them, replacing its ids."""
+    out: list[ProcessedPrompt | None] = [None] * len(prompts)
+    if body.image_data is None:
+        return out
+    if vision is None:
+        raise HttpError(400, "image_data: this model takes no images (not a vision language model)", "image_data")
+    if body.text is None:
+        raise HttpError(400, "image_data: needs `text` (the image placeholders are expanded from the text)",
+                        "image_data")
+    if is_batch:
+        if not isinstance(body.image_data, list) or len(body.image_data) != len(prompts):
+            raise HttpError(400, f"image_data: for a batch of {len(prompts)} texts, a list of as many entries",
+                            "image_data")
+        entries = [(e, f"image_data[{i}]") for i, e in enumerate(body.image_data)]
+    else:
+        entries = [(body.image_data, "image_data")]
+    texts = body.text if is_batch else [body.text]
+    for i, (entry, field) in enumerate(entries):
+        if entry is None:
+            continue
+        sources = entry if isinstance(entry, list) else [entry]
+        refs = [ImageRef(s, f"{field}[{k}]" if isinstance(entry, list) else field) for k, s in enumerate(sources)]
+        try:
+            out[i] = await vision.prompt(texts[i], refs)
+        except MediaError as err:
+            raise HttpError(err.status, str(err), err.field) from None
+        prompts[i] = out[i].input_ids
+    return out
 
 
 def _sequence_count(body: GenerateBody) -> int:

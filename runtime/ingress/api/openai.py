@@ -32,8 +32,10 @@ from runtime.ingress.api.sequence import Job, Sequence
 from runtime.ingress.api.structured import reasoning_grammar, request_grammar
 from runtime.ingress.api.tools import chat_tools, template_tool_calls
 from runtime.ingress.errors import RequestError
-from runtime.ingress.frontend import Frontend
+from runtime.ingress.frontend import Frontend, checked_template_kwargs
 from runtime.messages import GrammarSpec, LogprobOptions, TokenLogprobs
+from runtime.multimodal.inputs import ProcessedPrompt
+from runtime.multimodal.media import MediaError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's and SGLang's
 
@@ -136,7 +138,9 @@ class OpenAIApi:
         processor = check_custom_logit_processor(body.custom_logit_processor,
                                                  self.frontend.args.enable_custom_logit_processor)
         tools = chat_tools(self.frontend, body.tools, body.tool_choice, body.parallel_tool_calls)
-        messages = chat_message_dicts(body.messages)
+        vision = self.frontend.vision
+        image_refs: list | None = [] if vision is not None else None
+        messages = chat_message_dicts(body.messages, image_refs)
         for i, message in enumerate(messages):
             if "tool_calls" in message:
                 message["tool_calls"] = template_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
@@ -152,12 +156,20 @@ class OpenAIApi:
         if continue_final and messages[-1]["role"] != "assistant":
             raise HttpError(400, "continue_final_message: the last message must be the assistant's",
                             "continue_final_message")
+        images = None
         try:
-            input_ids = await self.frontend.apply_chat_template_async(messages, tools.template_tools,
-                                                                      add_generation_prompt, continue_final,
-                                                                      body.chat_template_kwargs)
+            if vision is not None:  # a vision language model: its processor renders and tokenizes
+                images = await vision.chat(messages, image_refs, tools.template_tools, add_generation_prompt,
+                                           continue_final, checked_template_kwargs(body.chat_template_kwargs))
+                input_ids = images.input_ids
+            else:
+                input_ids = await self.frontend.apply_chat_template_async(messages, tools.template_tools,
+                                                                          add_generation_prompt, continue_final,
+                                                                          body.chat_template_kwargs)
         except RequestError as err:
             raise HttpError(err.status, err.message, err.param or "messages") from None
+        except MediaError as err:
+            raise HttpError(err.status, str(err), err.field) from None
         check_prompt(input_ids, self.model_info.vocab_size, self.model_info.context_length, "messages")
 
         top = body.top_logprobs
@@ -182,7 +194,7 @@ class OpenAIApi:
         grammar = reasoning_grammar(grammar or tools.grammar, reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         sequences = self._sequences(request_id, body.rid, [input_ids], params, options, None, arrival, names, deadline,
-                                    grammar, processor)
+                                    grammar, images, processor)
         output = None
         if reasoning is not None or tools.parser is not None:
             output = ChatOutputParser(reasoning, tools.parser, max_calls=None if tools.parallel else 1)
@@ -196,7 +208,8 @@ class OpenAIApi:
 
     def _sequences(self, request_id: str, rid: str | None, prompts: list[list[int]], params, options, default_max,
                    arrival: float, names=OPENAI_FIELDS, deadline: float | None = None,
-                   grammar: GrammarSpec | None = None, processor: str | None = None) -> list[Sequence]:
+                   grammar: GrammarSpec | None = None, images: ProcessedPrompt | None = None,
+                   processor: str | None = None) -> list[Sequence]:
         base = rid or request_id
         sequences = []
         for i, input_ids in enumerate(prompts):
@@ -207,7 +220,7 @@ class OpenAIApi:
                 single = len(prompts) == 1 and params.n == 1
                 rid_ij = base if single else f"{base}-{i * params.n + j}"
                 group = f"{base}/{i}" if params.n > 1 else None
-                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline, group), arrival))
+                sequences.append(Sequence(Job(rid_ij, input_ids, sampling, options, deadline, group, images), arrival))
         return sequences
 
     async def _run(self, sequences: list[Sequence]) -> None:

@@ -16,6 +16,7 @@ from msgspec import Struct
 from httpd import HttpError
 from runtime import stop_regex
 from runtime.messages import GrammarSpec, SamplingParams
+from runtime.multimodal.media import ImageRef
 
 MAX_N = 128  # completions per prompt (OpenAI's limit); a guard against one request fanning out without bound
 MAX_STOP_STRINGS = 64  # each is matched against the output tail at every step
@@ -173,6 +174,7 @@ class CompletionBody(_OpenAISampling):
 class ContentPart(Struct):
     type: str
     text: str | None = None
+    image_url: Any = None  # {"url": ..., "detail": ...} (or the URL string itself)
 
 
 class ChatMessage(Struct):
@@ -183,8 +185,10 @@ class ChatMessage(Struct):
     tool_call_id: str | None = None
 
 
-def chat_message_dicts(messages: list[ChatMessage] | None) -> list[dict]:
-    """OpenAI chat messages as the dicts a chat template takes (text parts joined)."""
+def chat_message_dicts(messages: list[ChatMessage] | None, images: list[ImageRef] | None = None) -> list[dict]:
+    """OpenAI chat messages as the dicts a chat template takes (text parts joined). With `images` (a vision language
+    model), every content is a list of parts as processor templates take them, an image_url part becomes
+    {"type": "image"} and its image is appended to `images`."""
     if not messages:
         raise HttpError(400, "messages: required, a non-empty list", "messages")
     out = []
@@ -200,10 +204,14 @@ def chat_message_dicts(messages: list[ChatMessage] | None) -> list[dict]:
                 raise HttpError(400, f"{field}: required for a {role} message (only an assistant message with "
                                      "tool_calls may leave it out)", field)
             content = ""
+        if images is not None:
+            content = _content_parts(content, f"messages[{i}].content", images)
         elif isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
                 field = f"messages[{i}].content[{j}]"
+                if part.type == "image_url":
+                    raise HttpError(400, f"{field}: this model takes no images (not a vision language model)", field)
                 if part.type != "text":
                     raise HttpError(400, f"{field}: only text parts are supported, got type {part.type!r}", field)
                 if part.text is None:
@@ -217,6 +225,31 @@ def chat_message_dicts(messages: list[ChatMessage] | None) -> list[dict]:
                 entry[key] = value
         out.append(entry)
     return out
+
+
+def _content_parts(content: str | list[ContentPart], field: str, images: list[ImageRef]) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    parts = []
+    for j, part in enumerate(content):
+        where = f"{field}[{j}]"
+        if part.type == "text":
+            if part.text is None:
+                raise HttpError(400, f"{where}.text: a text part needs a `text` string", f"{where}.text")
+            parts.append({"type": "text", "text": part.text})
+        elif part.type == "image_url":
+            image = part.image_url
+            url, detail = (image, "auto") if isinstance(image, str) else (
+                (image.get("url"), image.get("detail") or "auto") if isinstance(image, dict) else (None, "auto"))
+            if not isinstance(url, str) or not url:
+                raise HttpError(400, f"{where}.image_url.url: required, a data URL, an http(s) URL or a file path",
+                                f"{where}.image_url.url")
+            images.append(ImageRef(url, f"{where}.image_url", detail))
+            parts.append({"type": "image"})
+        else:
+            raise HttpError(400, f"{where}: only text and image_url parts are supported, got type {part.type!r}",
+                            where)
+    return parts
 
 
 class ChatBody(_OpenAISampling):

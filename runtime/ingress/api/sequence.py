@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from runtime.messages import FinishReason, LogprobOptions, RequestMeta, SamplingParams, TextUpdate, TokenLogprobs
+
+if TYPE_CHECKING:
+    from runtime.multimodal.inputs import ProcessedPrompt
 
 
 @dataclass(slots=True)
@@ -16,6 +20,7 @@ class Job:
     logprobs: LogprobOptions
     deadline: float | None = None  # time.monotonic() past which the request is aborted (504)
     group: str | None = None  # the n samples of one prompt share a group: one data-parallel replica serves them
+    images: ProcessedPrompt | None = None  # a vision language model's prompt: input_ids are its ids
 
 
 @dataclass(slots=True)

@@ -8,6 +8,8 @@
   weight scales become per-channel ones, so the GEMM is the same row-wise one.
 - `Fp8BlockMethod`: fp8 weight with one scale per [bn, bk] block (`weight_scale_inv`), activations quantized per
   token and group of bk columns (DeepSeek-V3 / Qwen3 FP8 checkpoints).
+The per-channel and per-tensor methods run the weight-only kernel instead at decode sizes on CUDA (fp8_ops.py says
+when); the block method keeps its path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from runtime.layers.quantization.fp8_ops import (
     quantize_per_tensor,
     quantize_per_token,
     scaled_mm,
+    weight_only_kernel_applies,
+    weight_only_mm,
 )
 
 
@@ -68,6 +72,8 @@ class Fp8PerChannelMethod:
                                                                    device=layer.weight.device), persistent=False)
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        if weight_only_kernel_applies(x):
+            return weight_only_mm(x, layer.weight, layer.weight_scale)
         x_fp8, x_scale = quantize_per_token(x, layer.activation_scale_ub)
         return scaled_mm(x_fp8, x_scale, layer.weight, layer.weight_scale, x.dtype)
 
@@ -93,6 +99,8 @@ class Fp8PerTensorMethod:
             _to_buffer(layer, "input_scale", layer.input_scale.data.max())
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        if weight_only_kernel_applies(x):  # the static input scale goes unused: x keeps its precision
+            return weight_only_mm(x, layer.weight, layer.weight_scale)
         x_fp8, x_scale = quantize_per_tensor(x, layer.input_scale if self.static_activations else None)
         return scaled_mm(x_fp8, x_scale.expand(x.shape[0], 1).contiguous(), layer.weight, layer.weight_scale, x.dtype)
 

@@ -5,16 +5,30 @@ scales (one per token of the activation, one per output channel of the weight): 
 in this torch also on the CPU, where it gives exactly the dequantized product (tests/layers/test_quantization.py
 checks it), so CPU and GPU run the same code. Block-wise weights ([128, 128] blocks, 1 x 128 activation groups)
 are dequantized and multiplied in the activation dtype: the same numbers, not yet a fused kernel.
+
+On CUDA, up to WEIGHT_ONLY_MAX_TOKENS tokens (decode), weights with a scale per output channel skip the above: the
+weight-only kernel (kernels/fp8_gemm.py) multiplies the activations as they are by the fp8 weight, dequantized in
+registers. There the GEMM is bound by reading the weight, and quantizing the activations per token would cost more
+than the fp8 GEMM itself; the activations keep their precision, so the result is closer to the unquantized model.
 """
 
 from __future__ import annotations
 
 import torch
 
+try:  # Triton is needed on CUDA only (pyproject's gpu extra); CPU installs run the torch code
+    from kernels.fp8_gemm import fp8_weight_only_gemm
+    from kernels.fp8_quant import per_token_quant_fp8
+except ImportError:
+    fp8_weight_only_gemm = per_token_quant_fp8 = None
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # a scale never below this, so an all-zero row or token does not divide by zero
 MIN_AMAX = 1e-12
+# Up to this many tokens (decode batches) the weight-only kernel beats quantized activations + torch._scaled_mm on an
+# H200 (scripts/gpu_quant.sh fp8-gemm measures both); above it the GEMM turns compute-bound and fp8 tensor cores win.
+WEIGHT_ONLY_MAX_TOKENS = 64
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = FP8) -> torch.Tensor:
@@ -31,7 +45,10 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def quantize_per_token(x: torch.Tensor, scale_ub: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] -> (fp8 [T, K], scale float32 [T, 1]), dynamically; `scale_ub` caps each token's amax (fbgemm's
-    activation_scale_ub, which keeps outlier tokens from wasting the range of the others)."""
+    activation_scale_ub, which keeps outlier tokens from wasting the range of the others). On CUDA one Triton kernel
+    (kernels/fp8_quant.py) computes the same bits as the torch code below."""
+    if per_token_quant_fp8 is not None and x.is_cuda:
+        return per_token_quant_fp8(x if x.stride(-1) == 1 else x.contiguous(), scale_ub, MIN_AMAX)
     amax = x.abs().amax(dim=1, keepdim=True).float()
     if scale_ub is not None:
         amax = torch.minimum(amax, scale_ub)
@@ -90,3 +107,14 @@ def block_scaled_mm(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: tor
     x_real = (x_fp8.float() * x_scale.repeat_interleave(block[1], dim=1)[:, :x.shape[1]]).to(x.dtype)
     weight = (weight_fp8.float() * expand_blocks(weight_scale, block, tuple(weight_fp8.shape))).to(x.dtype)
     return torch.nn.functional.linear(x_real, weight)
+
+
+def weight_only_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether a per-channel fp8 linear runs the weight-only kernel on x [T, K] (CUDA, at most
+    WEIGHT_ONLY_MAX_TOKENS tokens) rather than quantizing x for torch._scaled_mm."""
+    return fp8_weight_only_gemm is not None and x.is_cuda and x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS
+
+
+def weight_only_mm(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (weight_fp8 * weight_scale[:, None])^T in x's dtype, x unquantized (the weight-only kernel)."""
+    return fp8_weight_only_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight_fp8, weight_scale)

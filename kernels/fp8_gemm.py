@@ -1,0 +1,166 @@
+"""Weight-only fp8 GEMM for few tokens (decode): y[M, N] = x[M, K] @ (W[N, K] * scale[N, None])^T.
+
+W is float8_e4m3fn with one float32 scale per output channel (a per-tensor scale is that scale broadcast); x and y are
+in the model dtype. At decode (M = 1..64) the GEMM is bound by the bytes of W, so the kernel reads each fp8 weight
+byte once, converts it to x's dtype in registers and accumulates in float32: half the bytes of a bf16 GEMM, and no
+per-token quantization of the activations (which, with torch._scaled_mm, costs more than the GEMM at these sizes).
+
+Tiling: one program per (BLOCK_N output channels, K split). A decode-sized N alone gives too few programs to keep an
+H200's 132 SMs reading (4096 / 64 = 64), so K is split and every split writes a float32 partial [SPLIT_K, M, N] that
+a second kernel sums, scales and casts (deterministic, unlike atomics; the partials are small and stay in L2). With
+SPLIT_K = 1 the first kernel writes y directly. Two ways to multiply a tile:
+- USE_DOT: tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] (BLOCK_M >= 16, rows past M masked);
+- GEMV (for M of 1..4): a broadcast product summed over K, no padding of M to 16; the defaults use tl.dot, whose
+  weight loads Triton pipelines through shared memory (cp.async), and the GPU bench's --sweep times both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.decode_attention import dot_precision
+
+
+@dataclass(frozen=True)
+class Fp8GemmTiles:
+    """Launch shape: rows of x per program, output channels per program, K per step, K splits, dot or GEMV."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    use_dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def choose_split_k(m: int, n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
+    """K splits (a power of two) until the grid holds about two programs per SM, keeping at least four K steps per
+    split (fewer would spend more on the partials and their reduction than the extra programs gain) and the float32
+    partials' traffic (m x n x 4 bytes, written and read, per split) under half the fp8 weight's bytes."""
+    n_tiles = triton.cdiv(n, block_n)
+    max_split = max(1, min(triton.cdiv(k, block_k) // 4, k // (16 * max(1, m))))
+    split_k = 1
+    while n_tiles * split_k < 2 * num_sms and split_k * 2 <= max_split:
+        split_k *= 2
+    return split_k
+
+
+def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
+    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Every program reads all of x's rows over its
+    K range, so from 32 rows on the tiles widen to 128 channels: with 64, x's bytes re-read from L2 would reach twice
+    the weight's. Compiled for sm_90 (Triton 3.x, ahead of time): cp.async-pipelined 16-byte loads of the weight,
+    mma.sync up to 32 rows and wgmma at 64, 99-127 registers, no spills, 29-49 KB of shared memory per program."""
+    block_m = max(16, triton.next_power_of_2(m))
+    if block_m == 16:
+        block_n, block_k, num_warps = 64, 128, 4
+    else:
+        block_n, block_k, num_warps = 128, 64, 8
+    split_k = choose_split_k(m, n, k, block_n, block_k, num_sms)
+    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=num_warps, num_stages=4)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    x_ptr, w_ptr, scale_ptr, out_ptr,
+    M, N, K, steps_per_split,
+    stride_xm, stride_wn, stride_os, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    APPLY_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # a multiple of BLOCK_K by construction, so Triton can prove the loads aligned and vectorize them
+    k_start = split * steps_per_split * BLOCK_K
+
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        ks = k_start + step * BLOCK_K + offs_k
+        mask_k = ks < K
+        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if USE_DOT:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+    if APPLY_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    part_ptr, scale_ptr, out_ptr, N, SPLIT_K,
+    stride_ps, stride_pm, stride_om,
+    BLOCK_N: tl.constexpr,
+):
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + offs_n, mask=mask_n, other=0.0)
+    acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         tiles: Fp8GemmTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (float32/16-bit), weight [N, K] float8_e4m3fn, weight_scale [N] float32 -> y [M, N] in x's dtype.
+
+    Allocates only through torch (the output and, with a K split, the float32 partials), so it can be captured in
+    a CUDA graph; no host synchronisation."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight_scale.shape != (n,):
+        raise ValueError(f"x [{m}, {k}], weight {tuple(weight.shape)} and weight_scale {tuple(weight_scale.shape)} "
+                         f"do not form y = x @ (weight * scale[:, None])^T")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight must be contiguous in their last dimension")
+    tiles = tiles or default_fp8_gemm_tiles(m, n, k)
+    if m > tiles.block_m:
+        raise ValueError(f"{m} rows exceed the tile's block_m {tiles.block_m}")
+    if out is None:
+        out = x.new_empty(m, n)
+    if out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{m}, {n}], contiguous in its last dimension; got {tuple(out.shape)}")
+    if m == 0:
+        return out
+    steps_per_split = triton.cdiv(triton.cdiv(k, tiles.block_k), tiles.split_k)
+    split_k = triton.cdiv(k, steps_per_split * tiles.block_k)  # never an empty split
+    target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    stride_os = 0 if split_k == 1 else target.stride(0)
+    _fp8_gemm_kernel[(triton.cdiv(n, tiles.block_n), split_k)](
+        x, weight, weight_scale, target,
+        m, n, k, steps_per_split,
+        x.stride(0), weight.stride(0), stride_os, target.stride(-2),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
+        APPLY_SCALE=split_k == 1, PRECISION=dot_precision(x.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if split_k > 1:
+        block_n = 1024
+        _split_k_reduce_kernel[(m, triton.cdiv(n, block_n))](
+            target, weight_scale, out, n, split_k,
+            target.stride(0), target.stride(1), out.stride(0),
+            BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
+def fp8_weight_only_gemm_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Torch reference: the dequantized weight, the product in float32, cast to x's dtype."""
+    return (x.float() @ (weight.float() * weight_scale.float()[:, None]).t()).to(x.dtype)

@@ -1,0 +1,41 @@
+# Sourced by the scripts/gpu_*.sh runners: the copied wheels on PYTHONPATH, and the loop that runs named sections.
+# A runner defines section_<name> functions (dashes in names become underscores), sets LOG_DIR, then calls
+#   gpu_install_wheels
+#   gpu_run_sections "known names..." -- "$@"
+# which checks every asked name first (exit 2 on an unknown one), runs each section with its output in
+# $LOG_DIR/<name>.log and on the terminal, and leaves GPU_SUMMARY (markdown rows) and GPU_FAILED (0 or 1).
+
+gpu_install_wheels() {  # the device machine lacks msgspec, httptools, gguf...: install the carried .whl/ into /tmp/site
+  if compgen -G ".whl/*.whl" >/dev/null && ! python3 -c "import msgspec" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+}
+
+gpu_run_sections() {  # gpu_run_sections "<known names>" -- <asked names...>
+  local known=$1 name start status
+  shift 2
+  for name in "$@"; do
+    if ! declare -F "section_${name//-/_}" >/dev/null; then
+      echo "unknown section '$name'; known: $known" >&2
+      exit 2
+    fi
+  done
+  GPU_SUMMARY=()
+  GPU_FAILED=0
+  for name in "$@"; do
+    echo "=== $name ==="
+    start=$(date +%s)
+    "section_${name//-/_}" 2>&1 | tee "$LOG_DIR/$name.log"
+    status=${PIPESTATUS[0]}
+    [ "$status" -ne 0 ] && GPU_FAILED=1
+    GPU_SUMMARY+=("| $name | $([ "$status" -eq 0 ] && echo ok || echo "FAILED ($status)") | $(( $(date +%s) - start )) s |")
+  done
+}
+
+gpu_print_summary() {
+  echo
+  echo "| section | result | time |"
+  echo "| --- | --- | --- |"
+  printf '%s\n' "${GPU_SUMMARY[@]}"
+}
