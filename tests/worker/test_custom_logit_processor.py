@@ -43,13 +43,17 @@ class WrongShape(CustomLogitProcessor):
         return logits[:, :2]
 
 
-def sampler() -> Sampler:
-    return Sampler(max_rows=4, vocab_size=VOCAB, eos_token_ids=[], device="cpu", seed=0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on CUDA stochastic rows take the kernels
 
 
-def test_processor_applies_to_its_rows_only_greedy_and_sampled():
-    s = sampler()
-    logits = torch.zeros(3, VOCAB)
+def sampler(device: str = "cpu") -> Sampler:
+    return Sampler(max_rows=4, vocab_size=VOCAB, eos_token_ids=[], device=device, seed=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_processor_applies_to_its_rows_only_greedy_and_sampled(device):
+    s = sampler(device)
+    logits = torch.zeros(3, VOCAB, device=device)
     logits[:, 7] = 5.0  # what an unprocessed greedy row picks
     s.add_row(0, SamplingParams(temperature=0.0, custom_logit_processor=ForceToken.to_str(),
                                 custom_params={"token_id": 3}))
