@@ -53,7 +53,7 @@ class VisionInputs:
         from runtime.chat_templates import load_chat_template
         from runtime.multimodal.processor import load_processor
 
-        self.processor = load_processor(args.model_path, args.trust_remote_code)
+        self.processor = load_processor(args.model_path)
         self.tokenizer = self.processor.tokenizer
         self.image_token = getattr(self.processor, "image_token", None) or "<image>"
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)

@@ -26,9 +26,10 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # a scale never below this, so an all-zero row or token does not divide by zero
 MIN_AMAX = 1e-12
-# Up to this many tokens (decode batches) the weight-only kernel beats quantized activations + torch._scaled_mm on an
-# H200 (scripts/gpu_quant.sh fp8-gemm measures both); above it the GEMM turns compute-bound and fp8 tensor cores win.
-WEIGHT_ONLY_MAX_TOKENS = 64
+# Up to this many tokens the weight-only kernel beats quantized activations + torch._scaled_mm: on an H200
+# (docs/perf.md, gpu_quant.sh fp8-gemm) the four Llama-3-8B GEMMs take 133 us either way at 32 tokens, and
+# _scaled_mm wins at 64 (128 against 156 us).
+WEIGHT_ONLY_MAX_TOKENS = 32
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = FP8) -> torch.Tensor:
