@@ -21,21 +21,15 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_models}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
-
-bench_one_batch() {  # bench_one_batch <config folder> <json name>
-  timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
-    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
-  local status=$?
-  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
-  return $status
-}
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
 
 section_mixtral() {
-  bench_one_batch configs/Mixtral-8x7B one_batch_mixtral
+  gpu_bench_one_batch configs/Mixtral-8x7B one_batch_mixtral
 }
 
 section_qwen2_moe() {
-  bench_one_batch configs/Qwen2-57B-A14B one_batch_qwen2_moe
+  gpu_bench_one_batch configs/Qwen2-57B-A14B one_batch_qwen2_moe
 }
 
 section_families() {
@@ -49,14 +43,12 @@ section_moe_kernel() {
 
 section_deepseek() {
   python3 scripts/gpu_kernels_bench.py --only mla --table "$LOG_DIR/mla_kernel.md" || return
-  bench_one_batch configs/DeepSeek-V2-Lite one_batch_deepseek_v2_lite
+  gpu_bench_one_batch configs/DeepSeek-V2-Lite one_batch_deepseek_v2_lite
 }
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(mixtral)
 
-# shellcheck source=scripts/gpu_sections.sh
-source scripts/gpu_sections.sh
 gpu_install_wheels
 gpu_run_sections "mixtral qwen2-moe families moe-kernel deepseek" -- "${sections[@]}"
 

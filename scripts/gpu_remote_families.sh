@@ -19,14 +19,8 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_remote_families}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
-
-bench_one_batch() {  # bench_one_batch <config folder> <json name>
-  timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
-    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
-  local status=$?
-  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
-  return $status
-}
+# shellcheck source=scripts/gpu_sections.sh
+source scripts/gpu_sections.sh
 
 section_check() {
   timeout 900 python3 -m pytest -q -p no:cacheprovider tests/models/test_remote_families.py -k cuda \
@@ -35,18 +29,16 @@ section_check() {
 }
 
 section_baichuan2_13b() {
-  bench_one_batch configs/Baichuan2-13B-Chat one_batch_baichuan2_13b
+  gpu_bench_one_batch configs/Baichuan2-13B-Chat one_batch_baichuan2_13b
 }
 
 section_minicpm3_4b() {
-  bench_one_batch configs/MiniCPM3-4B one_batch_minicpm3_4b
+  gpu_bench_one_batch configs/MiniCPM3-4B one_batch_minicpm3_4b
 }
 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(check baichuan2-13b minicpm3-4b)
 
-# shellcheck source=scripts/gpu_sections.sh
-source scripts/gpu_sections.sh
 gpu_install_wheels
 gpu_run_sections "check baichuan2-13b minicpm3-4b" -- "${sections[@]}"
 

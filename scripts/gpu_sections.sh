@@ -39,3 +39,11 @@ gpu_print_summary() {
   echo "| --- | --- | --- |"
   printf '%s\n' "${GPU_SUMMARY[@]}"
 }
+
+gpu_bench_one_batch() {  # gpu_bench_one_batch <config folder> <json name>: batch 1 and 64, 1024 in, 128 out, dummy weights
+  timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
+    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
+  local status=$?
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  return $status
+}

@@ -6,11 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 
 import numpy as np
+import pytest
 import torch
 
 from runtime.messages import ArenaTensor, ImageItem
+from shm import run_prefix, sweep
 from shm.arena import Arena
 
 # A processor chat template in the LLaVA 1.5 hub style: image parts become the <image> placeholder.
@@ -213,3 +216,32 @@ def save_original_llava_onevision(folder: str):
 
     load_tokenizer(ServerArgs()).save_pretrained(original)
     return model, original
+
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def kinds_on_devices(kinds: tuple[str, ...]) -> list:
+    """Each kind on the CPU, and on CUDA where there is one."""
+    return [pytest.param((kind, device), id=f"{kind}-{device}", marks=[NO_CUDA] if device == "cuda" else [])
+            for kind in kinds for device in ("cpu", "cuda")]
+
+
+def vision_runner(folder: str, device: str, name: str):
+    """(processor, runner, arena) for a saved vision checkpoint, closed after use: its own processor, a float32
+    ModelRunner (on CUDA too: Triton attention and eager image steps, so greedy tokens match transformers exactly)
+    and a 1 MiB image arena."""
+    from runtime.multimodal.processor import load_processor
+    from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
+
+    processor = load_processor(folder)
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device=device, dtype="float32", max_total_tokens=1024,
+                                           max_running_requests=4))
+    prefix = f"{run_prefix()}{name}{uuid.uuid4().hex[:6]}_"
+    arena = Arena.create(prefix + "images", 1 << 20)
+    try:
+        yield processor, runner, arena
+    finally:
+        runner.image_encoder.close()
+        arena.close()
+        sweep(prefix)

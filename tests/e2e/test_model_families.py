@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from runtime.models import MODEL_REGISTRY
-from tests.e2e.test_server import REPO, Server
+from tests.e2e.test_server import REPO, checkpoint_server
 from tests.model_fixtures import save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -30,16 +29,8 @@ NEW_TOKENS = 10
 def mixtral(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("mixtral"))
     reference = save_tiny_model("MixtralForCausalLM", folder)
-    srv = Server(tmp_path_factory.mktemp("server") / "server.log", "--model-path", folder, "--skip-tokenizer-init",
-                 "--device", "cpu", "--max-running-requests", "8", "--max-total-tokens", "1024",
-                 ready_line=f"Ready: serving {folder} at ")
-    try:
-        srv.wait_ready()
+    for srv in checkpoint_server(folder, tmp_path_factory.mktemp("server") / "server.log"):
         yield srv, reference
-        srv.proc.send_signal(signal.SIGTERM)  # a clean stop frees the shared memory
-        assert srv.proc.wait(60) == 0, srv.output()[-3000:]
-    finally:
-        srv.kill()
 
 
 def test_served_mixtral_answers_with_transformers_greedy_tokens(mixtral):

@@ -90,6 +90,20 @@ class Server:
         self.log.close()
 
 
+def checkpoint_server(folder: str, log_path):
+    """`python -m runtime` on a tiny checkpoint without a tokenizer (token ids over HTTP, on the CPU), yielded once
+    ready; it must then stop cleanly on SIGTERM (exit 0: the shared memory is freed)."""
+    srv = Server(log_path, "--model-path", folder, "--skip-tokenizer-init", "--device", "cpu",
+                 "--max-running-requests", "8", "--max-total-tokens", "1024", ready_line=f"Ready: serving {folder} at ")
+    try:
+        srv.wait_ready()
+        yield srv
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.output()[-3000:]
+    finally:
+        srv.kill()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("server") / "server.log", "--max-running-requests", "16",

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 from types import SimpleNamespace
 
 import psutil
@@ -30,7 +29,7 @@ from runtime.models.config import ModelConfigError
 from runtime.worker.attention.mla_backend import MlaAttentionBackend
 from runtime.worker.forward_batch import ForwardBatch
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
-from tests.e2e.test_server import Server
+from tests.e2e.test_server import checkpoint_server
 from tests.model_fixtures import _CACHE_ARG, PlanDriver, relative_max_error, runner_logits, save_tiny_model
 
 CASES = ["DeepseekV2ForCausalLM-yarn", "DeepseekV2ForCausalLM-q_lora", "DeepseekV3ForCausalLM"]
@@ -180,16 +179,8 @@ def test_v3_multi_token_prediction_layer_is_skipped(checkpoints, tmp_path):
 @pytest.fixture(scope="module")
 def served_v3(checkpoints, tmp_path_factory):
     folder, reference = checkpoints["DeepseekV3ForCausalLM"]
-    srv = Server(tmp_path_factory.mktemp("server") / "server.log", "--model-path", folder, "--skip-tokenizer-init",
-                 "--device", "cpu", "--max-running-requests", "8", "--max-total-tokens", "1024",
-                 ready_line=f"Ready: serving {folder} at ")
-    try:
-        srv.wait_ready()
+    for srv in checkpoint_server(folder, tmp_path_factory.mktemp("server") / "server.log"):
         yield srv, reference
-        srv.proc.send_signal(signal.SIGTERM)  # a clean stop frees the shared memory
-        assert srv.proc.wait(60) == 0, srv.output()[-3000:]
-    finally:
-        srv.kill()
 
 
 def test_served_deepseek_v3_answers_with_transformers_greedy_tokens(served_v3):

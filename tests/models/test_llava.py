@@ -5,28 +5,14 @@ text-only request; a prefix that ends inside an image (a radix-cache hit there).
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 
 from runtime.messages import IMAGE_PAD_BASE
-from runtime.multimodal.processor import load_processor
-from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
-from shm import Arena, run_prefix, sweep
 from tests.model_fixtures import _CACHE_ARG, PlanDriver, hf_greedy
-from tests.multimodal_fixtures import image_item, random_image, save_tiny_llava
+from tests.multimodal_fixtures import image_item, kinds_on_devices, random_image, save_tiny_llava, vision_runner
 
 NEW_TOKENS = 8
-
-
-NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def kinds_on_devices(kinds: tuple[str, ...]) -> list:
-    """Each kind on the CPU, and on CUDA where there is one."""
-    return [pytest.param((kind, device), id=f"{kind}-{device}", marks=[NO_CUDA] if device == "cuda" else [])
-            for kind in kinds for device in ("cpu", "cuda")]
 
 
 @pytest.fixture(scope="module", params=kinds_on_devices(("llava", "llava_next", "llava_onevision")))
@@ -34,16 +20,8 @@ def llava(request, tmp_path_factory):
     kind, device = request.param
     folder = str(tmp_path_factory.mktemp(kind))
     reference = save_tiny_llava(folder, kind)
-    processor = load_processor(folder)
-    # float32 on CUDA too (Triton attention, eager image steps): the greedy tokens must match transformers' exactly
-    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device=device, dtype="float32", max_total_tokens=1024,
-                                           max_running_requests=4))
-    prefix = f"{run_prefix()}llava{uuid.uuid4().hex[:6]}_"
-    arena = Arena.create(prefix + "images", 1 << 20)
-    yield reference, processor, runner, arena
-    runner.image_encoder.close()
-    arena.close()
-    sweep(prefix)
+    for processor, runner, arena in vision_runner(folder, device, "llava"):
+        yield reference, processor, runner, arena
 
 
 def _prompt(processor, arena, text: str, images: list[tuple[int, int, int]]):
@@ -132,13 +110,8 @@ def test_original_repository_layout(tmp_path):
     from tests.multimodal_fixtures import save_original_llava_onevision
 
     reference, folder = save_original_llava_onevision(str(tmp_path))
-    processor = load_processor(folder)
-    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=512,
-                                           max_running_requests=2))
-    assert runner.model_config.architecture == "LlavaOnevisionForConditionalGeneration"
-    prefix = f"{run_prefix()}llavaorig{uuid.uuid4().hex[:6]}_"
-    arena = Arena.create(prefix + "images", 1 << 20)
-    try:
+    for processor, runner, arena in vision_runner(folder, "cpu", "llavaorig"):
+        assert runner.model_config.architecture == "LlavaOnevisionForConditionalGeneration"
         ids, inputs, served, items = _prompt(processor, arena, "USER: <image>\nWhat is it?", [(6, 30, 50)])
         assert processor.tokenizer.convert_tokens_to_ids("<image>") == reference.config.image_token_index
         driver = PlanDriver(runner)
@@ -146,7 +119,3 @@ def test_original_repository_layout(tmp_path):
         driver.prefill([seq], chunk=9)
         driver.decode([seq], NEW_TOKENS - 1)
         assert seq.output == _hf_greedy(reference, ids, inputs)
-    finally:
-        runner.image_encoder.close()
-        arena.close()
-        sweep(prefix)

@@ -6,19 +6,13 @@ and decoding past the images (positions moved on by the images' extent)."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 
 from runtime.messages import IMAGE_PAD_BASE, ArenaTensor, ImageItem
 from runtime.multimodal.inputs import split_per_image
-from runtime.multimodal.processor import load_processor
-from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
-from shm import Arena, run_prefix, sweep
 from tests.model_fixtures import PlanDriver
-from tests.models.test_llava import kinds_on_devices
-from tests.multimodal_fixtures import random_image, save_tiny_qwen2_vl
+from tests.multimodal_fixtures import kinds_on_devices, random_image, save_tiny_qwen2_vl, vision_runner
 
 NEW_TOKENS = 8
 
@@ -28,15 +22,8 @@ def qwen2_vl(request, tmp_path_factory):
     kind, device = request.param
     folder = str(tmp_path_factory.mktemp(kind))
     reference = save_tiny_qwen2_vl(folder, kind)
-    processor = load_processor(folder)
-    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device=device, dtype="float32", max_total_tokens=1024,
-                                           max_running_requests=4))
-    prefix = f"{run_prefix()}qwenvl{uuid.uuid4().hex[:6]}_"
-    arena = Arena.create(prefix + "images", 1 << 20)
-    yield reference, processor, runner, arena
-    runner.image_encoder.close()
-    arena.close()
-    sweep(prefix)
+    for processor, runner, arena in vision_runner(folder, device, "qwenvl"):
+        yield reference, processor, runner, arena
 
 
 def _hf_generate(model, inputs) -> list[int]:
