@@ -241,7 +241,8 @@ def prefill_table(folder: str, device: str, batch_sizes: list[int], text_tokens:
 def serving_table(folder: str, device: str, requests: int, concurrency: list[int], output_len: int,
                   log_dir: str) -> list[str]:
     """A server (dummy weights) answering chat requests with one distinct image each (a data URL of a random PNG)
-    and a short question; non-streamed, greedy, ignore_eos."""
+    and a short question; non-streamed, greedy, ignore_eos. Each concurrency first runs an unmeasured wave of as many
+    requests, on other images."""
     port = 30000 + os.getpid() % 2000
     log_path = os.path.join(log_dir, "server.log")
     log = open(log_path, "w")
@@ -258,7 +259,10 @@ def serving_table(folder: str, device: str, requests: int, concurrency: list[int
                 raise RuntimeError("the server did not start:\n" + open(log_path).read()[-3000:])
             time.sleep(0.5)
         size = SHAPES_BY_FOLDER[folder]
-        urls = ["data:image/png;base64," + base64.b64encode(random_png(i, size)).decode() for i in range(requests)]
+        # every request of every wave its own image: a repeated image would be a radix-cache hit for its prefix
+        waves = 2 * len(concurrency)
+        urls = ["data:image/png;base64," + base64.b64encode(random_png(i, size)).decode()
+                for i in range(waves * requests)]
 
         def one(i: int) -> tuple[float, dict]:
             body = {"model": "llava", "temperature": 0, "max_tokens": output_len, "ignore_eos": True,
@@ -272,11 +276,11 @@ def serving_table(folder: str, device: str, requests: int, concurrency: list[int
                 answer = json.load(response)
             return time.perf_counter() - start, answer["usage"]
 
-        one(0)  # warm-up
-        for level in concurrency:
-            start = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(level) as pool:
-                results = list(pool.map(one, range(requests)))
+        for wave, level in enumerate(concurrency):
+            with concurrent.futures.ThreadPoolExecutor(level) as pool:  # unmeasured: Triton compiles at new shapes
+                list(pool.map(one, range(2 * wave * requests, (2 * wave + 1) * requests)))
+                start = time.perf_counter()
+                results = list(pool.map(one, range((2 * wave + 1) * requests, (2 * wave + 2) * requests)))
             wall = time.perf_counter() - start
             latencies = sorted(r[0] for r in results)
             output = sum(r[1]["completion_tokens"] for r in results)
