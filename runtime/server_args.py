@@ -25,6 +25,7 @@ class ServerArgs(msgspec.Struct, kw_only=True):
     trust_remote_code: bool = False
     revision: str | None = None
     download_dir: str | None = None
+    json_model_override_args: str = "{}"  # a JSON object merged over config.json
 
     # Quantization
     quantization: str | None = None  # fp8 | fbgemm_fp8 | compressed-tensors (None: the checkpoint's own)
@@ -151,6 +152,9 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "cache folder for hub model ids (default: `HF_HOME`'s, or `MODELSCOPE_CACHE` with "
                       "`SGLANG_USE_MODELSCOPE=true`)"),
     # Quantization
+    "json_model_override_args": FlagDoc("Model and tokenizer", "{}",
+                      "a JSON object whose keys replace config.json's as the model is built, e.g. "
+                      "`'{\"vocab_size\": 128256}'` or a smaller `num_hidden_layers` (SGLang's flag; not for GGUF)"),
     "quantization": FlagDoc("Quantization", "the checkpoint's",
                       "`fp8`: quantize a 16/32-bit checkpoint's linear layers to fp8 at load (per-channel weights, "
                       "per-token activations); fp8 checkpoints (`fp8`, `fbgemm_fp8`, `compressed-tensors`) load with "
@@ -405,6 +409,7 @@ def validate(args: ServerArgs) -> ServerArgs:
     validate_parallelism(args)
     if args.stream_interval < 1:
         raise ServerArgsError("--stream-interval must be at least 1")
+    model_override(args.json_model_override_args)
     if not 0 < args.port < 65536:
         raise ServerArgsError("--port must be in 1..65535")
     if args.watchdog_timeout <= 0:
@@ -454,6 +459,17 @@ def _validate_media(args: ServerArgs) -> None:
         raise ServerArgsError("--image-arena-mb must be at least 1")
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         raise ServerArgsError(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a folder")
+
+
+def model_override(text: str) -> dict:
+    """--json-model-override-args as a dict, or ServerArgsError naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ServerArgsError(f"--json-model-override-args: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ServerArgsError(f"--json-model-override-args: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def validate_parallelism(args: ServerArgs) -> None:

@@ -91,30 +91,11 @@ section_fp8_gemm() {
   return $status
 }
 
-serve_and_bench() {  # name, server flags...
-  local name=$1 port=30157 status=0
-  shift
-  python3 -m runtime --model-path "$MODEL" --load-format dummy --dtype bfloat16 --port $port "$@" \
-    >"$LOG_DIR/server_$name.log" 2>&1 &
-  local server=$!
-  for _ in $(seq 360); do
-    grep -q "Ready: serving" "$LOG_DIR/server_$name.log" && break
-    kill -0 $server 2>/dev/null || break
-    sleep 0.5
-  done
-  grep -E "Ready: serving|KV cache:" "$LOG_DIR/server_$name.log"
-  timeout 150 python3 -m runtime.bench.serving --port $port --dataset-name random --random-input-len "$SERVE_LEN" \
-    --random-output-len "$SERVE_LEN" --random-range-ratio 1.0 --num-prompts "$SERVE_PROMPTS" --request-rate inf \
-    --disable-tqdm --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
-  kill -TERM $server
-  wait $server || status=1
-  return $status
-}
-
 section_serving() {
   local status=0
-  serve_and_bench bf16 || status=1
-  serve_and_bench fp8 --quantization fp8 --kv-cache-dtype fp8_e4m3 || status=1
+  gpu_serve_and_bench bf16 "$MODEL" "$SERVE_PROMPTS" "$SERVE_LEN" "$SERVE_LEN" || status=1
+  gpu_serve_and_bench fp8 "$MODEL" "$SERVE_PROMPTS" "$SERVE_LEN" "$SERVE_LEN" --quantization fp8 \
+    --kv-cache-dtype fp8_e4m3 || status=1
   return $status
 }
 

@@ -47,3 +47,24 @@ gpu_bench_one_batch() {  # gpu_bench_one_batch <config folder> <json name>: batc
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
   return $status
 }
+
+gpu_serve_and_bench() {  # gpu_serve_and_bench <name> <model> <prompts> <input len> <output len> [server flags...]
+  # a server on dummy weights, bench_serving random prompts at rate inf against it, then a clean stop
+  local name=$1 model=$2 prompts=$3 input_len=$4 output_len=$5 port=30157 status=0
+  shift 5
+  python3 -m runtime --model-path "$model" --load-format dummy --dtype bfloat16 --port $port "$@" \
+    >"$LOG_DIR/server_$name.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 600); do
+    grep -q "Ready: serving" "$LOG_DIR/server_$name.log" && break
+    kill -0 $server 2>/dev/null || break
+    sleep 0.5
+  done
+  grep -E "Ready: serving|KV cache:" "$LOG_DIR/server_$name.log"
+  timeout 300 python3 -m runtime.bench.serving --port $port --dataset-name random --random-input-len "$input_len" \
+    --random-output-len "$output_len" --random-range-ratio 1.0 --num-prompts "$prompts" --request-rate inf \
+    --disable-tqdm --output-file "$LOG_DIR/serving_$name.jsonl" || status=1
+  kill -TERM $server
+  wait $server || status=1
+  return $status
+}

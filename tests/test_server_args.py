@@ -56,6 +56,8 @@ def test_flags_of_later_issues_are_refused_not_ignored(flag, capsys):
     (["--request-timeout", "0"], "--request-timeout"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request"),
     (["--graceful-shutdown-timeout", "-1"], "--graceful-shutdown-timeout"),
+    (["--json-model-override-args", "{vocab_size: 1}"], "--json-model-override-args"),
+    (["--json-model-override-args", "[1]"], "--json-model-override-args"),
 ])
 def test_bad_values_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):

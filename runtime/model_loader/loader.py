@@ -88,10 +88,14 @@ def locate_checkpoint(model_path: str | None, load_format: str) -> Checkpoint:
     return Checkpoint("safetensors", path)
 
 
-def read_model_config(checkpoint: Checkpoint) -> ModelConfig:
+def read_model_config(checkpoint: Checkpoint, override: dict | None = None) -> ModelConfig:
+    """The model's facts; `override` (--json-model-override-args) replaces config.json's keys, as SGLang does."""
     if checkpoint.format == "gguf":
+        if override:
+            raise ValueError("--json-model-override-args applies to config.json; a GGUF checkpoint has none")
         return gguf_model_config(checkpoint.gguf_reader())
-    return model_config_from_hf(*read_hf_folder(checkpoint.path))
+    config, generation_config = read_hf_folder(checkpoint.path)
+    return model_config_from_hf({**config, **(override or {})}, generation_config)
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:

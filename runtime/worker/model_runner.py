@@ -69,7 +69,7 @@ from runtime.messages import (
 )
 from runtime.model_loader.loader import load_model, locate_checkpoint, read_model_config, resolve_dtype
 from runtime.models.config import EMBEDDING_ARCHITECTURES
-from runtime.server_args import ServerArgs
+from runtime.server_args import ServerArgs, model_override
 from runtime.worker.attention import create_attention_backend
 from runtime.worker.cuda_graph_runner import CudaGraphRunner, capture_batch_sizes
 from runtime.worker.distributed import agree_min, check_model_shards, join_tp_group
@@ -127,6 +127,7 @@ class ModelRunnerConfig:
     grammar_backend: str = "xgrammar"
     tokenizer_path: str | None = None
     trust_remote_code: bool = False
+    model_override: dict = field(default_factory=dict)  # --json-model-override-args: keys over config.json's
 
     @classmethod
     def from_server_args(cls, args, tp_rank: int = 0, gpu_id: int | None = None) -> ModelRunnerConfig:
@@ -140,7 +141,8 @@ class ModelRunnerConfig:
                    is_embedding=args.is_embedding, quantization=args.quantization,
                    kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config,
                    grammar_backend="none" if args.skip_tokenizer_init else args.grammar_backend,
-                   tokenizer_path=args.tokenizer_path, trust_remote_code=args.trust_remote_code)
+                   tokenizer_path=args.tokenizer_path, trust_remote_code=args.trust_remote_code,
+                   model_override=model_override(args.json_model_override_args))
 
 
 @dataclass
@@ -163,7 +165,7 @@ class ModelRunner:
         self.device = _resolve_device(config.device, config.tp_rank if config.gpu_id is None else config.gpu_id)
         self.tp = TensorParallel(config.tp_rank, config.tp_size)
         checkpoint = locate_checkpoint(config.model_path, config.load_format)
-        self.model_config = read_model_config(checkpoint)
+        self.model_config = read_model_config(checkpoint, config.model_override)
         if config.trust_remote_code and config.tp_rank == 0:
             log.info("--trust-remote-code: %s is built from its config.json; no repository code is run",
                      self.model_config.architecture)

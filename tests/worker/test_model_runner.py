@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime.layers.linear import WeightShapeError
 from runtime.messages import BatchPlan, LogprobOptions, NewRow, SamplingParams
 from runtime.worker.model_runner import DEFAULT_MAX_RUNNING, TOKENS_PER_RUNNING_REQUEST, ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import GREEDY, PlanDriver, runner_logits, save_tiny_model
@@ -187,3 +188,20 @@ def test_torch_compile_runs_small_decode_batches_compiled_with_the_same_tokens(f
     assert graphs > 0  # the decode steps of 2 rows ran compiled
     assert PlanDriver(compiled).generate(prompts, 5) == PlanDriver(eager).generate(prompts, 5)
     assert counters["stats"]["unique_graphs"] == graphs  # 3 rows: above torch_compile_max_bs, eager
+
+
+def test_json_model_override_args_replace_config_keys(folder):
+    """SGLang's --json-model-override-args: a benchmark shape with another tokenizer's vocabulary, or fewer layers;
+    with real weights a shape that no longer fits them is refused by the loader, with dummy weights it is built."""
+    runner = ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=64, load_format="dummy",
+                                           model_override={"vocab_size": 300, "num_hidden_layers": 1}))
+    assert (runner.info.vocab_size, runner.model_config.num_layers, len(runner.kv_pool.k)) == (300, 1, 1)
+    assert runner_logits(runner, [PROMPT_A])[0].shape == (len(PROMPT_A), 300)
+    with pytest.raises(WeightShapeError, match="does not match the model"):
+        ModelRunner(ModelRunnerConfig(model_path=folder, device="cpu", max_total_tokens=64,
+                                      model_override={"vocab_size": 300}))
+
+
+def test_json_model_override_args_refuse_gguf():
+    with pytest.raises(ValueError, match="GGUF"):
+        ModelRunner(ModelRunnerConfig(device="cpu", max_total_tokens=64, model_override={"vocab_size": 300}))
