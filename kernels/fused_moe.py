@@ -10,7 +10,10 @@
    gate|up for every pair, SiLU-and-mul shrinks it to the intermediate, and the second GEMM multiplies by the pair's
    routing weight before storing, so the final sum over the k choices of a token is one reduction.
 
-Weights are laid out as the layer holds them: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+Weights are laid out as the layer holds them: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]. fp8 weights
+(float8_e4m3fn, `--quantization fp8`) come with one float32 scale per expert and output channel (w13_scale [E, 2I],
+w2_scale [E, H]): the kernel converts each fp8 B tile to A's dtype in registers (exact: e4m3 fits in fp16 and bf16)
+and scales each output column of the float32 accumulator, before the routing weight.
 `fused_moe_ref` is the per-expert torch loop (transformers' order of operations), the reference and the CPU path.
 """
 
@@ -78,10 +81,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
 
 @triton.jit
 def _fused_moe_kernel(
-    a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+    a_ptr, b_ptr, c_ptr, weights_ptr, b_scale_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
     N, K, num_pairs,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn,
-    A_ROWS_PER_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se,
+    A_ROWS_PER_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, B_SCALED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -102,35 +105,44 @@ def _fused_moe_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+        if B_SCALED:
+            b = b.to(a_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if B_SCALED:
+        acc = acc * tl.load(b_scale_ptr + expert * stride_se + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if MUL_WEIGHT:
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
 
 
-def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor | None,
-                  sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_padded: torch.Tensor, num_pairs: int,
-                  a_rows_per_row: int, tiles: MoeTiles) -> None:
-    """c[pair] = a[pair // a_rows_per_row] @ b[expert of pair]^T (times the pair's weight when given)."""
+def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor | None, c: torch.Tensor,
+                  weights: torch.Tensor | None, sorted_ids: torch.Tensor, expert_ids: torch.Tensor,
+                  num_padded: torch.Tensor, num_pairs: int, a_rows_per_row: int, tiles: MoeTiles) -> None:
+    """c[pair] = a[pair // a_rows_per_row] @ (b[expert of pair] * b_scale[expert of pair][:, None])^T (b_scale when
+    given), times the pair's weight when given."""
     n, k = b.shape[1], b.shape[2]
     grid = (sorted_ids.numel() // tiles.block_m, triton.cdiv(n, tiles.block_n))
     _fused_moe_kernel[grid](
-        a, b, c, weights if weights is not None else c, sorted_ids, expert_ids, num_padded,
+        a, b, c, weights if weights is not None else c, b_scale if b_scale is not None else c,
+        sorted_ids, expert_ids, num_padded,
         n, k, num_pairs,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
-        A_ROWS_PER_ROW=a_rows_per_row, MUL_WEIGHT=weights is not None,
+        b_scale.stride(0) if b_scale is not None else 0,
+        A_ROWS_PER_ROW=a_rows_per_row, MUL_WEIGHT=weights is not None, B_SCALED=b_scale is not None,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu") -> torch.Tensor:
+              topk_ids: torch.Tensor, tiles: MoeTiles | None = None, activation: str = "silu",
+              w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] (float32), topk_ids [T, k] -> [T, H] in x's dtype:
-    sum over the k choices of weight * w2 @ (act(gate) * up); act silu, or "gelu" (tanh approximation: Grok-1)."""
+    sum over the k choices of weight * w2 @ (act(gate) * up); act silu, or "gelu" (tanh approximation: Grok-1).
+    fp8 w13 / w2 need their scales, float32 w13_scale [E, 2I] and w2_scale [E, H] (real = fp8 * scale)."""
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = w13.shape
     top_k = topk_ids.shape[1]
@@ -138,16 +150,23 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit x {tuple(x.shape)}")
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("x, w13 and w2 must be contiguous in their last dimension")
+    for weight, scale, name in ((w13, w13_scale, "w13"), (w2, w2_scale, "w2")):
+        is_fp8 = weight.dtype == torch.float8_e4m3fn
+        if (scale is not None) != is_fp8 or (scale is not None and (
+                scale.shape != weight.shape[:2] or scale.dtype != torch.float32 or scale.stride(1) != 1)):
+            raise ValueError(f"{name} {weight.dtype} takes a contiguous float32 scale {tuple(weight.shape[:2])} if "
+                             f"and only if it is float8_e4m3fn; got "
+                             f"{None if scale is None else (scale.dtype, tuple(scale.shape))}")
     if num_tokens == 0:
         return torch.zeros_like(x)
     tiles = tiles or default_moe_tiles(num_tokens, top_k, num_experts, x.dtype)
     sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, tiles.block_m, num_experts)
     num_pairs = num_tokens * top_k
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, None, sorted_ids, expert_ids, num_padded, num_pairs, top_k, tiles)
+    _grouped_gemm(x, w13, w13_scale, gate_up, None, sorted_ids, expert_ids, num_padded, num_pairs, top_k, tiles)
     inter = silu_and_mul(gate_up) if activation == "silu" else gelu_and_mul(gate_up)
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(inter, w2, out, topk_weights.reshape(-1).float().contiguous(), sorted_ids, expert_ids,
+    _grouped_gemm(inter, w2, w2_scale, out, topk_weights.reshape(-1).float().contiguous(), sorted_ids, expert_ids,
                   num_padded, num_pairs, 1, tiles)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
 
@@ -158,17 +177,26 @@ def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+                  topk_ids: torch.Tensor, activation: str = "silu", w13_scale: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The per-expert loop: for each expert with tokens, gather them, gate/up, activation, down, scale by the routing
-    weight and add into the output (transformers' MoE blocks)."""
+    weight and add into the output (transformers' MoE blocks). fp8 weights are dequantized (w.float() * scale)."""
     out = torch.zeros_like(x)
     num_experts = w13.shape[0]
     for expert in range(num_experts):
         token_index, choice = torch.where(topk_ids == expert)
         if token_index.numel() == 0:
             continue
-        gate, up = F.linear(x[token_index], w13[expert]).chunk(2, dim=-1)
+        gate, up = F.linear(x[token_index], dequantized(w13, w13_scale, expert, x.dtype)).chunk(2, dim=-1)
         act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
-        expert_out = F.linear(act * up, w2[expert]) * topk_weights[token_index, choice, None]
+        down = F.linear(act * up, dequantized(w2, w2_scale, expert, x.dtype))
+        expert_out = down * topk_weights[token_index, choice, None]
         out.index_add_(0, token_index, expert_out.to(out.dtype))
     return out
+
+
+def dequantized(weight: torch.Tensor, scale: torch.Tensor | None, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's weight in `dtype`: as it is, or fp8 times its per-output-channel scale."""
+    if scale is None:
+        return weight[expert]
+    return (weight[expert].float() * scale[expert][:, None]).to(dtype)

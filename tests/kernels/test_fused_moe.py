@@ -68,3 +68,37 @@ def test_fused_moe_other_tiles(seed):
     weights, ids = routed(20, 3, 2)
     out = fused_moe(x, w13, w2, weights, ids, tiles=MoeTiles(32, 32, 32, 4, 2))
     assert relative_error(out, fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)) < 4e-3, f"seed {seed}"
+
+
+def quantized_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> (fp8 [E, N, K], float32 scale [E, N]), as FusedMoE quantizes its experts."""
+    scale = weight.abs().amax(dim=2).float() / torch.finfo(torch.float8_e4m3fn).max
+    return (weight.float() / scale[..., None]).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, num_experts, top_k", [(1, 4, 2), (24, 8, 3)])
+def test_fp8_experts_match_the_dequantized_loop(dtype, num_tokens, num_experts, top_k, seed):
+    """fp8 weights with a scale per expert and output channel: the kernel converts the tiles in registers and scales
+    the accumulator; the loop multiplies by the dequantized weights. The scales are far from 1 so a missing or
+    misplaced one shows."""
+    hidden, inter = 32, 48
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=DEVICE)
+    w13, w13_scale = quantized_experts(torch.randn(num_experts, 2 * inter, hidden, device=DEVICE) * 0.02)
+    w2, w2_scale = quantized_experts(torch.randn(num_experts, hidden, inter, device=DEVICE) * 3.0)
+    weights, ids = routed(num_tokens, num_experts, top_k)
+    out = fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    ref = fused_moe_ref(x.float(), w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert relative_error(out, ref) < 2 * TOLERANCE[dtype], f"seed {seed}"
+    unscaled = fused_moe_ref(x.float(), w13.float(), w2.float(), weights, ids)
+    assert relative_error(unscaled, ref) > 0.5
+
+
+def test_fp8_experts_without_scales_are_refused():
+    x = torch.randn(2, 32, device=DEVICE)
+    w13, _ = quantized_experts(torch.randn(2, 64, 32, device=DEVICE))
+    w2, w2_scale = quantized_experts(torch.randn(2, 32, 32, device=DEVICE))
+    weights, ids = routed(2, 2, 1)
+    with pytest.raises(ValueError, match="w13"):
+        fused_moe(x, w13, w2, weights, ids, w2_scale=w2_scale)
