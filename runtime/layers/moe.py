@@ -8,6 +8,8 @@ parallelism every rank holds every expert and its share of the intermediate dime
 the down projections' partial sums are all-reduced once for all experts. Checkpoint tensors arrive per expert and
 per projection; `load_expert` takes shard ids (expert, "gate" | "up" | "down"). On CUDA the Triton kernel of
 kernels/fused_moe.py runs; elsewhere the torch loop over the experts below (transformers' order of operations).
+With `--quantization fp8` (online) quantization/fp8_moe.py turns both weights into float8_e4m3fn after loading,
+with one float32 scale per expert and output channel (w13_scale [E, 2I/tp], w2_scale [E, H]).
 
 `SparseMoeBlock`: the router (`gate`, replicated on every rank) and the experts, as most MoE checkpoints name them.
 """
@@ -58,6 +60,10 @@ class FusedMoE(nn.Module):
         self.w2_weight.weight_loader = self.load_expert
         self.w13_weight.expected_shards = frozenset((e, part) for e in range(num_experts) for part in ("gate", "up"))
         self.w2_weight.expected_shards = frozenset((e, "down") for e in range(num_experts))
+        self.quantize_online = False  # set by quantization.attach for --quantization fp8
+        # float32 scales per expert and output channel, once quantization.finish made the weights fp8
+        self.register_buffer("w13_scale", None, persistent=False)
+        self.register_buffer("w2_scale", None, persistent=False)
 
     def load_expert(self, param: nn.Parameter, loaded: torch.Tensor, name: str, shard_id: tuple[int, str]) -> None:
         """One expert's gate ([I, H]), up ([I, H]) or down ([H, I]) projection, as the checkpoint stores it."""
@@ -83,7 +89,8 @@ class FusedMoE(nn.Module):
         """x [T, H] with routing already chosen (weights [T, k] float32, expert ids [T, k]) -> [T, H], summed over
         the ranks: for families with their own routing (DeepSeek's grouped top-k)."""
         if x.is_cuda and fused_moe is not None:
-            out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, activation=self.activation)
+            out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids, activation=self.activation,
+                            w13_scale=self.w13_scale, w2_scale=self.w2_scale)
         else:
             out = self._expert_loop(x, weights, ids)
         return self.tp.all_reduce(out)
@@ -94,11 +101,20 @@ class FusedMoE(nn.Module):
             token_index, choice = torch.where(ids == expert)
             if token_index.numel() == 0:
                 continue
-            gate, up = F.linear(x[token_index], self.w13_weight[expert]).chunk(2, dim=-1)
+            gate, up = F.linear(x[token_index], self._expert_weight("w13", expert, x.dtype)).chunk(2, dim=-1)
             act = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
-            expert_out = F.linear(act * up, self.w2_weight[expert]) * weights[token_index, choice, None]
+            down = F.linear(act * up, self._expert_weight("w2", expert, x.dtype))
+            expert_out = down * weights[token_index, choice, None]
             out.index_add_(0, token_index, expert_out.to(out.dtype))
         return out
+
+
+    def _expert_weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
+        """One expert's w13 or w2 in `dtype`; fp8 ones dequantized (w.float() * scale)."""
+        weight, scale = getattr(self, f"{name}_weight")[expert], getattr(self, f"{name}_scale")
+        if scale is None:
+            return weight
+        return (weight.float() * scale[expert][:, None]).to(dtype)
 
 
 class SparseMoeBlock(nn.Module):

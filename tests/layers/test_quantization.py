@@ -336,3 +336,38 @@ def test_torchao_refuses_what_it_cannot_run_on_the_cpu(tiny, tmp_path):
         runner(tiny, torchao_config="fp8dq-per_row")
     with pytest.raises(QuantizationConfigError, match="int4wo-<group>"):
         runner(tiny, torchao_config="int3wo")
+
+
+@pytest.mark.parametrize("architecture", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+def test_online_fp8_quantizes_moe_experts_and_stays_close(architecture, tmp_path):
+    """--quantization fp8 on a MoE model: the experts become fp8 with a scale per expert and output channel (the
+    16-bit weights gone as parameters), each expert layer computes its unquantized output to fp8's precision, and
+    the logits stay near the unquantized model's (measured: 0.21 Mixtral, 0.17 Qwen2-MoE, dense fp8 included)."""
+    from runtime.layers.moe import FusedMoE
+
+    folder = str(tmp_path / "moe")
+    save_tiny_model(architecture, folder)
+    plain = runner(folder)
+    expected = runner_logits(plain, PROMPTS)
+    quantized = runner(folder, quantization="fp8")
+    plain_layers = dict(plain.model.named_modules())
+    experts = [(name, m) for name, m in quantized.model.named_modules() if isinstance(m, FusedMoE)]
+    assert experts
+    for name, layer in experts:
+        num_experts, two_inter, hidden = layer.w13_weight.shape
+        assert [p.dtype for p in layer.parameters()] == [FP8, FP8]
+        assert layer.w13_scale.shape == (num_experts, two_inter) and layer.w2_scale.shape == (num_experts, hidden)
+        assert layer.w13_scale.dtype == torch.float32 and layer.w2_scale.dtype == torch.float32
+        x, router_logits = torch.randn(6, hidden), torch.randn(6, num_experts)
+        reference = plain_layers[name](x, router_logits)
+        assert 0 < rel(layer(x, router_logits), reference) < 0.1, name  # e4m3 weights (measured <= 0.053)
+    error = max(rel(got, ref) for got, ref in zip(runner_logits(quantized, PROMPTS), expected))
+    assert 0 < error < 0.3, error
+
+
+def test_quantized_checkpoint_of_a_moe_model_is_refused(tmp_path):
+    folder = str(tmp_path / "moe")
+    save_tiny_model("MixtralForCausalLM", folder)
+    _write_config(folder, {"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(QuantizationConfigError, match="mixture-of-experts.*--quantization fp8"):
+        runner(folder)

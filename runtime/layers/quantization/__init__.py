@@ -5,6 +5,7 @@
 - compressed_tensors.py: llm-compressor checkpoints, read with the compressed-tensors library
 - torchao.py: `--torchao-config`, applied after loading with the torchao library
 - kv_cache.py: `--kv-cache-dtype` and the per-layer k/v scales
+- fp8_moe.py: `--quantization fp8` on MoE experts (FusedMoE)
 - fp8_linear.py / fp8_ops.py: the fp8 linear methods and the quantize / GEMM primitives they share
 
 The loader calls `quant_config_for(flag, checkpoint config)`, then `attach(model, config)` before reading the
@@ -55,8 +56,11 @@ def quant_config_for(flag: str | None, checkpoint_config: dict | None) -> QuantC
 
 def attach(model: nn.Module, config: QuantConfig) -> None:
     """Give each linear layer its method (before the weights are loaded): its parameters take the checkpoint's
-    quantized shapes and dtypes."""
+    quantized shapes and dtypes. MoE experts are quantized by online fp8 only; checkpoints with quantized experts
+    are refused."""
     from runtime.layers.linear import LinearBase
+    from runtime.layers.moe import FusedMoE
+    from runtime.layers.quantization.fp8 import Fp8Config
 
     packed = getattr(model, "packed_modules_mapping", DEFAULT_PACKED_MODULES)
     for name, module in model.named_modules():
@@ -64,12 +68,22 @@ def attach(model: nn.Module, config: QuantConfig) -> None:
             method = config.linear_method(name, module, packed)
             if method is not None:
                 module.set_quant_method(method)
+        elif isinstance(module, FusedMoE):
+            if not (isinstance(config, Fp8Config) and config.online):
+                raise QuantizationConfigError(f"{config.name} checkpoints of mixture-of-experts models are not "
+                                              f"supported ({name} would need quantized experts); serve the "
+                                              f"16-bit checkpoint with --quantization fp8 instead")
+            module.quantize_online = True
 
 
 def finish(model: nn.Module) -> None:
     """After loading: let each quantized layer prepare what its matmul reads."""
     from runtime.layers.linear import LinearBase
+    from runtime.layers.moe import FusedMoE
+    from runtime.layers.quantization.fp8_moe import quantize_experts
 
     for module in model.modules():
         if isinstance(module, LinearBase) and module.quant_method is not None:
             module.quant_method.process_weights_after_loading(module)
+        elif isinstance(module, FusedMoE) and module.quantize_online:
+            quantize_experts(module)
