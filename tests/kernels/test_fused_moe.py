@@ -102,3 +102,34 @@ def test_fp8_experts_without_scales_are_refused():
     weights, ids = routed(2, 2, 1)
     with pytest.raises(ValueError, match="w13"):
         fused_moe(x, w13, w2, weights, ids, w2_scale=w2_scale)
+
+
+def fp8_kernel_ptx_facts() -> dict[str, bool]:
+    """Compile the fp8 variant (bf16 activations, fp8 weights with scales) for sm_90 at the decode and prefill tiles:
+    whether the PTX multiplies on tensor cores."""
+    from kernels.fused_moe import _fused_moe_kernel, default_moe_tiles
+    from tests.kernel_fixtures import compile_for_sm90
+
+    signature = {"a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "weights_ptr": "*fp32",
+                 "b_scale_ptr": "*fp32", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "num_padded_ptr": "*i32",
+                 "N": "i32", "K": "i32", "num_pairs": "i32", "stride_am": "i32", "stride_ak": "i32",
+                 "stride_be": "i32", "stride_bn": "i32", "stride_bk": "i32", "stride_cm": "i32", "stride_cn": "i32",
+                 "stride_se": "i32"}
+    aligned = ["a_ptr", "b_ptr", "c_ptr", "weights_ptr", "b_scale_ptr", "sorted_ids_ptr", "N", "K", "stride_am",
+               "stride_be", "stride_bn", "stride_cm", "stride_se"]
+    facts = {}
+    for num_tokens in (1, 4096):
+        tiles = default_moe_tiles(num_tokens, 8, 64, torch.bfloat16)
+        constants = {"A_ROWS_PER_ROW": 8, "MUL_WEIGHT": True, "B_SCALED": True, "BLOCK_M": tiles.block_m,
+                     "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "PRECISION": "tf32"}
+        ptx = compile_for_sm90(_fused_moe_kernel, signature, constants, aligned, tiles)
+        facts[f"tokens={num_tokens}"] = "wgmma" in ptx or "mma.sync" in ptx
+    return facts
+
+
+def test_fp8_kernel_compiles_for_hopper():
+    """What the interpreter accepts and the GPU compiler refuses (Python globals, fp8 -> bf16 dot mixes) shows here."""
+    from tests.kernel_fixtures import facts_without_interpreter
+
+    facts = facts_without_interpreter("tests.kernels.test_fused_moe", "fp8_kernel_ptx_facts")
+    assert facts and all(facts.values()), facts
