@@ -8,6 +8,7 @@
 # Sections:
 #   mixtral    configs/Mixtral-8x7B (93 GB bf16): bench_one_batch, batch 1 and 64, input 1024, output 128 (~3 min)
 #   qwen2-moe  configs/Qwen2-57B-A14B (115 GB bf16, ~12 GB left for the KV cache on an H200), same shapes
+#   qwen2-moe-fp8  the same with --quantization fp8 (experts and dense layers fp8 after loading: ~58 GB of weights)
 #   serving    bench_serving, 256 x 1024 in / 256 out at rate inf, on Mixtral-8x7B, DeepSeek-V2-Lite and
 #              Qwen2-57B-A14B (dummy weights, default flags; ~2 min each)
 #   families   every tiny family against transformers on the GPU (tests/models/test_gpu_models.py, fused MoE and
@@ -32,6 +33,10 @@ section_mixtral() {
 
 section_qwen2_moe() {
   gpu_bench_one_batch configs/Qwen2-57B-A14B one_batch_qwen2_moe
+}
+
+section_qwen2_moe_fp8() {
+  gpu_bench_one_batch configs/Qwen2-57B-A14B one_batch_qwen2_moe_fp8 --quantization fp8
 }
 
 section_serving() {  # bench_serving on each MoE shape: 256 x 1024 in / 256 out at rate inf (~2 min each)
@@ -64,9 +69,9 @@ sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(mixtral)
 
 gpu_install_wheels
-gpu_run_sections "mixtral qwen2-moe families moe-kernel deepseek serving" -- "${sections[@]}"
+gpu_run_sections "mixtral qwen2-moe qwen2-moe-fp8 families moe-kernel deepseek serving" -- "${sections[@]}"
 
-for name in mixtral qwen2-moe deepseek; do
+for name in mixtral qwen2-moe qwen2-moe-fp8 deepseek; do
   [ -f "$LOG_DIR/$name.log" ] && { echo; echo "--- $name"; grep -E '^\||^model' "$LOG_DIR/$name.log"; }
 done
 if [ -f "$LOG_DIR/serving.log" ]; then

@@ -40,9 +40,9 @@ gpu_print_summary() {
   printf '%s\n' "${GPU_SUMMARY[@]}"
 }
 
-gpu_bench_one_batch() {  # gpu_bench_one_batch <config folder> <json name>: batch 1 and 64, 1024 in, 128 out, dummy weights
+gpu_bench_one_batch() {  # gpu_bench_one_batch <config folder> <json name> [flags...]: batch 1 and 64, 1024 in, 128 out, dummy weights
   timeout 600 python3 -m runtime.bench.one_batch --model-path "$1" --load-format dummy --dtype bfloat16 \
-    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json"
+    --batch-size 1 64 --input-len 1024 --output-len 128 --output "$LOG_DIR/$2.json" "${@:3}"
   local status=$?
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
   return $status
