@@ -108,7 +108,6 @@ class FusedMoE(nn.Module):
             out.index_add_(0, token_index, expert_out.to(out.dtype))
         return out
 
-
     def _expert_weight(self, name: str, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """One expert's w13 or w2 in `dtype`; fp8 ones dequantized (w.float() * scale)."""
         weight, scale = getattr(self, f"{name}_weight")[expert], getattr(self, f"{name}_scale")
