@@ -69,11 +69,7 @@ section_bench_serving() {
   # shellcheck disable=SC2086
   python3 -m runtime --model-path "$MODEL" --load-format dummy --port $port $SERVE_FLAGS >"$LOG_DIR/server.log" 2>&1 &
   local server=$!
-  for _ in $(seq 600); do
-    grep -q "Ready: serving" "$LOG_DIR/server.log" && break
-    kill -0 $server 2>/dev/null || break
-    sleep 0.5
-  done
+  gpu_wait_ready "$LOG_DIR/server.log" $server
   grep -E "Ready: serving|captured|model loaded" "$LOG_DIR/server.log"
   local common=(--port $port --dataset-name random --random-input-len 1024 --random-output-len 1024
                 --random-range-ratio 1.0 --disable-tqdm --output-file "$LOG_DIR/serving.jsonl")

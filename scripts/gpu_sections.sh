@@ -48,6 +48,15 @@ gpu_bench_one_batch() {  # gpu_bench_one_batch <config folder> <json name> [flag
   return $status
 }
 
+gpu_wait_ready() {  # gpu_wait_ready <server log> <server pid>: until the ready line, the server's exit, or 300 s
+  for _ in $(seq 600); do
+    grep -q "Ready: serving" "$1" && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+
 gpu_serve_and_bench() {  # gpu_serve_and_bench <name> <model> <prompts> <input len> <output len> [server flags...]
   # a server on dummy weights, bench_serving random prompts at rate inf against it, then a clean stop
   local name=$1 model=$2 prompts=$3 input_len=$4 output_len=$5 port=30157 status=0
@@ -55,11 +64,7 @@ gpu_serve_and_bench() {  # gpu_serve_and_bench <name> <model> <prompts> <input l
   python3 -m runtime --model-path "$model" --load-format dummy --dtype bfloat16 --port $port "$@" \
     >"$LOG_DIR/server_$name.log" 2>&1 &
   local server=$!
-  for _ in $(seq 600); do
-    grep -q "Ready: serving" "$LOG_DIR/server_$name.log" && break
-    kill -0 $server 2>/dev/null || break
-    sleep 0.5
-  done
+  gpu_wait_ready "$LOG_DIR/server_$name.log" $server
   grep -E "Ready: serving|KV cache:" "$LOG_DIR/server_$name.log"
   timeout 300 python3 -m runtime.bench.serving --port $port --dataset-name random --random-input-len "$input_len" \
     --random-output-len "$output_len" --random-range-ratio 1.0 --num-prompts "$prompts" --request-rate inf \
