@@ -112,6 +112,21 @@ def _reordered_call(text: str, start: int) -> tuple[ToolCallDraft | None, int | 
     return ToolCallDraft(obj["name"], json.dumps(args, ensure_ascii=False), complete=True), end
 
 
+def append_call_objects(result: ToolParse, text: str, pos: int, final: bool, separators: str) -> ToolParse:
+    """Add to `result` the call objects written one after the other from text[pos:], with any of `separators`
+    between them; stops at anything else or at an incomplete object. Returns `result`."""
+    while True:
+        pos = skip(text, pos, separators)
+        if pos >= len(text) or text[pos] != "{":
+            return result
+        draft, end = call_object(text, pos, final)
+        if draft is not None:
+            result.calls.append(draft)
+        if end is None:
+            return result
+        pos = end
+
+
 def skip(text: str, pos: int, chars: str) -> int:
     while pos < len(text) and text[pos] in chars:
         pos += 1

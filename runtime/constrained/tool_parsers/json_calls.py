@@ -8,7 +8,7 @@ from runtime.constrained.tool_parsers.base import (
     ToolCallDraft,
     ToolParse,
     ToolParser,
-    call_object,
+    append_call_objects,
     json_value_end,
     skip,
 )
@@ -22,17 +22,7 @@ class JsonArrayParser(ToolParser):
         pos = skip(text, 0, " \t\r\n")
         if pos >= len(text) or text[pos] != "[":
             return ToolParse(content=text if final else "")
-        pos += 1
-        while True:
-            pos = skip(text, pos, " \t\r\n,")
-            if pos >= len(text) or text[pos] != "{":
-                return result
-            draft, end = call_object(text, pos, final)
-            if draft is not None:
-                result.calls.append(draft)
-            if end is None:
-                return result
-            pos = end
+        return append_call_objects(result, text, pos + 1, final, " \t\r\n,")
 
 
 class NamedArgumentsParser(ToolParser):

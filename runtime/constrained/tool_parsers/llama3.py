@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from runtime.constrained.tool_parsers.base import CallTemplate, ToolParse, ToolParser, call_object, skip
+from runtime.constrained.tool_parsers.base import CallTemplate, ToolParse, ToolParser, append_call_objects
 
 PYTHON_TAG = "<|python_tag|>"
 _CALL_START = '{"name"'
@@ -31,14 +31,4 @@ class Llama3Parser(ToolParser):
         return ToolParse(content=text)
 
     def _calls(self, content: str, text: str, pos: int, final: bool) -> ToolParse:
-        result = ToolParse(content=content)
-        while True:
-            pos = skip(text, pos, " \t\r\n;")
-            if pos >= len(text) or text[pos] != "{":
-                return result
-            draft, end = call_object(text, pos, final)
-            if draft is not None:
-                result.calls.append(draft)
-            if end is None:
-                return result
-            pos = end
+        return append_call_objects(ToolParse(content=content), text, pos, final, " \t\r\n;")

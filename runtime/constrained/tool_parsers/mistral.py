@@ -12,7 +12,7 @@ from runtime.constrained.tool_parsers.base import (
     ToolCallDraft,
     ToolParse,
     ToolParser,
-    call_object,
+    append_call_objects,
     content_before,
     json_value_end,
     skip,
@@ -56,13 +56,4 @@ class MistralParser(ToolParser):
 
     @staticmethod
     def _array(text: str, pos: int, final: bool, result: ToolParse) -> None:
-        while True:
-            pos = skip(text, pos, " \t\r\n,")
-            if pos >= len(text) or text[pos] != "{":
-                return
-            draft, end = call_object(text, pos, final)
-            if draft is not None:
-                result.calls.append(draft)
-            if end is None:
-                return
-            pos = end
+        append_call_objects(result, text, pos, final, " \t\r\n,")
