@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import threading
 import time
 import urllib.request
@@ -35,13 +34,7 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compat")
     srv = Server(folder / "server.log", "--max-running-requests", "8", "--max-total-tokens", "4096",
                  "--storage-dir", str(folder / "store"), "--enable-custom-logit-processor")
-    try:
-        srv.wait_ready()
-        yield srv
-        srv.proc.send_signal(signal.SIGTERM)  # a clean stop unlinks the shared memory
-        srv.proc.wait(60)
-    finally:
-        srv.kill()
+    yield from srv.serve()
 
 
 @pytest.fixture(scope="module")

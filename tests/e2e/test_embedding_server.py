@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -51,14 +50,7 @@ def server(checkpoint, tmp_path_factory):
     srv = Server(folder / "server.log", "--model-path", checkpoint[0], "--is-embedding", "--storage-dir",
                  str(folder / "store"), "--max-total-tokens", "2048")
     srv.ready_line = "Ready: serving "
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.send_signal(signal.SIGTERM)
-            srv.proc.wait(60)
-        srv.kill()
+    yield from srv.serve()
 
 
 def reference(model, tokenizer, text: str) -> np.ndarray:

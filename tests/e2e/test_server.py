@@ -82,6 +82,21 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+
+    def serve(self, stop_timeout_s: float = 60):
+        """Yields this server once ready; then a clean stop (SIGTERM: the shared memory is unlinked, which the suite
+        checks), killed if it does not end in time."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            self.kill()
         for child in self.children:
             try:
                 child.kill()

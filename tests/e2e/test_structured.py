@@ -12,8 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import signal
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -44,16 +42,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 def running_server(log_path, *flags: str):
     srv = Server(log_path, "--max-running-requests", "64", "--max-total-tokens", "16384", *flags)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.proc.send_signal(signal.SIGTERM)  # a clean stop unlinks the shared memory (the suite checks)
-        try:
-            srv.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            pass
-        srv.kill()
+    yield from srv.serve(stop_timeout_s=120)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import http.server
-import signal
 import threading
 
 import pytest
@@ -40,14 +39,7 @@ def server(checkpoint):
                  "--max-total-tokens", "2048", "--allowed-local-media-path", str(folder / "media"),
                  "--image-arena-mb", "1", "--limit-mm-per-prompt", '{"image": 2}', "--chunked-prefill-size", "8")
     srv.ready_line = "Ready: serving "
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.send_signal(signal.SIGTERM)
-            srv.proc.wait(60)
-        srv.kill()
+    yield from srv.serve()
 
 
 def data_url(image) -> str:
