@@ -7,12 +7,14 @@ closing the race where it died before prctl), take the parent's sys.path, set th
 block the imports the spec forbids, configure logging with the actor's name, pin cores, build the
 actor, report Ready (with the actor's info bytes) or Failed (error and traceback) on the control
 ring, then run it.
-Exit status: 0 when run() returns, 1 when building or running the actor raised, 2 for a bad spec.
+Exit status: 0 when run() returns, 1 when building or running the actor raised, 2 for a bad spec; the process ends
+with os._exit (exit_now) once the actor is closed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -85,6 +87,7 @@ def main(argv: list[str]) -> int:
     set_process_title(spec.title or f"actors.boot {spec.name}")
     block_imports(spec.blocked_imports)
     configure_logging(spec.name, spec.log_level)
+    faulthandler.enable(all_threads=True)  # a crash (SIGSEGV, SIGABRT, ...) prints every thread's Python stack
     if spec.cpus:
         os.sched_setaffinity(0, spec.cpus)
 
@@ -124,5 +127,14 @@ def main(argv: list[str]) -> int:
         logging.shutdown()
 
 
+def exit_now(status: int) -> None:
+    """End the child without the interpreter's and the C libraries' exit-time teardown: the actor has answered and
+    closed everything already, and a C++ library's static destructors racing its own pool threads (seen as
+    `terminate called without an active exception` after a clean drain) must not turn a clean stop into SIGABRT."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    exit_now(main(sys.argv))

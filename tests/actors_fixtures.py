@@ -8,6 +8,7 @@ graceful stop, and exits with the supervisor's status after printing the exit co
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ class EchoConfig(msgspec.Struct, forbid_unknown_fields=True):
     fail_at_start: bool = False
     exit_at_start: int | None = None  # os._exit(code) while building: dies without reporting
     ignore_shutdown: bool = False
+    abort_at_exit: bool = False  # an exit-time hook that aborts, as C++ static destructors racing their threads do
 
 
 class EchoActor(Actor):
@@ -79,6 +81,8 @@ class EchoActor(Actor):
             raise FileNotFoundError("weights not found: /nonexistent/model.gguf")
         if self.config.exit_at_start is not None:
             os._exit(self.config.exit_at_start)
+        if self.config.abort_at_exit:
+            atexit.register(os.abort)
 
     def ready_info(self) -> bytes:
         return msgspec.json.encode(

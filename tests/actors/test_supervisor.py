@@ -127,6 +127,14 @@ def test_crash_stops_the_others_logs_why_and_cleans_shared_memory(sup, caplog, h
     assert list_segments(sup.prefix) == []
 
 
+def test_a_clean_stop_exits_0_even_if_exit_time_teardown_would_abort(sup):
+    """After run() returns the child ends with os._exit: interpreter and library teardown (atexit, C++ static
+    destructors) cannot turn a drained, closed actor into SIGABRT."""
+    sup.start(echo_spec(sup, "aborter", abort_at_exit=True))
+    assert sup.stop(1.0) == 0
+    assert sup.exit_codes == {"aborter": 0}
+
+
 def test_stop_escalates_to_sigterm_for_an_actor_that_ignores_shutdown(sup):
     sup.exit_slack_s = 0.3
     sup.start(echo_spec(sup, "polite"))
