@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.image_processing_utils import select_best_resolution
 
 from runtime.model_loader.weight_map import WeightTarget
 from runtime.models.llava import LlavaForConditionalGeneration
@@ -44,6 +43,9 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
 
     def grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Tiles down and across of an image of (height, width)."""
+        # Imported here: the module pulls in transformers' modeling code, seconds of start-up for every text model.
+        from transformers.image_processing_utils import select_best_resolution
+
         height, width = select_best_resolution(list(image_size), self.grid_pinpoints)
         return height // self.tile_size, width // self.tile_size
 
