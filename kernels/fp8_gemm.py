@@ -8,10 +8,19 @@ per-token quantization of the activations (which, with torch._scaled_mm, costs m
 Tiling: one program per (BLOCK_N output channels, K split). A decode-sized N alone gives too few programs to keep an
 H200's 132 SMs reading (4096 / 64 = 64), so K is split and every split writes a float32 partial [SPLIT_K, M, N] that
 a second kernel sums, scales and casts (deterministic, unlike atomics; the partials are small and stay in L2). With
-SPLIT_K = 1 the first kernel writes y directly. Two ways to multiply a tile:
+SPLIT_K = 1 the first kernel writes y directly. Three ways to multiply a tile:
 - USE_DOT: tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] (BLOCK_M >= 16, rows past M masked);
-- GEMV (for M of 1..4): a broadcast product summed over K, no padding of M to 16; the defaults use tl.dot, whose
-  weight loads Triton pipelines through shared memory (cp.async), and the GPU bench's --sweep times both.
+- USE_DOT with SWAP_AB: the transposed product, W [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, BLOCK_M], so the weight is the
+  MMA's first operand: with BLOCK_N >= 64 and 4 or 8 warps Hopper runs it as wgmma (64-row instructions, the
+  converted weight fed from registers) even at M = 1, where the unswapped tile of 16 rows gets mma.sync;
+- GEMV (for M of 1..4): a broadcast product summed over K, no padding of M to 16.
+The defaults use tl.dot, whose weight loads Triton pipelines through shared memory (cp.async); the GPU bench's
+--sweep times every variant.
+
+With REDUCE_IN_KERNEL a K split needs one launch instead of two: each program writes its partial, then counts
+itself in with an acq_rel atomic on its N tile's counter, and the program that arrives last sums the tile's
+partials in split order (deterministic), scales, casts, writes y and zeroes the counter for the next call. The
+counters (int32, one per N tile, zero between calls) belong to the caller, so a CUDA graph replays them.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ class Fp8GemmTiles:
     use_dot: bool = True
     num_warps: int = 4
     num_stages: int = 4
+    swap_ab: bool = False  # tl.dot as W x^T (needs use_dot)
+    reduce_in_kernel: bool = False  # a K split's last program reduces (one launch; needs split counters)
 
 
 def choose_split_k(m: int, n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
@@ -66,11 +77,11 @@ def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8Gem
 
 @triton.jit
 def _fp8_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, out_ptr,
+    x_ptr, w_ptr, scale_ptr, out_ptr, y_ptr, counter_ptr,
     M, N, K, steps_per_split,
-    stride_xm, stride_wn, stride_os, stride_om,
+    stride_xm, stride_wn, stride_os, stride_om, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    APPLY_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+    SWAP_AB: tl.constexpr, APPLY_SCALE: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -84,21 +95,42 @@ def _fp8_gemm_kernel(
 
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(0, steps_per_split):
         ks = k_start + step * BLOCK_K + offs_k
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if USE_DOT:
+        if SWAP_AB:
+            acc_t += tl.dot(w.to(x.dtype), tl.trans(x), input_precision=PRECISION)
+        elif USE_DOT:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
 
     if APPLY_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    if REDUCE_IN_KERNEL:
+        # acq_rel: this program's partial is visible before its count; the last one sees every partial
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == tl.num_programs(1) - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            parts = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+            for s in range(0, tl.num_programs(1)):  # split order, whatever the arrival order: deterministic
+                total += tl.load(parts + s * stride_os, mask=mask_m[:, None] & mask_n[None, :], other=0.0,
+                                 cache_modifier=".cg")
+            total = total * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+            tl.store(counter_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -118,11 +150,14 @@ def _split_k_reduce_kernel(
 
 
 def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                         tiles: Fp8GemmTiles | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                         tiles: Fp8GemmTiles | None = None, out: torch.Tensor | None = None,
+                         split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (float32/16-bit), weight [N, K] float8_e4m3fn, weight_scale [N] float32 -> y [M, N] in x's dtype.
 
-    Allocates only through torch (the output and, with a K split, the float32 partials), so it can be captured in
-    a CUDA graph; no host synchronisation."""
+    split_counters: int32, at least one per N tile, all zero (and left zero), for tiles that reduce a K split in
+    the kernel; without them such tiles get fresh zeros (one memset more). Allocates only through torch (the
+    output and, with a K split, the float32 partials), so it can be captured in a CUDA graph; no host
+    synchronisation."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight_scale.shape != (n,):
@@ -133,25 +168,35 @@ def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     tiles = tiles or default_fp8_gemm_tiles(m, n, k)
     if m > tiles.block_m:
         raise ValueError(f"{m} rows exceed the tile's block_m {tiles.block_m}")
+    if tiles.swap_ab and not tiles.use_dot:
+        raise ValueError("swap_ab is a way to use tl.dot: it needs use_dot")
     if out is None:
         out = x.new_empty(m, n)
     if out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError(f"out must be [{m}, {n}], contiguous in its last dimension; got {tuple(out.shape)}")
     if m == 0:
         return out
+    n_tiles = triton.cdiv(n, tiles.block_n)
     steps_per_split = triton.cdiv(triton.cdiv(k, tiles.block_k), tiles.split_k)
     split_k = triton.cdiv(k, steps_per_split * tiles.block_k)  # never an empty split
     target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     stride_os = 0 if split_k == 1 else target.stride(0)
-    _fp8_gemm_kernel[(triton.cdiv(n, tiles.block_n), split_k)](
-        x, weight, weight_scale, target,
+    reduce_in_kernel = split_k > 1 and tiles.reduce_in_kernel
+    counters = out  # an unused pointer unless the kernel reduces
+    if reduce_in_kernel:
+        counters = split_counters if split_counters is not None else torch.zeros(n_tiles, dtype=torch.int32,
+                                                                                 device=x.device)
+        if counters.dtype != torch.int32 or counters.numel() < n_tiles:
+            raise ValueError(f"split_counters must be int32 with at least {n_tiles} entries")
+    _fp8_gemm_kernel[(n_tiles, split_k)](
+        x, weight, weight_scale, target, out, counters,
         m, n, k, steps_per_split,
-        x.stride(0), weight.stride(0), stride_os, target.stride(-2),
+        x.stride(0), weight.stride(0), stride_os, target.stride(-2), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
-        APPLY_SCALE=split_k == 1, PRECISION=dot_precision(x.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        SWAP_AB=tiles.swap_ab, APPLY_SCALE=split_k == 1, REDUCE_IN_KERNEL=reduce_in_kernel,
+        PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    if split_k > 1:
+    if split_k > 1 and not reduce_in_kernel:
         block_n = 1024
         _split_k_reduce_kernel[(m, triton.cdiv(n, block_n))](
             target, weight_scale, out, n, split_k,

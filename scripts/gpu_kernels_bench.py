@@ -428,7 +428,8 @@ FP8_GEMM_TOKENS = (1, 8, 32, 64)
 
 def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
     """--sweep's tiles for M rows: the default, other tl.dot shapes (and GEMV at M = 1) at the default rule's K
-    split, and the default shape unsplit and at half and twice that split."""
+    split, the default shape unsplit and at half and twice that split, each shape as W x^T (swap_ab), and the
+    default split reduced in the kernel (one launch) both ways round."""
     default = default_fp8_gemm_tiles(m, n, k, num_sms)
     if default.block_m == 16:
         shapes = [(16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3), (16, 128, 128, True, 4, 3),
@@ -445,6 +446,10 @@ def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTil
                          for bm, bn, bk, dot, warps, stages in shapes]
     for split_k in sorted({1, max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}):
         tiles.append(replace(default, split_k=split_k))
+    # the weight as the MMA's first operand (wgmma from M = 1) for each tile shape, and the default K split
+    # reduced in one launch, both ways round
+    swapped = [replace(t, swap_ab=True) for t in tiles[:len(shapes) + 1] if t.use_dot]
+    tiles += swapped + [replace(t, reduce_in_kernel=True) for t in (default, swapped[0]) if t.split_k > 1]
     return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
 
 
@@ -466,8 +471,10 @@ def case_fp8_gemm(rows: list[Row], args: Args) -> None:
             x = randn(tokens, k)
             w_fp8, w_scale = fp8_sets[0]
 
-            def kernel_calls(tiles=None, x=x):
-                return [lambda w=w, sc=sc: fp8_weight_only_gemm(x, w, sc, tiles) for w, sc in fp8_sets]
+            def kernel_calls(tiles=None, x=x, n=n):
+                counters = torch.zeros(n, dtype=torch.int32, device="cuda")  # for reduce_in_kernel tiles
+                return [lambda w=w, sc=sc: fp8_weight_only_gemm(x, w, sc, tiles, split_counters=counters)
+                        for w, sc in fp8_sets]
 
             def scaled_mm_calls(x=x):
                 def call(w, sc):
@@ -497,7 +504,8 @@ def case_fp8_gemm(rows: list[Row], args: Args) -> None:
 
 
 def tile_text(t: Fp8GemmTiles) -> str:
-    return (f"{'dot' if t.use_dot else 'gemv'} {t.block_m}x{t.block_n}x{t.block_k} split {t.split_k} "
+    kind = ("dot W.x^T" if t.swap_ab else "dot") if t.use_dot else "gemv"
+    return (f"{kind} {t.block_m}x{t.block_n}x{t.block_k} split {t.split_k}{' in-kernel' if t.reduce_in_kernel else ''} "
             f"w{t.num_warps} s{t.num_stages}")
 
 

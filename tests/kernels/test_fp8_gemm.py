@@ -4,6 +4,8 @@ scripts/gpu_quant.sh fp8-gemm, the same tests in bf16 plus a CUDA-graph replay a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,7 +47,12 @@ def fp8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     (1, Fp8GemmTiles(1, 16, 64, split_k=2, use_dot=False)),  # GEMV
     (3, Fp8GemmTiles(4, 32, 32, split_k=1, use_dot=False)),  # GEMV writing y directly
     (40, Fp8GemmTiles(64, 32, 64, split_k=2)),
-], ids=["default-m1", "dot-split3", "gemv-m1", "gemv-m3", "dot-m40"])
+    (1, Fp8GemmTiles(16, 32, 32, split_k=1, swap_ab=True)),  # W x^T, written to y directly
+    (5, Fp8GemmTiles(16, 32, 32, split_k=3, swap_ab=True)),  # W x^T, reduced by the 2nd kernel
+    (5, Fp8GemmTiles(16, 32, 32, split_k=3, reduce_in_kernel=True)),  # one launch: the last split reduces
+    (40, Fp8GemmTiles(64, 32, 64, split_k=2, swap_ab=True, reduce_in_kernel=True)),
+], ids=["default-m1", "dot-split3", "gemv-m1", "gemv-m3", "dot-m40", "swap-m1", "swap-split3", "in-kernel-split3",
+        "swap-in-kernel-m40"])
 def test_fp8_gemm_matches_reference(dtype, m, tiles, seed):
     weight, scale = fp8_weight(N, K)
     x = torch.randn(m, K, dtype=dtype, device=DEVICE)
@@ -54,6 +61,23 @@ def test_fp8_gemm_matches_reference(dtype, m, tiles, seed):
     assert not out.isnan().any(), f"unwritten or NaN output (seed {seed})"
     err = relative_error(out, fp8_weight_only_gemm_ref(x, weight, scale))
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} (seed {seed})"
+
+
+def test_in_kernel_reduction_leaves_its_counters_zero_for_the_next_call(seed):
+    """The caller's counters are reused call after call (as a CUDA graph replays them): each call must leave them
+    as it found them, and every call's y must be complete."""
+    weight, scale = fp8_weight(N, K)
+    tiles = Fp8GemmTiles(16, 16, 32, split_k=4, reduce_in_kernel=True)
+    counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)  # 5 N tiles of 16, and room to spare
+    for m in (1, 3, 16):
+        x = torch.randn(m, K, device=DEVICE)
+        out = fp8_weight_only_gemm(x, weight, scale, tiles, split_counters=counters)
+        assert relative_error(out, fp8_weight_only_gemm_ref(x, weight, scale)) < 1e-5
+        assert counters.tolist() == [0] * 8
+    with pytest.raises(ValueError, match="split_counters"):
+        fp8_weight_only_gemm(x, weight, scale, tiles, split_counters=counters[:4])
+    with pytest.raises(ValueError, match="use_dot"):
+        fp8_weight_only_gemm(x, weight, scale, Fp8GemmTiles(16, 16, 32, 1, use_dot=False, swap_ab=True))
 
 
 def test_per_tensor_scale_is_a_broadcast_channel_scale(seed):
@@ -95,24 +119,39 @@ def test_default_tiles_fill_the_gpu(m, k, n):
     assert programs >= 2 * 132 or capped, tiles
 
 
+GEMM_SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "out_ptr": "*fp32", "y_ptr": "*bf16",
+                  "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "steps_per_split": "i32",
+                  "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32", "stride_ym": "i32"}
+ALIGNED = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "y_ptr", "counter_ptr", "N", "K", "stride_xm", "stride_wn",
+           "stride_os", "stride_om", "stride_ym"]
+
+
+def gemm_ptx(tiles: Fp8GemmTiles, split: bool) -> str:
+    signature = {**GEMM_SIGNATURE, "out_ptr": "*fp32" if split else "*bf16"}
+    constants = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
+                 "USE_DOT": tiles.use_dot, "SWAP_AB": tiles.swap_ab, "APPLY_SCALE": not split,
+                 "REDUCE_IN_KERNEL": split and tiles.reduce_in_kernel, "PRECISION": "tf32"}
+    return compile_for_sm90(_fp8_gemm_kernel, signature, constants, ALIGNED, tiles)
+
+
 def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
-    """For the default tiles at M = 1, 16, 32, 64 (K = N = 4096), written to y or to split partials: whether the
-    sm_90 PTX has cp.async (pipelined, vectorized weight loads) and tensor-core instructions."""
+    """For the default tiles at M = 1, 16, 32, 64 (K = N = 4096), written to y or to split partials, and for the
+    sweep's variants at M = 1 (the weight as the MMA's first operand; the K split reduced in the kernel): whether
+    the sm_90 PTX has cp.async (pipelined, vectorized weight loads), tensor-core instructions, wgmma, and an
+    atomic."""
     facts = {}
+
+    def record(name: str, ptx: str) -> None:
+        facts[name] = {"cp.async": "cp.async" in ptx, "tensor cores": "wgmma" in ptx or "mma.sync" in ptx,
+                       "wgmma": "wgmma" in ptx, "atomic": "atom." in ptx}
+
     for m in (1, 16, 32, 64):
         tiles = default_fp8_gemm_tiles(m, 4096, 4096)
         for split in (False, True):
-            signature = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
-                         "out_ptr": "*fp32" if split else "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                         "steps_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
-                         "stride_om": "i32"}
-            constants = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
-                         "USE_DOT": tiles.use_dot, "APPLY_SCALE": not split, "PRECISION": "tf32"}
-            aligned = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "N", "K", "stride_xm", "stride_wn", "stride_os",
-                       "stride_om"]
-            ptx = compile_for_sm90(_fp8_gemm_kernel, signature, constants, aligned, tiles)
-            facts[f"m={m} split={split}"] = {"cp.async": "cp.async" in ptx,
-                                             "tensor cores": "wgmma" in ptx or "mma.sync" in ptx}
+            record(f"m={m} split={split}", gemm_ptx(tiles, split))
+    swapped = replace(default_fp8_gemm_tiles(1, 4096, 4096), swap_ab=True)
+    record("swap_ab m=1", gemm_ptx(swapped, split=False))
+    record("swap_ab m=1 reduce_in_kernel", gemm_ptx(replace(swapped, reduce_in_kernel=True), split=True))
     reduce_signature = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "SPLIT_K": "i32",
                         "stride_ps": "i32", "stride_pm": "i32", "stride_om": "i32"}
     compile_for_sm90(_split_k_reduce_kernel, reduce_signature, {"BLOCK_N": 1024}, list(reduce_signature), None)
@@ -122,9 +161,13 @@ def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
 def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     """What Triton's interpreter accepts and the GPU compiler refuses (Python globals in a kernel, dtype mixes)
     shows here, and so does a weight read by single-byte loads instead of cp.async-pipelined 16-byte copies (the
-    K offsets must stay provably aligned)."""
+    K offsets must stay provably aligned). The swapped product reaches wgmma at M = 1 (the unswapped 16-row tile
+    cannot), and only the in-kernel reduction has an atomic."""
     facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "default_tiles_ptx_facts")
-    assert len(facts) == 8 and all(all(found.values()) for found in facts.values()), facts
+    assert len(facts) == 10, facts
+    assert all(found["cp.async"] and found["tensor cores"] for found in facts.values()), facts
+    assert facts["swap_ab m=1"]["wgmma"] and not facts["m=1 split=False"]["wgmma"], facts
+    assert [name for name, found in facts.items() if found["atomic"]] == ["swap_ab m=1 reduce_in_kernel"], facts
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
