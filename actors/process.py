@@ -72,9 +72,14 @@ class ChildProcess:
 
     def tail(self, wait_s: float = 1.0) -> str:
         """The child's last stderr lines (waits briefly for the tee to reach the end if it exited)."""
+        self.drain_stderr(wait_s)
+        return "\n".join(self.stderr_tail)
+
+    def drain_stderr(self, wait_s: float) -> None:
+        """If the child exited, wait up to wait_s for its last stderr lines to reach the sink (a child that ends
+        with os._exit is gone before the tee has copied what it wrote last)."""
         if self.proc.poll() is not None:
             self._tee.join(wait_s)
-        return "\n".join(self.stderr_tail)
 
     def poll(self) -> int | None:
         return self.proc.poll()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _ACTOR_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 POLL_WITHOUT_PIDFD_S = 0.2
+STDERR_DRAIN_S = 2.0  # at a stop, how long all children together get for their last stderr lines to be copied
 
 
 def write_boot_segment(name: str, data: bytes) -> None:
@@ -395,9 +396,11 @@ class Supervisor:
                 log.warning("sending %s to actor %r (pid %d)", sig.name, child.spec.name, child.process.pid)
                 child.process.signal(sig)
             self._wait_all(alive, time.monotonic() + wait_s)
+        deadline = time.monotonic() + STDERR_DRAIN_S
         for child in children:
             child.returncode = child.process.poll()
             self.exit_codes[child.spec.name] = child.returncode
+            child.process.drain_stderr(max(0.0, deadline - time.monotonic()))
 
     @staticmethod
     def _wait_all(children: list[_Child], deadline: float) -> None:

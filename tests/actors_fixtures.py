@@ -66,6 +66,7 @@ class EchoConfig(msgspec.Struct, forbid_unknown_fields=True):
     exit_at_start: int | None = None  # os._exit(code) while building: dies without reporting
     ignore_shutdown: bool = False
     abort_at_exit: bool = False  # an exit-time hook that aborts, as C++ static destructors racing their threads do
+    lines_at_shutdown: int = 0  # stderr lines written on Shutdown, just before returning
 
 
 class EchoActor(Actor):
@@ -103,6 +104,8 @@ class EchoActor(Actor):
                     raise RuntimeError("crash requested")
                 case Shutdown(grace_s=grace_s):
                     self.log.info("got Shutdown(grace_s=%s)", grace_s)
+                    for i in range(self.config.lines_at_shutdown):
+                        print(f"{self.name} line {i} " + "x" * 100, file=sys.stderr)
                     if not self.config.ignore_shutdown:
                         return
 

@@ -3,7 +3,9 @@ graceful and forced stops; every test checks that the run's shared memory is gon
 
 from __future__ import annotations
 
+import io
 import logging
+import time
 
 import msgspec
 import psutil
@@ -133,6 +135,28 @@ def test_a_clean_stop_exits_0_even_if_exit_time_teardown_would_abort(sup):
     sup.start(echo_spec(sup, "aborter", abort_at_exit=True))
     assert sup.stop(1.0) == 0
     assert sup.exit_codes == {"aborter": 0}
+
+
+def test_a_stop_returns_only_after_the_actors_last_stderr_lines_are_copied():
+    """The launcher exits right after stop(): whatever an actor wrote just before exiting must be in the sink by
+    then, not still in the pipe behind a daemon tee thread (a slow sink, as a terminal or a busy disk can be,
+    leaves most of a pipe's worth behind when the actor exits)."""
+
+    class SlowSink(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0.001)
+            return super().write(text)
+
+    sink = SlowSink()
+    sup = Supervisor(prefix=unique_prefix(), ready_timeout=30.0, exit_slack_s=2.0, term_timeout_s=2.0,
+                     stderr_sink=sink)
+    try:
+        sup.start(echo_spec(sup, "chatty", lines_at_shutdown=1000))
+        assert sup.stop(1.0) == 0
+        assert "chatty line 999 " in sink.getvalue()
+    finally:
+        sup.stop(0.0)
+    assert list_segments(sup.prefix) == []
 
 
 def test_stop_escalates_to_sigterm_for_an_actor_that_ignores_shutdown(sup):
