@@ -36,7 +36,8 @@ from runtime.messages import (  # noqa: E402
     SchedulerToWorker,
     TokenUpdates,
 )
-from runtime.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
+from runtime.scheduler.config import SchedulerConfig  # noqa: E402
+from runtime.scheduler.core import SchedulerCore  # noqa: E402
 from runtime.worker.cuda_graph_runner import capture_batch_sizes, padded_inputs  # noqa: E402
 
 PROMPT_LEN = 1024

@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.messages import BatchPlan, BatchResult, GenerateRequest, NewRow, SamplingParams, TokenUpdates  # noqa: E402
-from runtime.scheduler.core import SchedulerConfig, SchedulerCore  # noqa: E402
+from runtime.scheduler.config import SchedulerConfig  # noqa: E402
+from runtime.scheduler.core import SchedulerCore  # noqa: E402
 from runtime.worker.forward_batch import ForwardBatch  # noqa: E402
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig  # noqa: E402
 

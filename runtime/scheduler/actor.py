@@ -48,7 +48,9 @@ from runtime.messages import (
     WorkerError,
     WorkerReady,
 )
-from runtime.scheduler.core import ScheduledBatch, SchedulerConfig, SchedulerCore, StepUpdates
+from runtime.scheduler.batch_records import ScheduledBatch, StepUpdates
+from runtime.scheduler.config import SchedulerConfig
+from runtime.scheduler.core import SchedulerCore
 from runtime.scheduler.stop_checker import make_decode
 from runtime.server_args import ServerArgs
 from shm import Arena, Heartbeat

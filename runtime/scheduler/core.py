@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-from dataclasses import dataclass, field
 
 from runtime.messages import (
     BatchPlan,
@@ -40,7 +39,6 @@ from runtime.messages import (
     FinishReason,
     GenerateRequest,
     GrammarReady,
-    ModelInfo,
     NewRow,
     RequestMeta,
     RequestRejected,
@@ -49,7 +47,9 @@ from runtime.messages import (
     WorkerError,
 )
 from runtime.scheduler.admission import NewTokenRatio, Reservation, stops_only_at_length
+from runtime.scheduler.batch_records import PlanColumns, ScheduledBatch, StepUpdates
 from runtime.scheduler.chunk_control import MixedChunkSize
+from runtime.scheduler.config import SchedulerConfig
 from runtime.scheduler.grammar_gate import GrammarGate
 from runtime.scheduler.image_blocks import ImageBlockLedger
 from runtime.scheduler.policy import SchedulePolicy
@@ -57,99 +57,6 @@ from runtime.scheduler.radix_cache import PrefixMatch, RadixCache
 from runtime.scheduler.request_state import Req, ReqStatus, concat_logprobs
 from runtime.scheduler.slot_allocator import ReqTable, SlotAllocator
 from runtime.scheduler.stop_checker import Decode, StopChecker
-
-
-@dataclass(slots=True)
-class PlanColumns:
-    """The batch being planned, in the BatchPlan's columnar layout. Decode rows go in as whole columns (one list
-    operation per column, not a call per request); prefill rows one by one. A prefill chunk that is not the
-    prompt's last computes KV but does not sample; the last chunk of an embedding request is pooled."""
-
-    reqs: list[Req] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    prefix_lens: list[int] = field(default_factory=list)
-    extend_lens: list[int] = field(default_factory=list)
-    sample: list[bool] = field(default_factory=list)
-    input_ids: list[int] = field(default_factory=list)
-    out_slots: list[int] = field(default_factory=list)
-    pool: list[int] = field(default_factory=list)  # plan indices of rows whose pooled vector the worker returns
-
-    def add_decode(self, reqs: list[Req], prefix_lens: list[int], input_ids: list[int], slots: list[int]) -> None:
-        n = len(reqs)
-        self.reqs += reqs
-        self.rows += [r.row for r in reqs]
-        self.prefix_lens += prefix_lens
-        self.extend_lens += [1] * n
-        self.sample += [True] * n
-        self.input_ids += input_ids
-        self.out_slots += slots
-
-    def add_extend(self, req: Req, prefix_len: int, input_ids: list[int], slots: list[int], sample: bool,
-                   pool: bool) -> None:
-        if pool:
-            self.pool.append(len(self.reqs))
-        self.reqs.append(req)
-        self.rows.append(req.row)
-        self.prefix_lens.append(prefix_len)
-        self.extend_lens.append(len(slots))
-        self.sample.append(sample)
-        self.input_ids += input_ids
-        self.out_slots += slots
-
-
-@dataclass
-class SchedulerConfig:
-    max_total_tokens: int  # usable KV slots (1..max_total_tokens)
-    max_running_requests: int  # request-table rows
-    context_length: int
-    eos_token_ids: list[int]
-    chunked_prefill_size: int = 2048  # at most this many prefill tokens per step while requests decode; -1: no chunking
-    max_prefill_tokens: int = 16384  # prefill tokens per step while none decodes (and the budget without chunking)
-    enable_mixed_chunk: bool = True  # decode rows ride in the prefill chunk's batch (else prefill steps run alone)
-    schedule_policy: str = "fcfs"
-    disable_radix_cache: bool = False
-    stream_interval: int = 1
-    pool_from_cache: bool = True  # embedding requests may start from a cached prefix (last-token pooling)
-    low_priority_prefill_tokens: int = 512  # per step, for requests below the priority of a decoding request
-
-    @classmethod
-    def from_args(cls, args, info: ModelInfo) -> SchedulerConfig:
-        """The worker sized its pool and table from the same args; never exceed what it has."""
-        total = info.max_total_tokens if args.max_total_tokens is None else min(args.max_total_tokens,
-                                                                                 info.max_total_tokens)
-        running = info.max_running_requests if args.max_running_requests is None else min(
-            args.max_running_requests, info.max_running_requests)
-        return cls(max_total_tokens=total, max_running_requests=running, context_length=info.context_length,
-                   eos_token_ids=list(info.eos_token_ids), chunked_prefill_size=args.chunked_prefill_size,
-                   max_prefill_tokens=args.max_prefill_tokens, enable_mixed_chunk=args.enable_mixed_chunk,
-                   schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
-                   stream_interval=args.stream_interval, pool_from_cache=info.pooling.method == "last",
-                   low_priority_prefill_tokens=args.low_priority_prefill_tokens)
-
-
-@dataclass
-class ScheduledBatch:
-    """A sent plan and, per plan row, the request and its admission epoch (a result for an
-    earlier admission of a retracted request only carries its sampled token)."""
-
-    plan: BatchPlan
-    reqs: list[Req]
-    epochs: list[int]
-    num_decode: int
-    new_seqs: int
-    new_tokens: int  # extend tokens of prefill rows
-    cached_tokens: int  # prefix-cache hits of the newly admitted requests
-    retracted: int = 0  # running requests retracted to make room for this batch's decode rows
-
-
-@dataclass
-class StepUpdates:
-    """What processing a result (or an abort) produces for the detokenizer."""
-
-    updates: list[TokenUpdate]
-    finished: int = 0
-    new_tokens: int = 0
-    embeddings: list[EmbeddingResult] = field(default_factory=list)  # for the ingress, not the detokenizer
 
 
 class SchedulerCore:

@@ -7,7 +7,8 @@ import pytest
 
 from runtime.messages import BatchResult, SamplingParams
 from runtime.scheduler.admission import NewTokenRatio
-from runtime.scheduler.core import SchedulerConfig, SchedulerCore
+from runtime.scheduler.config import SchedulerConfig
+from runtime.scheduler.core import SchedulerCore
 from tests.scheduler_fixtures import EOS, FakeRunner, drive, make_request, next_token, reference_generate
 
 

@@ -4,7 +4,8 @@ import msgspec
 import pytest
 
 from runtime.messages import GenerateRequest, SamplingParams
-from runtime.scheduler.core import SchedulerConfig, SchedulerCore
+from runtime.scheduler.config import SchedulerConfig
+from runtime.scheduler.core import SchedulerCore
 from tests.scheduler.test_core import assert_matches_reference, prompt
 from tests.scheduler_fixtures import EOS, FakeRunner, drive, embedding_of, make_request
 

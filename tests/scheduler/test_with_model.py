@@ -12,7 +12,8 @@ import torch
 
 from runtime.messages import GenerateRequest, SamplingParams
 from runtime.scheduler.admission import NewTokenRatio
-from runtime.scheduler.core import SchedulerConfig, SchedulerCore
+from runtime.scheduler.config import SchedulerConfig
+from runtime.scheduler.core import SchedulerCore
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 from tests.model_fixtures import SMOLLM2_PROMPTS, hf_greedy, hf_smollm2, save_tiny_model
 from tests.scheduler_fixtures import drive
