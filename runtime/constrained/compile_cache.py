@@ -8,7 +8,7 @@ grammar was evicted in between compiles it on the spot (`get`): slower, still co
 
 The xgrammar compiler needs the vocabulary: the tokenizer is loaded and turned into xgrammar's
 TokenizerInfo by the first compile (in the background), so a server that never sees a grammar never
-pays for it. The model's EOS ids are the grammars' stop tokens.
+pays for it (nor for importing xgrammar). The model's EOS ids are the grammars' stop tokens.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import xgrammar as xgr
-
-from runtime.constrained import backend
 from runtime.messages import GrammarReady, GrammarSpec
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ class GrammarCompileCache:
             if future.done():
                 del self._unanswered[key]
                 error = future.exception()
-                out.append(GrammarReady(key=key, error=None if error is None else backend.compiler_message(error)))
+                if error is not None:
+                    from runtime.constrained.backend import compiler_message  # loaded by the compile that failed
+
+                    error = compiler_message(error)
+                out.append(GrammarReady(key=key, error=error))
         return out
 
     # -------------------------------------------------------------------------------- step side
@@ -100,6 +105,8 @@ class GrammarCompileCache:
             del self._compiled[key]
 
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
+        from runtime.constrained import backend
+
         compiler = self._compiler.result()
         start = time.perf_counter()
         compiled = backend.compile_grammar(compiler, spec)
@@ -107,6 +114,8 @@ class GrammarCompileCache:
         return compiled
 
     def _make_compiler(self) -> xgr.GrammarCompiler:
+        import xgrammar as xgr
+
         start = time.perf_counter()
         tokenizer = self._load_tokenizer()
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,

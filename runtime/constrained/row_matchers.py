@@ -12,6 +12,9 @@ than a forward pass. Batches without constrained rows skip all of this.
 Retraction: a re-admitted row gets a fresh matcher fed with the tokens it had produced (prior_output_ids).
 A matcher that has accepted a stop token is terminated: its row may still be in the next batch (the
 scheduler learns of the finish one step late), and only the stop tokens are allowed there.
+
+xgrammar (about a second of imports, transformers' tokenizer code with it) is imported by the first constrained
+row, not at the worker's start: a server that never sees a grammar never loads it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ class TokenMask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set the forbidden tokens' logits to -inf, in place (float32 [B, vocab])."""
+        import xgrammar as xgr
+
         xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.vocab_size, indices=self.indices)
 
 
@@ -68,17 +76,22 @@ class RowMatchers:
         self.vocab_size = vocab_size
         self.device = device
         self._pin = device.type == "cuda"
+        self.stop_token_ids = list(stop_token_ids)
         self._rows: dict[int, _RowState] = {}
-        self._filler = xgr.BatchGrammarMatcher()
-        # A terminated matcher's row: only the stop tokens.
-        self._stop_only = torch.zeros(xgr.get_bitmask_shape(1, vocab_size), dtype=torch.int32)
-        for token in stop_token_ids:
-            self._stop_only[0, token // 32] |= 1 << (token % 32)
+        self._filler: xgr.BatchGrammarMatcher | None = None  # with the first row
+        self._stop_only: torch.Tensor | None = None  # a terminated matcher's row: only the stop tokens
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def add_row(self, row: int, compiled: xgr.CompiledGrammar, prior_output_ids: Sequence[int] = ()) -> None:
+        import xgrammar as xgr
+
+        if self._filler is None:
+            self._filler = xgr.BatchGrammarMatcher()
+            self._stop_only = torch.zeros(xgr.get_bitmask_shape(1, self.vocab_size), dtype=torch.int32)
+            for token in self.stop_token_ids:
+                self._stop_only[0, token // 32] |= 1 << (token % 32)
         matcher = xgr.GrammarMatcher(compiled)
         for token in prior_output_ids:
             if matcher.is_terminated() or not matcher.accept_token(token):
@@ -94,6 +107,8 @@ class RowMatchers:
         positions = [i for i, row in enumerate(rows) if row in self._rows]
         if not positions:
             return None
+        import xgrammar as xgr
+
         states = [self._rows[rows[i]] for i in positions]
         _catch_up(states)
         bitmask = torch.empty(xgr.get_bitmask_shape(len(rows), self.vocab_size), dtype=torch.int32,
@@ -129,6 +144,8 @@ def _catch_up(states: list[_RowState]) -> None:
                     matchers.append(state.matcher)
                     tokens.append(values[index])
         if matchers:
+            import xgrammar as xgr
+
             for token, accepted in zip(tokens, xgr.BatchGrammarMatcher.batch_accept_token(matchers, tokens)):
                 if not accepted:
                     log.warning("grammar matcher rejected token %d, which its own mask allowed", token)
