@@ -65,12 +65,12 @@ class GrammarCompileCache:
         for key, future in list(self._unanswered.items()):
             if future.done():
                 del self._unanswered[key]
-                error = future.exception()
+                error, message = future.exception(), None
                 if error is not None:
                     from runtime.constrained.backend import compiler_message  # loaded by the compile that failed
 
-                    error = compiler_message(error)
-                out.append(GrammarReady(key=key, error=error))
+                    message = compiler_message(error)
+                out.append(GrammarReady(key=key, error=message))
         return out
 
     # -------------------------------------------------------------------------------- step side

@@ -137,7 +137,7 @@ def test_a_clean_stop_exits_0_even_if_exit_time_teardown_would_abort(sup):
     assert sup.exit_codes == {"aborter": 0}
 
 
-def test_a_stop_returns_only_after_the_actors_last_stderr_lines_are_copied():
+def test_a_stop_returns_only_after_the_actors_last_stderr_lines_are_copied(sup):
     """The launcher exits right after stop(): whatever an actor wrote just before exiting must be in the sink by
     then, not still in the pipe behind a daemon tee thread (a slow sink, as a terminal or a busy disk can be,
     leaves most of a pipe's worth behind when the actor exits)."""
@@ -147,16 +147,10 @@ def test_a_stop_returns_only_after_the_actors_last_stderr_lines_are_copied():
             time.sleep(0.001)
             return super().write(text)
 
-    sink = SlowSink()
-    sup = Supervisor(prefix=unique_prefix(), ready_timeout=30.0, exit_slack_s=2.0, term_timeout_s=2.0,
-                     stderr_sink=sink)
-    try:
-        sup.start(echo_spec(sup, "chatty", lines_at_shutdown=1000))
-        assert sup.stop(1.0) == 0
-        assert "chatty line 999 " in sink.getvalue()
-    finally:
-        sup.stop(0.0)
-    assert list_segments(sup.prefix) == []
+    sup.stderr_sink = sink = SlowSink()
+    sup.start(echo_spec(sup, "chatty", lines_at_shutdown=1000))
+    assert sup.stop(1.0) == 0
+    assert "chatty line 999 " in sink.getvalue()
 
 
 def test_stop_escalates_to_sigterm_for_an_actor_that_ignores_shutdown(sup):
