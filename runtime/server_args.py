@@ -192,7 +192,8 @@ FLAG_DOCS: dict[str, FlagDoc] = {
                       "request-table rows: requests decoded together (admission keeps them within the KV pool)"),
     "chunked_prefill_size": FlagDoc("Memory and scheduling", "2048",
                       "the most prompt tokens a step computes while requests are decoding (their streams wait for "
-                      "the step): the chunk adapts below it so that such a step costs at most two decode steps; "
+                      "the step): the chunk adapts below it so that such a step costs at most two decode steps, unless "
+                      "as many requests wait as decode; "
                       "longer prompts are prefilled in chunks; `-1` disables chunking"),
     "max_prefill_tokens": FlagDoc("Memory and scheduling", "16384",
                       "prompt tokens a step computes while no request is decoding (and per step without chunking)"),

@@ -7,6 +7,10 @@ after one that used its whole chunk and stayed under the target it grows; betwee
 --chunked-prefill-size. Few decode rows (a step of ~6 ms on an H200 for Llama-3-8B) keep chunks of a few hundred
 tokens, so a stream's gap stays near twice its decode step; a large batch (a 30-40 ms step at 500 rows) lets
 chunks grow towards the cap, so prompts fill the batch quickly when every stream's step is long anyway.
+
+The rule only trades the running streams' gaps against each other while the queue is short. When at least as many
+requests wait as decode (a burst, a batch that is still filling), the waiting ones get no tokens at all until they
+are prefilled, and a small chunk admits a 1k prompt every few steps: the whole --chunked-prefill-size goes to them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class MixedChunkSize:
         self.max_chunk = max_chunk
         self.size = min(max_chunk, START_CHUNK)
         self.decode_ms: float | None = None  # recent decode-only step time
+
+    def budget(self, num_decode: int, num_waiting: int) -> int:
+        """Prompt tokens for a step beside num_decode decode rows while num_waiting requests wait for admission."""
+        return self.max_chunk if num_waiting >= num_decode else self.size
 
     def observe(self, num_decode: int, prefill_tokens: int, forward_ms: float) -> None:
         """A step's result: how many decode rows and prompt tokens it computed, in how many ms."""

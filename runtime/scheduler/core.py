@@ -173,7 +173,8 @@ class SchedulerCore:
 
         Prefill budget: while requests decode, every stream waits for the step, so a step computes at most the
         mixed chunk (runtime/scheduler/chunk_control.py: sized so a mixed step costs at most two decode steps,
-        never above chunked_prefill_size); with none decoding, up to max_prefill_tokens. With mixed chunks (the
+        never above chunked_prefill_size; the whole chunked_prefill_size while at least as many requests wait as
+        decode); with none decoding, up to max_prefill_tokens. With mixed chunks (the
         default) the decode rows ride in the prefill chunk's batch; without, a step with prefill work carries
         no decode rows (SGLang's default: prefill first, decode rows wait)."""
         preempted = self._preempt_for_priority()
@@ -181,7 +182,8 @@ class SchedulerCore:
         if not self.chunking:
             budget = self.config.max_prefill_tokens
         else:
-            budget = self.mixed_chunk.size if decode_reqs else self.config.max_prefill_tokens
+            budget = (self.mixed_chunk.budget(len(decode_reqs), len(self.waiting)) if decode_reqs
+                      else self.config.max_prefill_tokens)
         if decode_reqs and not self.config.enable_mixed_chunk:
             batch = self._plan_batch([], budget, retracted=0, preempted=preempted)
             if batch is not None:

@@ -53,23 +53,48 @@ class TimedRunner(FakeRunner):
         return result
 
 
-def test_the_core_shrinks_chunks_beside_cheap_decode_steps():
-    core, _ = make_core(total=4000, rows=8, context=1024, chunk=1024, max_prefill=64)
-    runner = TimedRunner(4000, 8, 1024)
-    reqs = [make_request("first", prompt(1, 40), 200, ignore_eos=True)] + [
-        make_request(f"r{i}", prompt(10 + i, 900), 4, ignore_eos=True) for i in range(4)]
+def record_mixed_steps(core) -> list[tuple[int, int, int]]:
+    """(decode rows, prompt tokens, requests waiting when planned) of every mixed step the core plans."""
     mixed = []
     plan_next = core.plan_next
 
     def plan_and_record():
+        waiting = len(core.waiting)
         batch = plan_next()
         if batch is not None and batch.num_decode and batch.new_tokens:
-            mixed.append(batch.new_tokens)
+            mixed.append((batch.num_decode, batch.new_tokens, waiting))
         return batch
 
     core.plan_next = plan_and_record
-    report = drive(core, runner, {0: reqs[:1], 5: reqs[1:]}, overlap=True)
-    # one decode row (0.6 ms): a mixed step may take 1.2 ms, far less than any chunk: the floor
-    assert mixed[0] == START_CHUNK and mixed[-1] <= MIN_MIXED_CHUNK
+    return mixed
+
+
+def test_the_core_shrinks_chunks_beside_cheap_decode_steps():
+    core, _ = make_core(total=4000, rows=8, context=1024, chunk=1024, max_prefill=64)
+    runner = TimedRunner(4000, 8, 1024)
+    first = [make_request(f"first{i}", prompt(i, 40), 300, ignore_eos=True) for i in range(3)]
+    # prompts arrive one at a time beside three decoding streams: the queue never outnumbers them
+    later = {10 + 40 * i: [make_request(f"r{i}", prompt(10 + i, 600), 4, ignore_eos=True)] for i in range(4)}
+    mixed = record_mixed_steps(core)
+    report = drive(core, runner, {0: first, **later}, overlap=True)
+    beside_three = [(tokens, waiting) for rows, tokens, waiting in mixed if rows == 3]
+    assert len(beside_three) >= 4 and all(waiting < 3 for _, waiting in beside_three)
+    # three decode rows (0.8 ms): a mixed step may take 1.6 ms, far less than any chunk: the floor
+    assert beside_three[0][0] == START_CHUNK and beside_three[-1][0] <= MIN_MIXED_CHUNK
     assert core.server_info()["mixed_chunk_size"] == MIN_MIXED_CHUNK
+    assert_matches_reference(core, report, first + [r for rs in later.values() for r in rs])
+
+
+def test_a_queue_that_outnumbers_the_decoding_streams_gets_the_whole_chunk():
+    assert MixedChunkSize(2048).budget(num_decode=4, num_waiting=4) == 2048
+    assert MixedChunkSize(2048).budget(num_decode=5, num_waiting=4) == START_CHUNK
+    core, _ = make_core(total=4000, rows=8, context=1024, chunk=1024, max_prefill=64)
+    runner = TimedRunner(4000, 8, 1024)
+    reqs = [make_request("first", prompt(1, 40), 200, ignore_eos=True)] + [
+        make_request(f"r{i}", prompt(10 + i, 900), 4, ignore_eos=True) for i in range(4)]
+    mixed = record_mixed_steps(core)
+    report = drive(core, runner, {0: reqs[:1], 5: reqs[1:]}, overlap=True)
+    burst = [tokens for rows, tokens, waiting in mixed if waiting >= rows]
+    # one decode row against four queued prompts: full chunks, while the adaptive size alone would give 512
+    assert burst[:2] == [1024, 1024]
     assert_matches_reference(core, report, reqs)
