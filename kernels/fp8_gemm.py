@@ -65,14 +65,22 @@ def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8Gem
     """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Every program reads all of x's rows over its
     K range, so from 32 rows on the tiles widen to 128 channels: with 64, x's bytes re-read from L2 would reach twice
     the weight's. Compiled for sm_90 (Triton 3.x, ahead of time): cp.async-pipelined 16-byte loads of the weight,
-    mma.sync up to 32 rows and wgmma at 64, 99-127 registers, no spills, 29-49 KB of shared memory per program."""
+    mma.sync up to 32 rows and wgmma at 64, 99-127 registers, no spills, 29-49 KB of shared memory per program.
+    Up to 16 rows a K split is reduced in the kernel (one launch): the H200 sweep (docs/perf.md) found it the
+    fastest at M = 1 and 8 for every Llama-3-8B shape that splits, 6-13% under the two-launch reduction."""
     block_m = max(16, triton.next_power_of_2(m))
     if block_m == 16:
         block_n, block_k, num_warps = 64, 128, 4
     else:
         block_n, block_k, num_warps = 128, 64, 8
     split_k = choose_split_k(m, n, k, block_n, block_k, num_sms)
-    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=num_warps, num_stages=4)
+    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=num_warps, num_stages=4,
+                        reduce_in_kernel=block_m == 16)
+
+
+def split_counters_for(n: int) -> int:
+    """How many int32 split counters cover an [*, n] output under any tiles (one per N tile, tiles >= 16 wide)."""
+    return triton.cdiv(n, 16)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ Decode attention also runs at serving-at-saturation shapes (batch 256 and 512 at
 would copy it all). "of copy" = GB/s over the copy bandwidth (the issue's bar: >= 85%).
 
     python3 scripts/gpu_kernels_bench.py [--table PATH] [--sweep]
-        [--only decode,backend,extend,elementwise,sampling,moe,fp8,fp8_gemm,mla] [--decode-shapes all|saturation]
+        [--only decode,backend,extend,elementwise,sampling,moe,fp8,fp8_gemm,mla,fp8_kv] [--decode-shapes all|saturation]
         [--json PATH]
 """
 
@@ -539,6 +539,36 @@ def case_fp8(rows: list[Row], args: Args) -> None:
                         2 * batch * seq_len * s.num_kv_heads * s.head_dim, "vs the bf16 pool (torch columns)"))
 
 
+FP8_KV_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(128, 8, 3), DecodeTiles(128, 4, 2),
+                DecodeTiles(256, 8, 2), DecodeTiles(64, 8, 3), DecodeTiles(32, 4, 3)]
+
+
+def case_fp8_kv(rows: list[Row], args: Args) -> None:
+    """Decode attention on an fp8_e4m3 pool at serving shapes, under each of FP8_KV_TILES (the first is the
+    default), against the default tiles on a bf16 pool (the "torch" columns). Bytes: the fp8 K and V rows read."""
+    s = LLAMA
+    scale = s.head_dim**-0.5
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, seq_len in ((1, 4096), (64, 1024), (256, 1536), (512, 1536)):
+        k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
+        v_pool = torch.randn_like(k_pool)
+        k_fp8, v_fp8 = k_pool.to(torch.float8_e4m3fn), v_pool.to(torch.float8_e4m3fn)
+        table = (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32)
+        q = randn(batch, s.num_q_heads, s.head_dim)
+        rows_t = torch.arange(batch, device="cuda")
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+        splits = choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms)
+        bf16_us = bench_graph([lambda: decode_attention(q, k_pool, v_pool, table, rows_t, seq_lens, scale, splits)])
+        ref = decode_attention_ref(q[:4], k_fp8, v_fp8, table, rows_t[:4], seq_lens[:4], scale)
+        for tiles in FP8_KV_TILES:
+            def fp8_decode(tiles=tiles):
+                return decode_attention(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale, splits, tiles=tiles)
+
+            rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={splits} {tiles}",
+                            bench_graph([fp8_decode]), math.nan, bf16_us, math.nan, rel_err(fp8_decode()[:4], ref),
+                            2 * batch * seq_len * s.num_kv_heads * s.head_dim, "torch columns: the bf16 pool"))
+
+
 def case_moe(rows: list[Row], args: Args) -> None:
     """The fused MoE (routing weights given) against the per-expert torch loop of transformers' MoE blocks (which
     syncs with the host per expert, so it has no graph timing). Bytes: the weights of the experts the batch hits."""
@@ -613,7 +643,8 @@ def case_mla(rows: list[Row], args: Args) -> None:
 
 
 CASES = {"decode": case_decode, "backend": case_backend, "extend": case_extend, "elementwise": case_elementwise,
-         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8, "fp8_gemm": case_fp8_gemm, "mla": case_mla}
+         "sampling": case_sampling, "moe": case_moe, "fp8": case_fp8, "fp8_gemm": case_fp8_gemm, "mla": case_mla,
+         "fp8_kv": case_fp8_kv}
 
 
 def format_table(rows: list[Row], bandwidth: float) -> str:
@@ -638,7 +669,7 @@ def format_table(rows: list[Row], bandwidth: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
-    every_case = [name for name in CASES if name != "fp8_gemm"]  # the fp8 case runs it
+    every_case = [name for name in CASES if name not in ("fp8_gemm", "fp8_kv")]  # fp8_kv: a tile sweep
     parser.add_argument("--only", default=",".join(every_case), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--json", type=Path, help="also write the rows here, as a JSON list")
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes and split counts")

@@ -162,12 +162,13 @@ def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     """What Triton's interpreter accepts and the GPU compiler refuses (Python globals in a kernel, dtype mixes)
     shows here, and so does a weight read by single-byte loads instead of cp.async-pipelined 16-byte copies (the
     K offsets must stay provably aligned). The swapped product reaches wgmma at M = 1 (the unswapped 16-row tile
-    cannot), and only the in-kernel reduction has an atomic."""
+    cannot), and only the in-kernel reduction (the default up to 16 rows) has an atomic."""
     facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "default_tiles_ptx_facts")
     assert len(facts) == 10, facts
     assert all(found["cp.async"] and found["tensor cores"] for found in facts.values()), facts
     assert facts["swap_ab m=1"]["wgmma"] and not facts["m=1 split=False"]["wgmma"], facts
-    assert [name for name, found in facts.items() if found["atomic"]] == ["swap_ab m=1 reduce_in_kernel"], facts
+    assert [name for name, found in facts.items() if found["atomic"]] == [
+        "m=1 split=True", "m=16 split=True", "swap_ab m=1 reduce_in_kernel"], facts
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

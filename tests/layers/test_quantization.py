@@ -146,6 +146,33 @@ def test_decode_sized_batches_take_the_weight_only_kernel(method, monkeypatch):
     assert len(calls) == 1
 
 
+def test_the_weight_only_kernel_reduces_k_splits_on_the_layers_own_counters(monkeypatch):
+    """A decode-sized call splits K = 1024 in two and reduces the splits in the kernel: on counters the layer
+    allocated at load (no memset per call), which the kernel leaves zero for the next call and CUDA-graph replay."""
+    pytest.importorskip("triton")
+    from kernels.fp8_gemm import default_fp8_gemm_tiles
+    from runtime.layers.quantization import fp8_linear
+
+    tiles = default_fp8_gemm_tiles(2, 128, 1024)
+    assert tiles.reduce_in_kernel and tiles.split_k == 2
+    layer = RowParallelLinear(1024, 128, False, TensorParallel(), torch.float32)
+    layer.set_quant_method(Fp8PerChannelMethod(online=True))
+    w = torch.randn(128, 1024)
+    layer.weight.weight_loader(layer.weight, w, "o_proj.weight", None)
+    layer.quant_method.process_weights_after_loading(layer)
+    counters = layer.split_counters
+    assert counters.dtype == torch.int32 and counters.numel() >= 128 // tiles.block_n and not counters.any()
+    passed = []
+    kernel = fp8_linear.weight_only_mm
+    monkeypatch.setattr(fp8_linear, "weight_only_kernel_applies", lambda x: x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS)
+    monkeypatch.setattr(fp8_linear, "weight_only_mm", lambda *args: passed.append(args[3]) or kernel(*args))
+    dequantized = layer.weight.float() * layer.weight_scale[:, None]
+    for seed in range(2):
+        x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(seed))
+        assert rel(layer(x), x @ dequantized.t()) < 1e-5
+        assert passed[-1] is counters and not counters.any()
+
+
 def test_scales_follow_their_rows_under_tensor_parallelism():
     """Column (qkv) and row (o) layers at tp 2: each rank's weight rows and block/channel scales are the slices of
     the full tensors, and the ranks' partial results add up to the unsharded layer's."""

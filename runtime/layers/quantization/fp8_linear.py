@@ -23,6 +23,7 @@ from runtime.layers.linear import LinearBase, RowParallelLinear, new_param
 from runtime.layers.quantization.fp8_ops import (
     FP8,
     block_scaled_mm,
+    new_split_counters,
     quantize_per_channel,
     quantize_per_tensor,
     quantize_per_token,
@@ -66,6 +67,7 @@ class Fp8PerChannelMethod:
             layer.register_buffer("weight_scale", scale, persistent=False)
         else:
             _to_buffer(layer, "weight_scale", layer.weight_scale.data.float().reshape(-1))
+        layer.register_buffer("split_counters", new_split_counters(layer.weight), persistent=False)
         ub = self.activation_scale_ub
         layer.register_buffer("activation_scale_ub",
                               None if ub is None else torch.tensor(ub, dtype=torch.float32,
@@ -73,7 +75,7 @@ class Fp8PerChannelMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if weight_only_kernel_applies(x):
-            return weight_only_mm(x, layer.weight, layer.weight_scale)
+            return weight_only_mm(x, layer.weight, layer.weight_scale, layer.split_counters)
         x_fp8, x_scale = quantize_per_token(x, layer.activation_scale_ub)
         return scaled_mm(x_fp8, x_scale, layer.weight, layer.weight_scale, x.dtype)
 
@@ -93,6 +95,7 @@ class Fp8PerTensorMethod:
         per_part = layer.weight_scale.data
         sizes = torch.tensor(layer.part_sizes, device=per_part.device)
         _to_buffer(layer, "weight_scale", per_part.repeat_interleave(sizes))
+        layer.register_buffer("split_counters", new_split_counters(layer.weight), persistent=False)
         if self.static_activations:
             # the parts share one input, quantized once: with the largest of their scales, as the checkpoint's
             # calibration saw no larger value for any of them
@@ -100,7 +103,7 @@ class Fp8PerTensorMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
         if weight_only_kernel_applies(x):  # the static input scale goes unused: x keeps its precision
-            return weight_only_mm(x, layer.weight, layer.weight_scale)
+            return weight_only_mm(x, layer.weight, layer.weight_scale, layer.split_counters)
         x_fp8, x_scale = quantize_per_tensor(x, layer.input_scale if self.static_activations else None)
         return scaled_mm(x_fp8, x_scale.expand(x.shape[0], 1).contiguous(), layer.weight, layer.weight_scale, x.dtype)
 

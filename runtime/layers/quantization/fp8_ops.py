@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 
 try:  # Triton is needed on CUDA only (pyproject's gpu extra); CPU installs run the torch code
-    from kernels.fp8_gemm import fp8_weight_only_gemm
+    from kernels.fp8_gemm import fp8_weight_only_gemm, split_counters_for
     from kernels.fp8_quant import per_token_quant_fp8
 except ImportError:
-    fp8_weight_only_gemm = per_token_quant_fp8 = None
+    fp8_weight_only_gemm = per_token_quant_fp8 = split_counters_for = None
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -116,6 +116,17 @@ def weight_only_kernel_applies(x: torch.Tensor) -> bool:
     return fp8_weight_only_gemm is not None and x.is_cuda and x.shape[0] <= WEIGHT_ONLY_MAX_TOKENS
 
 
-def weight_only_mm(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x [T, K] @ (weight_fp8 * weight_scale[:, None])^T in x's dtype, x unquantized (the weight-only kernel)."""
-    return fp8_weight_only_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight_fp8, weight_scale)
+def weight_only_mm(x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor,
+                   split_counters: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ (weight_fp8 * weight_scale[:, None])^T in x's dtype, x unquantized (the weight-only kernel).
+    split_counters: the layer's own (new_split_counters), so a K split reduced in the kernel needs no memset."""
+    return fp8_weight_only_gemm(x if x.stride(-1) == 1 else x.contiguous(), weight_fp8, weight_scale,
+                                split_counters=split_counters)
+
+
+def new_split_counters(weight_fp8: torch.Tensor) -> torch.Tensor | None:
+    """Zeroed int32 counters for the weight-only kernel's in-kernel K-split reduction (which leaves them zero);
+    None without Triton, where the kernel never runs."""
+    if split_counters_for is None:
+        return None
+    return torch.zeros(split_counters_for(weight_fp8.shape[0]), dtype=torch.int32, device=weight_fp8.device)
