@@ -4,19 +4,22 @@ Every running stream waits for a step that also prefills, so a prefill chunk bes
 them. The chunk is sized from the worker's measured step times (BatchResult.forward_ms): a mixed step should cost
 at most MIXED_STEP_FACTOR decode steps of the current batch. After a mixed step that took longer the chunk shrinks;
 after one that used its whole chunk and stayed under the target it grows; between MIN_MIXED_CHUNK and
---chunked-prefill-size. Few decode rows (a step of ~6 ms on an H200 for Llama-3-8B) keep chunks of a few hundred
-tokens, so a stream's gap stays near twice its decode step; a large batch (a 30-40 ms step at 500 rows) lets
+--chunked-prefill-size. Few decode rows (a step of ~6 ms on an H200 for Llama-3-8B) keep chunks at the 512-token
+floor, so a stream's gap stays near twice its decode step; a large batch (a 30-40 ms step at 500 rows) lets
 chunks grow towards the cap, so prompts fill the batch quickly when every stream's step is long anyway.
 
 The rule only trades the running streams' gaps against each other while the queue is short. When at least as many
 requests wait as decode (a burst, a batch that is still filling), the waiting ones get no tokens at all until they
-are prefilled, and a small chunk admits a 1k prompt every few steps: the whole --chunked-prefill-size goes to them.
+are prefilled, and the floor admits a 1k prompt every two steps: the whole --chunked-prefill-size goes to them.
 """
 
 from __future__ import annotations
 
 MIXED_STEP_FACTOR = 2.0  # a mixed step may cost this many decode steps
-MIN_MIXED_CHUNK = 256  # a 1k prompt in at most 4 steps, however short the decode step
+# A 1k prompt in at most two steps, however short the decode step: on the H200 at 4 requests/s of 1k prompts a
+# floor of 256 (four mixed steps per arrival) gave a median TPOT of 11.8 ms and TTFT of 183 ms, a fixed 512-token
+# chunk 9.9 ms and 126 ms (docs/perf.md, saturation run 2).
+MIN_MIXED_CHUNK = 512
 START_CHUNK = 512
 SHRINK, GROW = 0.8, 1.25
 DECODE_EMA = 0.2  # weight of the newest decode-only step in the decode step time
