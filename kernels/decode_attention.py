@@ -10,8 +10,11 @@ Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2. With 
 scores s become c * tanh(s / c) first. With ALiBi slopes (one per q head, Baichuan 13B), head h adds
 slope_h * (key position - query position) to its scores.
 
-An fp8 pool is read as fp8 * scale: K and V tiles are converted to q's dtype, k_scale is folded into the score
-scale and v_scale into the partial outputs (both scales are per layer).
+An fp8 pool is read as fp8 * scale: k_scale is folded into the score scale and v_scale into the partial outputs
+(both scales are per layer). With a bfloat16 q the products run in float16 (DOT_FP16): fp8 -> float16 is one
+conversion instruction per two values on Hopper, fp8 -> bfloat16 three more per value (through float16, unpacked),
+and the conversion units, not memory, then bound the kernel. q is scaled by the score scale before its float16 cast,
+so it overflows only past |q| ~ 65504 / scale (7.4e5 at head_dim 128); every fp8 value is exact in float16.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def default_decode_tiles(head_dim: int) -> DecodeTiles:
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
     part_o_ptr, part_lse_ptr, alibi_ptr,
-    sm_scale, logit_cap, v_scale, sliding_window, num_splits,
+    sm_scale, logit_cap, v_scale, sliding_window, num_splits, q_scale,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
     stride_vs, stride_vh,
@@ -68,6 +71,7 @@ def _decode_split_kernel(
     stride_plb, stride_plh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP16: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -87,6 +91,8 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_h
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP16:  # the score scale moves into q (sm_scale is 1 then), which keeps q well inside float16's range
+        q = (q.to(tl.float32) * q_scale).to(tl.float16)
     if ALIBI:
         slopes = tl.load(alibi_ptr + heads, mask=mask_h, other=0.0) * LOG2E
 
@@ -196,16 +202,19 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = tiles or default_decode_tiles(block_d)
+    dot_fp16 = k_pool.element_size() == 1 and q.dtype == torch.bfloat16
+    score_scale = scale * k_scale
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
         alibi_slopes if alibi_slopes is not None else part_lse,
-        scale * k_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
+        1.0 if dot_fp16 else score_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
+        score_scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap), ALIBI=alibi_slopes is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PRECISION=dot_precision(q.dtype), DOT_FP16=dot_fp16, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     _decode_merge_kernel[(batch, num_q_heads)](
         part_o, part_lse, out, num_kv_splits,

@@ -16,7 +16,13 @@ from runtime.worker.attention.torch_backend import TorchAttentionBackend  # noqa
 from runtime.worker.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from runtime.worker.forward_batch import ForwardBatch  # noqa: E402
 from runtime.worker.kv_pool import KVPool  # noqa: E402
-from tests.kernel_fixtures import DEVICE, TOLERANCE, relative_error  # noqa: E402
+from tests.kernel_fixtures import (  # noqa: E402
+    DEVICE,
+    TOLERANCE,
+    compile_for_sm90,
+    facts_without_interpreter,
+    relative_error,
+)
 
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 # Powers of two, so that values made representable (below) stay exact through x * (1 / scale).
@@ -82,6 +88,64 @@ def test_decode_and_extend_read_fp8_pools_with_scales(pool_dtype, dtype, seed):
     out = extend_attention(*args, 13, 0.2, k_scale=K_SCALE, v_scale=V_SCALE)
     ref = extend_attention_ref(*args, 0.2, k_scale=K_SCALE, v_scale=V_SCALE)
     assert relative_error(out, ref) < TOLERANCE[dtype], f"extend (seed {seed})"
+
+
+@pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("logit_cap", [None, 2.0])
+def test_bfloat16_queries_read_fp8_pools_through_float16_products(pool_dtype, logit_cap, seed):
+    """With a bfloat16 q the decode kernel moves the score scale into q and multiplies in float16: the same result
+    as the float32 reference within bfloat16's tolerance, soft-capped or not, with queries of magnitude 100."""
+    num_slots, hq, hkv, dim = 300, 6, 2, 32
+    k_pool, v_pool = fp8_pool(num_slots, hkv, dim, pool_dtype), fp8_pool(num_slots, hkv, dim, pool_dtype)
+    req_to_token = (torch.randperm(num_slots - 1, device=DEVICE)[:3 * 60] + 1).view(3, 60).to(torch.int32)
+    rows = torch.tensor([2, 0, 1], device=DEVICE)
+    seq_lens = torch.tensor([1, 33, 60], dtype=torch.int32, device=DEVICE)
+    q = (torch.randn(3, hq, dim, device=DEVICE) * 100).to(torch.bfloat16)
+    kwargs = {"k_scale": K_SCALE, "v_scale": V_SCALE, "logit_cap": logit_cap}
+    out = decode_attention(q, k_pool, v_pool, req_to_token, rows, seq_lens, 0.02, 2, **kwargs)
+    ref = decode_attention_ref(q, k_pool, v_pool, req_to_token, rows, seq_lens, 0.02, **kwargs)
+    assert out.dtype == torch.bfloat16 and not out.isnan().any()
+    assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], f"seed {seed}"
+
+
+def decode_ptx_conversions() -> dict[str, dict[str, int]]:
+    """Conversion instructions in the sm_90 PTX of the decode kernel (bf16 q, Llama-3-8B's head shape, default
+    tiles) for a bf16 pool and for each fp8 pool."""
+    import re
+
+    from kernels.decode_attention import _decode_split_kernel, default_decode_tiles
+
+    facts = {}
+    for pool in ("bf16", "fp8e4nv", "fp8e5"):
+        signature = {name: "*i32" for name in ("req_to_token_ptr", "seq_lens_ptr")}
+        signature = {"q_ptr": "*bf16", "k_pool_ptr": f"*{pool}", "v_pool_ptr": f"*{pool}", **signature,
+                     "rows_ptr": "*i64", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "alibi_ptr": "*fp32",
+                     **dict.fromkeys(("sm_scale", "logit_cap", "v_scale"), "fp32"),
+                     "sliding_window": "i32", "num_splits": "i32", "q_scale": "fp32",
+                     **dict.fromkeys(("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
+                                      "stride_rtt", "stride_pob", "stride_poh", "stride_pos", "stride_plb",
+                                      "stride_plh"), "i32")}
+        constants = {"GROUP": 4, "HEAD_DIM": 128, "SOFTCAP": False, "ALIBI": False, "BLOCK_H": 16,
+                     "BLOCK_N": default_decode_tiles(128).block_n, "BLOCK_D": 128, "PRECISION": "tf32",
+                     "DOT_FP16": pool != "bf16"}
+        aligned = [name for name in signature if name.endswith("_ptr") or name.startswith("stride")]
+        ptx = compile_for_sm90(_decode_split_kernel, signature, constants, aligned, default_decode_tiles(128))
+        counts: dict[str, int] = {}
+        for instruction in re.findall(r"\bcvt\.[\w.]+", ptx):
+            counts[instruction] = counts.get(instruction, 0) + 1
+        facts[pool] = {**counts, "mma": ptx.count("mma.sync")}
+    return facts
+
+
+def test_fp8_pools_convert_once_per_two_values_on_hopper():
+    """fp8 -> float16 is one packed conversion per two values; the bfloat16 products this replaced added a
+    scalar float16 -> bfloat16 conversion for every value (the conversion units bounded the kernel: on the H200
+    an fp8 pool decoded no faster than a bf16 pool of twice the bytes)."""
+    facts = facts_without_interpreter("tests.kernels.test_fp8_kv_cache", "decode_ptx_conversions")
+    for pool, packed in (("fp8e4nv", "cvt.rn.f16x2.e4m3x2"), ("fp8e5", "cvt.rn.f16x2.e5m2x2")):
+        assert facts[pool].get(packed, 0) > 0 and facts[pool]["mma"] > 0, facts
+        assert not any(name.startswith("cvt.bf16") or name.startswith("cvt.rn.bf16.f16") for name in facts[pool]), facts
+    assert facts["bf16"]["mma"] == facts["fp8e4nv"]["mma"], facts
 
 
 @pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
