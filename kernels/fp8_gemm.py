@@ -4,6 +4,8 @@ W is float8_e4m3fn with one float32 scale per output channel (a per-tensor scale
 in the model dtype. At decode (M = 1..64) the GEMM is bound by the bytes of W, so the kernel reads each fp8 weight
 byte once, converts it to x's dtype in registers and accumulates in float32: half the bytes of a bf16 GEMM, and no
 per-token quantization of the activations (which, with torch._scaled_mm, costs more than the GEMM at these sizes).
+Into bf16 on CUDA the conversion is kernels/fp8_convert.py's integer one (FAST_E4M3): Triton's own goes through
+float16 one value at a time on the conversion pipe, which capped the kernel near 60% of the copy bandwidth.
 
 Tiling: one program per (BLOCK_N output channels, K split). A decode-sized N alone gives too few programs to keep an
 H200's 132 SMs reading (4096 / 64 = 64), so K is split and every split writes a float32 partial [SPLIT_K, M, N] that
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode_attention import dot_precision
+from kernels.fp8_convert import e4m3_to_bf16, fast_e4m3_applies
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def _fp8_gemm_kernel(
     stride_xm, stride_wn, stride_os, stride_om, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     SWAP_AB: tl.constexpr, APPLY_SCALE: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, PRECISION: tl.constexpr,
+    FAST_E4M3: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -112,10 +116,14 @@ def _fp8_gemm_kernel(
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if FAST_E4M3:
+            w_x = e4m3_to_bf16(w)
+        else:
+            w_x = w.to(x.dtype)
         if SWAP_AB:
-            acc_t += tl.dot(w.to(x.dtype), tl.trans(x), input_precision=PRECISION)
+            acc_t += tl.dot(w_x, tl.trans(x), input_precision=PRECISION)
         elif USE_DOT:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION)
+            acc += tl.dot(x, tl.trans(w_x), input_precision=PRECISION)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if SWAP_AB:
@@ -202,7 +210,8 @@ def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
         x.stride(0), weight.stride(0), stride_os, target.stride(-2), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
         SWAP_AB=tiles.swap_ab, APPLY_SCALE=split_k == 1, REDUCE_IN_KERNEL=reduce_in_kernel,
-        PRECISION=dot_precision(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PRECISION=dot_precision(x.dtype), FAST_E4M3=x.is_cuda and fast_e4m3_applies(x.dtype, weight.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if split_k > 1 and not reduce_in_kernel:
         block_n = 1024

@@ -12,7 +12,8 @@
 
 Weights are laid out as the layer holds them: w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I]. fp8 weights
 (float8_e4m3fn, `--quantization fp8`) come with one float32 scale per expert and output channel (w13_scale [E, 2I],
-w2_scale [E, H]): the kernel converts each fp8 B tile to A's dtype in registers (exact: e4m3 fits in fp16 and bf16)
+w2_scale [E, H]): the kernel converts each fp8 B tile to A's dtype in registers (exact: e4m3 fits in fp16 and bf16;
+into bf16 on CUDA through kernels/fp8_convert.py's integer instructions)
 and scales each output column of the float32 accumulator, before the routing weight.
 `fused_moe_ref` is the per-expert torch loop (transformers' order of operations), the reference and the CPU path.
 """
@@ -28,6 +29,7 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import dot_precision
+from kernels.fp8_convert import e4m3_to_bf16, fast_e4m3_applies
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _fused_moe_kernel(
     a_ptr, b_ptr, c_ptr, weights_ptr, b_scale_ptr, sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
     N, K, num_pairs,
     stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_cm, stride_cn, stride_se,
-    A_ROWS_PER_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, B_SCALED: tl.constexpr,
+    A_ROWS_PER_ROW: tl.constexpr, MUL_WEIGHT: tl.constexpr, B_SCALED: tl.constexpr, FAST_E4M3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,7 +107,9 @@ def _fused_moe_kernel(
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
-        if B_SCALED:
+        if FAST_E4M3:
+            b = e4m3_to_bf16(b)
+        elif B_SCALED:
             b = b.to(a_ptr.dtype.element_ty)
         acc += tl.dot(a, b, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -132,6 +136,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor | None
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         b_scale.stride(0) if b_scale is not None else 0,
         A_ROWS_PER_ROW=a_rows_per_row, MUL_WEIGHT=weights is not None, B_SCALED=b_scale is not None,
+        FAST_E4M3=a.is_cuda and fast_e4m3_applies(a.dtype, b.dtype),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

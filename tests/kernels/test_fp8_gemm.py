@@ -130,7 +130,7 @@ def gemm_ptx(tiles: Fp8GemmTiles, split: bool) -> str:
     signature = {**GEMM_SIGNATURE, "out_ptr": "*fp32" if split else "*bf16"}
     constants = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
                  "USE_DOT": tiles.use_dot, "SWAP_AB": tiles.swap_ab, "APPLY_SCALE": not split,
-                 "REDUCE_IN_KERNEL": split and tiles.reduce_in_kernel, "PRECISION": "tf32"}
+                 "REDUCE_IN_KERNEL": split and tiles.reduce_in_kernel, "PRECISION": "tf32", "FAST_E4M3": True}
     return compile_for_sm90(_fp8_gemm_kernel, signature, constants, ALIGNED, tiles)
 
 
@@ -143,7 +143,8 @@ def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
 
     def record(name: str, ptx: str) -> None:
         facts[name] = {"cp.async": "cp.async" in ptx, "tensor cores": "wgmma" in ptx or "mma.sync" in ptx,
-                       "wgmma": "wgmma" in ptx, "atomic": "atom." in ptx}
+                       "wgmma": "wgmma" in ptx, "atomic": "atom." in ptx,
+                       "conversion pipe": "cvt.bf16.f16" in ptx or "e4m3x2" in ptx}
 
     for m in (1, 16, 32, 64):
         tiles = default_fp8_gemm_tiles(m, 4096, 4096)
@@ -166,6 +167,8 @@ def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "default_tiles_ptx_facts")
     assert len(facts) == 10, facts
     assert all(found["cp.async"] and found["tensor cores"] for found in facts.values()), facts
+    # the weight reaches bf16 through integer instructions (kernels/fp8_convert.py), not the conversion pipe
+    assert not any(found["conversion pipe"] for found in facts.values()), facts
     assert facts["swap_ab m=1"]["wgmma"] and not facts["m=1 split=False"]["wgmma"], facts
     assert [name for name, found in facts.items() if found["atomic"]] == [
         "m=1 split=True", "m=16 split=True", "swap_ab m=1 reduce_in_kernel"], facts

@@ -121,9 +121,10 @@ def fp8_kernel_ptx_facts() -> dict[str, bool]:
     for num_tokens in (1, 4096):
         tiles = default_moe_tiles(num_tokens, 8, 64, torch.bfloat16)
         constants = {"A_ROWS_PER_ROW": 8, "MUL_WEIGHT": True, "B_SCALED": True, "BLOCK_M": tiles.block_m,
-                     "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "PRECISION": "tf32"}
+                     "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k, "PRECISION": "tf32", "FAST_E4M3": True}
         ptx = compile_for_sm90(_fused_moe_kernel, signature, constants, aligned, tiles)
         facts[f"tokens={num_tokens}"] = "wgmma" in ptx or "mma.sync" in ptx
+        facts[f"tokens={num_tokens}, no conversion pipe"] = "cvt.bf16.f16" not in ptx and "e4m3x2" not in ptx
     return facts
 
 
