@@ -72,6 +72,7 @@ PY
 section_fp8_gemm() {
   local status=0
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quant.py \
+    tests/kernels/test_fp8_convert.py tests/kernels/test_fp8_kv_cache.py tests/kernels/test_fused_moe.py \
     tests/layers/test_gpu_quantization.py || status=1
   timeout 150 python3 scripts/gpu_kernels_bench.py --only fp8_gemm --json "$LOG_DIR/fp8_gemm.json" \
     >"$LOG_DIR/fp8_gemm_bench.log" 2>&1 || status=1
