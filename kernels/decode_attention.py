@@ -11,10 +11,11 @@ scores s become c * tanh(s / c) first. With ALiBi slopes (one per q head, Baichu
 slope_h * (key position - query position) to its scores.
 
 An fp8 pool is read as fp8 * scale: k_scale is folded into the score scale and v_scale into the partial outputs
-(both scales are per layer). With a bfloat16 q the products run in float16 (DOT_FP16): fp8 -> float16 is one
+(both scales are per layer). With a 16-bit q the products run in float16 (DOT_FP16): fp8 -> float16 is one
 conversion instruction per two values on Hopper, fp8 -> bfloat16 three more per value (through float16, unpacked),
 and the conversion units, not memory, then bound the kernel. q is scaled by the score scale before its float16 cast,
-so it overflows only past |q| ~ 65504 / scale (7.4e5 at head_dim 128); every fp8 value is exact in float16.
+so a bfloat16 q overflows it only past |q| ~ 65504 / scale (7.4e5 at head_dim 128); every fp8 value is exact in
+float16.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = tiles or default_decode_tiles(block_d)
-    dot_fp16 = k_pool.element_size() == 1 and q.dtype == torch.bfloat16
+    dot_fp16 = k_pool.element_size() == 1 and q.dtype in (torch.bfloat16, torch.float16)
     score_scale = scale * k_scale
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,

@@ -8,7 +8,10 @@ serves mixed batches. With a logit cap c (Gemma 2), scaled scores s become c * t
 (one per q head, Baichuan 13B), the head adds slope * (key position - query position) to its scores.
 
 An fp8 pool is read as fp8 * scale: prefix tiles are converted to q's dtype, k_scale folded into their score scale
-and v_scale into their probabilities; the step's own k/v are read unquantized.
+and v_scale into their probabilities; the step's own k/v are read unquantized. With a 16-bit q the prefix products
+run in float16 (DOT_FP16), as in kernels/decode_attention.py: fp8 -> bf16 goes through float16 one value at a time
+on the conversion pipe, which would cost about as many clocks per tile as the tile's MMAs; q's float16 copy carries
+the score scale, so a bfloat16 q overflows it only past |q| ~ 65504 / scale.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def _extend_kernel(
     stride_ks, stride_kph, stride_vs, stride_vph, stride_rtt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP16: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -99,6 +103,13 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    if DOT_FP16:  # the prefix's score scale moves into a float16 copy of q
+        q_prefix = (q.to(tl.float32) * (sm_scale * k_scale)).to(tl.float16)
+        prefix_scale = 1.0
+    else:
+        q_prefix = q
+        prefix_scale = sm_scale * k_scale
+
     # Cached prefix, gathered through req_to_token: whole tiles unmasked (but for a window), then the ragged tail.
     # With a sliding window the tiles wholly before the block's first visible key are skipped.
     first = tl.where(WINDOW, tl.maximum(prefix_len + m_block * BLOCK_M - sliding_window + 1, 0), 0)
@@ -111,9 +122,9 @@ def _extend_kernel(
         slots = tl.load(req_to_token_ptr + row * stride_rtt + k_pos, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kph + offs_d[None, :],
-                    mask=kv_mask, other=0.0).to(q.dtype)
+                    mask=kv_mask, other=0.0).to(q_prefix.dtype)
         v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vph + offs_d[None, :],
-                    mask=kv_mask, other=0.0).to(q.dtype)
+                    mask=kv_mask, other=0.0).to(q_prefix.dtype)
         visible = mask_n[None, :]
         if WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
@@ -121,10 +132,10 @@ def _extend_kernel(
         if ALIBI:
             bias = slope * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
         if n0 < full_end:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
+            m_i, l_i, acc = _online_softmax_tile(q_prefix, k, v, m_i, l_i, acc, visible, prefix_scale, logit_cap,
                                                  v_scale, bias, SOFTCAP, PRECISION, WINDOW, ALIBI)
         else:
-            m_i, l_i, acc = _online_softmax_tile(q, k, v, m_i, l_i, acc, visible, sm_scale * k_scale, logit_cap,
+            m_i, l_i, acc = _online_softmax_tile(q_prefix, k, v, m_i, l_i, acc, visible, prefix_scale, logit_cap,
                                                  v_scale, bias, SOFTCAP, PRECISION, True, ALIBI)
 
     # New tokens of the step: tiles left of the block's diagonal need no causal mask, the diagonal ones do.
@@ -194,6 +205,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, WINDOW=bool(sliding_window), SOFTCAP=bool(logit_cap),
         ALIBI=alibi_slopes is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
+        DOT_FP16=k_pool.element_size() == 1 and q.dtype in (torch.bfloat16, torch.float16),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
