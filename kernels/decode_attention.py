@@ -154,6 +154,11 @@ def _decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
 
 
+def fp16_products(q_dtype: torch.dtype, pool_dtype: torch.dtype) -> bool:
+    """Whether attention over an fp8 pool multiplies in float16 (DOT_FP16; why: the module docstring)."""
+    return pool_dtype.itemsize == 1 and q_dtype in (torch.bfloat16, torch.float16)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products (Triton would use tf32); 16-bit inputs ignore the setting."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -203,7 +208,7 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = tiles or default_decode_tiles(block_d)
-    dot_fp16 = k_pool.element_size() == 1 and q.dtype in (torch.bfloat16, torch.float16)
+    dot_fp16 = fp16_products(q.dtype, k_pool.dtype)
     score_scale = scale * k_scale
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,

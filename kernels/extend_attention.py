@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E, dot_precision, scaled_scores
+from kernels.decode_attention import LOG2E, dot_precision, fp16_products, scaled_scores
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, WINDOW=bool(sliding_window), SOFTCAP=bool(logit_cap),
         ALIBI=alibi_slopes is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype),
-        DOT_FP16=k_pool.element_size() == 1 and q.dtype in (torch.bfloat16, torch.float16),
+        DOT_FP16=fp16_products(q.dtype, k_pool.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -509,34 +509,60 @@ def tile_text(t: Fp8GemmTiles) -> str:
             f"w{t.num_warps} s{t.num_stages}")
 
 
+@dataclass
+class Fp8PoolDecode:
+    """Decode attention inputs at Llama-3-8B's heads: B rows of L tokens each, the same random K/V as a bf16 pool and
+    as an fp8_e4m3 pool, slots scattered through the pool."""
+
+    q: torch.Tensor
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    k_fp8: torch.Tensor
+    v_fp8: torch.Tensor
+    table: torch.Tensor
+    rows: torch.Tensor
+    seq_lens: torch.Tensor
+    splits: int
+
+    @classmethod
+    def make(cls, batch: int, seq_len: int, num_sms: int) -> Fp8PoolDecode:
+        s = LLAMA
+        k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
+        v_pool = torch.randn_like(k_pool)
+        return cls(randn(batch, s.num_q_heads, s.head_dim), k_pool, v_pool, k_pool.to(torch.float8_e4m3fn),
+                   v_pool.to(torch.float8_e4m3fn),
+                   (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32),
+                   torch.arange(batch, device="cuda"), torch.full((batch,), seq_len, dtype=torch.int32, device="cuda"),
+                   choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms))
+
+    def run(self, fp8: bool, tiles: DecodeTiles | None = None) -> torch.Tensor:
+        k, v = (self.k_fp8, self.v_fp8) if fp8 else (self.k_pool, self.v_pool)
+        return decode_attention(self.q, k, v, self.table, self.rows, self.seq_lens, LLAMA.head_dim**-0.5,
+                                self.splits, tiles=tiles)
+
+    def fp8_reference(self, num_rows: int) -> torch.Tensor:
+        return decode_attention_ref(self.q[:num_rows], self.k_fp8, self.v_fp8, self.table, self.rows[:num_rows],
+                                    self.seq_lens[:num_rows], LLAMA.head_dim**-0.5)
+
+
 def case_fp8(rows: list[Row], args: Args) -> None:
     """The weight-only fp8 GEMM (case_fp8_gemm), and decode attention reading an fp8_e4m3 KV pool against the same
     kernel on a bf16 pool (in the "torch" columns)."""
     case_fp8_gemm(rows, args)
-    s = LLAMA
-    scale = s.head_dim**-0.5
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, seq_len in ((1, 4096), (64, 1024)):
-        k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
-        v_pool = torch.randn_like(k_pool)
-        k_fp8, v_fp8 = k_pool.to(torch.float8_e4m3fn), v_pool.to(torch.float8_e4m3fn)
-        table = (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32)
-        q = randn(batch, s.num_q_heads, s.head_dim)
-        rows_t = torch.arange(batch, device="cuda")
-        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
-        splits = choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms)
+        d = Fp8PoolDecode.make(batch, seq_len, num_sms)
 
-        def fp8_decode():
-            return decode_attention(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale, splits)
+        def fp8_decode(d=d):
+            return d.run(fp8=True)
 
-        def bf16_decode():
-            return decode_attention(q, k_pool, v_pool, table, rows_t, seq_lens, scale, splits)
+        def bf16_decode(d=d):
+            return d.run(fp8=False)
 
-        ref = decode_attention_ref(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale)
-        rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={splits}",
+        rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={d.splits}",
                         bench_graph([fp8_decode]), bench_eager(fp8_decode), bench_graph([bf16_decode]),
-                        bench_eager(bf16_decode), rel_err(fp8_decode(), ref),
-                        2 * batch * seq_len * s.num_kv_heads * s.head_dim, "vs the bf16 pool (torch columns)"))
+                        bench_eager(bf16_decode), rel_err(fp8_decode(), d.fp8_reference(batch)),
+                        2 * batch * seq_len * LLAMA.num_kv_heads * LLAMA.head_dim, "vs the bf16 pool (torch columns)"))
 
 
 FP8_KV_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(128, 8, 3), DecodeTiles(128, 4, 2),
@@ -546,27 +572,18 @@ FP8_KV_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(128, 
 def case_fp8_kv(rows: list[Row], args: Args) -> None:
     """Decode attention on an fp8_e4m3 pool at serving shapes, under each of FP8_KV_TILES (the first is the
     default), against the default tiles on a bf16 pool (the "torch" columns). Bytes: the fp8 K and V rows read."""
-    s = LLAMA
-    scale = s.head_dim**-0.5
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, seq_len in ((1, 4096), (64, 1024), (256, 1536), (512, 1536)):
-        k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
-        v_pool = torch.randn_like(k_pool)
-        k_fp8, v_fp8 = k_pool.to(torch.float8_e4m3fn), v_pool.to(torch.float8_e4m3fn)
-        table = (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32)
-        q = randn(batch, s.num_q_heads, s.head_dim)
-        rows_t = torch.arange(batch, device="cuda")
-        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
-        splits = choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms)
-        bf16_us = bench_graph([lambda: decode_attention(q, k_pool, v_pool, table, rows_t, seq_lens, scale, splits)])
-        ref = decode_attention_ref(q[:4], k_fp8, v_fp8, table, rows_t[:4], seq_lens[:4], scale)
+        d = Fp8PoolDecode.make(batch, seq_len, num_sms)
+        bf16_us = bench_graph([lambda d=d: d.run(fp8=False)])
+        ref = d.fp8_reference(4)
         for tiles in FP8_KV_TILES:
-            def fp8_decode(tiles=tiles):
-                return decode_attention(q, k_fp8, v_fp8, table, rows_t, seq_lens, scale, splits, tiles=tiles)
+            def fp8_decode(d=d, tiles=tiles):
+                return d.run(fp8=True, tiles=tiles)
 
-            rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={splits} {tiles}",
+            rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={d.splits} {tiles}",
                             bench_graph([fp8_decode]), math.nan, bf16_us, math.nan, rel_err(fp8_decode()[:4], ref),
-                            2 * batch * seq_len * s.num_kv_heads * s.head_dim, "torch columns: the bf16 pool"))
+                            2 * batch * seq_len * LLAMA.num_kv_heads * LLAMA.head_dim, "torch columns: the bf16 pool"))
 
 
 def case_moe(rows: list[Row], args: Args) -> None:

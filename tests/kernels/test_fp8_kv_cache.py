@@ -3,6 +3,8 @@ extend kernels and both attention backends read fp8 pools as fp8 * scale. Interp
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -109,17 +111,21 @@ def test_bfloat16_queries_read_fp8_pools_through_float16_products(pool_dtype, lo
     assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], f"seed {seed}"
 
 
+def conversion_counts(ptx: str) -> dict[str, int]:
+    """How often each cvt instruction occurs in the PTX."""
+    names = re.findall(r"\bcvt\.[\w.]+", ptx)
+    return {name: names.count(name) for name in set(names)}
+
+
 def decode_ptx_conversions() -> dict[str, dict[str, int]]:
     """Conversion instructions in the sm_90 PTX of the decode kernel (bf16 q, Llama-3-8B's head shape, default
     tiles) for a bf16 pool and for each fp8 pool."""
-    import re
-
     from kernels.decode_attention import _decode_split_kernel, default_decode_tiles
 
     facts = {}
     for pool in ("bf16", "fp8e4nv", "fp8e5"):
-        signature = {name: "*i32" for name in ("req_to_token_ptr", "seq_lens_ptr")}
-        signature = {"q_ptr": "*bf16", "k_pool_ptr": f"*{pool}", "v_pool_ptr": f"*{pool}", **signature,
+        signature = {"q_ptr": "*bf16", "k_pool_ptr": f"*{pool}", "v_pool_ptr": f"*{pool}",
+                     **dict.fromkeys(("req_to_token_ptr", "seq_lens_ptr"), "*i32"),
                      "rows_ptr": "*i64", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "alibi_ptr": "*fp32",
                      **dict.fromkeys(("sm_scale", "logit_cap", "v_scale"), "fp32"),
                      "sliding_window": "i32", "num_splits": "i32", "q_scale": "fp32",
@@ -131,18 +137,13 @@ def decode_ptx_conversions() -> dict[str, dict[str, int]]:
                      "DOT_FP16": pool != "bf16"}
         aligned = [name for name in signature if name.endswith("_ptr") or name.startswith("stride")]
         ptx = compile_for_sm90(_decode_split_kernel, signature, constants, aligned, default_decode_tiles(128))
-        counts: dict[str, int] = {}
-        for instruction in re.findall(r"\bcvt\.[\w.]+", ptx):
-            counts[instruction] = counts.get(instruction, 0) + 1
-        facts[pool] = {**counts, "mma": ptx.count("mma.sync")}
+        facts[pool] = {**conversion_counts(ptx), "mma": ptx.count("mma.sync")}
     return facts
 
 
 def extend_ptx_conversions() -> dict[str, dict[str, int]]:
     """Conversion instructions in the sm_90 PTX of the extend kernel (bf16 q and new k/v, default tiles at
     Llama-3-8B's head shape) for a bf16 pool and for each fp8 pool."""
-    import re
-
     from kernels.extend_attention import _extend_kernel, default_extend_tiles
 
     tiles = default_extend_tiles(torch.bfloat16, 128)
@@ -161,10 +162,7 @@ def extend_ptx_conversions() -> dict[str, dict[str, int]]:
                      "DOT_FP16": pool != "bf16"}
         aligned = [name for name in signature if name.endswith("_ptr") or name.startswith("stride")]
         ptx = compile_for_sm90(_extend_kernel, signature, constants, aligned, tiles)
-        counts: dict[str, int] = {}
-        for instruction in re.findall(r"\bcvt\.[\w.]+", ptx):
-            counts[instruction] = counts.get(instruction, 0) + 1
-        facts[pool] = {**counts, "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async")}
+        facts[pool] = {**conversion_counts(ptx), "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async")}
     return facts
 
 
