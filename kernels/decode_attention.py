@@ -15,7 +15,10 @@ An fp8 pool is read as fp8 * scale: k_scale is folded into the score scale and v
 conversion instruction per two values on Hopper, fp8 -> bfloat16 three more per value (through float16, unpacked),
 and the conversion units, not memory, then bound the kernel. q is scaled by the score scale before its float16 cast,
 so a bfloat16 q overflows it only past |q| ~ 65504 / scale (7.4e5 at head_dim 128); every fp8 value is exact in
-float16.
+float16. On CUDA (FP8_BITS) the V tiles, and from an e5m2 pool the K tiles too, reach float16 through
+kernels/fp8_convert.py's bit placement (integer instructions); the power of two it leaves goes into the score scale
+and v_scale. e4m3 K tiles keep Triton's packed conversion, which the H100 sweep found 2-5% faster than the 4.5
+integer instructions a value pair takes there (docs/perf.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kernels.fp8_convert import F16_BITS_SCALE, fp8_bits_to_f16, fp8_bits_to_f16_staged
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit function reads must be a constexpr object
 
@@ -53,10 +58,13 @@ class DecodeTiles:
     num_stages: int
 
 
-def default_decode_tiles(head_dim: int) -> DecodeTiles:
+def default_decode_tiles(head_dim: int, batch: int = 1, fp8_pool: bool = False) -> DecodeTiles:
     # (64, 4, 3) measured best on an H100 at Llama-3-8B shapes (docs/perf.md); wider heads take narrower tiles so
-    # three stages of K and V tiles still fit in shared memory.
-    return DecodeTiles(64, 4, 3) if head_dim <= 128 else DecodeTiles(32, 4, 2)
+    # three stages of K and V tiles still fit in shared memory. Over an fp8 pool (half the bytes per key) from 128
+    # rows on, 128-key tiles: 2-4% faster at 256 and 512 rows, 15% slower at 64 (H100 sweep, docs/perf.md).
+    if head_dim > 128:
+        return DecodeTiles(32, 4, 2)
+    return DecodeTiles(128 if fp8_pool and batch >= 128 else 64, 4, 3)
 
 
 @triton.jit
@@ -72,7 +80,7 @@ def _decode_split_kernel(
     stride_plb, stride_plh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    DOT_FP16: tl.constexpr,
+    DOT_FP16: tl.constexpr, FP8_BITS: tl.constexpr, E5M2: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,7 +114,8 @@ def _decode_split_kernel(
         slots = tl.load(req_to_token_ptr + row * stride_rtt + offs_n, mask=mask_n, other=0).to(tl.int64)
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_pool_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0).to(q.dtype)
+                    mask=kv_mask, other=0.0)
+        k = fp8_bits_to_f16(k, E5M2) if FP8_BITS and E5M2 else k.to(q.dtype)
         s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), sm_scale, logit_cap, SOFTCAP)
         if ALIBI:  # the query is the row's last token, at position seq_len - 1
             s += slopes[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
@@ -115,7 +124,9 @@ def _decode_split_kernel(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         v = tl.load(v_pool_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0).to(q.dtype)
+                    mask=kv_mask, other=0.0)
+        # seq_len >> 31: a zero the compiler cannot see (fp8_convert's "staged")
+        v = fp8_bits_to_f16_staged(v, seq_len >> 31, E5M2) if FP8_BITS else v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -152,6 +163,12 @@ def _decode_merge_kernel(
     total = tl.sum(weights, 0)
     out = tl.sum(part * weights[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=mask_d)
+
+
+def fp8_bits_scale(q: torch.Tensor, pool_dtype: torch.dtype) -> float:
+    """0 when attention of q over this pool converts fp8 tiles with Triton, else the power of two that
+    kernels/fp8_convert.py's float16 bit placement leaves out (CUDA, fp8 pool, float16 products)."""
+    return F16_BITS_SCALE[pool_dtype] if q.is_cuda and fp16_products(q.dtype, pool_dtype) else 0.0
 
 
 def fp16_products(q_dtype: torch.dtype, pool_dtype: torch.dtype) -> bool:
@@ -207,20 +224,25 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if batch == 0:
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tiles = tiles or default_decode_tiles(block_d)
+    tiles = tiles or default_decode_tiles(block_d, batch, k_pool.dtype.itemsize == 1)
     dot_fp16 = fp16_products(q.dtype, k_pool.dtype)
+    bits_scale = fp8_bits_scale(q, k_pool.dtype)
+    e5m2 = k_pool.dtype == torch.float8_e5m2
     score_scale = scale * k_scale
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
         alibi_slopes if alibi_slopes is not None else part_lse,
-        1.0 if dot_fp16 else score_scale, logit_cap or 1.0, v_scale, sliding_window or 0, num_kv_splits,
+        # K tiles take bit placement only from e5m2 pools, exact (scale 1); V's e4m3 power of two joins v_scale
+        1.0 if dot_fp16 else score_scale, logit_cap or 1.0, v_scale * (bits_scale or 1.0), sliding_window or 0,
+        num_kv_splits,
         score_scale,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap), ALIBI=alibi_slopes is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), DOT_FP16=dot_fp16, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        PRECISION=dot_precision(q.dtype), DOT_FP16=dot_fp16, FP8_BITS=bool(bits_scale), E5M2=e5m2,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     _decode_merge_kernel[(batch, num_q_heads)](
         part_o, part_lse, out, num_kv_splits,

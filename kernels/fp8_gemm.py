@@ -65,20 +65,21 @@ def choose_split_k(m: int, n: int, k: int, block_n: int, block_k: int, num_sms: 
 
 
 def default_fp8_gemm_tiles(m: int, n: int, k: int, num_sms: int = 132) -> Fp8GemmTiles:
-    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Every program reads all of x's rows over its
-    K range, so from 32 rows on the tiles widen to 128 channels: with 64, x's bytes re-read from L2 would reach twice
-    the weight's. Compiled for sm_90 (Triton 3.x, ahead of time): cp.async-pipelined 16-byte loads of the weight,
-    mma.sync up to 32 rows and wgmma at 64, 99-127 registers, no spills, 29-49 KB of shared memory per program.
-    Up to 16 rows a K split is reduced in the kernel (one launch): the H200 sweep (docs/perf.md) found it the
-    fastest at M = 1 and 8 for every Llama-3-8B shape that splits, 6-13% under the two-launch reduction."""
+    """tl.dot tiles with BLOCK_M = 16/32/64 (the smallest that holds M). Up to 16 rows: 32 output channels, 256 of
+    K per step and three stages when K is split (reduced in the kernel, one launch), 128 and four stages when not;
+    the H100 sweep with the integer conversion (docs/perf.md) found these the fastest at M = 1 and 8 for every
+    Llama-3-8B shape, 4-9% under the 64-channel tiles. From 32 rows the tiles widen to 128 channels: every program
+    reads all of x's rows over its K range, and with 64 channels x's bytes re-read from L2 would reach twice the
+    weight's. Compiled for sm_90 (Triton 3.x, ahead of time): cp.async-pipelined 16-byte loads of the weight,
+    mma.sync up to 32 rows and wgmma at 64, no spills."""
     block_m = max(16, triton.next_power_of_2(m))
-    if block_m == 16:
-        block_n, block_k, num_warps = 64, 128, 4
-    else:
-        block_n, block_k, num_warps = 128, 64, 8
-    split_k = choose_split_k(m, n, k, block_n, block_k, num_sms)
-    return Fp8GemmTiles(block_m, block_n, block_k, split_k, use_dot=True, num_warps=num_warps, num_stages=4,
-                        reduce_in_kernel=block_m == 16)
+    if block_m > 16:
+        split_k = choose_split_k(m, n, k, 128, 64, num_sms)
+        return Fp8GemmTiles(block_m, 128, 64, split_k, use_dot=True, num_warps=8, num_stages=4)
+    split_k = choose_split_k(m, n, k, 32, 256, num_sms)
+    if split_k == 1:
+        return Fp8GemmTiles(16, 32, 128, 1, use_dot=True, num_warps=4, num_stages=4)
+    return Fp8GemmTiles(16, 32, 256, split_k, use_dot=True, num_warps=4, num_stages=3, reduce_in_kernel=True)
 
 
 def split_counters_for(n: int) -> int:

@@ -91,6 +91,7 @@ class Row:
 class Args:
     sweep: bool
     decode_shapes: str = "all"
+    gemm_tokens: tuple[int, ...] = (1, 8, 32, 64)  # the fp8 GEMM's M values
 
 
 DECODE_SHAPES = ((1, 1024), (1, 4096), (64, 1024), (64, 4096))
@@ -423,20 +424,27 @@ def case_sampling(rows: list[Row], args: Args) -> None:
                             triton_us, math.nan, sort_us, float(mismatched_rows), None, note))
 
 
-FP8_GEMM_TOKENS = (1, 8, 32, 64)
-
-
 def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
-    """--sweep's tiles for M rows: the default, other tl.dot shapes (and GEMV at M = 1) at the default rule's K
-    split, the default shape unsplit and at half and twice that split, each shape as W x^T (swap_ab), and the
-    default split reduced in the kernel (one launch) both ways round."""
+    """--sweep's tiles for M rows. Up to 16 rows (where the default reduces a K split in the kernel): each tile shape,
+    GEMV too at M = 1, unsplit and at half, once, twice and four times the default rule's split, reduced in the
+    kernel (with the conversion off the conversion pipe, the split that fills the GPU is the open question). From
+    32 rows: other tl.dot shapes at the rule's split, the default shape unsplit and at half and twice its split,
+    each as W x^T (swap_ab), and the default split reduced in the kernel both ways round."""
     default = default_fp8_gemm_tiles(m, n, k, num_sms)
     if default.block_m == 16:
-        shapes = [(16, 32, 128, True, 4, 4), (16, 64, 256, True, 4, 3), (16, 128, 128, True, 4, 3),
-                  (16, 128, 128, True, 8, 3), (16, 64, 128, True, 8, 4)]
+        shapes = [(16, 32, 128, True, 4, 4), (16, 64, 128, True, 4, 4), (16, 64, 256, True, 4, 3),
+                  (16, 128, 128, True, 4, 3), (16, 128, 128, True, 8, 3), (16, 64, 128, True, 8, 4),
+                  (16, 32, 256, True, 4, 3), (16, 64, 64, True, 4, 6), (16, 128, 64, True, 4, 5)]
         if m == 1:
             shapes += [(1, 32, 256, False, 4, 3), (1, 64, 256, False, 4, 3)]
-    elif default.block_m == 32:
+        tiles = [default]
+        for bm, bn, bk, dot, warps, stages in shapes:
+            rule = choose_split_k(m, n, k, bn, bk, num_sms)
+            for split_k in sorted({1, max(1, rule // 2), rule, 2 * rule, 4 * rule}):
+                if split_k * bk <= k:
+                    tiles.append(Fp8GemmTiles(bm, bn, bk, split_k, dot, warps, stages, reduce_in_kernel=split_k > 1))
+        return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
+    if default.block_m == 32:
         shapes = [(32, 64, 64, True, 4, 4), (32, 64, 128, True, 4, 3), (32, 128, 64, True, 4, 3),
                   (32, 128, 64, True, 8, 3)]
     else:
@@ -446,8 +454,8 @@ def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTil
                          for bm, bn, bk, dot, warps, stages in shapes]
     for split_k in sorted({1, max(1, default.split_k // 2), default.split_k * 2} - {default.split_k}):
         tiles.append(replace(default, split_k=split_k))
-    # the weight as the MMA's first operand (wgmma from M = 1) for each tile shape, and the default K split
-    # reduced in one launch, both ways round
+    # the weight as the MMA's first operand (wgmma) for each tile shape, and the default K split reduced in one
+    # launch, both ways round
     swapped = [replace(t, swap_ab=True) for t in tiles[:len(shapes) + 1] if t.use_dot]
     tiles += swapped + [replace(t, reduce_in_kernel=True) for t in (default, swapped[0]) if t.split_k > 1]
     return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
@@ -467,7 +475,7 @@ def case_fp8_gemm(rows: list[Row], args: Args) -> None:
                        ("gate_up", s.hidden, 2 * s.intermediate), ("down", s.intermediate, s.hidden)):
         bf16_sets = [randn(n, k) * 0.02 for _ in range(num_sets(2 * n * k))]
         fp8_sets = [quantize_per_channel(bf16_sets[i % len(bf16_sets)]) for i in range(num_sets(n * k))]
-        for tokens in FP8_GEMM_TOKENS:
+        for tokens in args.gemm_tokens:
             x = randn(tokens, k)
             w_fp8, w_scale = fp8_sets[0]
 
@@ -512,7 +520,7 @@ def tile_text(t: Fp8GemmTiles) -> str:
 @dataclass
 class Fp8PoolDecode:
     """Decode attention inputs at Llama-3-8B's heads: B rows of L tokens each, the same random K/V as a bf16 pool and
-    as an fp8_e4m3 pool, slots scattered through the pool."""
+    as an fp8 pool (e4m3 unless told), slots scattered through the pool."""
 
     q: torch.Tensor
     k_pool: torch.Tensor
@@ -525,12 +533,12 @@ class Fp8PoolDecode:
     splits: int
 
     @classmethod
-    def make(cls, batch: int, seq_len: int, num_sms: int) -> Fp8PoolDecode:
+    def make(cls, batch: int, seq_len: int, num_sms: int,
+             fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> Fp8PoolDecode:
         s = LLAMA
         k_pool = randn(batch * seq_len + 1, s.num_kv_heads, s.head_dim)
         v_pool = torch.randn_like(k_pool)
-        return cls(randn(batch, s.num_q_heads, s.head_dim), k_pool, v_pool, k_pool.to(torch.float8_e4m3fn),
-                   v_pool.to(torch.float8_e4m3fn),
+        return cls(randn(batch, s.num_q_heads, s.head_dim), k_pool, v_pool, k_pool.to(fp8_dtype), v_pool.to(fp8_dtype),
                    (torch.randperm(batch * seq_len, device="cuda") + 1).view(batch, seq_len).to(torch.int32),
                    torch.arange(batch, device="cuda"), torch.full((batch,), seq_len, dtype=torch.int32, device="cuda"),
                    choose_num_kv_splits(batch, s.num_kv_heads, seq_len, num_sms))
@@ -565,25 +573,33 @@ def case_fp8(rows: list[Row], args: Args) -> None:
                         2 * batch * seq_len * LLAMA.num_kv_heads * LLAMA.head_dim, "vs the bf16 pool (torch columns)"))
 
 
-FP8_KV_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(128, 8, 3), DecodeTiles(128, 4, 2),
-                DecodeTiles(256, 8, 2), DecodeTiles(64, 8, 3), DecodeTiles(32, 4, 3)]
+FP8_KV_TILES = [None] + [DecodeTiles(n, w, st) for n, w, st in ((64, 4, 3), (128, 4, 3), (128, 8, 3),
+                                                                 (128, 4, 2), (128, 4, 4), (64, 4, 2), (64, 2, 3))]
 
 
 def case_fp8_kv(rows: list[Row], args: Args) -> None:
-    """Decode attention on an fp8_e4m3 pool at serving shapes, under each of FP8_KV_TILES (the first is the
-    default), against the default tiles on a bf16 pool (the "torch" columns). Bytes: the fp8 K and V rows read."""
+    """Decode attention on an fp8_e4m3 pool at serving shapes under FP8_KV_TILES (None: the default), and on an
+    fp8_e5m2 pool under the default tiles, against the default tiles on a bf16 pool (the "torch" columns). Bytes:
+    the fp8 K and V rows read."""
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, seq_len in ((1, 4096), (64, 1024), (256, 1536), (512, 1536)):
-        d = Fp8PoolDecode.make(batch, seq_len, num_sms)
-        bf16_us = bench_graph([lambda d=d: d.run(fp8=False)])
-        ref = d.fp8_reference(4)
-        for tiles in FP8_KV_TILES:
-            def fp8_decode(d=d, tiles=tiles):
-                return d.run(fp8=True, tiles=tiles)
+        for fp8_dtype, tile_list in ((torch.float8_e4m3fn, FP8_KV_TILES), (torch.float8_e5m2, [None])):
+            case_fp8_kv_shape(rows, Fp8PoolDecode.make(batch, seq_len, num_sms, fp8_dtype), tile_list)
 
-            rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={d.splits} {tiles}",
-                            bench_graph([fp8_decode]), math.nan, bf16_us, math.nan, rel_err(fp8_decode()[:4], ref),
-                            2 * batch * seq_len * LLAMA.num_kv_heads * LLAMA.head_dim, "torch columns: the bf16 pool"))
+
+def case_fp8_kv_shape(rows: list[Row], d: Fp8PoolDecode, tile_list: list[DecodeTiles | None]) -> None:
+    batch, seq_len = d.q.shape[0], d.table.shape[1]
+    bf16_us = bench_graph([lambda d=d: d.run(fp8=False)])
+    ref = d.fp8_reference(4)
+    for tiles in tile_list:
+        def fp8_decode(d=d, tiles=tiles):
+            return d.run(fp8=True, tiles=tiles)
+
+        pool = str(d.k_fp8.dtype).removeprefix("torch.float8_")
+        rows.append(Row("decode_attention fp8 KV", f"B={batch} L={seq_len} splits={d.splits} {pool} "
+                        f"{tiles or 'default tiles'}", bench_graph([fp8_decode]), math.nan, bf16_us, math.nan,
+                        rel_err(fp8_decode()[:4], ref), 2 * batch * seq_len * LLAMA.num_kv_heads * LLAMA.head_dim,
+                        "torch columns: the bf16 pool"))
 
 
 def case_moe(rows: list[Row], args: Args) -> None:
@@ -692,6 +708,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time other tile shapes and split counts")
     parser.add_argument("--decode-shapes", default="all", choices=("all", "saturation"),
                         help="decode attention shapes: all, or only the serving-at-saturation ones")
+    parser.add_argument("--gemm-tokens", type=int, nargs="+", default=list(Args.gemm_tokens),
+                        help="the fp8 GEMM's token counts (M)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_kernels_bench: no CUDA device", file=sys.stderr)
@@ -707,7 +725,8 @@ def main() -> int:
     failed = False
     for name in args.only.split(","):
         try:
-            CASES[name](rows, Args(sweep=args.sweep, decode_shapes=args.decode_shapes))
+            CASES[name](rows, Args(sweep=args.sweep, decode_shapes=args.decode_shapes,
+                                   gemm_tokens=tuple(args.gemm_tokens)))
         except Exception:  # one broken case must not hide the others' numbers
             failed = True
             traceback.print_exc()

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_quant.sh one-batch serving   # chosen sections
 #   bash scripts/gpu_quant.sh fp8-gemm            # the weight-only fp8 GEMM alone, about 3 minutes (one table)
 #   FP8_GEMM_SWEEP=1 bash scripts/gpu_quant.sh fp8-gemm   # and its tile sweep, about a minute more
+#   bash scripts/gpu_quant.sh timeline            # batch-1 decode step by kernel group, bf16 and fp8 (~1 minute)
 #
 # Env: GPU_MODEL (the llama-3-8b-dummy folder), SERVE_PROMPTS (128), SERVE_LEN (1024 in and out), FP8_GEMM_SWEEP (0).
 set -uo pipefail
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 LOG_DIR="${OUT:-/tmp/gpu_quant}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ALL=(tests kernels one-batch serving)  # fp8-gemm runs when named
+ALL=(tests kernels one-batch serving)  # fp8-gemm and timeline run when named
 MODEL="${GPU_MODEL:-}"
 for candidate in shared/models/llama-3-8b-dummy ../shared/models/llama-3-8b-dummy /work/shared/models/llama-3-8b-dummy \
                  .models/llama-3-8b-dummy; do
@@ -92,6 +93,18 @@ section_fp8_gemm() {
   return $status
 }
 
+# Where a batch-1 decode step goes, bf16 and fp8 weights: device time per kernel group (scripts/gpu_step_timeline.py
+# at one row of 256 tokens).
+section_timeline() {
+  local status=0
+  for kind in bf16 fp8; do
+    timeout 150 python3 scripts/gpu_step_timeline.py --model-path "$MODEL" --rows 1 --context 256 --chunks \
+      --low-rows 0 --top-kernels 16 $([ $kind = fp8 ] && echo --quantization fp8) \
+      --output "$LOG_DIR/timeline_bs1_$kind.json" || status=1
+  done
+  return $status
+}
+
 section_serving() {
   local status=0
   gpu_serve_and_bench bf16 "$MODEL" "$SERVE_PROMPTS" "$SERVE_LEN" "$SERVE_LEN" || status=1
@@ -103,7 +116,7 @@ section_serving() {
 [ -z "$MODEL" ] && { echo "no llama-3-8b-dummy folder found; set GPU_MODEL" >&2; exit 2; }
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=("${ALL[@]}")
-gpu_run_sections "${ALL[*]} fp8-gemm" -- "${sections[@]}"
+gpu_run_sections "${ALL[*]} fp8-gemm timeline" -- "${sections[@]}"
 [ -f "$LOG_DIR/fp8_kernels.md" ] && { echo; cat "$LOG_DIR/fp8_kernels.md"; }
 [ -f "$LOG_DIR/one-batch.log" ] && { echo; grep -E '^\|' "$LOG_DIR/one-batch.log" | tail -6; }
 [ -f "$LOG_DIR/fp8-gemm.log" ] && { echo; grep -E '^\|' "$LOG_DIR/fp8-gemm.log"; }

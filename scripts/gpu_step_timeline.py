@@ -114,12 +114,12 @@ class Timeline:
             sample_ms = device_ms(lambda: self.runner.sampler.sample(logits, plan.rows), 10)
         return graph_ms, sample_ms
 
-    def kernel_groups(self, plan: BatchPlan, step_device_ms: float) -> tuple[dict[str, float], str]:
-        """Device µs per kernel group of one decode step: the graph replay if the profiler sees its kernels."""
-        groups = profile_groups(lambda: self.runner.step(plan))
-        if sum(groups.values()) >= 0.5 * step_device_ms * 1e3:
-            return groups, "graph replay"
-        return profile_groups(lambda: self.eager_decode(plan)), "eager step"
+    def step_kernels(self, plan: BatchPlan, step_device_ms: float) -> tuple[dict[str, tuple[float, int]], str]:
+        """Device µs and calls per kernel of one decode step: the graph replay if the profiler sees its kernels."""
+        kernels = profile_kernels(lambda: self.runner.step(plan))
+        if sum(us for us, _ in kernels.values()) >= 0.5 * step_device_ms * 1e3:
+            return kernels, "graph replay"
+        return profile_kernels(lambda: self.eager_decode(plan)), "eager step"
 
     @torch.inference_mode()
     def eager_decode(self, plan: BatchPlan) -> None:
@@ -135,7 +135,7 @@ class Timeline:
         runner = self.runner
         kv = num_rows * self.context * runner.kv_pool.bytes_per_token(
             runner.attention_spec.num_layers, runner.attention_spec.num_kv_heads, runner.attention_spec.head_dim,
-            runner.dtype)
+            runner.kv_cache_dtype)
         weights = sum(p.numel() * p.element_size() for name, p in runner.model.named_parameters()
                       if "embed_tokens" not in name or runner.model_config.tie_word_embeddings)
         return (kv + weights) / bandwidth * 1e3
@@ -144,7 +144,8 @@ class Timeline:
     # parts
     # -------------------------------------------------------------------------------------------
 
-    def decode_part(self, num_rows: int, repeats: int, bandwidth: float, profile: bool) -> dict:
+    def decode_part(self, num_rows: int, repeats: int, bandwidth: float, profile: bool,
+                    top_kernels: int = 0) -> dict:
         plan = self.decode_plan(num_rows)
         step = self.time_step(plan, repeats)
         plan = msgspec.structs.replace(plan, new_rows=[])
@@ -154,10 +155,15 @@ class Timeline:
                  f"graph {graph_ms:.2f} ms + sampling {sample_ms:.2f} ms; bound {bound:.2f} ms "
                  f"({bound / step['wall_ms']:.0%} of the step)")
         if profile:
-            groups, source = self.kernel_groups(plan, step["device_ms"])
-            total = sum(groups.values())
+            kernels, source = self.step_kernels(plan, step["device_ms"])
+            groups: dict[str, float] = collections.defaultdict(float)
+            for name, (us, _) in kernels.items():
+                groups[kernel_group(name)] += us
             parts = ", ".join(f"{g} {us / 1e3:.2f}" for g, us in sorted(groups.items(), key=lambda kv: -kv[1]))
-            self.add("kernels", num_rows, num_rows, {"device_ms": total / 1e3}, f"{source}, ms: {parts}")
+            self.add("kernels", num_rows, num_rows, {"device_ms": sum(groups.values()) / 1e3}, f"{source}, ms: {parts}")
+            for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top_kernels]:
+                self.add("kernel", num_rows, calls, {"device_ms": us / 1e3},
+                         f"{name[:90]}: {calls} calls, {us / calls:.1f} µs each")
         return step
 
     def chunk_part(self, num_rows: int, chunks: list[int], repeats: int, decode_step: dict) -> None:
@@ -203,20 +209,24 @@ def scheduler_cpu(num_rows: int, context: int, steps: int = 40) -> dict:
     return {"wall_ms": ms, "host_us": ms * 1e3 / num_rows}
 
 
-def profile_groups(fn) -> dict[str, float]:
+def profile_kernels(fn) -> dict[str, tuple[float, int]]:
+    """Device µs and calls per kernel name over one call of fn (torch.profiler)."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    groups: dict[str, float] = collections.defaultdict(float)
+    kernels = {}
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
-        if total <= 0 or event.key.startswith(("cuda", "Memcpy", "Memset", "aten::")):
-            continue
-        name = event.key.lower()
-        groups[next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")] += total
-    return dict(groups)
+        if total > 0 and not event.key.startswith(("cuda", "Memcpy", "Memset", "aten::")):
+            kernels[event.key] = (total, event.count)
+    return kernels
+
+
+def kernel_group(name: str) -> str:
+    name = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
 
 
 def device_ms(fn, repeats: int) -> float:
@@ -256,9 +266,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", type=int, nargs="+", default=[256, 512])
     p.add_argument("--context", type=int, default=1536, help="tokens in the KV cache per row")
-    p.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192])
-    p.add_argument("--low-rows", type=int, default=32)
-    p.add_argument("--low-chunks", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--chunks", type=int, nargs="*", default=[512, 2048, 8192])
+    p.add_argument("--low-rows", type=int, default=32, help="0: no low-row part")
+    p.add_argument("--low-chunks", type=int, nargs="*", default=[256, 512, 1024])
+    p.add_argument("--quantization", default=None, help="as the server's flag (fp8: the weight-only fp8 GEMMs)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--top-kernels", type=int, default=0, help="also list the N kernels with most device time")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", default=None, help="write the table as JSON here")
     args = p.parse_args(argv)
@@ -266,8 +279,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     max_rows = max(args.rows + [args.low_rows])
     runner = ModelRunner(ModelRunnerConfig(model_path=args.model_path, load_format=args.load_format, dtype=args.dtype,
-                                           device=args.device, max_running_requests=max_rows + 1))
-    context = min(args.context, (runner.max_total_tokens - max(args.chunks + args.low_chunks)) // (max_rows + 1))
+                                           device=args.device, max_running_requests=max_rows + 1,
+                                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype))
+    context = min(args.context, (runner.max_total_tokens - max(args.chunks + args.low_chunks + [0])) // (max_rows + 1))
     print(f"runner ready in {time.perf_counter() - start:.1f} s: {runner.max_total_tokens} KV slots, CUDA graphs "
           f"{runner.graph_runner.sizes[-1] if runner.graph_runner else 'off'} (captured in "
           f"{runner.graph_runner.capture_s if runner.graph_runner else 0:.1f} s), context {context} per row")
@@ -276,12 +290,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     for num_rows in args.rows:
-        step = timeline.decode_part(num_rows, args.repeats, bandwidth, profile=timeline.cuda)
+        step = timeline.decode_part(num_rows, args.repeats, bandwidth, profile=timeline.cuda,
+                                    top_kernels=args.top_kernels)
         timeline.add("scheduler CPU per step", num_rows, num_rows, scheduler_cpu(num_rows, min(context, 256)),
                      "plan + encode + result + updates; host µs column: per request")
         timeline.chunk_part(num_rows, args.chunks, max(3, args.repeats // 3), step)
-    low = timeline.decode_part(args.low_rows, args.repeats, bandwidth, profile=False)
-    timeline.chunk_part(args.low_rows, args.low_chunks, max(3, args.repeats // 3), low)
+    if args.low_rows:
+        low = timeline.decode_part(args.low_rows, args.repeats, bandwidth, profile=False)
+        timeline.chunk_part(args.low_rows, args.low_chunks, max(3, args.repeats // 3), low)
     print_table(timeline.table)
     if args.output:
         Path(args.output).write_text(json.dumps(timeline.table, indent=1))

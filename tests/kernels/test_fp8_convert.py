@@ -1,6 +1,6 @@
-"""kernels/fp8_convert.py: the integer e4m3 -> bf16 conversion. Its bit placement against torch's own conversion for
-every code, its PTX run instruction by instruction by a small model of the PTX ISA's semantics (the interpreter
-cannot run inline assembly), and its sm_90 compile. On CUDA the kernel itself against torch."""
+"""kernels/fp8_convert.py: the integer e4m3 -> bf16 conversion and the fp8 -> float16 bit placement. Each one against
+torch's own conversion for every code, its PTX run instruction by instruction by a small model of the PTX ISA's
+semantics (the interpreter cannot run inline assembly), and its sm_90 compile. On CUDA the kernels themselves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.fp8_convert import E4M3_TO_BF16_ASM, e4m3_bits_to_bf16_ref  # noqa: E402
+from kernels.fp8_convert import (  # noqa: E402
+    E4M3_TO_BF16_ASM,
+    F16_BITS_SCALE,
+    e4m3_bits_to_bf16_ref,
+    f16_bits_asm,
+    fp8_bits_to_f16_ref,
+)
 from tests.kernel_fixtures import CUDA, compile_for_sm90, facts_without_interpreter  # noqa: E402
 
 CODES = torch.arange(256, dtype=torch.int32).to(torch.uint8)
@@ -50,6 +56,8 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
         a = [value(s) for s in src]
         if op == "and.b32":
             out = a[0] & a[1]
+        elif op == "or.b32":
+            out = a[0] | a[1]
         elif op == "shr.b32":
             out = a[0] >> a[1]
         elif op == "mov.b32":
@@ -77,6 +85,26 @@ def test_the_ptx_computes_the_bit_placement_for_every_code():
     for first in range(0, 256, 4):
         packed = sum(code << (8 * i) for i, code in enumerate(range(first, first + 4)))
         regs = run_ptx(E4M3_TO_BF16_ASM, {"$2": packed})
+        got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
+        assert got == expected[first:first + 4].tolist(), hex(first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float16_bit_placement_is_exact_for_every_finite_code(dtype):
+    ours = fp8_bits_to_f16_ref(CODES, dtype).double() * F16_BITS_SCALE[dtype]
+    theirs = CODES.view(dtype).double()
+    finite = theirs.isfinite()
+    assert finite.sum() >= 248 and torch.equal(ours[finite], theirs[finite])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_float16_ptx_computes_the_bit_placement_for_every_code(dtype, staged):
+    expected = fp8_bits_to_f16_ref(CODES, dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    asm = f16_bits_asm(e5m2=dtype == torch.float8_e5m2, staged=staged)
+    for first in range(0, 256, 4):
+        packed = sum(code << (8 * i) for i, code in enumerate(range(first, first + 4)))
+        regs = run_ptx(asm, {"$2": packed, "$3": 0})
         got = [regs["$0"] & 0xFFFF, regs["$0"] >> 16, regs["$1"] & 0xFFFF, regs["$1"] >> 16]
         assert got == expected[first:first + 4].tolist(), hex(first)
 
@@ -121,3 +149,26 @@ def test_the_kernel_converts_every_code_on_cuda():
     dst = torch.empty(256, dtype=torch.bfloat16, device="cuda")
     copy[(1,)](src, dst, BLOCK=256)
     assert torch.equal(dst.cpu().view(torch.int16), e4m3_bits_to_bf16_ref(CODES).view(torch.int16))
+
+
+@pytest.mark.skipif(not CUDA, reason="inline PTX runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_the_float16_kernels_place_every_code_on_cuda(dtype):
+    import triton
+    import triton.language as tl
+
+    from kernels.fp8_convert import fp8_bits_to_f16, fp8_bits_to_f16_staged
+
+    @triton.jit
+    def copy(src_ptr, dst_ptr, staged_ptr, zero, BLOCK: tl.constexpr, E5M2: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(src_ptr + offs)
+        tl.store(dst_ptr + offs, fp8_bits_to_f16(x, E5M2))
+        tl.store(staged_ptr + offs, fp8_bits_to_f16_staged(x, zero, E5M2))
+
+    src = CODES.cuda().view(dtype)
+    dst, staged = (torch.empty(256, dtype=torch.float16, device="cuda") for _ in range(2))
+    copy[(1,)](src, dst, staged, 0, BLOCK=256, E5M2=dtype == torch.float8_e5m2)
+    expected = fp8_bits_to_f16_ref(CODES, dtype).view(torch.int16)
+    assert torch.equal(dst.cpu().view(torch.int16), expected)
+    assert torch.equal(staged.cpu().view(torch.int16), expected)

@@ -150,7 +150,7 @@ def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
         tiles = default_fp8_gemm_tiles(m, 4096, 4096)
         for split in (False, True):
             record(f"m={m} split={split}", gemm_ptx(tiles, split))
-    swapped = replace(default_fp8_gemm_tiles(1, 4096, 4096), swap_ab=True)
+    swapped = replace(default_fp8_gemm_tiles(1, 4096, 4096), swap_ab=True, block_n=64)  # wgmma needs 64 rows
     record("swap_ab m=1", gemm_ptx(swapped, split=False))
     record("swap_ab m=1 reduce_in_kernel", gemm_ptx(replace(swapped, reduce_in_kernel=True), split=True))
     reduce_signature = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32", "SPLIT_K": "i32",
@@ -162,8 +162,8 @@ def default_tiles_ptx_facts() -> dict[str, dict[str, bool]]:
 def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     """What Triton's interpreter accepts and the GPU compiler refuses (Python globals in a kernel, dtype mixes)
     shows here, and so does a weight read by single-byte loads instead of cp.async-pipelined 16-byte copies (the
-    K offsets must stay provably aligned). The swapped product reaches wgmma at M = 1 (the unswapped 16-row tile
-    cannot), and only the in-kernel reduction (the default up to 16 rows) has an atomic."""
+    K offsets must stay provably aligned). The swapped product of 64 channels reaches wgmma at M = 1 (the unswapped
+    16-row tile cannot), and only the in-kernel reduction (the default up to 16 rows) has an atomic."""
     facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "default_tiles_ptx_facts")
     assert len(facts) == 10, facts
     assert all(found["cp.async"] and found["tensor cores"] for found in facts.values()), facts

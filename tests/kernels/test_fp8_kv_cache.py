@@ -118,12 +118,14 @@ def conversion_counts(ptx: str) -> dict[str, int]:
 
 
 def decode_ptx_conversions() -> dict[str, dict[str, int]]:
-    """Conversion instructions in the sm_90 PTX of the decode kernel (bf16 q, Llama-3-8B's head shape, default
-    tiles) for a bf16 pool and for each fp8 pool."""
-    from kernels.decode_attention import _decode_split_kernel, default_decode_tiles
+    """Conversion instructions, byte loads from shared memory and MMAs in the sm_90 PTX of the decode kernel (bf16 q,
+    Llama-3-8B's head shape, 128-key tiles) for a bf16 pool, and for each fp8 pool through Triton's conversion
+    ("/cvt", as in the interpreter) and as on CUDA ("/bits": bit placement for V, and for K from an e5m2 pool)."""
+    from kernels.decode_attention import DecodeTiles, _decode_split_kernel
 
+    tiles = DecodeTiles(128, 4, 3)
     facts = {}
-    for pool in ("bf16", "fp8e4nv", "fp8e5"):
+    for pool, mode in (("bf16", ""), ("fp8e4nv", "cvt"), ("fp8e4nv", "bits"), ("fp8e5", "cvt"), ("fp8e5", "bits")):
         signature = {"q_ptr": "*bf16", "k_pool_ptr": f"*{pool}", "v_pool_ptr": f"*{pool}",
                      **dict.fromkeys(("req_to_token_ptr", "seq_lens_ptr"), "*i32"),
                      "rows_ptr": "*i64", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "alibi_ptr": "*fp32",
@@ -133,11 +135,13 @@ def decode_ptx_conversions() -> dict[str, dict[str, int]]:
                                       "stride_rtt", "stride_pob", "stride_poh", "stride_pos", "stride_plb",
                                       "stride_plh"), "i32")}
         constants = {"GROUP": 4, "HEAD_DIM": 128, "SOFTCAP": False, "ALIBI": False, "BLOCK_H": 16,
-                     "BLOCK_N": default_decode_tiles(128).block_n, "BLOCK_D": 128, "PRECISION": "tf32",
-                     "DOT_FP16": pool != "bf16"}
+                     "BLOCK_N": tiles.block_n, "BLOCK_D": 128, "PRECISION": "tf32", "DOT_FP16": pool != "bf16",
+                     "FP8_BITS": mode == "bits", "E5M2": pool == "fp8e5"}
         aligned = [name for name in signature if name.endswith("_ptr") or name.startswith("stride")]
-        ptx = compile_for_sm90(_decode_split_kernel, signature, constants, aligned, default_decode_tiles(128))
-        facts[pool] = {**conversion_counts(ptx), "mma": ptx.count("mma.sync")}
+        ptx = compile_for_sm90(_decode_split_kernel, signature, constants, aligned, tiles)
+        facts[f"{pool}/{mode}".rstrip("/")] = {**conversion_counts(ptx), "mma": ptx.count("mma.sync"),
+                                               "ld.shared.b8": ptx.count("ld.shared.b8"),
+                                               "ldmatrix.trans": ptx.count("ldmatrix.sync.aligned.m8n8.x4.trans")}
     return facts
 
 
@@ -166,20 +170,49 @@ def extend_ptx_conversions() -> dict[str, dict[str, int]]:
     return facts
 
 
-def test_fp8_pools_convert_once_per_two_values_on_hopper():
-    """Decode and extend: fp8 -> float16 is one packed conversion per two values; the bfloat16 products this
-    replaced added a scalar float16 -> bfloat16 conversion for every value (the conversion units bounded the
-    kernel: on the H200 an fp8 pool decoded no faster than a bf16 pool of twice the bytes)."""
+def test_fp8_pools_reach_float16_without_byte_loads_on_hopper():
+    """Decode over an fp8 pool, compiled for sm_90. Through Triton's conversion the V tile (the k-major operand of
+    p @ V) is read out of shared memory one byte per instruction, and every two values take a conversion
+    instruction. With bit placement V goes through shared memory as float16 (ldmatrix.trans); e4m3 K tiles keep
+    half of the packed conversions, e5m2 pools need none (on the H200 an fp8 pool had decoded at 64% of the copy
+    bandwidth)."""
     facts = facts_without_interpreter("tests.kernels.test_fp8_kv_cache", "decode_ptx_conversions")
     for pool, packed in (("fp8e4nv", "cvt.rn.f16x2.e4m3x2"), ("fp8e5", "cvt.rn.f16x2.e5m2x2")):
-        assert facts[pool].get(packed, 0) > 0 and facts[pool]["mma"] > 0, facts
-        assert not any(name.startswith("cvt.bf16") or name.startswith("cvt.rn.bf16.f16") for name in facts[pool]), facts
-    assert facts["bf16"]["mma"] == facts["fp8e4nv"]["mma"], facts
-    # the extend kernel's prefix tiles likewise (its new tokens are bf16 and need no conversion)
+        cvt, bits = facts[f"{pool}/cvt"], facts[f"{pool}/bits"]
+        assert cvt.get(packed, 0) > 0 and cvt["ld.shared.b8"] > 0, facts
+        assert bits["ld.shared.b8"] == 0 and bits["ldmatrix.trans"] > 0, facts
+        assert bits["mma"] == facts["bf16"]["mma"], facts
+    e4m3, e5m2 = facts["fp8e4nv/bits"], facts["fp8e5/bits"]
+    assert 2 * e4m3["cvt.rn.f16x2.e4m3x2"] == facts["fp8e4nv/cvt"]["cvt.rn.f16x2.e4m3x2"], facts
+    assert not any(name.startswith("cvt") and "e5m2" in name for name in e5m2), facts
+    # the extend kernel's prefix tiles convert through float16 (its new tokens are bf16 and need no conversion)
     facts = facts_without_interpreter("tests.kernels.test_fp8_kv_cache", "extend_ptx_conversions")
     for pool, packed in (("fp8e4nv", "cvt.rn.f16x2.e4m3x2"), ("fp8e5", "cvt.rn.f16x2.e5m2x2")):
         assert facts[pool].get(packed, 0) > 0 and facts[pool]["mma"] > 0, facts
         assert not any(name.startswith("cvt.bf16") for name in facts[pool]), facts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bit placement is inline PTX: CUDA only")
+@pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("batch", [3, 130])  # both default tile widths over an fp8 pool
+def test_decode_reads_every_fp8_code_through_bit_placement_on_cuda(pool_dtype, batch, seed):
+    """Pools of random finite codes (subnormals and both signs included) at Llama-3-8B's head shape, K and V
+    scales that are not powers of two: the bit-placement decode matches the float32 reference."""
+    num_slots, hq, hkv, dim = 700, 8, 2, 128
+    finite = [c for c in range(256) if not torch.tensor([c], dtype=torch.uint8).view(pool_dtype).float().isinf()
+              and not torch.tensor([c], dtype=torch.uint8).view(pool_dtype).float().isnan()]
+    codes = torch.tensor(finite, dtype=torch.uint8, device="cuda")
+    k_pool, v_pool = (codes[torch.randint(len(finite), (num_slots, hkv, dim), device="cuda")].view(pool_dtype)
+                      for _ in range(2))
+    req_to_token = torch.randint(1, num_slots, (batch, 200), device="cuda", dtype=torch.int32)
+    rows = torch.randperm(batch, device="cuda")
+    seq_lens = torch.randint(1, 201, (batch,), device="cuda", dtype=torch.int32)
+    seq_lens[:3] = torch.tensor([200, 1, 137])
+    q = torch.randn(batch, hq, dim, device="cuda").to(torch.bfloat16)
+    kwargs = {"k_scale": 0.003, "v_scale": 0.7}
+    out = decode_attention(q, k_pool, v_pool, req_to_token, rows, seq_lens, dim**-0.5, 4, **kwargs)
+    ref = decode_attention_ref(q, k_pool, v_pool, req_to_token, rows, seq_lens, dim**-0.5, **kwargs)
+    assert relative_error(out, ref) < TOLERANCE[torch.bfloat16], f"seed {seed}"
 
 
 @pytest.mark.parametrize("pool_dtype", FP8_DTYPES)
