@@ -4,7 +4,10 @@ Stage 1 (`_decode_split_kernel`): one program per (row, kv head, kv split). It l
 group as one [BLOCK_H, D] tile (GQA: each K/V tile is read once for the whole group and fed to the tensor cores),
 walks its share of the row's tokens through req_to_token, and writes a partial output normalised by its own softmax
 sum plus the log-sum-exp of its scores. Stage 2 (`_decode_merge_kernel`): one program per (row, q head) merges the
-splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have long contexts.
+splits by their log-sum-exps. Splitting keeps the GPU busy when few rows have long contexts. With one split the
+first kernel writes the output itself; with merge counters (int32, one per row and kv head, zero between calls:
+the caller's, so CUDA graphs replay them) the split that counts itself in last (an acq_rel atomic, as in
+kernels/fp8_gemm.py) merges its group's splits, and the second launch goes (about 2.5 us a layer at batch 1).
 
 Scores are kept in base 2 (scaled by log2(e)) so the inner loop uses exp2. With a logit cap c (Gemma 2), scaled
 scores s become c * tanh(s / c) first. With ALiBi slopes (one per q head, Baichuan 13B), head h adds
@@ -70,7 +73,7 @@ def default_decode_tiles(head_dim: int, batch: int = 1, fp8_pool: bool = False) 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, req_to_token_ptr, rows_ptr, seq_lens_ptr,
-    part_o_ptr, part_lse_ptr, alibi_ptr,
+    part_o_ptr, part_lse_ptr, alibi_ptr, o_ptr, counter_ptr,
     sm_scale, logit_cap, v_scale, sliding_window, num_splits, q_scale,
     stride_qb, stride_qh,
     stride_ks, stride_kh,
@@ -78,9 +81,11 @@ def _decode_split_kernel(
     stride_rtt,
     stride_pob, stride_poh, stride_pos,
     stride_plb, stride_plh,
+    stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     DOT_FP16: tl.constexpr, FP8_BITS: tl.constexpr, E5M2: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK_S: tl.constexpr,  # MERGE: 0 partials only, 1 and the last split merges, 2 one split
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -134,10 +139,35 @@ def _decode_split_kernel(
     # An empty split (short row) leaves l_i == 0: it writes a zero partial with lse -inf, which the merge ignores.
     has_keys = l_i > 0
     out = acc * v_scale / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(part_o_ptr + b * stride_pob + heads[:, None] * stride_poh + split * stride_pos + offs_d[None, :],
-             out, mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split, lse, mask=mask_h)
+    mask_hd = mask_h[:, None] & mask_d[None, :]
+    o_tile = o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if MERGE == 2:
+        tl.store(o_tile, out.to(o_ptr.dtype.element_ty), mask=mask_hd)
+    else:
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        parts = part_o_ptr + b * stride_pob + heads[:, None] * stride_poh + offs_d[None, :]
+        tl.store(parts + split * stride_pos, out, mask=mask_hd)
+        tl.store(part_lse_ptr + b * stride_plb + heads * stride_plh + split, lse, mask=mask_h)
+        if MERGE == 1:
+            counter = counter_ptr + b * tl.num_programs(1) + kv_head
+            # acq_rel: this split's partial is visible before its count; the last one sees every partial
+            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
+                offs_s = tl.arange(0, BLOCK_S)
+                lses = tl.load(part_lse_ptr + b * stride_plb + heads[:, None] * stride_plh + offs_s[None, :],
+                               mask=mask_h[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
+                               cache_modifier=".cg")
+                top = tl.max(lses, 1)
+                weights = tl.where(lses > float("-inf"),
+                                   tl.math.exp2(lses - tl.where(top > float("-inf"), top, 0.0)[:, None]), 0.0)
+                merged = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+                for s in range(0, num_splits):  # split order: deterministic
+                    weight = tl.sum(tl.where(offs_s[None, :] == s, weights, 0.0), 1)
+                    part = tl.load(parts + s * stride_pos, mask=mask_hd, other=0.0, cache_modifier=".cg")
+                    merged += part * weight[:, None]
+                total = tl.sum(weights, 1)
+                merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(o_tile, merged.to(o_ptr.dtype.element_ty), mask=mask_hd)
+                tl.store(counter, 0)
 
 
 @triton.jit
@@ -196,9 +226,11 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      sliding_window: int | None = None, out: torch.Tensor | None = None,
                      part_o: torch.Tensor | None = None, part_lse: torch.Tensor | None = None,
                      tiles: DecodeTiles | None = None, logit_cap: float | None = None, k_scale: float = 1.0,
-                     v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: float = 1.0, alibi_slopes: torch.Tensor | None = None,
+                     merge_counters: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D]; k_pool/v_pool [S, Hkv, D]; req_to_token [R, C] int32; rows, seq_lens [B] -> o [B, Hq, D].
-    Pools may be fp8 (read as fp8 * k_scale, fp8 * v_scale).
+    Pools may be fp8 (read as fp8 * k_scale, fp8 * v_scale). `merge_counters`: int32, at least B x Hkv entries, all
+    zero (and left zero): the splits are merged in the first kernel.
 
     Row b attends to the keys at slots req_to_token[rows[b], :seq_lens[b]] (the last `sliding_window` of them when
     given); `logit_cap` soft-caps the scaled scores; `alibi_slopes` (float32 [Hq]) adds slope * (key position - query
@@ -221,8 +253,12 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     if part_o.stride(3) != 1 or part_o.shape[1:] != (num_q_heads, num_kv_splits, head_dim) or part_o.shape[0] < batch:
         raise ValueError(f"part_o must be float32 [>={batch}, {num_q_heads}, {num_kv_splits}, {head_dim}], contiguous "
                          f"in its last dimension; got {tuple(part_o.shape)}")
+    if merge_counters is not None and (merge_counters.dtype != torch.int32
+                                       or merge_counters.numel() < batch * num_kv_heads):
+        raise ValueError(f"merge_counters must be int32 with at least {batch * num_kv_heads} entries")
     if batch == 0:
         return out
+    merge = 2 if num_kv_splits == 1 else int(merge_counters is not None)
     block_d = max(16, triton.next_power_of_2(head_dim))
     tiles = tiles or default_decode_tiles(block_d, batch, k_pool.dtype.itemsize == 1)
     dot_fp16 = fp16_products(q.dtype, k_pool.dtype)
@@ -231,7 +267,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     score_scale = scale * k_scale
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pool, v_pool, req_to_token, rows, seq_lens, part_o, part_lse,
-        alibi_slopes if alibi_slopes is not None else part_lse,
+        alibi_slopes if alibi_slopes is not None else part_lse, out,
+        merge_counters if merge_counters is not None else part_lse,
         # K tiles take bit placement only from e5m2 pools, exact (scale 1); V's e4m3 power of two joins v_scale
         1.0 if dot_fp16 else score_scale, logit_cap or 1.0, v_scale * (bits_scale or 1.0), sliding_window or 0,
         num_kv_splits,
@@ -239,11 +276,15 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
         req_to_token.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, SOFTCAP=bool(logit_cap), ALIBI=alibi_slopes is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), DOT_FP16=dot_fp16, FP8_BITS=bool(bits_scale), E5M2=e5m2,
+        MERGE=merge, BLOCK_S=triton.next_power_of_2(num_kv_splits),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if merge:
+        return out
     _decode_merge_kernel[(batch, num_q_heads)](
         part_o, part_lse, out, num_kv_splits,
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),

@@ -27,6 +27,7 @@ def test_quantization_flags_are_accepted():
     (["--torchao-config", "int2"], ["--torchao-config"]),
     (["--quantization", "fp8", "--torchao-config", "int8wo"], ["--quantization fp8", "--torchao-config int8wo"]),
     (["--torchao-config", "fp8dq-per_row", "--device", "cpu"], ["--torchao-config fp8dq-per_row", "--device cpu"]),
+    (["--quantize-lm-head"], ["--quantize-lm-head needs --quantization"]),
 ])
 def test_impossible_values_and_combinations_are_refused(argv, words, capsys):
     with pytest.raises(SystemExit):
@@ -43,3 +44,6 @@ def test_the_flags_reach_the_worker_config():
     config = ModelRunnerConfig.from_server_args(args)
     assert (config.quantization, config.kv_cache_dtype, config.torchao_config) == ("fp8", "fp8_e4m3", "")
     assert ModelRunnerConfig.from_server_args(parse_args(["--torchao-config", "int8wo"])).torchao_config == "int8wo"
+    assert not config.quantize_lm_head
+    with_head = parse_args(["--quantization", "fp8", "--quantize-lm-head"])
+    assert ModelRunnerConfig.from_server_args(with_head).quantize_lm_head

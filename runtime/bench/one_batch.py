@@ -198,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quantization", default=None, help="as the server's flag (e.g. fp8)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e5m2", "fp8_e4m3"))
     parser.add_argument("--torchao-config", default="", help="as the server's flag (e.g. int4wo-128)")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="as the server's flag (with --quantization)")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
     parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
     parser.add_argument("--output-len", type=int, nargs="+", default=[16])
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
                                cuda_graph_bs=args.cuda_graph_bs, enable_torch_compile=args.enable_torch_compile,
                                torch_compile_max_bs=args.torch_compile_max_bs,
                                quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                               torchao_config=args.torchao_config)
+                               torchao_config=args.torchao_config, quantize_lm_head=args.quantize_lm_head)
     start = time.perf_counter()
     runner = ModelRunner(config)
     print(f"runner ready in {time.perf_counter() - start:.1f} s (CUDA graphs captured in "

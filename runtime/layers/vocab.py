@@ -12,6 +12,14 @@ from torch import nn
 
 from runtime.layers.linear import WeightShapeError, copy_checked
 from runtime.layers.parallel import TensorParallel
+from runtime.layers.quantization.fp8_ops import (
+    new_split_counters,
+    quantize_per_channel,
+    quantize_per_token,
+    scaled_mm,
+    weight_only_kernel_applies,
+    weight_only_mm,
+)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -43,9 +51,32 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """logits = hidden @ W^T over the vocabulary, W laid out like the embedding (a tied model shares it)."""
+    """logits = hidden @ W^T over the vocabulary, W laid out like the embedding (a tied model shares it).
+
+    After `quantize_fp8` (--quantize-lm-head) the product reads an fp8 copy of W with a scale per vocabulary row, as
+    the fp8 linear layers do (fp8_linear.Fp8PerChannelMethod): the weight-only kernel at decode, per-token
+    activations and torch._scaled_mm above. W itself stays (a tied embedding still reads it)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel, dtype: torch.dtype):
+        super().__init__(vocab_size, hidden_size, tp, dtype)
+        for name in ("weight_fp8", "weight_scale", "split_counters"):
+            self.register_buffer(name, None, persistent=False)
+
+    def quantize_fp8(self, keep_weight: bool) -> None:
+        """Quantize W per vocabulary row; keep_weight (a tied embedding reads W) or free it."""
+        self.weight_fp8, self.weight_scale = quantize_per_channel(self.weight.data)
+        self.split_counters = new_split_counters(self.weight_fp8)
+        if not keep_weight:
+            self.weight = nn.Parameter(self.weight.data.new_empty((0, self.weight.shape[1])), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> float32 logits [N, vocab_size]."""
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        if self.weight_fp8 is None:
+            local = F.linear(hidden, self.weight)
+        elif weight_only_kernel_applies(hidden):
+            local = weight_only_mm(hidden, self.weight_fp8, self.weight_scale, self.split_counters)
+        else:
+            x_fp8, x_scale = quantize_per_token(hidden)
+            local = scaled_mm(x_fp8, x_scale, self.weight_fp8, self.weight_scale, hidden.dtype)
+        logits = self.tp.all_gather_last_dim(local)
         return logits[..., :self.vocab_size].float()

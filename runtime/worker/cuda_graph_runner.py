@@ -118,7 +118,8 @@ class CudaGraphRunner:
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._forward(inputs, size)
                 self.graphs[size] = CapturedGraph(size, graph, inputs, logits,
-                                                  (self.attention.part_o, self.attention.part_lse))
+                                                  (self.attention.part_o, self.attention.part_lse,
+                                                   getattr(self.attention, "merge_counters", None)))
         finally:
             if gc_was_enabled:
                 gc.enable()

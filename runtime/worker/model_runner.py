@@ -56,6 +56,7 @@ from runtime.constrained.compile_cache import GrammarCompileCache
 from runtime.constrained.row_matchers import RowMatchers
 from runtime.layers.parallel import TensorParallel
 from runtime.layers.quantization.kv_cache import KVCacheScales, resolve_kv_cache_dtype
+from runtime.layers.vocab import ParallelLMHead
 from runtime.messages import (
     IMAGE_PAD_BASE,
     BatchPlan,
@@ -122,6 +123,7 @@ class ModelRunnerConfig:
     quantization: str | None = None  # --quantization (None: the checkpoint's own, if any)
     kv_cache_dtype: str = "auto"  # auto | fp8_e5m2 | fp8_e4m3
     torchao_config: str = ""
+    quantize_lm_head: bool = False  # the LM head in fp8 (per vocabulary row)
     # Constrained decoding: "none" disables it; the tokenizer (for the grammars' vocabulary) is loaded by the first
     # grammar compile.
     grammar_backend: str = "xgrammar"
@@ -140,6 +142,7 @@ class ModelRunnerConfig:
                    enable_torch_compile=args.enable_torch_compile, torch_compile_max_bs=args.torch_compile_max_bs,
                    is_embedding=args.is_embedding, quantization=args.quantization,
                    kv_cache_dtype=args.kv_cache_dtype, torchao_config=args.torchao_config,
+                   quantize_lm_head=args.quantize_lm_head,
                    grammar_backend="none" if args.skip_tokenizer_init else args.grammar_backend,
                    tokenizer_path=args.tokenizer_path, trust_remote_code=args.trust_remote_code,
                    model_override=model_override(args.json_model_override_args))
@@ -190,6 +193,14 @@ class ModelRunner:
         self.model = load_model(checkpoint, self.model_config, config.load_format, self.dtype, self.device,
                                 self.context_length, self.tp, config.random_seed, quantization_flag=config.quantization,
                                 torchao_config=config.torchao_config, kv_scales=kv_scales)
+        if config.quantize_lm_head:
+            heads = [m for m in self.model.modules() if isinstance(m, ParallelLMHead)]
+            if not heads:
+                raise ValueError(f"--quantize-lm-head: {type(self.model).__name__} has no LM head to quantize")
+            for head in heads:
+                head.quantize_fp8(keep_weight=self.model_config.tie_word_embeddings)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the freed 16-bit head goes to the KV pool's sizing
         self.attention_spec = self.model.attention_spec()
 
         self.max_total_tokens = self._pool_size()
@@ -201,6 +212,7 @@ class ModelRunner:
                               keys_only=spec.latent_value_dim is not None)
         log.info("KV cache: %d tokens of %s%s", self.max_total_tokens, str(self.kv_cache_dtype).removeprefix("torch."),
                  f", weights quantized with {config.quantization or config.torchao_config or 'the checkpoint config'}"
+                 f"{' (the LM head too)' if config.quantize_lm_head else ''}"
                  if config.quantization or config.torchao_config else "")
         self.attention = create_attention_backend(config.attention_backend, self.attention_spec, self.kv_pool)
         use_cuda_graphs = self._cuda_graphs_possible() and not self.is_embedding  # graphs cover decode steps

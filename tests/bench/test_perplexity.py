@@ -18,8 +18,8 @@ from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer
 from runtime.worker.model_runner import ModelRunner, ModelRunnerConfig
 
-# the issue's three bounds; the script also checks fp8_e5m2's
-TESTED = ("fp8 weights", "fp8_e4m3 KV", "int4wo-128")
+# the issue's three bounds, and fp8 weights with the LM head (--quantize-lm-head); the script also checks fp8_e5m2's
+TESTED = ("fp8 weights", "fp8 weights + LM head", "fp8_e4m3 KV", "int4wo-128")
 
 
 @pytest.fixture(scope="module")

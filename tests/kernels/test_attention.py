@@ -46,13 +46,17 @@ def test_decode_attention_matches_reference(dtype, heads, sliding_window, seed):
     v_pool = torch.randn_like(k_pool)
     scale = head_dim**-0.5
     ref = decode_attention_ref(q, k_pool, v_pool, req_to_token, rows, seq_lens, scale, sliding_window)
-    for num_kv_splits in (1, 4):  # 4 splits leave some splits of the short rows empty
+    counters = torch.zeros(4 * num_kv_heads, dtype=torch.int32, device=DEVICE)
+    # 1 split: the output written directly; 4 splits (some of the short rows' empty) merged by the second kernel,
+    # and in the first one on merge counters, which it leaves zero for the next call
+    for num_kv_splits, merge_counters in ((1, None), (4, None), (4, counters), (4, counters)):
         out = torch.full_like(q, float("nan"))
         decode_attention(q, k_pool, v_pool, req_to_token, rows, seq_lens, scale, num_kv_splits,
-                         sliding_window=sliding_window, out=out)
+                         sliding_window=sliding_window, out=out, merge_counters=merge_counters)
         assert not out.isnan().any(), f"unwritten or NaN output (seed {seed})"
         err = relative_error(out, ref)
         assert err < TOLERANCE[dtype], f"splits={num_kv_splits}: relative error {err:.2e} (seed {seed})"
+        assert not counters.any(), f"merge counters left non-zero (seed {seed})"
 
 
 def test_decode_attention_reads_only_the_row_own_slots(seed):

@@ -129,14 +129,15 @@ def decode_ptx_conversions() -> dict[str, dict[str, int]]:
         signature = {"q_ptr": "*bf16", "k_pool_ptr": f"*{pool}", "v_pool_ptr": f"*{pool}",
                      **dict.fromkeys(("req_to_token_ptr", "seq_lens_ptr"), "*i32"),
                      "rows_ptr": "*i64", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "alibi_ptr": "*fp32",
+                     "o_ptr": "*bf16", "counter_ptr": "*i32",
                      **dict.fromkeys(("sm_scale", "logit_cap", "v_scale"), "fp32"),
                      "sliding_window": "i32", "num_splits": "i32", "q_scale": "fp32",
                      **dict.fromkeys(("stride_qb", "stride_qh", "stride_ks", "stride_kh", "stride_vs", "stride_vh",
                                       "stride_rtt", "stride_pob", "stride_poh", "stride_pos", "stride_plb",
-                                      "stride_plh"), "i32")}
+                                      "stride_plh", "stride_ob", "stride_oh"), "i32")}
         constants = {"GROUP": 4, "HEAD_DIM": 128, "SOFTCAP": False, "ALIBI": False, "BLOCK_H": 16,
                      "BLOCK_N": tiles.block_n, "BLOCK_D": 128, "PRECISION": "tf32", "DOT_FP16": pool != "bf16",
-                     "FP8_BITS": mode == "bits", "E5M2": pool == "fp8e5"}
+                     "FP8_BITS": mode == "bits", "E5M2": pool == "fp8e5", "MERGE": 1, "BLOCK_S": 32}
         aligned = [name for name in signature if name.endswith("_ptr") or name.startswith("stride")]
         ptx = compile_for_sm90(_decode_split_kernel, signature, constants, aligned, tiles)
         facts[f"{pool}/{mode}".rstrip("/")] = {**conversion_counts(ptx), "mma": ptx.count("mma.sync"),

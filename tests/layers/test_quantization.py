@@ -147,17 +147,17 @@ def test_decode_sized_batches_take_the_weight_only_kernel(method, monkeypatch):
 
 
 def test_the_weight_only_kernel_reduces_k_splits_on_the_layers_own_counters(monkeypatch):
-    """A decode-sized call splits K = 1024 in two and reduces the splits in the kernel: on counters the layer
+    """A decode-sized call splits K = 4096 and reduces the splits in the kernel: on counters the layer
     allocated at load (no memset per call), which the kernel leaves zero for the next call and CUDA-graph replay."""
     pytest.importorskip("triton")
     from kernels.fp8_gemm import default_fp8_gemm_tiles
     from runtime.layers.quantization import fp8_linear
 
-    tiles = default_fp8_gemm_tiles(2, 128, 1024)
-    assert tiles.reduce_in_kernel and tiles.split_k == 2
-    layer = RowParallelLinear(1024, 128, False, TensorParallel(), torch.float32)
+    tiles = default_fp8_gemm_tiles(2, 128, 4096)
+    assert tiles.reduce_in_kernel and tiles.split_k > 1
+    layer = RowParallelLinear(4096, 128, False, TensorParallel(), torch.float32)
     layer.set_quant_method(Fp8PerChannelMethod(online=True))
-    w = torch.randn(128, 1024)
+    w = torch.randn(128, 4096)
     layer.weight.weight_loader(layer.weight, w, "o_proj.weight", None)
     layer.quant_method.process_weights_after_loading(layer)
     counters = layer.split_counters
@@ -168,7 +168,7 @@ def test_the_weight_only_kernel_reduces_k_splits_on_the_layers_own_counters(monk
     monkeypatch.setattr(fp8_linear, "weight_only_mm", lambda *args: passed.append(args[3]) or kernel(*args))
     dequantized = layer.weight.float() * layer.weight_scale[:, None]
     for seed in range(2):
-        x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(seed))
         assert rel(layer(x), x @ dequantized.t()) < 1e-5
         assert passed[-1] is counters and not counters.any()
 
@@ -280,6 +280,29 @@ def test_online_fp8_and_torchao_stay_close_to_the_full_precision_model(tiny):
         assert 0 < error < bound, (options, error)
     online = runner(tiny, quantization="fp8").model.model.layers[0].mlp.down_proj
     assert online.weight.dtype == FP8 and online.weight_scale.shape == (64,)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_lm_head_in_fp8_computes_its_dequantized_product(tied):
+    """--quantize-lm-head: logits from the fp8 copy equal the product with the dequantized weight (the CPU path:
+    per-token activations, torch._scaled_mm), close to the 16-bit head's; an untied head frees its weight, a tied
+    one (the embedding reads it) keeps it."""
+    from runtime.layers.vocab import ParallelLMHead
+
+    head = ParallelLMHead(300, 64, TensorParallel(0, 1), torch.bfloat16)
+    head.weight.data.copy_(torch.randn(300, 64) * 0.05)
+    weight = head.weight.data.clone()
+    hidden = torch.randn(5, 64, dtype=torch.bfloat16)
+    exact = head(hidden)
+    head.quantize_fp8(keep_weight=tied)
+    logits = head(hidden)
+    assert logits.shape == (5, 300) and logits.dtype == torch.float32
+    x_fp8, x_scale = quantize_per_token(hidden)
+    dequantized = (x_fp8.float() * x_scale) @ (head.weight_fp8.float() * head.weight_scale[:, None]).t()
+    assert rel(logits, dequantized.to(torch.bfloat16).float()) < 0.01
+    assert 0 < rel(logits, exact) < 0.1
+    assert head.weight_fp8.dtype == FP8 and head.weight_scale.shape == (300,)
+    assert torch.equal(head.weight.data, weight) if tied else head.weight.numel() == 0
 
 
 def test_a_model_through_the_weight_only_kernel_is_closer_to_full_precision(tiny, monkeypatch):

@@ -50,11 +50,13 @@ class TritonAttentionBackend:
 
     def _allocate_decode_scratch(self, rows_times_splits: int) -> None:
         """Flat float32 scratch for the split decode kernel's partial outputs and log-sum-exps. A step views the
-        front of it as [B, Hq, splits, D], so the addresses stay the same from step to step (CUDA graphs)."""
+        front of it as [B, Hq, splits, D], so the addresses stay the same from step to step (CUDA graphs). And the
+        int32 counters with which the split kernel merges its splits itself (zero between calls)."""
         spec, device = self.spec, self.kv_pool.device
         self._part_o_flat = torch.empty(rows_times_splits * spec.num_q_heads * spec.head_dim, dtype=torch.float32,
                                         device=device)
         self._part_lse_flat = torch.empty(rows_times_splits * spec.num_q_heads, dtype=torch.float32, device=device)
+        self.merge_counters = torch.zeros(rows_times_splits * spec.num_kv_heads, dtype=torch.int32, device=device)
 
     def prepare(self, batch: ForwardBatch) -> None:
         self.decode = batch.mode == ForwardMode.DECODE
@@ -97,7 +99,7 @@ class TritonAttentionBackend:
             out = decode_attention(q, k_pool, v_pool, batch.req_to_token, batch.rows, batch.seq_lens, spec.scale,
                                    self.num_kv_splits, window, part_o=self.part_o, part_lse=self.part_lse,
                                    logit_cap=spec.logit_cap, k_scale=k_scale, v_scale=v_scale,
-                                   alibi_slopes=self.alibi_slopes)
+                                   alibi_slopes=self.alibi_slopes, merge_counters=self.merge_counters)
         else:
             out = torch.empty_like(q)
             single = self.num_single
@@ -105,7 +107,8 @@ class TritonAttentionBackend:
                 decode_attention(q[:single], k_pool, v_pool, batch.req_to_token, self.single_rows,
                                  self.single_seq_lens, spec.scale, self.num_kv_splits, window, out=out[:single],
                                  part_o=self.part_o, part_lse=self.part_lse, logit_cap=spec.logit_cap,
-                                 k_scale=k_scale, v_scale=v_scale, alibi_slopes=self.alibi_slopes)
+                                 k_scale=k_scale, v_scale=v_scale, alibi_slopes=self.alibi_slopes,
+                                 merge_counters=self.merge_counters)
             extend_attention(q[single:], k[single:], v[single:], k_pool, v_pool, batch.req_to_token,
                              self.extend_rows, self.extend_prefix_lens, self.extend_lens, self.extend_start,
                              batch.max_extend_len, spec.scale, window, out=out[single:], logit_cap=spec.logit_cap,
