@@ -19,6 +19,12 @@ SPLIT_K = 1 the first kernel writes y directly. Three ways to multiply a tile:
 The defaults use tl.dot, whose weight loads Triton pipelines through shared memory (cp.async); the GPU bench's
 --sweep times every variant.
 
+With QUANT_X (and SWAP_AB) the activations are quantized too, in the kernel: each K step scales x's tile to e4m3
+per row (amax / 448: each row and K step of BLOCK_K columns has its own scale, finer than per token) and multiplies
+fp8 by fp8. Triton then feeds the weight from shared memory straight into Hopper's fp8 wgmma (m64n16k32 e4m3.e4m3): no
+conversion of the weight at all, only of x's few values. A candidate for the sweep; the weight-only product stays
+the default until the H200 measures it.
+
 With REDUCE_IN_KERNEL a K split needs one launch instead of two: each program writes its partial, then counts
 itself in with an acq_rel atomic on its N tile's counter, and the program that arrives last sums the tile's
 partials in split order (deterministic), scales, casts, writes y and zeroes the counter for the next call. The
@@ -36,6 +42,9 @@ import triton.language as tl
 from kernels.decode_attention import dot_precision
 from kernels.fp8_convert import e4m3_to_bf16, fast_e4m3_applies
 
+E4M3_MAX = tl.constexpr(448.0)
+MIN_AMAX = tl.constexpr(1e-12)  # a scale never below this: an all-zero row does not divide by zero
+
 
 @dataclass(frozen=True)
 class Fp8GemmTiles:
@@ -50,6 +59,7 @@ class Fp8GemmTiles:
     num_stages: int = 4
     swap_ab: bool = False  # tl.dot as W x^T (needs use_dot)
     reduce_in_kernel: bool = False  # a K split's last program reduces (one launch; needs split counters)
+    quant_x: bool = False  # x quantized to e4m3 per row and K step, fp8 x fp8 products (needs swap_ab)
 
 
 def choose_split_k(m: int, n: int, k: int, block_n: int, block_k: int, num_sms: int = 132) -> int:
@@ -94,7 +104,7 @@ def _fp8_gemm_kernel(
     stride_xm, stride_wn, stride_os, stride_om, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     SWAP_AB: tl.constexpr, APPLY_SCALE: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, PRECISION: tl.constexpr,
-    FAST_E4M3: tl.constexpr,
+    FAST_E4M3: tl.constexpr, QUANT_X: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,16 +127,22 @@ def _fp8_gemm_kernel(
         mask_k = ks < K
         x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if FAST_E4M3:
-            w_x = e4m3_to_bf16(w)
+        if QUANT_X:
+            xf = x.to(tl.float32)
+            x_scale = tl.maximum(tl.max(tl.abs(xf), 1), MIN_AMAX) / E4M3_MAX
+            x_fp8 = tl.clamp(xf / x_scale[:, None], -E4M3_MAX, E4M3_MAX).to(w.dtype)
+            acc_t += tl.dot(w, tl.trans(x_fp8)) * x_scale[None, :]
         else:
-            w_x = w.to(x.dtype)
-        if SWAP_AB:
-            acc_t += tl.dot(w_x, tl.trans(x), input_precision=PRECISION)
-        elif USE_DOT:
-            acc += tl.dot(x, tl.trans(w_x), input_precision=PRECISION)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if FAST_E4M3:
+                w_x = e4m3_to_bf16(w)
+            else:
+                w_x = w.to(x.dtype)
+            if SWAP_AB:
+                acc_t += tl.dot(w_x, tl.trans(x), input_precision=PRECISION)
+            elif USE_DOT:
+                acc += tl.dot(x, tl.trans(w_x), input_precision=PRECISION)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if SWAP_AB:
         acc = tl.trans(acc_t)
 
@@ -187,6 +203,8 @@ def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
         raise ValueError(f"{m} rows exceed the tile's block_m {tiles.block_m}")
     if tiles.swap_ab and not tiles.use_dot:
         raise ValueError("swap_ab is a way to use tl.dot: it needs use_dot")
+    if tiles.quant_x and not (tiles.swap_ab and weight.dtype == torch.float8_e4m3fn):
+        raise ValueError("quant_x multiplies e4m3 by e4m3 as W x^T: it needs swap_ab and a float8_e4m3fn weight")
     if out is None:
         out = x.new_empty(m, n)
     if out.shape != (m, n) or out.stride(1) != 1:
@@ -212,6 +230,7 @@ def fp8_weight_only_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, USE_DOT=tiles.use_dot,
         SWAP_AB=tiles.swap_ab, APPLY_SCALE=split_k == 1, REDUCE_IN_KERNEL=reduce_in_kernel,
         PRECISION=dot_precision(x.dtype), FAST_E4M3=x.is_cuda and fast_e4m3_applies(x.dtype, weight.dtype),
+        QUANT_X=tiles.quant_x,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if split_k > 1 and not reduce_in_kernel:

@@ -427,7 +427,8 @@ def case_sampling(rows: list[Row], args: Args) -> None:
 def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTiles]:
     """--sweep's tiles for M rows. Up to 16 rows (where the default reduces a K split in the kernel): each tile shape,
     GEMV too at M = 1, unsplit and at half, once, twice and four times the default rule's split, reduced in the
-    kernel (with the conversion off the conversion pipe, the split that fills the GPU is the open question). From
+    kernel (with the conversion off the conversion pipe, the split that fills the GPU is the open question); and
+    quant_x tiles (x quantized in the kernel, fp8 x fp8 on wgmma). From
     32 rows: other tl.dot shapes at the rule's split, the default shape unsplit and at half and twice its split,
     each as W x^T (swap_ab), and the default split reduced in the kernel both ways round."""
     default = default_fp8_gemm_tiles(m, n, k, num_sms)
@@ -443,6 +444,13 @@ def fp8_gemm_candidates(m: int, n: int, k: int, num_sms: int) -> list[Fp8GemmTil
             for split_k in sorted({1, max(1, rule // 2), rule, 2 * rule, 4 * rule}):
                 if split_k * bk <= k:
                     tiles.append(Fp8GemmTiles(bm, bn, bk, split_k, dot, warps, stages, reduce_in_kernel=split_k > 1))
+        # x quantized in the kernel, fp8 wgmma (W x^T, 64-channel multiples)
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 256, 8, 3)):
+            rule = choose_split_k(m, n, k, bn, bk, num_sms)
+            for split_k in sorted({1, rule, 2 * rule, 4 * rule}):
+                if split_k * bk <= k:
+                    tiles.append(Fp8GemmTiles(16, bn, bk, split_k, True, warps, stages, swap_ab=True,
+                                              reduce_in_kernel=split_k > 1, quant_x=True))
         return [t for i, t in enumerate(tiles) if t not in tiles[:i]]
     if default.block_m == 32:
         shapes = [(32, 64, 64, True, 4, 4), (32, 64, 128, True, 4, 3), (32, 128, 64, True, 4, 3),
@@ -509,10 +517,18 @@ def case_fp8_gemm(rows: list[Row], args: Args) -> None:
                                                       if runner_up else "")
                 rows.append(Row("fp8_gemm sweep (torch = default tiles)", case, best_us, math.nan, kernel_us, math.nan,
                                 None, n * k, note))
+                quantized = [(us, t) for us, t in timed if t.quant_x]
+                if quantized:
+                    q_us, q_tiles = min(quantized, key=lambda pair: pair[0])
+                    err = rel_err(kernel_calls(q_tiles)[0](), fp8_weight_only_gemm_ref(x, w_fp8, w_scale))
+                    rows.append(Row("fp8_gemm x quantized in the kernel (torch = default tiles)", case, q_us, math.nan,
+                                    kernel_us, math.nan, err, n * k,
+                                    f"best {tile_text(q_tiles)}; rel err against the unquantized-x product"))
 
 
 def tile_text(t: Fp8GemmTiles) -> str:
     kind = ("dot W.x^T" if t.swap_ab else "dot") if t.use_dot else "gemv"
+    kind += " fp8 x" if t.quant_x else ""
     return (f"{kind} {t.block_m}x{t.block_n}x{t.block_k} split {t.split_k}{' in-kernel' if t.reduce_in_kernel else ''} "
             f"w{t.num_warps} s{t.num_stages}")
 

@@ -80,6 +80,35 @@ def test_in_kernel_reduction_leaves_its_counters_zero_for_the_next_call(seed):
         fp8_weight_only_gemm(x, weight, scale, Fp8GemmTiles(16, 16, 32, 1, use_dot=False, swap_ab=True))
 
 
+def exactly_quantizable_x(m: int, k: int, block_k: int) -> torch.Tensor:
+    """x whose every row and K step of block_k columns holds e4m3 codes times one power of two, the step's largest
+    at 448 x that power: quantizing it per row and step (quant_x) is exact."""
+    codes = torch.randn(m, k, device=DEVICE).mul(100).to(FP8).float()
+    codes[:, ::block_k] = 448.0
+    powers = 2.0 ** torch.randint(-12, -4, (m, -(-k // block_k)), device=DEVICE).float()
+    return codes * powers.repeat_interleave(block_k, dim=1)[:, :k]
+
+
+@pytest.mark.parametrize("m, tiles", [
+    (1, Fp8GemmTiles(16, 64, 64, split_k=1, swap_ab=True, quant_x=True)),
+    (5, Fp8GemmTiles(16, 32, 32, split_k=3, swap_ab=True, quant_x=True, reduce_in_kernel=True)),
+    (12, Fp8GemmTiles(16, 32, 64, split_k=2, swap_ab=True, quant_x=True)),
+], ids=["m1", "m5-in-kernel", "m12-split2"])
+def test_quantized_activations_are_exact_where_quantization_is(m, tiles, seed):
+    """quant_x: x scaled to e4m3 per row and K step inside the kernel, fp8 x fp8 products. With x exactly
+    representable that way the result is the dequantized product (float32 sums); with any x it stays close."""
+    weight, scale = fp8_weight(N, K)
+    x = exactly_quantizable_x(m, K, tiles.block_k)
+    out = torch.full((m, N), float("nan"), device=DEVICE)
+    fp8_weight_only_gemm(x, weight, scale, tiles, out=out)
+    assert relative_error(out, fp8_weight_only_gemm_ref(x, weight, scale)) < 1e-5, f"seed {seed}"
+    x = torch.randn(m, K, dtype=torch.bfloat16, device=DEVICE)
+    err = relative_error(fp8_weight_only_gemm(x, weight, scale, tiles), fp8_weight_only_gemm_ref(x, weight, scale))
+    assert 0 < err < 0.1, f"relative error {err:.2e} (seed {seed})"
+    with pytest.raises(ValueError, match="quant_x"):
+        fp8_weight_only_gemm(x, weight, scale, replace(tiles, swap_ab=False))
+
+
 def test_per_tensor_scale_is_a_broadcast_channel_scale(seed):
     weight, _ = fp8_weight(N, K)
     x = torch.randn(2, K, device=DEVICE)
@@ -130,7 +159,8 @@ def gemm_ptx(tiles: Fp8GemmTiles, split: bool) -> str:
     signature = {**GEMM_SIGNATURE, "out_ptr": "*fp32" if split else "*bf16"}
     constants = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
                  "USE_DOT": tiles.use_dot, "SWAP_AB": tiles.swap_ab, "APPLY_SCALE": not split,
-                 "REDUCE_IN_KERNEL": split and tiles.reduce_in_kernel, "PRECISION": "tf32", "FAST_E4M3": True}
+                 "REDUCE_IN_KERNEL": split and tiles.reduce_in_kernel, "PRECISION": "tf32", "FAST_E4M3": True,
+                 "QUANT_X": tiles.quant_x}
     return compile_for_sm90(_fp8_gemm_kernel, signature, constants, ALIGNED, tiles)
 
 
@@ -172,6 +202,23 @@ def test_default_tiles_compile_for_hopper_with_pipelined_loads():
     assert facts["swap_ab m=1"]["wgmma"] and not facts["m=1 split=False"]["wgmma"], facts
     assert [name for name, found in facts.items() if found["atomic"]] == [
         "m=1 split=True", "m=16 split=True", "swap_ab m=1 reduce_in_kernel"], facts
+
+
+def quantized_activation_ptx_facts() -> dict[str, int]:
+    """The sm_90 PTX of a quant_x tile at M = 1 (split, reduced in the kernel): fp8 wgmma instructions, and the
+    instructions that would convert the weight (Triton's e4m3 conversions, the integer path's bf16 FMAs)."""
+    import re
+
+    tiles = Fp8GemmTiles(16, 64, 256, split_k=4, swap_ab=True, reduce_in_kernel=True, quant_x=True, num_stages=3)
+    ptx = gemm_ptx(tiles, split=True)
+    return {"fp8 wgmma": len(re.findall(r"wgmma\.mma_async[\w.]*\.e4m3\.e4m3", ptx)),
+            "weight conversions": len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2|fma\.rn\.bf16x2|cvt\.bf16\.f16", ptx)),
+            "x to e4m3": len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx))}
+
+
+def test_quantized_activations_feed_fp8_tensor_cores_without_converting_the_weight():
+    facts = facts_without_interpreter("tests.kernels.test_fp8_gemm", "quantized_activation_ptx_facts")
+    assert facts["fp8 wgmma"] > 0 and facts["x to e4m3"] > 0 and facts["weight conversions"] == 0, facts
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
